@@ -1,0 +1,564 @@
+"""Packing: per-sample token layouts -> one varlen token stream (no padding) for one forward pass.
+
+One sample is a prompt (the *prefix*: chat template, user turn with media placeholders, assistant
+header) and N >= 1 candidate responses. Its token stream is
+
+    prefix + r1 + sep + r2 + sep + ... + rN            (score_at="last", the paper)
+    prefix + r1 + sep + r2 + sep + ... + rN + sep      (score_at="separator")
+
+where `sep` is e.g. the ids of "\\n\\n<|resp_sep|>\\n\\n". The separator tokens after response i
+belong to response i (segment i). Response i is scored at the last of its own tokens
+(score_at="last") or at the <|resp_sep|> token that follows it (score_at="separator").
+
+Three modes lay that out differently (see /work/shared/ARCHITECTURE.md):
+
+- ``joint``: the stream is one causal sequence with consecutive positions; response i sees the
+  prefix and every earlier response (the MRRM of the paper).
+- ``independent``: the same stream as one sequence with mask ``shared_prefix``: segment id 0 for the
+  prefix, i for response i (and its separator), and each response's positions restart at the end
+  of the prefix, so response i sees exactly what it would see alone, for the cost of one pass.
+- ``single``: N separate causal sequences ``[prefix, r_i]`` (plus r_i's separator when
+  score_at="separator"): the conventional reward model, the baseline.
+
+Positions: a prefix with ``prefix_positions=None`` gets ``arange(P)``; a multimodal prefix may bring
+its own [P] or [K, P] position ids (Qwen2-VL mrope: K = 3). Response tokens continue from
+``prefix_positions.max() + 1``, identical in all K rows (text positions are 1-D in mrope).
+
+Many samples are packed into one `PackedBatch`; `pack_micro_batches` splits a list of samples into
+several under a token budget, and `merge_scores` puts their scores back in the caller's order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+MODES = ("joint", "independent", "single")
+SCORE_AT = ("last", "separator")
+OVERSIZE = ("error", "own_batch")
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Data classes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleLayout:
+    """The token layout of one sample: a shared prefix and N >= 1 responses.
+
+    prefix_ids:       tokens before the first response (chat template, user turn with media
+                      placeholders, assistant header); may be empty.
+    response_ids:     the N responses' own tokens, each non-empty (separators not included).
+    separator_ids:    tokens placed between two responses (e.g. the ids of
+                      "\\n\\n<|resp_sep|>\\n\\n"); may be empty only for N == 1 with score_at="last".
+    separator_index:  index in separator_ids of the <|resp_sep|> special token (the score position
+                      of score_at="separator").
+    prefix_positions: None (= arange(P)), or [P] / [K, P] integer position ids of the prefix
+                      (multimodal rotary: Qwen mrope has K = 3). Responses continue from its max + 1.
+    sample_id:        any identifier, quoted in error messages.
+    """
+
+    prefix_ids: list[int]
+    response_ids: list[list[int]]
+    separator_ids: list[int]
+    separator_index: int
+    prefix_positions: torch.Tensor | None = None
+    sample_id: str | int | None = None
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class PackedBatch:
+    """B samples packed into one token stream of S sequences and T tokens, with M scores.
+
+    input_ids       int64 [T]
+    position_ids    int64 [T], or [K, T] when a sample brought [K, P] prefix positions (mrope)
+    cu_seqlens      int32 [S+1] sequence boundaries (flash-attn's varlen convention)
+    max_seqlen      int, the longest sequence
+    segment_ids     int32 [T]: 0 for prefix tokens, i (1-based) for response i and its separator;
+                    filled in every mode, used by the attention only with mask "shared_prefix"
+    mask            "causal" (joint, single) or "shared_prefix" (independent)
+    mode, score_at  as given to `pack`
+    score_positions int64 [M]: token index of each response's score, samples in order, then
+                    responses in order; M = sum of N_b
+    group_offsets   int64 [B+1]: scores of sample b are score_positions[group_offsets[b]:group_offsets[b+1]]
+    score_sample    int64 [M]: sample (index within this batch) of each score
+    score_response  int64 [M]: response index (0-based, within its sample) of each score
+    sequence_sample int64 [S]: sample (index within this batch) of each sequence
+    prefix_lengths  int64 [S]: prefix tokens at the start of each sequence (where the model places
+                    the vision features)
+    sample_indices  list[int]: index of each sample in the caller's original list (micro-batches)
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    segment_ids: torch.Tensor
+    mask: str
+    mode: str
+    score_at: str
+    score_positions: torch.Tensor
+    group_offsets: torch.Tensor
+    score_sample: torch.Tensor
+    score_response: torch.Tensor
+    sequence_sample: torch.Tensor
+    prefix_lengths: torch.Tensor
+    sample_indices: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.group_offsets.shape[0]) - 1
+
+    @property
+    def num_scores(self) -> int:
+        return int(self.score_positions.shape[0])
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+    def _map_tensors(self, fn) -> "PackedBatch":
+        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, sample_indices=list(self.sample_indices), **changes)
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """A copy with every tensor on `device`. Host-to-GPU copies are non-blocking (they overlap
+        with compute when the batch is in pinned memory, see `pin_memory`); copies to the CPU block,
+        since the data must be there when this returns."""
+        device = torch.device(device)
+        non_blocking = device.type != "cpu"
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        """A copy with every (CPU) tensor in page-locked memory, for asynchronous `.to("cuda")`."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every layout is checked and normalised to tensors once
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sample:
+    """A validated layout, ids as int64 tensors."""
+
+    prefix: torch.Tensor             # [P]
+    responses: list[torch.Tensor]    # N x [R_i]
+    separator: torch.Tensor          # [L_sep]
+    separator_index: int
+    prefix_positions: torch.Tensor   # [K0, P] int64 (K0 = 1 for 1-D / default positions)
+    multirow: bool                   # prefix_positions was given as [K, P]
+    response_start: int              # first position id after the prefix
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.responses)
+
+
+def _where(index: int | None, sample_id) -> str:
+    where = "sample" if index is None else f"sample {index}"
+    if sample_id is not None:
+        where += f" (sample_id={sample_id!r})"
+    return where
+
+
+def _as_ids(value, what: str, where: str) -> torch.Tensor:
+    """A 1-D sequence of non-negative integers -> int64 tensor, or a ValueError saying what is wrong."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{where}: {what} must hold integer token ids, got a {t.dtype} tensor")
+        t = t.to("cpu", torch.int64)
+    else:
+        if isinstance(value, (str, bytes)):
+            raise ValueError(f"{where}: {what} must be a list of integer token ids, got {type(value).__name__}")
+        try:
+            items = list(value)
+        except TypeError:
+            raise ValueError(f"{where}: {what} must be a list of integer token ids, "
+                             f"got {type(value).__name__}") from None
+        if not all(type(x) is int for x in items):  # fast path for plain ints; else find the culprit
+            for j, x in enumerate(items):
+                if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                    raise ValueError(f"{where}: {what}[{j}] = {x!r} is not an integer token id")
+        try:
+            t = torch.tensor(items, dtype=torch.int64)
+        except (OverflowError, RuntimeError) as e:
+            raise ValueError(f"{where}: {what} holds a token id that does not fit in int64 ({e})") from None
+    if t.dim() != 1:
+        raise ValueError(f"{where}: {what} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() and int(t.min()) < 0:
+        j = int((t < 0).nonzero()[0])
+        raise ValueError(f"{where}: {what}[{j}] = {int(t[j])} is a negative token id")
+    return t
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _validate(layout: SampleLayout, index: int | None, score_at: str) -> _Sample:
+    sample_id = getattr(layout, "sample_id", None)
+    where = _where(index, sample_id)
+    if not isinstance(layout, SampleLayout):
+        raise ValueError(f"{where}: expected a SampleLayout, got {type(layout).__name__}")
+
+    prefix = _as_ids(layout.prefix_ids, "prefix_ids", where)
+    raw_responses = layout.response_ids
+    if isinstance(raw_responses, (str, bytes, torch.Tensor)) or not isinstance(raw_responses, Sequence):
+        raise ValueError(f"{where}: response_ids must be a list of responses (lists of token ids), "
+                         f"got {type(raw_responses).__name__}")
+    if len(raw_responses) == 0:
+        raise ValueError(f"{where}: has no responses (response_ids is empty); every sample needs N >= 1")
+    responses = []
+    for i, r in enumerate(raw_responses):
+        t = _as_ids(r, f"response_ids[{i}]", where)
+        if t.numel() == 0:
+            raise ValueError(f"{where}: response {i} is empty; every response needs at least one token "
+                             f"(its last token is where it is scored)")
+        responses.append(t)
+    N = len(responses)
+
+    separator = _as_ids(layout.separator_ids, "separator_ids", where)
+    needs_separator = N > 1 or score_at == "separator"
+    if needs_separator and separator.numel() == 0:
+        why = f"{N} responses must be separated" if N > 1 else "score_at='separator' scores at it"
+        raise ValueError(f"{where}: separator_ids is empty, but {why}")
+    sep_index = layout.separator_index
+    if isinstance(sep_index, bool) or not isinstance(sep_index, numbers.Integral):
+        raise ValueError(f"{where}: separator_index must be an int, got {sep_index!r}")
+    sep_index = int(sep_index)
+    if separator.numel() and not 0 <= sep_index < separator.numel():
+        raise ValueError(f"{where}: separator_index={sep_index} is out of range for "
+                         f"{separator.numel()} separator tokens (expected 0..{separator.numel() - 1})")
+
+    P = prefix.numel()
+    pp = layout.prefix_positions
+    multirow = False
+    if pp is None:
+        positions = torch.arange(P, dtype=torch.int64)[None]
+    else:
+        if not isinstance(pp, torch.Tensor):
+            try:
+                pp = torch.as_tensor(pp)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{where}: prefix_positions must be an integer tensor [P] or [K, P], "
+                                 f"got {type(layout.prefix_positions).__name__}") from None
+        if pp.dtype == torch.bool or pp.is_floating_point() or pp.is_complex():
+            raise ValueError(f"{where}: prefix_positions must hold integers, got dtype {pp.dtype}")
+        if pp.dim() not in (1, 2) or (pp.dim() == 2 and pp.shape[0] == 0):
+            raise ValueError(f"{where}: prefix_positions must be [P] or [K, P] with K >= 1, "
+                             f"got shape {tuple(pp.shape)}")
+        if pp.shape[-1] != P:
+            raise ValueError(f"{where}: prefix_positions has {pp.shape[-1]} positions but the prefix has "
+                             f"{P} tokens (shape {tuple(pp.shape)})")
+        multirow = pp.dim() == 2
+        positions = pp.detach().to("cpu", torch.int64)
+        if not multirow:
+            positions = positions[None]
+    response_start = int(positions.max()) + 1 if P else 0
+    return _Sample(prefix, responses, separator, sep_index, positions, multirow, response_start)
+
+
+def _num_tokens(s: _Sample, mode: str, score_at: str) -> int:
+    N, P, L = s.num_responses, s.prefix.numel(), s.separator.numel()
+    R = sum(r.numel() for r in s.responses)
+    if mode == "single":
+        return N * P + R + (N * L if score_at == "separator" else 0)
+    return P + R + (N if score_at == "separator" else N - 1) * L
+
+
+def sample_num_tokens(layout: SampleLayout, mode: str = "joint", score_at: str = "last") -> int:
+    """Tokens the sample occupies in a batch packed with `mode`:
+    joint / independent: P + sum R_i + separators (N - 1 of them, or N with score_at="separator");
+    single: N * P + sum R_i (+ N separators with score_at="separator"). Validates the layout."""
+    _check_choice("mode", mode, MODES)
+    _check_choice("score_at", score_at, SCORE_AT)
+    return _num_tokens(_validate(layout, None, score_at), mode, score_at)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------
+
+
+def _pack_sample(s: _Sample, mode: str, score_at: str, K: int):
+    """The chunk of the stream one sample contributes, with offsets local to that chunk.
+
+    Returns ids [L], positions [K, L], segments [L], sequence lengths (list), local score offsets [N].
+    """
+    N, P = s.num_responses, s.prefix.numel()
+    sep, L_sep = s.separator, s.separator.numel()
+    R = torch.tensor([r.numel() for r in s.responses], dtype=torch.int64)
+    prefix_pos = s.prefix_positions.expand(K, P)  # 1-row positions repeat in every mrope row
+    start = s.response_start
+    resp_ids = torch.arange(1, N + 1, dtype=torch.int32)
+
+    if mode == "single":
+        parts, pos_parts = [], []
+        seq_lens = []
+        for r in s.responses:
+            # alone, a response needs no separator unless it is scored there
+            body = [r, sep] if score_at == "separator" else [r]
+            body_len = sum(t.numel() for t in body)
+            parts += [s.prefix, *body]
+            pos_parts += [prefix_pos, (start + torch.arange(body_len, dtype=torch.int64)).expand(K, body_len)]
+            seq_lens.append(P + body_len)
+        seq_len_t = torch.tensor(seq_lens, dtype=torch.int64)
+        seq_starts = torch.cumsum(seq_len_t, 0) - seq_len_t
+        seg = torch.repeat_interleave(
+            torch.stack([torch.zeros(N, dtype=torch.int32), resp_ids], 1).reshape(-1),
+            torch.stack([torch.full((N,), P, dtype=torch.int64), seq_len_t - P], 1).reshape(-1))
+        resp_begin = seq_starts + P
+        ids = torch.cat(parts)
+        positions = torch.cat(pos_parts, 1)
+    else:
+        # Which responses a separator follows in the shared stream: all but the last, and the last
+        # too when the separator is the score position.
+        has_sep = [True] * N
+        if score_at == "last":
+            has_sep[-1] = False
+        parts = [s.prefix]
+        for i, r in enumerate(s.responses):
+            parts += [r, sep] if has_sep[i] else [r]
+        ids = torch.cat(parts)
+        seg_len = R + torch.tensor(has_sep, dtype=torch.int64) * L_sep  # segment i: r_i and its separator
+        seg_begin = torch.cumsum(seg_len, 0) - seg_len  # within the body (after the prefix)
+        body_len = int(seg_len.sum())
+        body_pos = start + torch.arange(body_len, dtype=torch.int64)
+        if mode == "independent":
+            # every response restarts right after the prefix, as if it were alone
+            body_pos = body_pos - torch.repeat_interleave(seg_begin, seg_len, output_size=body_len)
+        positions = torch.cat([prefix_pos, body_pos.expand(K, body_len)], 1)
+        seg = torch.cat([torch.zeros(P, dtype=torch.int32),
+                         torch.repeat_interleave(resp_ids, seg_len, output_size=body_len)])
+        seq_lens = [P + body_len]
+        resp_begin = P + seg_begin
+    if score_at == "last":
+        score = resp_begin + R - 1
+    else:
+        score = resp_begin + R + s.separator_index
+    return ids, positions, seg, seq_lens, score
+
+
+def _pack_validated(samples: list[_Sample], mode: str, score_at: str, sample_indices: list[int]) -> PackedBatch:
+    B = len(samples)
+    multirow = [s.prefix_positions.shape[0] for s in samples if s.multirow]
+    if len(set(multirow)) > 1:
+        first = next(i for i, s in enumerate(samples) if s.multirow)
+        other = next(i for i, s in enumerate(samples) if s.multirow and s.prefix_positions.shape[0] != multirow[0])
+        raise ValueError(f"prefix_positions of sample {sample_indices[first]} has {multirow[0]} rows but "
+                         f"sample {sample_indices[other]} has {samples[other].prefix_positions.shape[0]}; "
+                         f"one batch needs one number of position rows")
+    K = multirow[0] if multirow else 1
+
+    ids, pos, seg, seq_lens, scores, chunk_lens = [], [], [], [], [], []
+    seq_counts = []
+    for b, s in enumerate(samples):
+        i_, p_, g_, l_, sc_ = _pack_sample(s, mode, score_at, K)
+        ids.append(i_), pos.append(p_), seg.append(g_), scores.append(sc_)
+        seq_lens += l_
+        seq_counts.append(len(l_))
+        chunk_lens.append(i_.numel())
+    T = sum(chunk_lens)
+    if T > _INT32_MAX:
+        raise ValueError(f"the batch has {T} tokens, more than cu_seqlens (int32) can address; "
+                         f"split it with pack_micro_batches")
+    chunk_len_t = torch.tensor(chunk_lens, dtype=torch.int64)
+    chunk_start = torch.cumsum(chunk_len_t, 0) - chunk_len_t
+    N_t = torch.tensor([s.num_responses for s in samples], dtype=torch.int64)
+    M = int(N_t.sum())
+    seq_len_t = torch.tensor(seq_lens, dtype=torch.int64)
+    cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(seq_len_t, 0).to(torch.int32)
+    group_offsets = torch.zeros(B + 1, dtype=torch.int64)
+    group_offsets[1:] = torch.cumsum(N_t, 0)
+    score_sample = torch.repeat_interleave(torch.arange(B, dtype=torch.int64), N_t, output_size=M)
+    score_response = torch.arange(M, dtype=torch.int64) - group_offsets[:-1].repeat_interleave(N_t, output_size=M)
+    score_positions = torch.cat(scores) + chunk_start.repeat_interleave(N_t, output_size=M)
+    seq_count_t = torch.tensor(seq_counts, dtype=torch.int64)
+    sequence_sample = torch.repeat_interleave(torch.arange(B, dtype=torch.int64), seq_count_t)
+    prefix_lengths = torch.tensor([s.prefix.numel() for s in samples], dtype=torch.int64).repeat_interleave(seq_count_t)
+    position_ids = torch.cat(pos, 1)
+    if not multirow:
+        position_ids = position_ids[0]
+    return PackedBatch(
+        input_ids=torch.cat(ids),
+        position_ids=position_ids.contiguous(),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(seq_len_t.max()),
+        segment_ids=torch.cat(seg),
+        mask="shared_prefix" if mode == "independent" else "causal",
+        mode=mode,
+        score_at=score_at,
+        score_positions=score_positions,
+        group_offsets=group_offsets,
+        score_sample=score_sample,
+        score_response=score_response,
+        sequence_sample=sequence_sample,
+        prefix_lengths=prefix_lengths,
+        sample_indices=list(sample_indices),
+    )
+
+
+def _check_sample_indices(sample_indices, B: int) -> list[int]:
+    if sample_indices is None:
+        return list(range(B))
+    out = []
+    for x in sample_indices:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+            raise ValueError(f"sample_indices must be non-negative ints, got {x!r}")
+        out.append(int(x))
+    if len(out) != B:
+        raise ValueError(f"sample_indices has {len(out)} entries for {B} samples")
+    return out
+
+
+def pack(layouts: Sequence[SampleLayout], mode: str = "joint", *, score_at: str = "last",
+         sample_indices: Sequence[int] | None = None) -> PackedBatch:
+    """Pack B >= 1 samples into one `PackedBatch` (see the module docstring for the layouts).
+
+    `sample_indices` (default 0..B-1) records where each sample came from in the caller's list;
+    validation errors name a sample by that index. Raises ValueError on an invalid layout, naming
+    the sample index, its sample_id if set, and the problem.
+    """
+    _check_choice("mode", mode, MODES)
+    _check_choice("score_at", score_at, SCORE_AT)
+    layouts = list(layouts)
+    if not layouts:
+        raise ValueError("pack needs at least one sample, got an empty list")
+    indices = _check_sample_indices(sample_indices, len(layouts))
+    samples = [_validate(layout, idx, score_at) for layout, idx in zip(layouts, indices)]
+    return _pack_validated(samples, mode, score_at, indices)
+
+
+def pack_micro_batches(layouts: Sequence[SampleLayout], mode: str = "joint", max_tokens: int = 16384, *,
+                       score_at: str = "last", oversize: str = "error",
+                       max_samples: int | None = None) -> list[PackedBatch]:
+    """Split samples into micro-batches of at most `max_tokens` packed tokens each, then pack them.
+
+    Policy: greedy and order-preserving. Samples are taken in the given order and appended to the
+    current micro-batch while its token count (`sample_num_tokens` in this mode) stays within
+    `max_tokens` (and its sample count within `max_samples`, when set); otherwise a new micro-batch
+    starts. Samples are never reordered or split, so concatenating the batches' `sample_indices`
+    gives 0..len(layouts)-1, and `merge_scores` restores the caller's order.
+
+    A sample that alone exceeds `max_tokens`: with oversize="error" (default) a ValueError names its
+    index (and sample_id); with oversize="own_batch" it gets a micro-batch of its own (the only batch
+    allowed over the budget) and packing goes on with the next sample in a fresh batch.
+    An empty `layouts` gives an empty list.
+    """
+    _check_choice("mode", mode, MODES)
+    _check_choice("score_at", score_at, SCORE_AT)
+    _check_choice("oversize", oversize, OVERSIZE)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    samples = [_validate(layout, idx, score_at) for idx, layout in enumerate(layouts)]
+
+    groups: list[list[int]] = []
+    current: list[int] = []
+    current_tokens = 0
+    for idx, s in enumerate(samples):
+        n = _num_tokens(s, mode, score_at)
+        if n > max_tokens:
+            if oversize == "error":
+                raise ValueError(f"{_where(idx, layouts[idx].sample_id)} has {n} tokens in mode {mode!r}, more "
+                                 f"than max_tokens={max_tokens}; raise max_tokens or pass oversize='own_batch'")
+            if current:
+                groups.append(current)
+            groups.append([idx])
+            current, current_tokens = [], 0
+            continue
+        full = current_tokens + n > max_tokens or (max_samples is not None and len(current) >= max_samples)
+        if current and full:
+            groups.append(current)
+            current, current_tokens = [], 0
+        current.append(idx)
+        current_tokens += n
+    if current:
+        groups.append(current)
+    return [_pack_validated([samples[i] for i in g], mode, score_at, g) for g in groups]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores back to samples
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_float_list(scores) -> list[float]:
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() != 1:
+            raise ValueError(f"scores must be 1-D [M], got shape {tuple(scores.shape)}")
+        return scores.detach().to("cpu", torch.float64).tolist()
+    return [float(x) for x in scores]
+
+
+def split_scores(scores, group_offsets) -> list[list[float]]:
+    """Flat scores [M] -> one list of N_b floats per sample, by group_offsets [B+1]."""
+    flat = _to_float_list(scores)
+    offs = group_offsets.tolist() if isinstance(group_offsets, torch.Tensor) else [int(x) for x in group_offsets]
+    if not offs or offs[0] != 0:
+        raise ValueError(f"group_offsets must start at 0, got {offs[:1]}")
+    if offs[-1] != len(flat):
+        raise ValueError(f"group_offsets[-1]={offs[-1]} does not match the number of scores ({len(flat)})")
+    if any(b < a for a, b in zip(offs[:-1], offs[1:])):
+        raise ValueError("group_offsets must be non-decreasing")
+    return [flat[a:b] for a, b in zip(offs[:-1], offs[1:])]
+
+
+def merge_scores(batches: Sequence[PackedBatch], per_batch_scores, num_samples: int | None = None) -> list[list[float]]:
+    """Micro-batch results -> one list of scores per sample, in the caller's original order.
+
+    per_batch_scores[j] is batch j's flat scores [M_j] (tensor or list of floats) or already split
+    (a list of per-sample lists). `num_samples` defaults to 1 + the largest sample index; every
+    sample index below it must be covered exactly once.
+    """
+    batches = list(batches)
+    per_batch_scores = list(per_batch_scores)
+    if len(batches) != len(per_batch_scores):
+        raise ValueError(f"got {len(batches)} batches but {len(per_batch_scores)} score lists")
+    if num_samples is None:
+        num_samples = 1 + max((i for b in batches for i in b.sample_indices), default=-1)
+    out: list[list[float] | None] = [None] * num_samples
+    for j, (batch, scores) in enumerate(zip(batches, per_batch_scores)):
+        # Every sample has N >= 1 scores, so a list holding lists is per-sample, else it is flat.
+        already_split = not isinstance(scores, torch.Tensor) and any(
+            isinstance(x, (list, tuple, torch.Tensor)) for x in scores)
+        if already_split:
+            groups = [_to_float_list(g) for g in scores]
+        else:
+            groups = split_scores(scores, batch.group_offsets)
+        if len(groups) != batch.num_samples or len(batch.sample_indices) != batch.num_samples:
+            raise ValueError(f"batch {j} has {batch.num_samples} samples but its scores cover {len(groups)}")
+        sizes = (batch.group_offsets[1:] - batch.group_offsets[:-1]).tolist()
+        for b, (idx, g) in enumerate(zip(batch.sample_indices, groups)):
+            if len(g) != sizes[b]:
+                raise ValueError(f"batch {j}: sample {idx} has {sizes[b]} responses but {len(g)} scores")
+            if not 0 <= idx < num_samples:
+                raise ValueError(f"batch {j}: sample index {idx} is outside 0..{num_samples - 1}")
+            if out[idx] is not None:
+                raise ValueError(f"sample {idx} appears in more than one batch")
+            out[idx] = g
+    missing = [i for i, g in enumerate(out) if g is None]
+    if missing:
+        raise ValueError(f"no scores for samples {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    return out  # type: ignore[return-value]
