@@ -77,7 +77,8 @@ def gather_value_head(hidden, positions, w1, b1, w2, b2, *, activation="silu", s
     if which == "reference":
         return reference.gather_value_head(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
     if which == "cpu":
-        return _CpuGatherValueHead.apply(hidden.contiguous(), positions.contiguous(), w1.contiguous(),
+        # hidden as is: the C++ reads the M rows through its strides (no [T, H] copy)
+        return _CpuGatherValueHead.apply(hidden, positions.contiguous(), w1.contiguous(),
                                          b1.contiguous(), w2.contiguous(), b2.contiguous(), activation, scale)
     from ..kernels.value_head import gather_value_head_triton
     return gather_value_head_triton(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
