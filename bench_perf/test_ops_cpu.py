@@ -1,0 +1,89 @@
+"""CPU op microbenchmarks: mrrm._C kernels against what people write in eager torch.
+
+gather_value_head (T=16k, H=2560, M=64, D=1024: a Qwen3-VL-4B width, 16k packed tokens, 64 scores):
+  - mrrm_cpu:       mrrm.ops.gather_value_head, backend="cpu" (mrrm._C)
+  - eager_gather:   hidden[positions] -> Linear -> SiLU -> Linear (torch autograd)
+  - head_all_tokens: the common practice: the head on all T tokens, then gather M scores
+listwise_ce (B=4096 groups, N ragged in 2..8):
+  - mrrm_cpu:       mrrm.ops.listwise_ce, backend="cpu" (fused loss + gradient)
+  - padded_log_softmax: scatter into a -inf padded [B, Nmax] tensor, log_softmax, pick targets
+All timings are forward + backward.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrrm import ops
+
+from .conftest import SMALL
+
+T, H, M, D = (2048, 512, 64, 256) if SMALL else (16384, 2560, 64, 1024)
+B = 512 if SMALL else 4096
+
+
+def _head_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, H, generator=g).requires_grad_(True)
+    positions = torch.randperm(T, generator=g)[:M].sort().values
+    w1 = (torch.randn(D, H, generator=g) * 0.01).requires_grad_(True)
+    b1 = torch.zeros(D, requires_grad=True)
+    w2 = (torch.randn(1, D, generator=g) * 0.01).requires_grad_(True)
+    b2 = torch.zeros(1, requires_grad=True)
+    return hidden, positions, w1, b1, w2, b2
+
+
+def _fwd_bwd(fn, tensors):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["mrrm_cpu", "eager_gather", "head_all_tokens"])
+def test_gather_value_head_cpu(benchmark, impl):
+    hidden, positions, w1, b1, w2, b2 = _head_inputs()
+    scale = 1.0 / math.sqrt(H)
+    if impl == "mrrm_cpu":
+        fn = lambda: ops.gather_value_head(hidden, positions, w1, b1, w2, b2, scale=scale, backend="cpu")  # noqa: E731
+    elif impl == "eager_gather":
+        fn = lambda: scale * (F.silu(hidden[positions] @ w1.t() + b1) @ w2.t() + b2).squeeze(-1)  # noqa: E731
+    else:
+        fn = lambda: (scale * (F.silu(hidden @ w1.t() + b1) @ w2.t() + b2).squeeze(-1))[positions]  # noqa: E731
+    benchmark.group = f"gather_value_head fwd+bwd T={T} H={H} M={M} D={D}"
+    benchmark.extra_info.update(T=T, H=H, M=M, D=D, impl=impl)
+    ref = ops.gather_value_head(hidden, positions, w1, b1, w2, b2, scale=scale, backend="reference")
+    torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-6)  # the benchmarked thing is right
+    benchmark.pedantic(_fwd_bwd, args=(fn, [hidden, w1, b1, w2, b2]), rounds=7, warmup_rounds=1)
+
+
+def _ce_inputs():
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.randint(2, 9, (B,), generator=g)
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = sizes.cumsum(0)
+    scores = torch.randn(int(offsets[-1]), generator=g).requires_grad_(True)
+    targets = (torch.rand(B, generator=g) * sizes).long()
+    return scores, offsets, sizes, targets
+
+
+def _padded_ce(scores, offsets, sizes, targets):
+    nmax = int(sizes.max())
+    group = torch.repeat_interleave(torch.arange(B), sizes)
+    col = torch.arange(scores.shape[0]) - offsets[:-1][group]
+    padded = scores.new_full((B, nmax), float("-inf")).index_put((group, col), scores)
+    return F.cross_entropy(padded, targets)
+
+
+@pytest.mark.parametrize("impl", ["mrrm_cpu", "padded_log_softmax"])
+def test_listwise_ce_cpu(benchmark, impl):
+    scores, offsets, sizes, targets = _ce_inputs()
+    if impl == "mrrm_cpu":
+        fn = lambda: ops.listwise_ce(scores, offsets, targets, backend="cpu")  # noqa: E731
+    else:
+        fn = lambda: _padded_ce(scores, offsets, sizes, targets)  # noqa: E731
+    benchmark.group = f"listwise_ce fwd+bwd B={B} N=2..8"
+    benchmark.extra_info.update(B=B, impl=impl)
+    torch.testing.assert_close(fn(), ops.listwise_ce(scores, offsets, targets, backend="reference"))
+    benchmark.pedantic(_fwd_bwd, args=(fn, [scores]), rounds=50, warmup_rounds=3)
