@@ -21,9 +21,11 @@ import time
 KERNEL_MODULES = ("mrrm.kernels.varlen_attention", "mrrm.kernels.value_head")
 
 
-def all_specs():
+def all_specs(only=None):
     specs = []
     for mod_name in KERNEL_MODULES:
+        if only and mod_name.rsplit(".", 1)[-1] not in only:
+            continue
         mod = importlib.import_module(mod_name)
         for spec in mod.AOT_SPECS:
             specs.append((mod_name.rsplit(".", 1)[-1], spec))
@@ -44,13 +46,15 @@ def compile_spec(spec, arch=90, warp_size=32):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--only", nargs="*", default=None, help="kernel modules to compile, e.g. value_head")
     args = ap.parse_args(argv)
     from triton import knobs
 
     if knobs.runtime.interpret:
         sys.exit("mrrm.kernels.aot: TRITON_INTERPRET is set; unset it to compile for a GPU target")
     failures = 0
-    for mod, spec in all_specs():
+    specs = all_specs(args.only)
+    for mod, spec in specs:
         t0 = time.perf_counter()
         try:
             k = compile_spec(spec, arch=args.arch)
@@ -62,7 +66,7 @@ def main(argv=None):
         except Exception as e:  # report every kernel, then fail
             failures += 1
             print(f"FAIL {mod}.{spec['name']}: {type(e).__name__}: {e}")
-    print(f"{len(all_specs()) - failures} compiled, {failures} failed")
+    print(f"{len(specs) - failures} compiled, {failures} failed")
     return 1 if failures else 0
 
 
