@@ -1,0 +1,510 @@
+"""mrrm.media: image sources, video decoding and sampling (decord and PyAV), fingerprints.
+
+Every file is made on the fly in tmp_path. Videos are written with PyAV (libx264, crf 0) with one
+solid colour per frame, so a decoded frame is identified by its nearest reference colour.
+"""
+import base64
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrrm import media
+from mrrm.media import MediaError, VideoClip, load_image, load_video, media_fingerprint, sample_frame_indices
+
+HAS_DECORD = media._decord() is not None
+requires_decord = pytest.mark.skipif(not HAS_DECORD, reason="decord is not importable")
+FILE_BACKENDS = ["pyav", pytest.param("decord", marks=requires_decord)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pixels():
+    return np.random.RandomState(0).randint(0, 256, size=(12, 16, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def png(tmp_path, pixels):
+    path = tmp_path / "img.png"
+    path.write_bytes(_encode(pixels))
+    return path
+
+
+def colour(i: int) -> np.ndarray:
+    """Frame i's solid colour: 24 colours far apart (> 40 levels) in RGB."""
+    return np.array([(i * 10) % 256, (255 - i * 10) % 256, (i * 37 + 50) % 256], dtype=np.uint8)
+
+
+COLOURS = np.stack([colour(i) for i in range(64)]).astype(np.int32)
+
+
+def write_video(path: Path, num_frames: int, fps: int = 12, size: int = 32, faststart: bool = False) -> Path:
+    """libx264 (with B-frames) in the container the suffix names."""
+    av = pytest.importorskip("av")
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "0"}
+        for i in range(num_frames):
+            frame = np.broadcast_to(colour(i), (size, size, 3)).copy()
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def frame_ids(frames: torch.Tensor, num_colours: int = 24) -> list[int]:
+    """Which reference colour each decoded [F, 3, H, W] frame shows (checked to be close)."""
+    means = frames.double().mean(dim=(2, 3)).numpy()  # [F, 3]
+    dist = np.abs(means[:, None, :] - COLOURS[None, :num_colours, :]).max(axis=2)  # [F, C]
+    ids = dist.argmin(axis=1)
+    assert (dist[np.arange(len(ids)), ids] <= 6).all(), dist.min(axis=1)
+    return ids.tolist()
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """24 frames of 32x32 at 12 fps: 2 seconds."""
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", 24)
+
+
+def qwen_vl_utils_nframes(total_frames, video_fps, fps, min_frames, max_frames, factor=2):
+    """qwen-vl-utils' smart_nframes (fps branch) as published, the oracle for sample_frame_indices."""
+    def ceil_by_factor(n, f):
+        return math.ceil(n / f) * f
+
+    def floor_by_factor(n, f):
+        return math.floor(n / f) * f
+
+    min_frames = ceil_by_factor(min_frames, factor)
+    max_frames = floor_by_factor(min(max_frames, total_frames), factor)
+    nframes = total_frames / video_fps * fps
+    nframes = min(min(max(nframes, min_frames), max_frames), total_frames)
+    return floor_by_factor(nframes, factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def test_image_sources_give_identical_pixels(tmp_path, png, pixels, monkeypatch):
+    data = png.read_bytes()
+    b64 = base64.b64encode(data).decode()
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "rel.png").write_bytes(data)
+    sources = {
+        "str path": str(png),
+        "Path": png,
+        "relative + base_dir": "sub/rel.png",
+        "relative Path + base_dir": Path("sub") / "rel.png",
+        "bytes": data,
+        "bytearray": bytearray(data),
+        "memoryview": memoryview(data),
+        "base64": b64,
+        "base64, wrapped lines": "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76)),
+        "base64, url-safe without padding": base64.urlsafe_b64encode(data).decode().rstrip("="),
+        "data URL": "data:image/png;base64," + b64,
+        "PIL": Image.fromarray(pixels),
+        "array": pixels,
+        "HF dict with bytes": {"bytes": data, "path": "ignored.png"},
+        "HF dict with path": {"bytes": None, "path": "sub/rel.png"},
+    }
+    for name, src in sources.items():
+        image = load_image(src, base_dir=tmp_path)
+        assert isinstance(image, Image.Image) and image.mode == "RGB", name
+        np.testing.assert_array_equal(np.asarray(image), pixels, err_msg=name)
+    monkeypatch.chdir(sub)  # without base_dir a relative path is relative to the working directory
+    np.testing.assert_array_equal(np.asarray(load_image("rel.png")), pixels)
+
+
+def test_image_is_a_new_loaded_copy(pixels):
+    original = Image.fromarray(pixels)
+    image = load_image(original)
+    assert image is not original
+    image.putpixel((0, 0), (1, 2, 3))
+    np.testing.assert_array_equal(np.asarray(original), pixels)
+
+
+def test_image_modes_convert_to_rgb():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[0, 0, 3] = 255  # one opaque red pixel, the rest fully transparent
+    out = np.asarray(load_image(_encode(rgba)))
+    assert out.shape == (4, 4, 3)
+    assert tuple(out[0, 0]) == (200, 0, 0) and tuple(out[1, 1]) == (255, 255, 255)  # onto white
+    gray = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    np.testing.assert_array_equal(np.asarray(load_image(_encode(gray))), np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(np.asarray(load_image(gray)), np.repeat(gray[..., None], 3, axis=2))
+    jpeg = load_image(_encode(np.full((8, 8, 3), 128, np.uint8), "JPEG", quality=95))
+    assert jpeg.mode == "RGB" and np.abs(np.asarray(jpeg).astype(int) - 128).max() <= 2
+
+
+def test_an_existing_path_wins_over_base64(tmp_path, pixels):
+    (tmp_path / "abcd").write_bytes(_encode(pixels))  # "abcd" is also valid base64 (of 3 bytes)
+    np.testing.assert_array_equal(np.asarray(load_image("abcd", base_dir=tmp_path)), pixels)
+    with pytest.raises(MediaError, match="not found"):
+        load_image("abcd", base_dir=tmp_path / "elsewhere")  # decodes as base64, but not to an image
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image_file_names_the_path(tmp_path, pixels, fmt):
+    data = _encode(np.repeat(np.repeat(pixels, 4, 0), 4, 1), fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match="truncated") as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(MediaError, match="image bytes.*truncated"):
+        load_image(data[: len(data) // 2])
+    with Image.open(path) as lazy, pytest.raises(MediaError, match="truncated"):
+        load_image(lazy)  # a lazily opened PIL image fails here, not later
+
+
+def test_not_an_image_missing_and_directory_name_the_path(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n")
+    with pytest.raises(MediaError, match="not an image") as info:
+        load_image(str(text))
+    assert str(text) in str(info.value)
+    with pytest.raises(MediaError, match="not found") as info:
+        load_image("missing.png", base_dir=tmp_path)
+    assert str(tmp_path / "missing.png") in str(info.value)
+    with pytest.raises(MediaError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(MediaError, match="not a regular file"):
+        load_image(tmp_path)
+    with pytest.raises(MediaError, match="not found"):
+        load_image({"path": "missing.png", "bytes": None}, base_dir=tmp_path)
+
+
+def test_bad_image_sources():
+    with pytest.raises(MediaError, match="image bytes.*not an image"):
+        load_image(b"definitely not an image")
+    with pytest.raises(MediaError, match="image bytes: empty"):
+        load_image(b"")
+    with pytest.raises(MediaError, match="data URL"):
+        load_image("data:image/png;base64,!!!not base64!!!")
+    with pytest.raises(MediaError, match="data URL.*not an image"):
+        load_image("data:image/png;base64," + base64.b64encode(b"plain text").decode())
+    with pytest.raises(MediaError, match="only base64 data URLs"):
+        load_image("data:text/plain,hello")
+    with pytest.raises(MediaError, match="no network"):
+        load_image("https://example.com/cat.png")
+    with pytest.raises(MediaError, match="neither an existing file nor base64"):
+        load_image("A" * 1000)
+    with pytest.raises(MediaError, match="unsupported type int"):
+        load_image(3)
+    with pytest.raises(MediaError, match="neither 'bytes' nor 'path'"):
+        load_image({"bytes": None, "path": None})
+    with pytest.raises(MediaError, match="uint8"):
+        load_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(MediaError, match="shape"):
+        load_image(np.zeros((4, 4, 2), dtype=np.uint8))
+    assert issubclass(MediaError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame sampling
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total, source_fps, kwargs, expected", [
+    (24, 12, {}, [0, 8, 15, 23]),                                  # 2 s at 2 fps
+    (24, 12, {"fps": 12}, list(range(24))),                       # every frame
+    (24, 12, {"fps": 6}, [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23]),
+    (24, 12, {"fps": 12, "max_frames": 6}, [0, 5, 9, 14, 18, 23]),
+    (24, 12, {"fps": 12, "max_frames": 7}, [0, 5, 9, 14, 18, 23]),  # floored to a multiple of 2
+    (24, 12, {"fps": 0.1}, [0, 8, 15, 23]),                        # min_frames = 4
+    (24, 12, {"fps": 0.1, "min_frames": 5}, [0, 5, 9, 14, 18, 23]),  # min_frames rounded up to 6
+    (3, 12, {}, [0, 2]),                                            # never more frames than exist
+    (5, 30, {}, [0, 1, 3, 4]),
+    (1, 12, {}, [0, 0]),                                            # padded up to frame_factor
+    (1, 12, {"frame_factor": 4, "max_frames": 8}, [0, 0, 0, 0]),
+    (3, 12, {"frame_factor": 4, "max_frames": 8}, [0, 1, 2, 2]),
+    (24, 12, {"frame_factor": 1, "fps": 1.5}, [0, 8, 15, 23]),
+])
+def test_sample_frame_indices(total, source_fps, kwargs, expected):
+    assert sample_frame_indices(total, source_fps, **kwargs) == expected
+
+
+def test_sample_frame_indices_matches_qwen_vl_utils():
+    rng = np.random.RandomState(0)
+    for _ in range(500):
+        total = int(rng.randint(2, 3000))
+        source_fps = float(rng.choice([1, 8, 12.5, 23.976, 24, 25, 29.97, 30, 60]))
+        fps = float(rng.choice([0.5, 1, 2, 4]))
+        min_frames = int(rng.randint(1, 16))
+        max_frames = int(rng.randint(2, 200))
+        indices = sample_frame_indices(total, source_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
+        n = qwen_vl_utils_nframes(total, source_fps, fps, min_frames, max_frames)
+        expected = torch.linspace(0, total - 1, n).round().long().tolist()
+        assert indices == expected, (total, source_fps, fps, min_frames, max_frames)
+        assert len(indices) % 2 == 0 and indices == sorted(indices) and 0 <= indices[0] and indices[-1] < total
+
+
+def test_sampling_arguments_are_checked():
+    with pytest.raises(ValueError, match="fps"):
+        sample_frame_indices(24, 12, fps=0)
+    with pytest.raises(ValueError, match="max_frames"):
+        sample_frame_indices(24, 12, max_frames=1)
+    with pytest.raises(ValueError, match="frame_factor"):
+        sample_frame_indices(24, 12, frame_factor=0)
+    with pytest.raises(ValueError, match="total_frames"):
+        sample_frame_indices(0, 12)
+    with pytest.raises(ValueError, match="source_fps"):
+        sample_frame_indices(24, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Videos from files
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_video_file_default_sampling(video, backend):
+    clip = load_video(video, backend=backend)
+    assert isinstance(clip, VideoClip) and clip.backend == backend
+    assert clip.frames.dtype == torch.uint8 and tuple(clip.frames.shape) == (4, 3, 32, 32)
+    assert clip.frame_indices == (0, 8, 15, 23)
+    assert frame_ids(clip.frames) == [0, 8, 15, 23]
+    assert clip.source_fps == pytest.approx(12.0)
+    assert clip.sample_fps == pytest.approx(2.0)
+    assert clip.duration_s == pytest.approx(2.0)
+    assert clip.source_num_frames == 24 and clip.num_frames == 4
+    assert clip.path == str(video)
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"fps": 12}, list(range(24))),
+    ({"fps": 6}, [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23]),
+    ({"fps": 12, "max_frames": 7}, [0, 5, 9, 14, 18, 23]),
+    ({"fps": 1, "min_frames": 8}, [0, 3, 7, 10, 13, 16, 20, 23]),
+])
+def test_video_file_fps_and_max_frames(video, backend, kwargs, expected):
+    clip = load_video(video, backend=backend, **kwargs)
+    assert list(clip.frame_indices) == expected
+    assert frame_ids(clip.frames) == expected
+    assert clip.sample_fps == pytest.approx(12.0 * len(expected) / 24)
+    assert clip.num_frames % 2 == 0
+
+
+@requires_decord
+def test_decord_and_pyav_give_the_same_frames(video):
+    by_decord = load_video(video, fps=12, backend="decord")
+    by_pyav = load_video(video, fps=12, backend="pyav")
+    assert by_decord.frame_indices == by_pyav.frame_indices
+    assert by_decord.sample_fps == by_pyav.sample_fps and by_decord.source_fps == by_pyav.source_fps
+    diff = (by_decord.frames.int() - by_pyav.frames.int()).abs().max().item()
+    assert diff <= 2  # bit-identical in practice; the two libraries' RGB conversions could differ
+
+
+def test_video_auto_backend_relative_path_and_env(video, monkeypatch):
+    clip = load_video(video.name, base_dir=video.parent)
+    assert clip.backend == ("decord" if HAS_DECORD else "pyav") and clip.path == str(video)
+    monkeypatch.setenv("MRRM_VIDEO_BACKEND", "pyav")
+    assert load_video(video).backend == "pyav"
+
+
+def test_decord_failure_falls_back_to_pyav(video, monkeypatch):
+    def broken_decord(path, choose):
+        raise RuntimeError("decord could not read it")
+
+    monkeypatch.setattr(media, "_decord", lambda: object())  # "decord is importable"
+    monkeypatch.setitem(media._READERS, "decord", broken_decord)
+    clip = load_video(video)
+    assert clip.backend == "pyav" and frame_ids(clip.frames) == [0, 8, 15, 23]
+    with pytest.raises(MediaError, match="decord could not read it"):
+        load_video(video, backend="decord")  # a forced backend does not fall back
+
+
+@pytest.mark.parametrize("suffix", ["mkv", "mov", "avi"])
+def test_other_containers(tmp_path, suffix):
+    """mkv declares no frame count (PyAV counts packets); decord misreads seeks in AVI with B-frames,
+    so the automatic choice sends AVI to PyAV."""
+    path = write_video(tmp_path / f"clip.{suffix}", 24)
+    expected = [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23]
+    for backend in ["pyav", None]:
+        clip = load_video(path, fps=6, backend=backend)
+        assert list(clip.frame_indices) == expected and frame_ids(clip.frames) == expected, (suffix, backend)
+        assert clip.source_fps == pytest.approx(12.0) and clip.source_num_frames == 24
+    if suffix == "avi":
+        assert clip.backend == "pyav"
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+@pytest.mark.parametrize("num_frames, expected", [(1, [0, 0]), (2, [0, 1]), (3, [0, 2]), (5, [0, 1, 3, 4])])
+def test_short_videos_have_even_frame_counts(tmp_path, backend, num_frames, expected):
+    path = write_video(tmp_path / f"short{num_frames}.mp4", num_frames)
+    clip = load_video(path, backend=backend)
+    assert list(clip.frame_indices) == expected
+    assert frame_ids(clip.frames) == expected
+    assert clip.num_frames % 2 == 0
+    sampled = len(set(expected)) if num_frames == 1 else len(expected)
+    assert clip.sample_fps == pytest.approx(12.0 * sampled / num_frames)
+
+
+@pytest.mark.parametrize("backend", [None, *FILE_BACKENDS])
+def test_bad_video_files_name_the_path(tmp_path, video, backend):
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n")
+    with pytest.raises(MediaError, match="cannot read as a video") as info:
+        load_video(text, backend=backend)
+    assert str(text) in str(info.value)
+
+    missing = tmp_path / "missing.mp4"
+    with pytest.raises(MediaError, match="not found") as info:
+        load_video(missing, backend=backend)
+    assert str(missing) in str(info.value)
+    with pytest.raises(MediaError, match="not found"):
+        load_video("missing.mp4", base_dir=tmp_path, backend=backend)
+
+    data = write_video(tmp_path / "whole.mp4", 48, size=64, faststart=True).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])  # header intact, frames missing
+    with pytest.raises(MediaError, match="cut.mp4.*cannot read as a video"):
+        load_video(cut, fps=24, backend=backend)
+
+    still = tmp_path / "still.mp4"
+    still.write_bytes(_encode(np.zeros((8, 8, 3), np.uint8)))  # ffmpeg would read it as one frame
+    with pytest.raises(MediaError, match="still.mp4.*cannot read as a video"):
+        load_video(still, backend=backend)
+
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match="empty file"):
+        load_video(empty, backend=backend)
+    with pytest.raises(MediaError, match="not a regular file"):
+        load_video(tmp_path, backend=backend)
+
+
+def test_video_argument_errors(video):
+    with pytest.raises(ValueError, match="backend"):
+        load_video(video, backend="opencv")
+    with pytest.raises(ValueError, match="fps"):
+        load_video(video, fps=-1)
+    with pytest.raises(MediaError, match="unsupported type"):
+        load_video(42)
+    with pytest.raises(MediaError, match="URLs"):
+        load_video("https://example.com/clip.mp4")
+
+
+# --------------------------------------------------------------------------------------------------
+# Videos from frame lists
+# --------------------------------------------------------------------------------------------------
+
+
+def _solid(i: int, size=(8, 10)) -> np.ndarray:
+    return np.broadcast_to(colour(i), (*size, 3)).copy()
+
+
+def test_frame_list_of_pil_images_and_arrays(tmp_path):
+    frames = [Image.fromarray(_solid(i)) if i % 2 else _solid(i) for i in range(5)]
+    (tmp_path / "f2.png").write_bytes(_encode(_solid(2)))
+    frames[2] = "f2.png"  # any load_image source works
+    clip = load_video(frames, base_dir=tmp_path)
+    assert clip.backend == "frames" and clip.path is None
+    assert tuple(clip.frames.shape) == (6, 3, 8, 10) and clip.frames.dtype == torch.uint8
+    assert clip.frame_indices == (0, 1, 2, 3, 4, 4)  # last frame repeated to a multiple of 2
+    assert frame_ids(clip.frames) == [0, 1, 2, 3, 4, 4]
+    assert clip.sample_fps == 2.0 and clip.source_fps == 2.0 and clip.duration_s == 2.5
+    assert clip.source_num_frames == 5
+    fast = load_video([_solid(i) for i in range(4)], frames_fps=4.0)
+    assert fast.frame_indices == (0, 1, 2, 3) and fast.sample_fps == 4.0 and fast.duration_s == 1.0
+
+
+def test_frame_list_thinned_to_max_frames():
+    stack = np.stack([_solid(i) for i in range(10)])
+    for src in (list(stack), stack):  # a list of frames, or one [F, H, W, 3] array
+        clip = load_video(src, max_frames=5, min_frames=100, fps=30)  # fps/min_frames: file-only
+        assert clip.frame_indices == (0, 3, 6, 9)  # floor(5 / 2) * 2 = 4 frames, evenly spaced
+        assert frame_ids(clip.frames) == [0, 3, 6, 9]
+        assert clip.sample_fps == pytest.approx(2.0 * 4 / 10)
+    assert load_video(stack[:1]).frame_indices == (0, 0)
+
+
+def test_frame_list_errors_name_the_frame():
+    with pytest.raises(MediaError, match="zero frames"):
+        load_video([])
+    with pytest.raises(MediaError, match="zero frames"):
+        load_video(np.zeros((0, 4, 4, 3), np.uint8))
+    with pytest.raises(MediaError, match="frame 2 of the frame list: size 4x4 differs from frame 0's 10x8"):
+        load_video([_solid(0), _solid(1), _solid(2, size=(4, 4))])
+    with pytest.raises(MediaError, match="frame 1 of the frame list.*not an image"):
+        load_video([_solid(0), b"not an image"])
+    with pytest.raises(MediaError, match="frame 1 of the frame list.*not found"):
+        load_video([_solid(0), "no/such/frame.png"])
+    with pytest.raises(MediaError, match="frame 0 of the frame list.*uint8"):
+        load_video([np.zeros((4, 4, 3), np.float32)])
+
+
+def test_clip_feeds_the_qwen2_vl_video_processor(video):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    clip = load_video(video, fps=6)
+    processor = transformers.Qwen2VLVideoProcessor(cap_pixels_per_frame=False)
+    out = processor(videos=[clip.frames], return_tensors="pt")
+    assert out["video_grid_thw"].tolist() == [[clip.num_frames // 2, 24, 24]]  # 32x32 -> 336x336 (min_pixels)
+    channels_last = processor(videos=[clip.frames.permute(0, 2, 3, 1).numpy()], return_tensors="pt")
+    torch.testing.assert_close(out["pixel_values_videos"], channels_last["pixel_values_videos"])
+    metadata = transformers.video_utils.VideoMetadata(**clip.video_metadata())
+    assert metadata.timestamps[:2] == pytest.approx([0.0, 2 / 12])
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_agrees_across_encoded_sources(tmp_path, png, video):
+    data = png.read_bytes()
+    b64 = base64.b64encode(data).decode()
+    same = {
+        media_fingerprint(png),
+        media_fingerprint(str(png)),
+        media_fingerprint("img.png", base_dir=tmp_path),
+        media_fingerprint(data),
+        media_fingerprint(b64),
+        media_fingerprint("data:image/png;base64," + b64),
+        media_fingerprint({"bytes": data, "path": None}),
+        media_fingerprint({"bytes": None, "path": str(png)}),
+    }
+    assert len(same) == 1
+    fingerprint = same.pop()
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+    assert media_fingerprint(data + b"\0") != fingerprint
+    assert media_fingerprint(video) == media_fingerprint(video.read_bytes()) != fingerprint
+    assert media_fingerprint(b"abc") == "a8041e48648fe7f6"  # stable across runs and machines
+
+
+def test_fingerprint_of_pixels_and_lists(png, pixels):
+    from_path, from_bytes = load_image(png), load_image(png.read_bytes())
+    assert media_fingerprint(from_path) == media_fingerprint(from_bytes)
+    other = pixels.copy()
+    other[0, 0, 0] ^= 1
+    assert media_fingerprint(Image.fromarray(other)) != media_fingerprint(from_path)
+    assert media_fingerprint(pixels) == media_fingerprint(pixels.copy()) != media_fingerprint(other)
+    assert media_fingerprint([pixels, other]) != media_fingerprint([other, pixels])
+    with pytest.raises(MediaError, match="not found"):
+        media_fingerprint(png.parent / "missing.mp4")
+    with pytest.raises(MediaError, match="unsupported type"):
+        media_fingerprint(1.5)
