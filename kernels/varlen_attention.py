@@ -1,0 +1,829 @@
+"""Flash-attention-2 style forward and backward over a packed varlen stream, in Triton.
+
+Layout (flash-attn's varlen convention, no padding):
+    q [T, Hq, D], k / v [T, Hkv, D] (GQA when Hq > Hkv), cu_seqlens int32 [S+1], max_seqlen int.
+    The last dimension must be contiguous; the token and head strides are free.
+
+Masks (constexpr MASK):
+    causal         key j visible to query i iff same sequence and j <= i
+    bidirectional  key j visible to query i iff same sequence
+    shared_prefix  with segment_ids int32 [T] (0 = shared prefix, r >= 1 = response r; within a
+                   sequence the segments are contiguous and non-decreasing, prefix first: the public
+                   op `mrrm.ops.varlen_attention` validates this): key j visible to query i iff same
+                   sequence, j <= i and segment_ids[j] in (0, segment_ids[i]).
+
+shared_prefix SKIPS the key blocks of other responses (they are never loaded, not computed and
+masked). Because segments are contiguous runs, the rule above is equivalent, for j <= i in one
+sequence, to `j < prefix_end or j >= seg_start[i]`, and, seen from the key side, to
+`i < key_end[j]` where key_end[j] = sequence end for a prefix key and the end of j's segment
+otherwise. The launcher precomputes (vectorised torch ops, no host sync):
+    prefix_end[s]  number of prefix tokens of sequence s          (relative to the sequence start)
+    seg_start[t]   first token of t's segment                      (relative)
+    key_end[t]     sequence length if t is a prefix token, else the end of t's segment (relative)
+and the kernels visit
+    forward / dQ, query block [m0, m1):   keys [0, min(P, m1))  then  [max(P, seg_start[m0]), m1)
+    dK / dV, key block [n0, n1):          queries [n0, max(key_end[n0:n1]))
+i.e. prefix blocks and the block's own response only. Inside a visited range, blocks that are
+fully visible run without any masking code; only the blocks at range edges and on the diagonal
+apply the elementwise mask (bounds, causal, segment rule).
+
+Kernels (all without atomics, so the backward is deterministic; the `deterministic` argument is
+accepted for flash-attn's signature and changes nothing):
+    _attn_fwd        grid (cdiv(max_seqlen, BLOCK_M), Hq, S): online softmax with exp2 and fp32
+                     accumulation; writes O and the log-sum-exp LSE [Hq, T] in log2 units
+                     (lse2 = log2(sum_j 2^(s_ij * scale * log2(e)))), which the backward reuses.
+    _attn_bwd_preprocess  delta[h, t] = rowsum(dO * O)
+    _attn_bwd_dkdv   grid (cdiv(max_seqlen, BLOCK_N), Hkv, S): one key block, looping over the
+                     query heads of its GQA group inside the program (dK/dV summed in registers)
+    _attn_bwd_dq     grid (cdiv(max_seqlen, BLOCK_M), Hq, S)
+Programs whose block starts past their sequence's end exit at once. Query blocks are issued in
+reverse order (the longest causal rows first) to shorten the tail of the launch.
+
+Dtypes: fp16 / bf16 on the GPU (fp32 works too, with IEEE fp32 dots; float64 is refused, use
+the reference); fp32 or fp16 under the Triton interpreter (TRITON_INTERPRET=1), whose bf16 dots are
+broken. Pointer offsets from the sequence start are int64, so T * H * D may exceed 2^31.
+
+Block configurations (no triton.autotune: it fails under the interpreter, and a fixed table keeps
+the AOT compile check in CI exact). Chosen per padded head dim BLOCK_D (next power of 2 >= D,
+loads masked on d), starting from flash-attention-2's and Triton's fused-attention tutorial's
+settings and then picked, among the candidates, for no (or the fewest) register spills in the
+sm_90 build (ptxas -v on the AOT output; no GPU timing has tuned them yet). Every config is listed
+in AOT_SPECS and compiled for sm_90 in CI; the same tiles serve fp16, bf16 and fp32:
+    kernel     BLOCK_D <= 64              BLOCK_D = 128                (block_m, block_n, warps, stages)
+    fwd        (128, 64, 8, 3)            (128, 64, 8, 3)              query block x key block
+    dkdv       (32, 128, 8, 3)            (32, 128, 8, 2)              query block x key block
+    dq         (128, 64, 8, 3)            (128, 32, 8, 2)              query block x key block
+    BLOCK_D = 256 uses smaller blocks (64/32), see `choose_configs`.
+dK/dV holds two [128, BLOCK_D] fp32 accumulators per program, hence 8 warps and short query
+blocks there; at BLOCK_D = 128 it sits at 255 registers with a few bytes of spill (16-104 B).
+Override them per call (`configs=`) or for the process (`CONFIG_OVERRIDE`); tests use 16 x 16 blocks
+to exercise multi-block paths cheaply in the interpreter. Constraints: powers of 2, >= 16; fwd and
+dq need block_m % block_n == 0, dkdv needs block_n % block_m == 0 (the diagonal blocks align).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_CAUSAL = 0
+MASK_BIDIRECTIONAL = 1
+MASK_SHARED_PREFIX = 2
+MASK_IDS = {"causal": MASK_CAUSAL, "bidirectional": MASK_BIDIRECTIONAL, "shared_prefix": MASK_SHARED_PREFIX}
+
+# Masking modes of the inner loops (constexpr).
+_NONE = tl.constexpr(0)     # every (query, key) pair of the visited blocks is visible: no masking code
+_BOUNDS = tl.constexpr(1)   # only the far end of the range is masked (bidirectional tails)
+_CAUSAL = tl.constexpr(2)   # causal + range end (forward / dQ: prefix keys near the diagonal)
+_SEGMENT = tl.constexpr(3)  # causal + range end + own segment: key j >= seg_start[i] (forward / dQ)
+_KEY_END = tl.constexpr(2)  # dK/dV: query i sees key j iff j <= i < key_end[j]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _hoff(head, stride_h, ALIGN_H: tl.constexpr):
+    """head * stride_h, hinted as a multiple of 8 elements when the launcher checked it: with D = 72
+    (Qwen3-VL's vision tower) the head stride is not a multiple of 16, so Triton's own argument
+    specialisation gives no alignment and the loads would be neither vectorised nor pipelined."""
+    if ALIGN_H:
+        return tl.multiple_of(head * stride_h, 8)
+    else:
+        return head * stride_h
+
+
+@triton.jit
+def _load_rows(base, rows, stride_t, offs_d, hi, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A [len(rows), BLOCK_D] tile of a [T, H, D] tensor; rows masked to < hi when MASK_ROWS."""
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            return tl.load(ptrs, mask=rows[:, None] < hi, other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _query_key_ranges(P, g_first, g_last, m_start, m_end, BLOCK_N: tl.constexpr):
+    """Key ranges a query block [m_start, m_end) visits (all relative to the sequence start).
+
+    P is the prefix end (the sequence length for `causal`); g_first / g_last the segment starts of
+    the block's first / last query. Returns the boundaries of five consecutive-in-role ranges:
+        [0, a_body)          prefix keys fully visible to every query of the block   (no mask)
+        [a_body, a_hi)       prefix keys near the diagonal                           (causal)
+        [b0, u0)             own-response keys not visible to every query            (segment)
+        [u0, b_body)         own-response keys fully visible                         (no mask)
+        [b_body, m_end)      own-response keys at the diagonal                       (segment)
+    For `causal` (P = sequence length) only the first two are non-empty.
+    """
+    a_hi = tl.minimum(P, m_end)
+    a_body = (tl.minimum(P, m_start) // BLOCK_N) * BLOCK_N
+    b0 = tl.minimum(tl.maximum(P, g_first), m_end)
+    u0 = tl.minimum(tl.maximum(P, g_last), m_end)
+    b_body = u0 + (tl.maximum(m_start - u0, 0) // BLOCK_N) * BLOCK_N
+    return a_body, a_hi, b0, u0, b_body
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m, row_seg_start,
+                lo, hi, qk_scale, offs_n, offs_d,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MODE: tl.constexpr, IEEE: tl.constexpr):
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        k = _load_rows(k_base, cols, stride_kt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
+        v = _load_rows(v_base, cols, stride_vt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
+        qk = _dot(q, tl.trans(k), IEEE)
+        if MODE == _NONE:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:
+            visible = cols[None, :] < hi
+            if MODE >= _CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            if MODE == _SEGMENT:
+                visible = visible & (cols[None, :] >= row_seg_start[:, None])
+            s = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row may see nothing in this block yet (m_new = -inf): subtract 0 instead, so that
+            # p = 0 and alpha = 0 rather than NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+        cnt += 1
+    return acc, l_i, m_i, cnt
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+              T, qk_scale,
+              HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
+    num_m = tl.num_programs(0)
+    pid_m = num_m - 1 - tl.program_id(0)  # heaviest (last) causal blocks first
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    L = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    m_start = pid_m * BLOCK_M
+    if m_start >= L:
+        return
+    m_end = tl.minimum(m_start + BLOCK_M, L)
+    kv_head = head // GROUP
+    seq_start64 = seq_start.to(tl.int64)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + seq_start64 * stride_qt + _hoff(head, stride_qh, ALIGN_H)
+    k_base = K + seq_start64 * stride_kt + _hoff(kv_head, stride_kh, ALIGN_H)
+    v_base = V + seq_start64 * stride_vt + _hoff(kv_head, stride_vh, ALIGN_H)
+    q = _load_rows(q_base, offs_m, stride_qt, offs_d, L, HEAD_DIM, BLOCK_D, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    cnt = 0
+    if MASK == 1:  # bidirectional: every key of the sequence
+        body = (L // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                         offs_m, 0, body, qk_scale, offs_n, offs_d,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+        acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                         offs_m, body, L, qk_scale, offs_n, offs_d,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _BOUNDS, IEEE)
+    else:
+        if MASK == 2:
+            P = tl.load(PREFIX_END + seq)
+            g_first = tl.load(SEG_START + seq_start + m_start)
+            g_last = tl.load(SEG_START + seq_start + m_end - 1)
+            row_seg_start = tl.load(SEG_START + seq_start + offs_m, mask=offs_m < L, other=0)
+        else:
+            P = L
+            g_first = L
+            g_last = L
+            row_seg_start = offs_m
+        a_body, a_hi, b0, u0, b_body = _query_key_ranges(P, g_first, g_last, m_start, m_end, BLOCK_N)
+        acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                         row_seg_start, 0, a_body, qk_scale, offs_n, offs_d,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+        acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                         row_seg_start, a_body, a_hi, qk_scale, offs_n, offs_d,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _CAUSAL, IEEE)
+        if MASK == 2:
+            acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                             row_seg_start, b0, u0, qk_scale, offs_n, offs_d,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+            acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                             row_seg_start, u0, b_body, qk_scale, offs_n, offs_d,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+            acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                             row_seg_start, b_body, m_end, qk_scale, offs_n, offs_d,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+
+    # every real row sees at least itself; padded rows (>= L) are not stored
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (O + seq_start64 * stride_ot + _hoff(head, stride_oh, ALIGN_H) + offs_m[:, None] * stride_ot
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
+    lse = m_i + tl.math.log2(l_safe)
+    tl.store(LSE + head.to(tl.int64) * T + seq_start64 + offs_m, lse, mask=offs_m < L)
+    if COUNT:
+        pid = tl.program_id(0) + num_m * (head + tl.num_programs(1) * seq)
+        tl.store(COUNTS + pid, cnt)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, T,
+                         HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    rows64 = rows.to(tl.int64)
+    o = tl.load(O + head * stride_oh + rows64[:, None] * stride_ot + offs_d[None, :], mask=m, other=0.0)
+    do = tl.load(DO + head * stride_doh + rows64[:, None] * stride_dot + offs_d[None, :], mask=m, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head.to(tl.int64) * T + rows64, delta, mask=rows < T)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                 offs_n, key_end, lo, hi, qk_scale, offs_m, offs_d,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MODE: tl.constexpr, IEEE: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) (computed transposed:
+    rows = keys, columns = queries, so that no [BLOCK_M, BLOCK_N] tile needs a transpose)."""
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + offs_m
+        q = _load_rows(q_base, rows, stride_qt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
+        do = _load_rows(do_base, rows, stride_dot, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
+        if MODE == _NONE:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        else:
+            lse = tl.load(lse_base + rows, mask=rows < hi, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < hi, other=0.0)
+        qkT = _dot(k, tl.trans(q), IEEE)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MODE == _BOUNDS:
+            pT = tl.where(rows[None, :] < hi, pT, 0.0)
+        elif MODE == _KEY_END:
+            pT = tl.where((rows[None, :] >= offs_n[:, None]) & (rows[None, :] < key_end[:, None]), pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+        dpT = _dot(v, tl.trans(do), IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
+        cnt += 1
+    return dk, dv, cnt
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, COUNTS,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                   T, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
+    num_n = tl.num_programs(0)
+    pid_n = num_n - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    L = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    n_start = pid_n * BLOCK_N
+    if n_start >= L:
+        return
+    seq_start64 = seq_start.to(tl.int64)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = K + seq_start64 * stride_kt + _hoff(kv_head, stride_kh, ALIGN_H)
+    v_base = V + seq_start64 * stride_vt + _hoff(kv_head, stride_vh, ALIGN_H)
+    k = _load_rows(k_base, offs_n, stride_kt, offs_d, L, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, offs_n, stride_vt, offs_d, L, HEAD_DIM, BLOCK_D, True)
+    valid = offs_n < L
+
+    # query ranges: [0, body) + [body, L) for bidirectional; otherwise the diagonal block
+    # [n_start, diag_hi), the fully visible body [n_start + BLOCK_N, body) and the masked tail
+    # [body, q_hi), where key j is seen by queries j <= i < key_end[j].
+    if MASK == 1:
+        key_end = offs_n
+        q_hi = L
+        diag_hi = 0
+        body_lo = 0
+        body = (L // BLOCK_M) * BLOCK_M
+    else:
+        if MASK == 2:
+            key_end = tl.load(KEY_END + seq_start + offs_n, mask=valid, other=0)
+            q_hi = tl.max(key_end, 0)
+            e_min = tl.min(tl.where(valid, key_end, L), 0)
+        else:
+            key_end = tl.where(valid, L, 0)
+            q_hi = L
+            e_min = L
+        diag_hi = tl.minimum(n_start + BLOCK_N, q_hi)
+        body_lo = n_start + BLOCK_N
+        body = body_lo + (tl.maximum(e_min - body_lo, 0) // BLOCK_M) * BLOCK_M
+    tail_lo = tl.maximum(body, body_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    cnt = 0
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        q_base = Q + seq_start64 * stride_qt + _hoff(head, stride_qh, ALIGN_H)
+        do_base = DO + seq_start64 * stride_dot + _hoff(head, stride_doh, ALIGN_H)
+        lse_base = LSE + head.to(tl.int64) * T + seq_start64
+        delta_base = DELTA + head.to(tl.int64) * T + seq_start64
+        if MASK != 1:
+            dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                       stride_dot, offs_n, key_end, n_start, diag_hi, qk_scale, offs_m, offs_d,
+                                       HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE)
+        dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                   stride_dot, offs_n, key_end, body_lo, body, qk_scale, offs_m, offs_d,
+                                   HEAD_DIM, BLOCK_M, BLOCK_D, _NONE, IEEE)
+        if MASK == 1:
+            dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                       stride_dot, offs_n, key_end, tail_lo, q_hi, qk_scale, offs_m, offs_d,
+                                       HEAD_DIM, BLOCK_M, BLOCK_D, _BOUNDS, IEEE)
+        else:
+            dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                       stride_dot, offs_n, key_end, tail_lo, q_hi, qk_scale, offs_m, offs_d,
+                                       HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE)
+
+    st_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = (DK + seq_start64 * stride_dkt + _hoff(kv_head, stride_dkh, ALIGN_H) + offs_n[:, None] * stride_dkt
+               + offs_d[None, :])
+    dv_ptrs = (DV + seq_start64 * stride_dvt + _hoff(kv_head, stride_dvh, ALIGN_H) + offs_n[:, None] * stride_dvt
+               + offs_d[None, :])
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
+    if COUNT:
+        pid = tl.program_id(0) + num_n * (kv_head + tl.num_programs(1) * seq)
+        tl.store(COUNTS + pid, cnt)
+
+
+@triton.jit
+def _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, row_seg_start,
+               lo, hi, qk_scale, offs_n, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MODE: tl.constexpr, IEEE: tl.constexpr):
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        k = _load_rows(k_base, cols, stride_kt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
+        v = _load_rows(v_base, cols, stride_vt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
+        qk = _dot(q, tl.trans(k), IEEE)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MODE != _NONE:
+            visible = cols[None, :] < hi
+            if MODE >= _CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            if MODE == _SEGMENT:
+                visible = visible & (cols[None, :] >= row_seg_start[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+        cnt += 1
+    return dq, cnt
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_dot, stride_doh, stride_dqt, stride_dqh,
+                 T, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
+    num_m = tl.num_programs(0)
+    pid_m = num_m - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    L = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    m_start = pid_m * BLOCK_M
+    if m_start >= L:
+        return
+    m_end = tl.minimum(m_start + BLOCK_M, L)
+    kv_head = head // GROUP
+    seq_start64 = seq_start.to(tl.int64)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = K + seq_start64 * stride_kt + _hoff(kv_head, stride_kh, ALIGN_H)
+    v_base = V + seq_start64 * stride_vt + _hoff(kv_head, stride_vh, ALIGN_H)
+    q_base = Q + seq_start64 * stride_qt + _hoff(head, stride_qh, ALIGN_H)
+    do_base = DO + seq_start64 * stride_dot + _hoff(head, stride_doh, ALIGN_H)
+    q = _load_rows(q_base, offs_m, stride_qt, offs_d, L, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(do_base, offs_m, stride_dot, offs_d, L, HEAD_DIM, BLOCK_D, True)
+    row_ok = offs_m < L
+    lse = tl.load(LSE + head.to(tl.int64) * T + seq_start64 + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head.to(tl.int64) * T + seq_start64 + offs_m, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    cnt = 0
+    if MASK == 1:
+        body = (L // BLOCK_N) * BLOCK_N
+        dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_m,
+                             0, body, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+        dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_m,
+                             body, L, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, _BOUNDS, IEEE)
+    else:
+        if MASK == 2:
+            P = tl.load(PREFIX_END + seq)
+            g_first = tl.load(SEG_START + seq_start + m_start)
+            g_last = tl.load(SEG_START + seq_start + m_end - 1)
+            row_seg_start = tl.load(SEG_START + seq_start + offs_m, mask=row_ok, other=0)
+        else:
+            P = L
+            g_first = L
+            g_last = L
+            row_seg_start = offs_m
+        a_body, a_hi, b0, u0, b_body = _query_key_ranges(P, g_first, g_last, m_start, m_end, BLOCK_N)
+        dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                             row_seg_start, 0, a_body, qk_scale, offs_n, offs_d,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+        dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                             row_seg_start, a_body, a_hi, qk_scale, offs_n, offs_d,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, _CAUSAL, IEEE)
+        if MASK == 2:
+            dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                 row_seg_start, b0, u0, qk_scale, offs_n, offs_d,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+            dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                 row_seg_start, u0, b_body, qk_scale, offs_n, offs_d,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+            dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                 row_seg_start, b_body, m_end, qk_scale, offs_n, offs_d,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+
+    dq_ptrs = (DQ + seq_start64 * stride_dqt + _hoff(head, stride_dqh, ALIGN_H) + offs_m[:, None] * stride_dqt
+               + offs_d[None, :])
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if COUNT:
+        pid = tl.program_id(0) + num_m * (head + tl.num_programs(1) * seq)
+        tl.store(COUNTS + pid, cnt)
+
+
+# --------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of one kernel: block_m queries x block_n keys, plus launch options."""
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# (fwd, dkdv, dq) per padded head dim; see the module docstring for the reasoning.
+_CONFIG_TABLE = {
+    64: (KernelConfig(128, 64, 8, 3), KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3)),
+    128: (KernelConfig(128, 64, 8, 3), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
+    256: (KernelConfig(64, 32, 8, 2), KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2)),
+}
+PREPROCESS_BLOCK_T = 64
+
+# Process-wide override: a dict {"fwd": KernelConfig, "dkdv": KernelConfig, "dq": KernelConfig}
+# (missing keys fall back to the table). Tests set small blocks through `configs=` instead.
+CONFIG_OVERRIDE: dict | None = None
+
+
+def block_d_for(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def choose_configs(head_dim: int, dtype: torch.dtype | None = None) -> dict:
+    """The (fwd, dkdv, dq) KernelConfigs used for a head dim (dtype kept for future per-dtype rows:
+    fp16 and bf16 share a row; fp32 runs the same tiles with IEEE dots)."""
+    bd = block_d_for(head_dim)
+    if bd > 256:
+        raise ValueError(f"varlen_attention (triton): head_dim {head_dim} > 256 is not supported")
+    fwd, dkdv, dq = _CONFIG_TABLE[max(64, bd)]
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+
+
+def uniform_configs(block_m: int, block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> dict:
+    """The same square-ish tiles for every kernel (dkdv takes block_n queries x block_m keys so
+    that its alignment constraint holds); meant for tests."""
+    block_n = block_m if block_n is None else block_n
+    return {"fwd": KernelConfig(block_m, block_n, num_warps, num_stages),
+            "dkdv": KernelConfig(block_n, block_m, num_warps, num_stages),
+            "dq": KernelConfig(block_m, block_n, num_warps, num_stages)}
+
+
+def _resolve_configs(head_dim, dtype, configs):
+    out = dict(choose_configs(head_dim, dtype))
+    for override in (CONFIG_OVERRIDE, configs):
+        if override:
+            for key, cfg in override.items():
+                if key not in out:
+                    raise ValueError(f"unknown kernel {key!r} in configs; expected fwd, dkdv, dq")
+                out[key] = cfg if isinstance(cfg, KernelConfig) else KernelConfig(*cfg)
+    for key, cfg in out.items():
+        for b in (cfg.block_m, cfg.block_n):
+            if b < 16 or (b & (b - 1)):
+                raise ValueError(f"configs[{key!r}]: block sizes must be powers of 2 >= 16, got {cfg}")
+    if out["fwd"].block_m % out["fwd"].block_n or out["dq"].block_m % out["dq"].block_n:
+        raise ValueError("fwd and dq configs need block_m % block_n == 0")
+    if out["dkdv"].block_n % out["dkdv"].block_m:
+        raise ValueError("the dkdv config needs block_n % block_m == 0")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def shared_prefix_metadata(cu_seqlens: torch.Tensor, segment_ids: torch.Tensor):
+    """(prefix_end [S], seg_start [T], key_end [T]), int32, relative to each sequence's start.
+
+    Vectorised (no host sync); assumes the validated layout (segments contiguous and
+    non-decreasing within a sequence, prefix 0 first)."""
+    T = segment_ids.shape[0]
+    S = cu_seqlens.shape[0] - 1
+    dev = segment_ids.device
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq_id = torch.repeat_interleave(torch.arange(S, device=dev), lengths, output_size=T)
+    pos = torch.arange(T, device=dev)
+    seq_lo = cu[:-1][seq_id]
+    seq_len = lengths[seq_id]
+    seg = segment_ids.long()
+    first = pos == seq_lo
+    last = pos == seq_lo + seq_len - 1
+    new_seg = first.clone()
+    new_seg[1:] |= seg[1:] != seg[:-1]
+    end_seg = last.clone()
+    end_seg[:-1] |= seg[:-1] != seg[1:]
+    seg_start = torch.cummax(torch.where(new_seg, pos, 0), 0).values
+    seg_end = torch.cummin(torch.where(end_seg, pos + 1, T).flip(0), 0).values.flip(0)
+    is_prefix = seg == 0
+    prefix_end = torch.zeros(S, dtype=torch.long, device=dev).index_add_(0, seq_id, is_prefix.long())
+    key_end = torch.where(is_prefix, seq_len, seg_end - seq_lo)
+    return (prefix_end.to(torch.int32), (seg_start - seq_lo).to(torch.int32), key_end.to(torch.int32))
+
+
+def _heads_aligned(*tensors):
+    """True when every head stride is a multiple of 8 elements (the ALIGN_H hint of the kernels)."""
+    return all(t.stride(1) % 8 == 0 for t in tensors)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_dtype(q):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"varlen_attention (triton) supports float16, bfloat16 and float32, got {q.dtype}; "
+                         "use backend='reference' for float64")
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, softmax_scale=None,
+                      configs=None, meta=None, count_blocks=False):
+    """Forward launcher. Returns (out [T, Hq, D], lse2 [Hq, T] fp32 in log2 units, counts or None).
+
+    `count_blocks=True` also returns the number of key blocks each program visited (int32, one
+    entry per program of the grid, 0 for programs that exited early): a debugging aid that shows
+    the shared_prefix skipping."""
+    _check_dtype(q)
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    mask_id = MASK_IDS[mask]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cfg = _resolve_configs(D, q.dtype, configs)["fwd"]
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+    S = cu_seqlens.shape[0] - 1
+    num_m = triton.cdiv(int(max_seqlen), cfg.block_m)
+    counts = torch.zeros(num_m * Hq * S, dtype=torch.int32, device=q.device) if count_blocks else None
+    if T == 0 or S == 0 or num_m == 0:
+        return out, lse, counts
+    if mask_id == MASK_SHARED_PREFIX:
+        prefix_end, seg_start, _ = meta if meta is not None else shared_prefix_metadata(cu_seqlens, segment_ids)
+    else:
+        prefix_end = seg_start = cu_seqlens  # unused placeholders
+    _attn_fwd[(num_m, Hq, S)](
+        q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, counts if counts is not None else cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        T, scale * LOG2E,
+        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d_for(D), IEEE=q.dtype == torch.float32, COUNT=count_blocks,
+        ALIGN_H=_heads_aligned(q, k, v, out), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse, counts
+
+
+def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None,
+                       softmax_scale=None, configs=None, meta=None, count_blocks=False):
+    """Backward launcher. Returns (dq, dk, dv, counts) where counts is None or
+    {"dkdv": query blocks visited per dK/dV program (summed over its GQA heads), "dq": key blocks
+    visited per dQ program}."""
+    _check_dtype(q)
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    mask_id = MASK_IDS[mask]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cfgs = _resolve_configs(D, q.dtype, configs)
+    q, k, v, out, do = (_last_dim_contiguous(x) for x in (q, k, v, out, do))
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    S = cu_seqlens.shape[0] - 1
+    BLOCK_D = block_d_for(D)
+    num_n = triton.cdiv(int(max_seqlen), cfgs["dkdv"].block_n)
+    num_m = triton.cdiv(int(max_seqlen), cfgs["dq"].block_m)
+    counts = None
+    if count_blocks:
+        counts = {"dkdv": torch.zeros(num_n * Hkv * S, dtype=torch.int32, device=q.device),
+                  "dq": torch.zeros(num_m * Hq * S, dtype=torch.int32, device=q.device)}
+    if T == 0 or S == 0 or num_m == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), counts
+    if mask_id == MASK_SHARED_PREFIX:
+        prefix_end, seg_start, key_end = meta if meta is not None else shared_prefix_metadata(cu_seqlens, segment_ids)
+    else:
+        prefix_end = seg_start = key_end = cu_seqlens  # unused placeholders
+    delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+    align_h = _heads_aligned(q, k, v, out, do, dq, dk, dv)
+    _attn_bwd_preprocess[(triton.cdiv(T, PREPROCESS_BLOCK_T), Hq)](
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), T,
+        HEAD_DIM=D, BLOCK_T=PREPROCESS_BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
+    c = cfgs["dkdv"]
+    _attn_bwd_dkdv[(num_n, Hkv, S)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_end,
+        counts["dkdv"] if counts is not None else cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        T, scale * LOG2E, scale,
+        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=BLOCK_D,
+        IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, num_warps=c.num_warps,
+        num_stages=c.num_stages)
+    c = cfgs["dq"]
+    _attn_bwd_dq[(num_m, Hq, S)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, prefix_end, seg_start,
+        counts["dq"] if counts is not None else cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        T, scale * LOG2E, scale,
+        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=BLOCK_D,
+        IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, num_warps=c.num_warps,
+        num_stages=c.num_stages)
+    return dq, dk, dv, counts
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, configs):
+        meta = shared_prefix_metadata(cu_seqlens, segment_ids) if mask == "shared_prefix" else None
+        out, lse, _ = attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, softmax_scale=softmax_scale,
+                                        configs=configs, meta=meta)
+        if meta is None:
+            meta = (None, None, None)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, *meta)
+        ctx.max_seqlen, ctx.mask, ctx.softmax_scale, ctx.configs = max_seqlen, mask, softmax_scale, configs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, key_end = ctx.saved_tensors
+        meta = (prefix_end, seg_start, key_end) if ctx.mask == "shared_prefix" else None
+        dq, dk, dv, _ = attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, mask=ctx.mask,
+                                           softmax_scale=ctx.softmax_scale, configs=ctx.configs, meta=meta)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None,
+                            softmax_scale=None, deterministic=False, configs=None):
+    """Triton flash attention over a packed stream; see the module docstring. Inputs are assumed
+    valid (the public op `mrrm.ops.varlen_attention` validates them). Returns [T, Hq, D] in q's
+    dtype, differentiable in q, k, v. The backward never uses atomics, so it is deterministic
+    whatever `deterministic` says. `configs` overrides the block table (see `uniform_configs`)."""
+    del deterministic  # always deterministic
+    if mask not in MASK_IDS:
+        raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
+    if mask == "shared_prefix" and segment_ids is None:
+        raise ValueError("mask='shared_prefix' needs segment_ids")
+    _check_dtype(q)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), mask, segment_ids,
+                                         float(softmax_scale), configs)
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (kernels/aot.py)
+# --------------------------------------------------------------------------------------------
+def _aot_divisibility(kernel, signature, head_dim):
+    """The `tt.divisibility = 16` hints a runtime launch gets on contiguous [T, H, D] tensors
+    (Triton specialises pointers and integer arguments that are multiples of 16): every pointer,
+    the token strides (H * D), and the head strides (D) when D % 16 == 0 (D = 72 and 80 rely on
+    the kernels' own ALIGN_H hint instead). Without them the AOT build would not vectorise the
+    loads nor pipeline them with cp.async, unlike the real launch.
+    Keys are argument-index tuples, the form triton.compiler.ASTSource takes."""
+    attrs = {}
+    for name, ty in signature.items():
+        hinted = ty.startswith("*") or name.endswith("t") and name.startswith("stride_")
+        hinted = hinted or (name.startswith("stride_") and name.endswith("h") and head_dim % 16 == 0)
+        if hinted:
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _aot_specs():
+    dt = "*bf16"
+    specs = []
+    fwd_sig = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "*fp32", "CU_SEQLENS": "*i32", "PREFIX_END": "*i32",
+               "SEG_START": "*i32", "COUNTS": "*i32"}
+    fwd_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                       "stride_ot", "stride_oh", "T")})
+    fwd_sig["qk_scale"] = "fp32"
+    fwd_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                             "IEEE", "COUNT", "ALIGN_H")})
+    pre_sig = {"O": dt, "DO": dt, "DELTA": "*fp32", "stride_ot": "i32", "stride_oh": "i32", "stride_dot": "i32",
+               "stride_doh": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
+               "BLOCK_D": "constexpr"}
+    dkdv_sig = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DK": dt, "DV": dt,
+                "CU_SEQLENS": "*i32", "KEY_END": "*i32", "COUNTS": "*i32"}
+    dkdv_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+                                        "stride_vh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
+                                        "stride_dvt", "stride_dvh", "T")})
+    dkdv_sig.update({"qk_scale": "fp32", "sm_scale": "fp32"})
+    dkdv_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                              "IEEE", "COUNT", "ALIGN_H")})
+    dq_sig = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dt,
+              "CU_SEQLENS": "*i32", "PREFIX_END": "*i32", "SEG_START": "*i32", "COUNTS": "*i32"}
+    dq_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+                                      "stride_vh", "stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "T")})
+    dq_sig.update({"qk_scale": "fp32", "sm_scale": "fp32"})
+    dq_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                            "IEEE", "COUNT", "ALIGN_H")})
+    # head dim 128 (Qwen-VL text towers, GQA 4) and 64 (small models): every kernel, every mask.
+    # 80 and 72 (Qwen2/2.5-VL and Qwen3-VL vision towers: bidirectional, no GQA, frozen under LoRA
+    # so forward only) exercise the masked-d path with BLOCK_D = 128.
+    cases = [(128, 4, m, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
+    cases += [(64, 4, m, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
+    cases += [(80, 1, "bidirectional", ("fwd",)), (72, 1, "bidirectional", ("fwd",))]
+    for head_dim, group, mask, which in cases:
+        cfgs = choose_configs(head_dim, torch.bfloat16)
+        bd = block_d_for(head_dim)
+        common = {"HEAD_DIM": head_dim, "GROUP": group, "MASK": MASK_IDS[mask], "BLOCK_D": bd, "IEEE": False,
+                  "COUNT": False, "ALIGN_H": head_dim % 8 == 0}
+        for name, kernel, sig in (("fwd", _attn_fwd, fwd_sig), ("dkdv", _attn_bwd_dkdv, dkdv_sig),
+                                  ("dq", _attn_bwd_dq, dq_sig)):
+            if name not in which:
+                continue
+            c = cfgs[name]
+            specs.append({"name": f"{name}_{mask}_d{head_dim}_g{group}_bf16", "kernel": kernel, "signature": sig,
+                          "constexprs": dict(common, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                          "attrs": _aot_divisibility(kernel, sig, head_dim),
+                          "num_warps": c.num_warps, "num_stages": c.num_stages})
+    for head_dim in (64, 128, 80):
+        specs.append({"name": f"bwd_preprocess_d{head_dim}_bf16", "kernel": _attn_bwd_preprocess,
+                      "signature": pre_sig,
+                      "constexprs": {"HEAD_DIM": head_dim, "BLOCK_T": PREPROCESS_BLOCK_T,
+                                     "BLOCK_D": block_d_for(head_dim)},
+                      "attrs": _aot_divisibility(_attn_bwd_preprocess, pre_sig, head_dim),
+                      "num_warps": 4, "num_stages": 1})
+    return specs
+
+
+AOT_SPECS = _aot_specs()
