@@ -1,0 +1,55 @@
+"""Print the GPU benchmark table from a pytest-benchmark JSON file (written by gpu_check.sh).
+
+    python -m bench_perf.gpu_summary bench.json [--card NAME] > table.md
+Ratios are between implementations measured in the same run (medians of triton's do_bench).
+"""
+import argparse
+import json
+from collections import defaultdict
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json_file")
+    ap.add_argument("--card", default="")
+    args = ap.parse_args(argv)
+    data = json.load(open(args.json_file))
+    rows = [b["extra_info"] for b in data["benchmarks"] if "do_bench_median_ms" in b["extra_info"]]
+    print(f"### GPU kernels {args.card}\n")
+    attn = defaultdict(dict)
+    for r in rows:
+        if "mask" in r:
+            attn[(r["T"], r["n_resp"], r["mask"])][r["impl"]] = r
+    if attn:
+        print("| T | N | mask | mrrm ms | useful TFLOP/s | vs flex | vs sdpa flash (per useful FLOP) | vs eager | create_block_mask ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (T, n, mask), impls in sorted(attn.items()):
+            m = impls.get("mrrm_triton")
+            if not m:
+                continue
+            def ratio(name):
+                o = impls.get(name)
+                return f"{o['do_bench_median_ms'] / m['do_bench_median_ms']:.2f}x" if o else "-"
+            sdpa = impls.get("sdpa_flash")
+            sdpa_r = f"{m['useful_tflops'] / sdpa['useful_tflops']:.2f}" if sdpa else "-"
+            cbm = impls.get("flex", {}).get("create_block_mask_ms")
+            print(f"| {T} | {n} | {mask} | {m['do_bench_median_ms']:.3f} | {m['useful_tflops']:.1f} | {ratio('flex')} "
+                  f"| {sdpa_r} | {ratio('eager')} | {cbm:.1f} |" if cbm else
+                  f"| {T} | {n} | {mask} | {m['do_bench_median_ms']:.3f} | {m['useful_tflops']:.1f} | {ratio('flex')} "
+                  f"| {sdpa_r} | {ratio('eager')} | - |")
+        print()
+    head = {r["impl"]: r for r in rows if "H" in r and "mask" not in r}
+    if head:
+        m, e = head.get("mrrm_triton"), head.get("eager")
+        print("| gather_value_head fwd+bwd | mrrm ms | eager ms | speedup |\n|---|---|---|---|")
+        if m and e:
+            print(f"| T=16k H=2560 D=1024 M=64 | {m['do_bench_median_ms']:.3f} | {e['do_bench_median_ms']:.3f} "
+                  f"| {e['do_bench_median_ms'] / m['do_bench_median_ms']:.2f}x |")
+        print()
+    for r in rows:
+        if r.get("impl") == "mrrm_cuda":
+            print(f"listwise_ce fused (B={r['B']}): {r['us']:.1f} us (target < 20 us)\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""GPU kernel benchmarks (skipped without CUDA). Run by bench_perf/gpu_check.sh.
+
+Each benchmark times forward + backward with triton.testing.do_bench (median, ms) and records it
+in extra_info together with the useful FLOPs (attention: only the visible query-key pairs), so
+`python -m bench_perf.gpu_summary` can print ratios measured side by side in one run.
+
+varlen_attention (bf16, Hq=32, Hkv=8, D=128: the Qwen3-VL-4B text tower), packed samples of
+4,096 tokens: a 1,280-token prefix (an image) and N responses sharing the rest, T = 16k and 64k:
+  - mrrm_triton   mrrm.ops.varlen_attention (causal and shared_prefix)
+  - sdpa_flash    F.scaled_dot_product_attention, flash backend, one call per sequence (causal only)
+  - flex          FlexAttention with the same masks (create_block_mask timed separately)
+  - eager         the torch reference math (T = 16k only; it materialises the L x L scores)
+gather_value_head (T=16k, H=2560, D=1024, M=64, bf16 hidden, fp32 head): mrrm_triton vs eager.
+listwise_ce (4,096 groups of 4..8): the fused CUDA kernel (forward, which also yields the gradient).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrrm import ops, reference
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = cuda
+
+HQ, HKV, HD = 32, 8, 128
+SEQ, PREFIX = 4096, 1280
+
+
+def _do_bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _layout(total_tokens, n_resp):
+    """cu_seqlens and segment_ids for total_tokens / SEQ samples of [prefix, r_1 .. r_N]."""
+    S = total_tokens // SEQ
+    R = (SEQ - PREFIX) // n_resp
+    seg_one = torch.zeros(SEQ, dtype=torch.int32)
+    for i in range(n_resp):
+        lo = PREFIX + i * R
+        seg_one[lo: (lo + R if i < n_resp - 1 else SEQ)] = i + 1
+    cu = torch.arange(0, (S + 1) * SEQ, SEQ, dtype=torch.int32)
+    return cu.cuda(), seg_one.repeat(S).cuda(), S
+
+
+def _useful_pairs(seg_one, mask):
+    """Visible (query, key) pairs of one sample (the FLOP count that matters)."""
+    vis = reference.attention_mask_dense(0, SEQ, mask, seg_one.cpu() if mask == "shared_prefix" else None)
+    return int(vis.sum())
+
+
+def _qkv(T):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda h: torch.randn(T, h, HD, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)  # noqa: E731
+    return mk(HQ), mk(HKV), mk(HKV)
+
+
+def _fwd_bwd(fn, leaves, do):
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().backward(do)
+    return run
+
+
+@pytest.mark.parametrize("T", [16384, 65536])
+@pytest.mark.parametrize("n_resp", [4, 8])
+@pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
+@pytest.mark.parametrize("impl", ["mrrm_triton", "sdpa_flash", "flex", "eager"])
+def test_varlen_attention_gpu(benchmark, impl, mask, n_resp, T):
+    if impl == "sdpa_flash" and mask != "causal":
+        pytest.skip("SDPA's flash backend has no shared-prefix mask")
+    if impl == "eager" and T > 16384:
+        pytest.skip("eager materialises L x L scores per sequence; 16k only")
+    cu, seg, S = _layout(T, n_resp)
+    q, k, v = _qkv(T)
+    do = torch.randn_like(q)
+    segment_ids = seg if mask == "shared_prefix" else None
+    scale = 1.0 / math.sqrt(HD)
+    info = dict(T=T, n_resp=n_resp, mask=mask, impl=impl, Hq=HQ, Hkv=HKV, D=HD)
+    if impl == "mrrm_triton":
+        fn = lambda: ops.varlen_attention(q, k, v, cu, SEQ, mask=mask, segment_ids=segment_ids,  # noqa: E731
+                                          backend="triton", check_inputs=False)
+    elif impl == "eager":
+        fn = lambda: reference.varlen_attention(q, k, v, cu, SEQ, mask=mask, segment_ids=segment_ids)  # noqa: E731
+    elif impl == "sdpa_flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # GQA expanded once, outside the timing (the flash backend wants equal head counts)
+        k = k.detach().repeat_interleave(HQ // HKV, 1).requires_grad_(True)
+        v = v.detach().repeat_interleave(HQ // HKV, 1).requires_grad_(True)
+
+        def fn():
+            outs = []
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                for s in range(S):
+                    sl = slice(s * SEQ, (s + 1) * SEQ)
+                    qs = q[sl].transpose(0, 1)[None]
+                    ks = k[sl].transpose(0, 1)[None]
+                    vs = v[sl].transpose(0, 1)[None]
+                    outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+            return torch.cat(outs, 0)
+    else:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(S, device="cuda"), SEQ)
+
+        def mask_mod(b, h, qi, ki):
+            ok = (doc[qi] == doc[ki]) & (ki <= qi)
+            if mask == "shared_prefix":
+                ok = ok & ((seg[ki] == 0) | (seg[ki] == seg[qi]))
+            return ok
+
+        import time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+        torch.cuda.synchronize()
+        info["create_block_mask_ms"] = (time.perf_counter() - t0) * 1e3
+        flex = torch.compile(flex_attention)
+
+        def fn():
+            o = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                     block_mask=block_mask, enable_gqa=True)
+            return o[0].transpose(0, 1)
+    run = _fwd_bwd(fn, (q, k, v), do)
+    run()  # compile / warm up
+    ms = _do_bench(run)
+    pairs = _useful_pairs(seg[:SEQ], mask) * S
+    useful_flops = 4 * pairs * HQ * HD * 3.5  # forward 2 GEMMs (4 FLOP/pair/dim), backward 2.5x
+    info.update(do_bench_median_ms=ms, useful_tflops=useful_flops / ms / 1e9)
+    benchmark.extra_info.update(info)
+    benchmark.group = f"varlen_attention fwd+bwd T={T} N={n_resp} {mask}"
+    benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["mrrm_triton", "eager"])
+def test_gather_value_head_gpu(benchmark, impl):
+    T, H, D, M = 16384, 2560, 1024, 64
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.randperm(T, device="cuda")[:M].sort().values
+    w1 = (torch.randn(D, H, device="cuda") * 0.01).requires_grad_(True)
+    b1 = torch.zeros(D, device="cuda", requires_grad=True)
+    w2 = (torch.randn(1, D, device="cuda") * 0.01).requires_grad_(True)
+    b2 = torch.zeros(1, device="cuda", requires_grad=True)
+    scale = 1.0 / math.sqrt(H)
+    if impl == "mrrm_triton":
+        fn = lambda: ops.gather_value_head(hidden, positions, w1, b1, w2, b2, scale=scale,  # noqa: E731
+                                           backend="triton", check_inputs=False)
+    else:
+        fn = lambda: scale * (F.silu(hidden[positions].float() @ w1.t() + b1) @ w2.t() + b2).squeeze(-1)  # noqa: E731
+
+    def run():
+        for t in (hidden, w1, b1, w2, b2):
+            t.grad = None
+        fn().sum().backward()
+    run()
+    ms = _do_bench(run)
+    benchmark.extra_info.update(impl=impl, T=T, H=H, D=D, M=M, do_bench_median_ms=ms)
+    benchmark.group = "gather_value_head fwd+bwd T=16k H=2560 D=1024 M=64"
+    benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+def test_listwise_ce_gpu(benchmark):
+    B = 4096
+    sizes = torch.randint(4, 9, (B,))
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = sizes.cumsum(0)
+    scores = torch.randn(int(offsets[-1]), device="cuda")
+    targets = (torch.rand(B) * sizes).long().cuda()
+    offsets = offsets.cuda()
+    from mrrm.ops._dispatch import C_or_raise
+
+    C = C_or_raise("listwise_ce")
+    run = lambda: C.listwise_ce_fwd_bwd(scores, offsets, targets, 0)  # noqa: E731
+    run()
+    ms = _do_bench(run)
+    benchmark.extra_info.update(impl="mrrm_cuda", B=B, do_bench_median_ms=ms, us=ms * 1e3)
+    benchmark.group = "listwise_ce fused fwd+grad B=4096"
+    benchmark.pedantic(run, rounds=3, iterations=1)
