@@ -1,0 +1,71 @@
+"""The public entry points: `mrrm.load` and `mrrm.score`."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+DEFAULT_DESCRIPTION = ("built-in default: a RANDOM tiny Qwen2-VL-style model (untrained; hidden 64, 2 layers, "
+                       "vision width 32, patch 8). Its scores carry no meaning until `python -m mrrm.train` "
+                       "trains it.")
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
+
+
+def build_default_model(seed: int = 0):
+    """The built-in default: shipped weights when the package has them (mrrm/default_model/), else a
+    random tiny model built deterministically from `seed` (labelled as such in its config)."""
+    from . import tiny
+    from .model import RewardModel, RewardModelConfig
+
+    if os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "mrrm_config.json")):
+        return RewardModel.from_pretrained(DEFAULT_MODEL_DIR)
+    from transformers import Qwen2VLProcessor
+
+    tok = tiny.build_tokenizer()
+    cfg = tiny.build_config("qwen2_vl", tokenizer=tok)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+        torch.manual_seed(seed)
+        backbone = tiny.build_backbone(cfg)
+        image, video = tiny.build_processors("qwen2_vl")
+        proc = Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
+        model = RewardModel(backbone, tok, proc, RewardModelConfig(description=DEFAULT_DESCRIPTION,
+                                                                   max_length=4096, max_batch_tokens=8192))
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_default(device: str | None, dtype: torch.dtype | None, mode: str):
+    model = build_default_model()
+    model.config.mode = mode
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def load(path=None, *, device=None, dtype=None, mode: str = "joint"):
+    """Load a reward model. path=None: the built-in default (cached; see README). Otherwise an mrrm
+    checkpoint directory (RewardModel.save_pretrained) or the paper's published layout
+    (reward_model_config.json + value_head.pt + adapter directory)."""
+    from .model import RewardModel, RewardModelConfig
+
+    RewardModelConfig(mode=mode)  # validates the mode
+    if path is None:
+        return _cached_default(str(device) if device is not None else None, dtype, mode)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"mrrm.load: {path!r} is not a directory (an mrrm or published checkpoint)")
+    return RewardModel.from_pretrained(path, device=device, dtype=dtype, mode=mode)
+
+
+def score(batch, model=None, *, mode=None, max_batch_tokens=None, permutations=1, errors="raise"):
+    """Score every response of every sample -> list[list[float]] (see RewardModel.score).
+
+    batch: one sample dict or a list in the published schema ({"prompt", "responses", optional
+    "image"/"images"/"video"/"videos", "id"}); model: a RewardModel or a checkpoint path (default:
+    the built-in default model)."""
+    if model is None:
+        model = load()
+    elif isinstance(model, (str, os.PathLike)):
+        model = load(model)
+    return model.score(batch, mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations,
+                       errors=errors)
