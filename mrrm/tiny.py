@@ -76,8 +76,10 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 512, hidden_size
     rope = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
     text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                max_position_embeddings=8192, rope_parameters=rope, initializer_range=initializer_range)
-    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                max_position_embeddings=8192, rope_parameters=rope, initializer_range=initializer_range,
+                bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    common = dict(bos_token_id=None, eos_token_id=text["eos_token_id"], pad_token_id=tok.pad_token_id,
+                  image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     if family == "qwen3_vl":
         text.update(head_dim=head_dim)
@@ -97,10 +99,6 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 512, hidden_size
                       patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
                       initializer_range=initializer_range)
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-    for c in (cfg, cfg.text_config):
-        c.bos_token_id = None
-        c.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-        c.pad_token_id = tok.pad_token_id
     return cfg
 
 

@@ -1,0 +1,489 @@
+"""`python -m mrrm.score`: score a JSONL file of samples (best-of-N selection, rejection sampling).
+
+    python -m mrrm.score --data in.jsonl --out scored.jsonl [--model PATH] [--mode joint|independent|single]
+        [--permutations k] [--max-batch-tokens N] [--batch-size 64] [--media-dir DIR] [--errors PATH]
+
+Input: one sample per line in the published schema ({"prompt", "responses": [...], optional "image" /
+"images" / "video" / "videos", "id", any other fields}). Blank lines are ignored. Image and video
+paths resolve relative to --media-dir (default: the input file's directory).
+
+Progress: a tqdm bar on a terminal; otherwise (stderr redirected, or no tqdm) a plain line on
+stderr every 10 s. Both show samples/s; --no-progress turns them off.
+
+Output: each good sample is written back, all its fields kept, with "scores" (one float per
+response) and "best" (the index of the top score, the first one on ties) added, in input order.
+
+Streaming: the input is read line by line and scored in chunks of --batch-size samples; each chunk
+is appended to --out, flushed and fsynced before the next one is read, so a kill loses at most the
+chunk in flight.
+
+Bad samples (invalid JSON, not a JSON object, missing prompt, empty responses, unreadable image or
+video, too many tokens, non-finite scores) are reported by 1-based line number and reason on stderr
+and in the errors file (default <out>.errors.jsonl, one {"line", "id", "error"} object per line;
+removed at the end of a run that had none), and the rest are still scored.
+
+Resume: rerunning with the same --out continues where the last run stopped. Done are the lines in
+--out and the lines in the errors file: the k-th output line belongs to the k-th input line that is
+neither blank nor in the errors file, which is exact because each chunk's errors are written before
+its scores. A torn last line (a write cut short by a kill) is cut off and its sample scored again.
+Every output line is checked against its input line, so resuming onto the output of another input
+is refused (use --overwrite to start over). Use the same model and options when resuming: they are
+not recorded.
+
+Exit status: 0 when the whole input was processed (bad samples included), 2 on a usage error or an
+output that does not match the input, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import IO, Any
+
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm comes with mrrm[model]; without it a plain periodic line is printed
+    tqdm = None
+
+PROG = "mrrm.score"
+RESULT_FIELDS = ("scores", "best")
+PLAIN_PROGRESS_INTERVAL_S = 10.0
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CLIError(Exception):
+    """A usage error or an inconsistent output file: reported in one line, exit status 2."""
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Score every response of every sample in a JSONL file "
+                                 "(best-of-N selection, rejection sampling).",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[4:]))
+    ap.add_argument("--data", required=True, help="input JSONL, one sample per line")
+    ap.add_argument("--out", required=True, help="output JSONL (appended to when resuming)")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint directory (mrrm or the paper's layout); default: the built-in default model")
+    ap.add_argument("--mode", choices=("joint", "independent", "single"), default=None,
+                    help="scoring mode (default: the model's configured mode, joint for the paper's models)")
+    ap.add_argument("--permutations", type=_positive_int, default=1,
+                    help="average each score over k cyclic orders of the responses (default 1)")
+    ap.add_argument("--max-batch-tokens", type=_positive_int, default=None,
+                    help="token budget of one packed forward pass (default: the model's)")
+    ap.add_argument("--batch-size", type=_positive_int, default=64,
+                    help="samples read, scored and written per chunk (default 64)")
+    ap.add_argument("--media-dir", default=None,
+                    help="base directory of relative image/video paths (default: the input file's directory)")
+    ap.add_argument("--errors", default=None, help="errors JSONL (default: <out>.errors.jsonl)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as loaded)")
+    ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    return ap
+
+
+# -- files ----------------------------------------------------------------------------------------
+def _count_lines(path: str) -> int:
+    """Number of lines (a last line without a newline counts), read in blocks: the file is never
+    held in memory."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def _cut_torn_tail(path: str) -> int:
+    """Truncate a file we append to after its last newline (a write cut short by a kill leaves a
+    line without one). Returns the number of bytes removed."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep, pos = 0, size
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            i = f.read(step).rfind(b"\n")
+            if i >= 0:
+                keep = pos + i + 1
+                break
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+def _append(f: IO[bytes], lines: list[bytes]) -> None:
+    """One chunk, made durable before the next is read."""
+    if lines:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _canonical(obj: dict) -> str:
+    """A sample without the fields this tool adds, for comparing an input line with its output line."""
+    return json.dumps({k: v for k, v in obj.items() if k not in RESULT_FIELDS}, sort_keys=True, ensure_ascii=False)
+
+
+def _read_error_lines(path: str) -> set[int]:
+    """The input line numbers recorded in an errors file (a torn last line is cut off first)."""
+    if not os.path.exists(path):
+        return set()
+    cut = _cut_torn_tail(path)
+    if cut:
+        _log(f"dropped a torn last line ({cut} bytes) of {path}: a write cut short")
+    done = set()
+    with open(path, "rb") as f:
+        for k, raw in enumerate(f, 1):
+            try:
+                record = json.loads(raw)
+                done.add(int(record["line"]))
+            except (ValueError, KeyError, TypeError):
+                raise CLIError(f"{path}:{k} is not an errors record ({{\"line\": n, ...}}); "
+                               "fix or remove the file, or pass --overwrite") from None
+    return done
+
+
+class _ResumeCheck:
+    """Walks the lines already in --out alongside the input, checking each against its input line."""
+
+    def __init__(self, out_path: str, data_path: str):
+        self.out_path, self.data_path = out_path, data_path
+        self.f = open(out_path, "rb")
+        self.count = 0
+        self._next = self.f.readline()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._next)
+
+    def consume(self, lineno: int, raw: bytes) -> None:
+        k = self.count + 1
+        where = f"{self.out_path}:{k} does not match {self.data_path}:{lineno}"
+        hint = "(a different input, or another tool wrote to it); pass --overwrite to start over or use another --out"
+        try:
+            out = json.loads(self._next)
+        except ValueError:
+            raise CLIError(f"{self.out_path}:{k} is not valid JSON; pass --overwrite to start over") from None
+        try:
+            sample = json.loads(raw)
+        except ValueError:
+            raise CLIError(f"{where}: the input line is not valid JSON {hint}") from None
+        if not isinstance(out, dict) or not isinstance(sample, dict) or _canonical(out) != _canonical(sample):
+            raise CLIError(f"{where} {hint}")
+        self.count = k
+        self._next = self.f.readline()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# -- progress -------------------------------------------------------------------------------------
+def _log(msg: str, bar=None) -> None:
+    line = f"{PROG}: {msg}"
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """A tqdm bar over input lines when tqdm is installed and stderr is a terminal; else (no tqdm,
+    or stderr going to a log file) a plain stderr line every PLAIN_PROGRESS_INTERVAL_S seconds.
+    Both show samples/s of this run."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.total, self.done, self.enabled = total, initial, enabled
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and tqdm is not None and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, unit="sample", desc=PROG, file=sys.stderr,
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, lines: int, scored: int, bad: int) -> None:
+        self.done += lines
+        if self.bar is not None:
+            self.bar.set_postfix(scored=scored, bad=bad, refresh=False)
+            self.bar.update(lines)
+        elif self.enabled:
+            now = time.perf_counter()
+            if now - self.last >= PLAIN_PROGRESS_INTERVAL_S or self.done >= self.total:
+                self.last = now
+                rate = (scored + bad) / max(now - self.start, 1e-9)
+                _log(f"{self.done}/{self.total} lines, {scored} scored, {bad} bad, {rate:.1f} samples/s")
+
+    def write(self, msg: str) -> None:
+        _log(msg, self.bar)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- scoring --------------------------------------------------------------------------------------
+def _reason(model, sample: dict, index: int) -> str:
+    """Why model.score(errors='skip') skipped a sample: its encoder's complaint."""
+    from .encoding import SampleError
+
+    encode = getattr(getattr(model, "encoder", None), "encode", None)
+    if encode is None:
+        return "the model skipped this sample (it gives no reason)"
+    try:
+        encode(sample, index)
+    except SampleError as e:
+        return e.reason
+    except Exception as e:  # noqa: BLE001 - reported per sample, never fatal
+        return f"{type(e).__name__}: {e}"
+    return "the model skipped this sample (it encodes on its own; no reason given)"
+
+
+class _Run:
+    def __init__(self, model, args, data_path: str, out_path: str, errors_path: str, progress: _Progress,
+                 out_f: IO[bytes], err_f: IO[bytes]):
+        self.model, self.args = model, args
+        self.data_path, self.out_path, self.errors_path = data_path, out_path, errors_path
+        self.progress, self.out_f, self.err_f = progress, out_f, err_f
+        self.scored = self.bad = 0
+        self.lines_since_update = 0
+        # the chunk being filled: valid samples, and the bad lines read meanwhile
+        self.samples: list[tuple[int, dict]] = []
+        self.errors: list[tuple[int, Any, str]] = []
+
+    def add_line(self, lineno: int, raw: bytes) -> None:
+        self.lines_since_update += 1
+        try:
+            sample = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            self.errors.append((lineno, None, f"invalid JSON: {e}"))
+        else:
+            if isinstance(sample, dict):
+                self.samples.append((lineno, sample))
+            else:
+                self.errors.append((lineno, None, f"a line must be a JSON object (a sample), got {type(sample).__name__}"))
+        if len(self.samples) >= self.args.batch_size:
+            self.flush()
+
+    def skip_line(self) -> None:
+        self.lines_since_update += 1
+
+    def flush(self) -> None:
+        """Score the chunk; write its errors, then its scores (the order resuming relies on)."""
+        samples, errors = self.samples, self.errors
+        if not samples and not errors and not self.lines_since_update:
+            return
+        self.samples, self.errors = [], []
+        scores = []
+        if samples:
+            scores = self.model.score([s for _, s in samples], mode=self.args.mode,
+                                      max_batch_tokens=self.args.max_batch_tokens,
+                                      permutations=self.args.permutations, errors="skip")
+            if len(scores) != len(samples):
+                raise RuntimeError(f"the model returned {len(scores)} results for {len(samples)} samples")
+        out_lines = []
+        for i, ((lineno, sample), s) in enumerate(zip(samples, scores)):
+            sid = sample.get("id", sample.get("ID"))
+            if s is None:
+                errors.append((lineno, sid, _reason(self.model, sample, i)))
+            elif not all(math.isfinite(x) for x in s):
+                errors.append((lineno, sid, f"non-finite score(s) {s}"))
+            else:
+                record = dict(sample)
+                record["scores"] = [float(x) for x in s]
+                record["best"] = max(range(len(s)), key=s.__getitem__)
+                out_lines.append(_dumps(record))
+        errors.sort(key=lambda e: e[0])
+        for lineno, sid, reason in errors:
+            self.progress.write(f"{self.data_path}:{lineno}: " + (f"[id={sid!r}] " if sid is not None else "") + reason)
+        _append(self.err_f, [_dumps({"line": lineno, "id": sid, "error": reason}) for lineno, sid, reason in errors])
+        _append(self.out_f, out_lines)
+        self.scored += len(out_lines)
+        self.bad += len(errors)
+        self.progress.update(self.lines_since_update, self.scored, self.bad)
+        self.lines_since_update = 0
+
+
+def _resolve_device(device: str | None):
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CLIError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device!r}: CUDA is not available here (use --device cpu)")
+    return str(dev)
+
+
+def _load_model(args):
+    import torch
+
+    from .api import load
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device = _resolve_device(args.device)
+    if args.model is not None and not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model!r} is not a directory (an mrrm checkpoint or the paper's layout)")
+    return load(args.model, device=device, dtype=dtype)
+
+
+def _check_paths(args) -> tuple[str, str, str, str]:
+    data = os.path.abspath(args.data)
+    out = os.path.abspath(args.out)
+    errors = os.path.abspath(args.errors) if args.errors else out + ".errors.jsonl"
+    media_dir = os.path.abspath(args.media_dir) if args.media_dir else os.path.dirname(data)
+    if not os.path.isfile(data):
+        raise CLIError(f"--data {args.data!r}: no such file")
+    if args.media_dir and not os.path.isdir(media_dir):
+        raise CLIError(f"--media-dir {args.media_dir!r}: no such directory")
+    for name, path in (("--out", out), ("--errors", errors)):
+        if os.path.isdir(path):
+            raise CLIError(f"{name} {path!r} is a directory")
+        if path == data or (os.path.exists(path) and os.path.samefile(path, data)):
+            raise CLIError(f"{name} is the input file {args.data!r}; write the results elsewhere")
+    if out == errors:
+        raise CLIError("--out and --errors name the same file")
+    return data, out, errors, media_dir
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except CLIError as e:
+        _log(f"error: {e}")
+        return 2
+
+
+def _main(args) -> int:
+    data, out, errors_path, media_dir = _check_paths(args)
+    t_load = time.perf_counter()
+    model = _load_model(args)
+    load_s = time.perf_counter() - t_load
+
+    for path in (out, errors_path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    resuming = os.path.exists(out) and not args.overwrite
+    if resuming:
+        cut = _cut_torn_tail(out)
+        if cut:
+            _log(f"dropped a torn last line ({cut} bytes) of {out}: a write cut short; its sample is scored again")
+        done_errors = _read_error_lines(errors_path)
+    else:
+        # errors first: an --out that exists always comes with its own errors file, never a stale one
+        open(errors_path, "wb").close()
+        open(out, "wb").close()
+        done_errors = set()
+
+    encoder = getattr(model, "encoder", None)
+    old_media_dir = getattr(encoder, "media_base_dir", None)
+    if encoder is not None:
+        encoder.media_base_dir = media_dir  # the default model is shared (cached): restored below
+    check = _ResumeCheck(out, data) if resuming else None
+    progress = None
+    run = None
+    t0 = time.perf_counter()
+    resumed_bad = 0
+    try:
+        with open(data, "rb") as data_f, open(out, "ab") as out_f, open(errors_path, "ab") as err_f:
+            # the lines already done: verified, counted, not rescored
+            lineno = 0
+            first_todo = None
+            for lineno, raw in enumerate(data_f, 1):
+                if not raw.strip():
+                    continue
+                if lineno in done_errors:
+                    resumed_bad += 1
+                elif check is not None and check.pending:
+                    check.consume(lineno, raw)
+                else:
+                    first_todo = (lineno, raw)
+                    break
+            if check is not None:
+                if check.pending:
+                    raise CLIError(f"{out} has more lines than {data} has samples (a different input?); "
+                                   "pass --overwrite to start over or use another --out")
+                resumed_scored = check.count
+                check.close()
+                check = None
+                if resumed_scored or resumed_bad:
+                    where = f"continuing at line {first_todo[0]}" if first_todo is not None else "nothing left to do"
+                    _log(f"resuming {out}: {resumed_scored} scored and {resumed_bad} bad samples already done; {where}")
+            else:
+                resumed_scored = 0
+            initial = (first_todo[0] - 1) if first_todo is not None else lineno
+            total = _count_lines(data) if not args.no_progress else 0
+            progress = _Progress(total, initial, not args.no_progress)
+            run = _Run(model, args, data, out, errors_path, progress, out_f, err_f)
+            t0 = time.perf_counter()
+            if first_todo is not None:
+                run.add_line(*first_todo)
+                for lineno, raw in enumerate(data_f, first_todo[0] + 1):
+                    if not raw.strip():
+                        run.skip_line()
+                    elif lineno in done_errors:  # recorded by the interrupted chunk before its scores
+                        resumed_bad += 1
+                        run.skip_line()
+                    else:
+                        run.add_line(lineno, raw)
+            run.flush()
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
+        _log(f"interrupted; every finished chunk is saved in {out}: rerun the same command to resume")
+        return 130
+    except CLIError:
+        raise
+    except BaseException:
+        if progress is not None:
+            progress.close()
+        at = f" (chunk starting at line {run.samples[0][0]})" if run is not None and run.samples else ""
+        _log(f"failed{at}; every finished chunk is saved in {out}: rerun the same command to resume")
+        raise
+    finally:
+        if check is not None:
+            check.close()
+        if encoder is not None:
+            encoder.media_base_dir = old_media_dir
+    progress.close()
+    seconds = time.perf_counter() - t0
+    processed = run.scored + run.bad
+    total_bad = run.bad + resumed_bad
+    if total_bad == 0 and os.path.exists(errors_path) and os.path.getsize(errors_path) == 0:
+        os.remove(errors_path)
+    rate = processed / seconds if seconds > 0 else 0.0
+    summary = (f"done: {run.scored} scored, {run.bad} bad in {seconds:.1f} s ({rate:.1f} samples/s; "
+               f"model load {load_s:.1f} s)")
+    if resumed_scored or resumed_bad:
+        summary += f"; {resumed_scored} scored and {resumed_bad} bad earlier"
+    summary += f"\n  scores: {out}"
+    if total_bad:
+        summary += f"\n  bad samples ({total_bad}, by input line): {errors_path}"
+    print(f"{PROG}: {summary}", flush=True)
+    return 0

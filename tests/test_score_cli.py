@@ -1,0 +1,362 @@
+"""`python -m mrrm.score` (mrrm.score_cli): JSONL in, scores + best out; bad lines by line number;
+resume after an interruption without duplicates or losses.
+
+Uses the built-in default model (a random tiny Qwen2-VL, fast on CPU) with images written by PIL
+and one tiny video written by PyAV. Tests run main() in-process (on the same cached model as
+mrrm.load(device="cpu")) except one end-to-end subprocess run. Never `import mrrm.score` here: it
+would shadow the function mrrm.score within the package namespace for other tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mrrm
+from mrrm import score_cli
+from mrrm.score_cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SCORE_TOL = dict(rel=1e-4, abs=1e-7)  # chunking changes the packing, hence the rounding
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mrrm.load(device="cpu")  # the instance main(["--device", "cpu", ...]) gets from the cache
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A data directory with images (and a tiny video when PyAV can write one) under media/."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "media").mkdir()
+    for name, colour, size in (("red.png", (220, 20, 20), (40, 32)), ("green.png", (20, 200, 40), (24, 24)),
+                               ("noise.jpg", None, (48, 40))):
+        if colour is None:
+            rng = np.random.default_rng(0)
+            img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        else:
+            img = Image.new("RGB", size, colour)
+        img.save(root / "media" / name)
+    video = None
+    try:
+        import av
+
+        video = "media/clip.mp4"
+        with av.open(str(root / video), "w") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width = stream.height = 32
+            stream.pix_fmt = "yuv420p"
+            for i in range(8):
+                frame = np.full((32, 32, 3), (i * 30, 255 - i * 30, 90), dtype=np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    except Exception:  # no PyAV or no encoder: the video sample is left out
+        video = None
+    return root, video
+
+
+def good_samples(video):
+    samples = [
+        {"id": "t0", "prompt": "Name a colour.", "responses": ["red", "a shade of blue", "green!"], "meta": {"k": 1}},
+        {"id": "i1", "prompt": "What colour is the square?", "image": "media/red.png",
+         "responses": ["red", "green", "it is red", "blue"]},
+        {"id": "i2", "prompt": "Describe the picture.", "image": "media/green.png", "responses": ["grass", "sky"]},
+        {"id": "i3", "prompt": "Compare them.", "images": ["media/red.png", "media/noise.jpg"],
+         "responses": ["left is red, right is noise", "both red", "both noise"], "rankings": [1, 2, 3]},
+        {"id": "t4", "prompt": "2+2?", "responses": ["4", "5", "four", "22", "3.999"]},
+        {"id": 5, "prompt": "And this one?", "image": "media/noise.jpg", "responses": ["static", "a cat"]},
+        {"id": "t6", "prompt": "Say hi <|resp_sep|>", "responses": ["hi", "hello <|resp_sep|> there"]},
+    ]
+    if video:
+        samples.append({"id": "v7", "prompt": "What happens in the video?", "video": video,
+                        "responses": ["colours change", "nothing", "a dog runs"]})
+    return samples
+
+
+def write_jsonl(path: Path, lines) -> Path:
+    """lines: dicts (dumped) or raw strings (written as they are)."""
+    with open(path, "w") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def absolute_media(sample: dict, root: Path) -> dict:
+    s = dict(sample)
+    for key in ("image", "video"):
+        if key in s:
+            s[key] = str(root / s[key])
+    if "images" in s:
+        s["images"] = [str(root / p) for p in s["images"]]
+    return s
+
+
+def run(data, out, *extra, batch_size=3):
+    return main(["--data", str(data), "--out", str(out), "--device", "cpu", "--batch-size", str(batch_size),
+                 "--no-progress", *map(str, extra)])
+
+
+def without_results(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("scores", "best")}
+
+
+def assert_same_output(got: list[dict], want: list[dict]):
+    assert [without_results(r) for r in got] == [without_results(r) for r in want]
+    for g, w in zip(got, want):
+        assert g["scores"] == pytest.approx(w["scores"], **SCORE_TOL)
+        assert g["best"] == w["best"]
+
+
+# a mix of good and bad lines: (line content, expected reason fragment or None for good)
+def mixed_lines(video):
+    good = good_samples(video)
+    return [
+        (good[0], None),
+        ('{"prompt": "broken", "responses": ["a", "b"]', "invalid JSON"),
+        (good[1], None),
+        ({"id": "np", "responses": ["a", "b"]}, "prompt"),
+        ({"id": "mi", "prompt": "Look.", "image": "media/missing.png", "responses": ["a", "b"]}, "missing.png"),
+        ("", None),  # a blank line: ignored, still counted in the line numbers
+        (good[2], None),
+        ({"id": "er", "prompt": "Empty?", "responses": []}, "non-empty list"),
+        ({"id": "es", "prompt": "Empty string?", "responses": ["fine", ""]}, "response 1 is empty"),
+        ('["a", "list"]', "JSON object"),
+        (good[3], None),
+        ({"id": "long", "prompt": "Long one.", "responses": ["word " * 5000, "short"]}, "max_length"),
+        (good[4], None),
+        (good[5], None),
+    ]
+
+
+def test_scores_equal_direct_scoring_best_is_argmax(model, media, tmp_path, monkeypatch):
+    root, video = media
+    samples = good_samples(video)
+    data = write_jsonl(root / "good.jsonl", samples[:3] + [""] + samples[3:])  # a blank line in the middle
+    monkeypatch.chdir(tmp_path)  # media paths must resolve against the input's directory, not the cwd
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0
+    got = read_jsonl(out)
+    want = model.score([absolute_media(s, root) for s in samples])
+    assert [without_results(r) for r in got] == samples  # every original field kept, input order
+    for record, scores in zip(got, want):
+        assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
+        assert len(record["scores"]) == len(record["responses"])
+        assert record["best"] == int(np.argmax(record["scores"]))
+    assert len({r["best"] for r in got}) > 1  # not all index 0: argmax is actually exercised
+    assert not os.path.exists(str(out) + ".errors.jsonl")  # no bad samples, no errors file left behind
+
+
+@pytest.mark.parametrize("mode,permutations", [("independent", 1), ("joint", 3)])
+def test_mode_and_permutations_are_passed_through(model, media, tmp_path, mode, permutations):
+    root, video = media
+    samples = good_samples(None)[:5]
+    data = write_jsonl(root / f"modes_{mode}.jsonl", samples)
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out, "--mode", mode, "--permutations", permutations, "--max-batch-tokens", 400,
+               batch_size=2) == 0
+    got = [r["scores"] for r in read_jsonl(out)]
+    want = model.score([absolute_media(s, root) for s in samples], mode=mode, permutations=permutations)
+    plain = model.score([absolute_media(s, root) for s in samples])
+    for g, w, p in zip(got, want, plain):
+        assert g == pytest.approx(w, **SCORE_TOL)
+    assert any(w != pytest.approx(p, rel=1e-3) for w, p in zip(want, plain))  # the options change the scores
+
+
+def test_bad_lines_reported_by_line_number_rest_scored(model, media, tmp_path, capsys):
+    root, video = media
+    lines = mixed_lines(video)
+    data = write_jsonl(root / "mixed.jsonl", [content for content, _ in lines])
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0  # finished: exit 0 even with bad samples
+    captured = capsys.readouterr()
+
+    expected_bad = {n: reason for n, (_, reason) in enumerate(lines, 1) if reason is not None}
+    records = read_jsonl(str(out) + ".errors.jsonl")
+    assert [r["line"] for r in records] == sorted(expected_bad)
+    for r in records:
+        assert expected_bad[r["line"]] in r["error"], r
+        assert f"mixed.jsonl:{r['line']}: " in captured.err  # on stderr too
+    ids = {r["line"]: r["id"] for r in records}
+    assert ids[4] == "np" and ids[5] == "mi" and ids[2] is None
+
+    good = [content for content, reason in lines if reason is None and content != ""]
+    got = read_jsonl(out)
+    assert [without_results(r) for r in got] == good
+    want = model.score([absolute_media(s, root) for s in good])
+    for record, scores in zip(got, want):
+        assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
+    assert f"{len(good)} scored, {len(expected_bad)} bad" in captured.out
+
+
+def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch):
+    root, video = media
+    lines = mixed_lines(video)
+    data = write_jsonl(root / "crash.jsonl", [content for content, _ in lines])
+    reference = tmp_path / "reference.jsonl"
+    assert run(data, reference) == 0
+
+    real_score = model.score
+    calls = []
+
+    def crash_after_first_chunk(batch, **kw):
+        calls.append(len(batch))
+        if len(calls) > 1:
+            raise RuntimeError("simulated crash")
+        return real_score(batch, **kw)
+
+    out = tmp_path / "scored.jsonl"
+    monkeypatch.setattr(model, "score", crash_after_first_chunk)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(data, out)
+    first_chunk = read_jsonl(out)
+    assert 0 < len(first_chunk) < len(read_jsonl(reference))
+
+    def counting(batch, **kw):
+        calls.append(len(batch))
+        return real_score(batch, **kw)
+
+    calls.clear()
+    monkeypatch.setattr(model, "score", counting)
+    assert run(data, out) == 0
+    assert_same_output(read_jsonl(out), read_jsonl(reference))
+    assert read_jsonl(str(out) + ".errors.jsonl") == read_jsonl(str(reference) + ".errors.jsonl")
+    # only the samples after the saved chunk were read and scored again (3 = the first chunk's samples)
+    n_samples = sum(1 for c, _ in lines if isinstance(c, dict))
+    assert sum(calls) == n_samples - 3
+
+    calls.clear()
+    assert run(data, out) == 0  # a finished run: nothing left, nothing duplicated
+    assert calls == []
+    assert_same_output(read_jsonl(out), read_jsonl(reference))
+
+
+def _tear(path: Path, keep_lines: int, torn: bool):
+    """Keep the first keep_lines complete lines of path (plus half of the next one when torn)."""
+    raw = path.read_bytes().splitlines(keepends=True)
+    tail = raw[keep_lines][: len(raw[keep_lines]) // 2] if torn and keep_lines < len(raw) else b""
+    path.write_bytes(b"".join(raw[:keep_lines]) + tail)
+
+
+@pytest.mark.parametrize("state", ["torn_output", "torn_errors", "errors_ahead_of_output", "only_errors"])
+def test_resume_from_a_killed_write(model, media, tmp_path, monkeypatch, state):
+    """The states a SIGKILL can leave: a torn output line; a torn errors line; a chunk whose errors were
+    written but not its scores; nothing scored yet but the first chunk's errors written."""
+    root, video = media
+    lines = mixed_lines(video)
+    data = write_jsonl(root / "killed.jsonl", [content for content, _ in lines])
+    reference = tmp_path / "reference.jsonl"
+    assert run(data, reference) == 0
+    ref_errors = Path(str(reference) + ".errors.jsonl")
+
+    out = tmp_path / "scored.jsonl"
+    errors = Path(str(out) + ".errors.jsonl")
+    out.write_bytes(reference.read_bytes())
+    errors.write_bytes(ref_errors.read_bytes())
+    # chunks of 3 JSON objects: lines 1-4 | 5-8 | 9-12 | 13-14
+    # outputs t0 i1 | i2 | i3 | t4 5     errors (by line) 2 4 | 5 8 | 9 10 12 | -
+    if state == "torn_output":      # killed while writing the 1st chunk's scores (its errors are complete)
+        _tear(out, 1, torn=True)
+        _tear(errors, 2, torn=False)
+    elif state == "torn_errors":    # killed while writing the 2nd chunk's errors
+        _tear(out, 2, torn=False)
+        _tear(errors, 2, torn=True)
+    elif state == "errors_ahead_of_output":  # the 3rd chunk's errors written, its scores not
+        _tear(out, 3, torn=False)
+    elif state == "only_errors":    # the 1st chunk's errors written, nothing scored
+        _tear(out, 0, torn=False)
+        _tear(errors, 2, torn=False)
+    kept = out.read_bytes().count(b"\n")
+    recorded = {json.loads(line)["line"] for line in errors.read_bytes().splitlines(keepends=True)
+                if line.endswith(b"\n")}
+    recorded_ids = {c.get("id") for n, (c, _) in enumerate(lines, 1) if n in recorded and isinstance(c, dict)}
+
+    real_score = model.score
+    scored = []
+    monkeypatch.setattr(model, "score", lambda batch, **kw: scored.extend(batch) or real_score(batch, **kw))
+    assert run(data, out) == 0
+    assert_same_output(read_jsonl(out), read_jsonl(reference))
+    assert errors.read_bytes() == ref_errors.read_bytes()  # every bad line once, in order
+    # the samples scored again are exactly those without an output line (no duplicates, none lost)
+    done_ids = {r.get("id") for r in read_jsonl(reference)[:kept]}
+    remaining = [r for r in read_jsonl(reference) if r.get("id") not in done_ids]
+    assert [s.get("id") for s in scored if s.get("id") not in {"np", "mi", "er", "es", "long"}] == \
+        [r["id"] for r in remaining]
+    assert not recorded_ids & {s.get("id") for s in scored}  # bad lines already recorded are not redone
+
+
+def test_resume_refuses_an_output_of_another_input(media, tmp_path, capsys):
+    root, video = media
+    samples = good_samples(None)
+    data_a = write_jsonl(root / "a.jsonl", samples[:4])
+    data_b = write_jsonl(root / "b.jsonl", samples[1:5])
+    out = tmp_path / "scored.jsonl"
+    assert run(data_a, out) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert run(data_b, out) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert out.read_bytes() == before  # left untouched
+    assert run(data_b, out, "--overwrite") == 0
+    assert [r["id"] for r in read_jsonl(out)] == [s["id"] for s in samples[1:5]]
+    # an output longer than its input is refused too
+    data_short = write_jsonl(root / "short.jsonl", samples[1:3])
+    assert run(data_short, out) == 2
+    assert "more lines" in capsys.readouterr().err
+
+
+def test_plain_progress_and_summary_without_tqdm(media, tmp_path, monkeypatch, capsys):
+    root, _ = media
+    data = write_jsonl(root / "progress.jsonl", good_samples(None)[:4])
+    monkeypatch.setattr(score_cli, "tqdm", None)
+    monkeypatch.setattr(score_cli, "PLAIN_PROGRESS_INTERVAL_S", 0.0)
+    out = tmp_path / "scored.jsonl"
+    assert main(["--data", str(data), "--out", str(out), "--device", "cpu", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if "samples/s" in line]
+    assert len(progress) == 2 and "2/4 lines" in progress[0] and "4/4 lines" in progress[1]
+    assert "4 scored, 0 bad" in captured.out and "samples/s" in captured.out
+
+
+def test_usage_errors(media, tmp_path, capsys):
+    root, _ = media
+    data = write_jsonl(root / "usage.jsonl", good_samples(None)[:1])
+    assert run(tmp_path / "nope.jsonl", tmp_path / "o.jsonl") == 2
+    assert "no such file" in capsys.readouterr().err
+    assert run(data, data) == 2
+    assert "input file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--batch-size", "0"])
+
+
+def test_subprocess_end_to_end(model, media, tmp_path):
+    root, video = media
+    samples = good_samples(None)[:3]
+    data = write_jsonl(root / "e2e.jsonl", [samples[0], "{not json", samples[1], samples[2]])
+    out = tmp_path / "scored.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out),
+                           "--device", "cpu", "--batch-size", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "e2e.jsonl:2: invalid JSON" in proc.stderr
+    assert "3 scored, 1 bad" in proc.stdout
+    got = read_jsonl(out)
+    assert [without_results(r) for r in got] == samples
+    want = model.score([absolute_media(s, root) for s in samples])
+    for record, scores in zip(got, want):
+        assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
+    assert read_jsonl(str(out) + ".errors.jsonl")[0]["line"] == 2
