@@ -1,0 +1,482 @@
+"""`python -m mrrm.train`: train a multi-response reward model on preference data.
+
+    python -m mrrm.train                                   # the built-in demo (synthetic task, tiny model)
+    python -m mrrm.train --base-model PATH --data a.jsonl b.jsonl --data-weights 3 1 --output-dir out
+    python -m mrrm.train --config train.yaml --lr 5e-5     # YAML config; flags override it
+    accelerate launch -m mrrm.train ...                    # data-parallel on several GPUs / nodes
+    torchrun --nproc_per_node 2 -m mrrm.train ...          # the same on CPU processes (gloo)
+
+Reads top to bottom: config -> model -> data (every sample validated before the first step) ->
+loop (packed micro-batches under a token budget, gradient accumulation, listwise loss) -> atomic
+checkpoints with exact resume -> final model that `mrrm.load(output_dir + "/model")` serves.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+LOSSES = ("best", "plackett_luce", "bradley_terry")
+
+
+@dataclass
+class TrainConfig:
+    base_model: str | None = None        # path or hub id; None = the built-in tiny backbone from scratch
+    data: list = field(default_factory=lambda: ["demo"])   # files; "demo" = the built-in synthetic task
+    data_weights: list | None = None     # mixing weights of the files (samples drawn per epoch)
+    eval_data: str | None = None         # held-out file; "demo" = a fresh synthetic split (unseen seed)
+    media_dir: str | None = None         # base dir of relative image/video paths (default: each file's dir)
+    demo_train_size: int = 2000
+    demo_eval_size: int = 400
+    lora_r: int = 128                    # the paper's LoRA; 0 = train the whole backbone
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    head_hidden: int = 1024
+    head_activation: str = "silu"
+    init_std: float = 0.06               # init of a from-scratch backbone (0.02 stalls at ln N)
+    loss: str = "best"                   # best (the paper), plackett_luce, bradley_terry
+    mode: str = "joint"                  # joint (the paper) or independent
+    shuffle_responses: bool = True
+    max_length: int = 4096
+    max_batch_tokens: int = 8192         # per micro-batch (packed, no padding)
+    batch_size: int = 32                 # samples per optimisation step (global, over all processes)
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-4
+    schedule: str = "cosine"             # cosine, linear, constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = 0                  # steps; 0 = only at the end
+    save_every: int = 0                  # steps; 0 = only at the end
+    keep_last: int = 2
+    seed: int = 0
+    output_dir: str = "mrrm_out"
+    skip_bad: bool = False
+    log_every: int = 10
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags override the YAML config, which overrides the defaults."""
+    ap = argparse.ArgumentParser(prog="python -m mrrm.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="YAML file with TrainConfig fields")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name in ("data", "data_weights"):
+            ap.add_argument(flag, dest=f.name, nargs="+", default=None,
+                            type=float if f.name == "data_weights" else str)
+        else:
+            ap.add_argument(flag, dest=f.name, default=None, type=_field_type(f))
+    args = ap.parse_args(argv)
+    values = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as fh:
+            values.update(yaml.safe_load(fh) or {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            ap.error(f"{args.config}: unknown keys {sorted(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    cfg = TrainConfig(**values)
+    if cfg.loss not in LOSSES:
+        ap.error(f"--loss must be one of {LOSSES}")
+    if cfg.mode not in ("joint", "independent"):
+        ap.error("--mode must be joint or independent")
+    if cfg.data_weights is not None and len(cfg.data_weights) != len(cfg.data):
+        ap.error(f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} data files")
+    return cfg
+
+
+def _field_type(f):
+    default = f.default
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int) and f.name not in ("epochs",):
+        return int
+    if isinstance(default, float) or f.name == "epochs":
+        return float
+    if f.name == "max_steps":
+        return int
+    return str
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig):
+    from .model import RewardModel, RewardModelConfig, ensure_separator_token
+
+    rm_cfg = RewardModelConfig(value_head_hidden_dim=cfg.head_hidden, value_head_activation=cfg.head_activation,
+                               mode=cfg.mode, max_length=cfg.max_length, max_batch_tokens=cfg.max_batch_tokens,
+                               base_model=cfg.base_model, description="trained with python -m mrrm.train")
+    if cfg.base_model is None:  # the built-in tiny backbone, trained from scratch: no LoRA
+        from transformers import Qwen2VLProcessor
+
+        from . import tiny
+
+        tok = tiny.build_tokenizer()
+        bcfg = tiny.build_config("qwen2_vl", tokenizer=tok, initializer_range=cfg.init_std)
+        backbone = tiny.build_backbone(bcfg)
+        image, video = tiny.build_processors("qwen2_vl")
+        proc = Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
+        rm_cfg.description = "tiny Qwen2-VL-style model trained from scratch with python -m mrrm.train"
+        return RewardModel(backbone, tok, proc, rm_cfg)
+    from transformers import AutoModel
+
+    from .model import _load_processor
+
+    tok, proc = _load_processor(cfg.base_model)
+    backbone = AutoModel.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    ensure_separator_token(tok, backbone)
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        backbone = get_peft_model(backbone, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                       lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target))
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    return RewardModel(backbone, tok, proc, rm_cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainSample:
+    encoded: object          # encoding.EncodedSample
+    rankings: list
+    family: str | None
+    num_tokens: int
+
+
+def prepare(model, paths, media_dir, *, skip_bad, log=print):
+    """Load and validate every sample (fields, rankings vs responses, media, length) before training.
+    Returns (samples per file, bad records). Fail-fast raises with the full list unless skip_bad."""
+    from .data import BadRecord, check_rankings, load_records
+    from .encoding import SampleError
+
+    per_file, bad = [], []
+    for path in paths:
+        records, wheres, parse_bad = load_records(path)
+        bad += parse_bad
+        model.encoder.media_base_dir = media_dir or os.path.dirname(os.path.abspath(path))
+        good = []
+        for rec, where in zip(records, wheres):
+            sid = rec.get("id")
+            reason = check_rankings(rec)
+            if reason is None:
+                try:
+                    enc = model.encoder.encode(rec, len(good))
+                except SampleError as e:
+                    reason = e.reason
+            if reason is not None:
+                bad.append(BadRecord(where, reason, sid))
+                continue
+            good.append(TrainSample(enc, list(rec["rankings"]), rec.get("family"), enc.num_tokens))
+        per_file.append(good)
+    if bad:
+        log(f"validation: {len(bad)} bad sample(s):\n  " + "\n  ".join(str(b) for b in bad))
+        if not skip_bad:
+            raise SystemExit(f"mrrm.train: {len(bad)} bad sample(s) (listed above); fix them or pass --skip-bad")
+    return per_file, bad
+
+
+def epoch_order(per_file, weights, epoch, seed):
+    """Sample indices (file, index) of one epoch: every file shuffled with a generator seeded by
+    (seed, epoch); with weights, files are resampled in proportion (with replacement beyond size)."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    total = sum(len(s) for s in per_file)
+    order = []
+    for f, samples in enumerate(per_file):
+        n = len(samples)
+        want = n if weights is None else round(total * weights[f] / sum(weights))
+        idx = torch.cat([torch.randperm(n, generator=g) for _ in range(max(1, math.ceil(want / max(n, 1))))])[:want]
+        order += [(f, int(i)) for i in idx]
+    perm = torch.randperm(len(order), generator=g).tolist()
+    return [order[i] for i in perm]
+
+
+def shuffled(sample: TrainSample, seed, epoch, key):
+    """The sample with its responses in a random order (deterministic in seed, epoch, key)."""
+    g = random.Random(f"{seed}:{epoch}:{key}")
+    n = len(sample.rankings)
+    perm = list(range(n))
+    g.shuffle(perm)
+    lay = sample.encoded.layout
+    lay = dataclasses.replace(lay, response_ids=[lay.response_ids[p] for p in perm])
+    enc = dataclasses.replace(sample.encoded, layout=lay)
+    return enc, [sample.rankings[p] for p in perm]
+
+
+def listwise_loss(scores, group_offsets, rankings, loss):
+    """Per-group losses [B] for rankings (1 = best). best: CE against the rank-1 response (uniform
+    over tied rank-1 responses); plackett_luce: full rankings, Breslow ties; bradley_terry: mean of
+    -log sigmoid(s_i - s_j) over the pairs with rank_i < rank_j."""
+    from . import ops
+
+    flat = torch.tensor([r for rk in rankings for r in rk], device=scores.device)
+    if loss == "plackett_luce":
+        return ops.listwise_ce(scores, group_offsets, flat, loss="plackett_luce", reduction="none")
+    if loss == "best":
+        tops = [[i for i, r in enumerate(rk) if r == min(rk)] for rk in rankings]
+        if all(len(t) == 1 for t in tops):
+            targets = torch.tensor([t[0] for t in tops], device=scores.device)
+            return ops.listwise_ce(scores, group_offsets, targets, loss="best", reduction="none")
+        probs = torch.tensor([1.0 / len(t) if i in t else 0.0 for t, rk in zip(tops, rankings) for i in range(len(rk))],
+                             device=scores.device, dtype=scores.dtype)
+        return ops.listwise_ce(scores, group_offsets, probs, loss="soft", reduction="none")
+    out = []
+    offs = group_offsets.tolist()
+    for b, rk in enumerate(rankings):
+        s = scores[offs[b]:offs[b + 1]]
+        r = torch.tensor(rk, device=scores.device)
+        better = r[:, None] < r[None, :]
+        out.append(-torch.nn.functional.logsigmoid(s[:, None] - s[None, :])[better].mean())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def evaluate(model, samples, mode, max_batch_tokens):
+    """Best-of-N accuracy (the top-scored response has human rank 1), overall and per family."""
+    was = model.training
+    model.eval()
+    hits, per_family = [], {}
+    try:
+        for inputs in model.micro_batches([s.encoded for s in samples], mode, max_batch_tokens):
+            scores = model(inputs.to(model.device, model.dtype)).float().cpu()
+            pb = inputs.packed
+            offs = pb.group_offsets.tolist()
+            for b, idx in enumerate(pb.sample_indices):
+                s = samples[idx]
+                top = int(scores[offs[b]:offs[b + 1]].argmax())
+                hit = s.rankings[top] == min(s.rankings)
+                hits.append(hit)
+                per_family.setdefault(s.family or "all", []).append(hit)
+    finally:
+        model.train(was)
+    return {"best_of_n": sum(hits) / max(len(hits), 1), "n": len(hits),
+            "per_family": {k: sum(v) / len(v) for k, v in sorted(per_family.items())}}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last):
+    """Atomically: write into a temp dir, then rename; keep the last `keep_last` checkpoints."""
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(ckpt_root, exist_ok=True)
+    final = os.path.join(ckpt_root, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    trainable = {k: v for k, v in model.state_dict().items()}
+    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "position": position, "step": step}, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "state.pt"), "rb") as fh:
+        os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")
+                  and os.path.exists(os.path.join(root, d, "state.pt")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def make_scheduler(optimizer, cfg, total_steps):
+    def factor(step):
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        frac = min(max(frac, 0.0), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1.0 - frac
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accel = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
+                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    log = accel.print
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    data_paths, eval_path = list(cfg.data), cfg.eval_data
+    if data_paths == ["demo"]:
+        from . import demo
+
+        data_dir = os.path.join(cfg.output_dir, "data")
+        if accel.is_main_process:
+            demo.generate(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
+            demo.generate(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
+        accel.wait_for_everyone()
+        data_paths = [os.path.join(data_dir, "train", "data.jsonl")]
+        eval_path = eval_path or os.path.join(data_dir, "eval", "data.jsonl")
+
+    model = build_model(cfg)
+    per_file, _ = prepare(model, data_paths, cfg.media_dir, skip_bad=cfg.skip_bad, log=log)
+    eval_samples = prepare(model, [eval_path], cfg.media_dir, skip_bad=True, log=log)[0][0] if eval_path else []
+    n_train = sum(len(s) for s in per_file)
+    if n_train == 0:
+        raise SystemExit("mrrm.train: no usable training sample")
+    steps_per_epoch = max(1, math.ceil((n_train if cfg.data_weights is None else n_train) / cfg.batch_size))
+    total_steps = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    step, position = 0, {"epoch": 0, "offset": 0}
+    resume = latest_checkpoint(cfg.output_dir)
+    if resume:
+        state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, position = state["step"], state["position"]
+        set_rng_state(state["rng"])
+        log(f"resumed from {resume} (step {step})")
+    ddp_model, optimizer = accel.prepare(model, optimizer)
+    world, rank = accel.num_processes, accel.process_index
+
+    log_path = os.path.join(cfg.output_dir, "log.jsonl")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not accel.is_main_process, desc="train")
+    t0, tokens_seen = time.time(), 0
+    order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
+    while step < total_steps:
+        if position["offset"] >= len(order):
+            position = {"epoch": position["epoch"] + 1, "offset": 0}
+            order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
+        batch_keys = order[position["offset"]: position["offset"] + cfg.batch_size]
+        position = {"epoch": position["epoch"], "offset": position["offset"] + cfg.batch_size}
+        mine = batch_keys[rank::world]
+        units, ranks_of = [], []
+        for f, i in mine:
+            s = per_file[f][i]
+            enc, rk = shuffled(s, cfg.seed, position["epoch"], f"{f}:{i}") if cfg.shuffle_responses else (s.encoded, s.rankings)
+            units.append(enc)
+            ranks_of.append(rk)
+        micro = list(model.micro_batches(units, cfg.mode, cfg.max_batch_tokens)) if units else []
+        loss_sum = torch.zeros((), device=accel.device)
+        hits = torch.zeros((), device=accel.device)
+        for k, inputs in enumerate(micro):
+            rk = [ranks_of[j] for j in inputs.packed.sample_indices]
+            sync = k == len(micro) - 1
+            with (accel.no_sync(ddp_model) if not sync and world > 1 else _null()):
+                scores = ddp_model(inputs.to(accel.device, model.dtype))
+                per_group = listwise_loss(scores.float(), inputs.packed.group_offsets.to(accel.device), rk, cfg.loss)
+                # normalised by the GLOBAL batch: the mean over ranks DDP takes then gives sum / batch
+                loss = per_group.sum() * world / len(batch_keys)
+                accel.backward(loss)
+            loss_sum += per_group.detach().sum()
+            offs = inputs.packed.group_offsets.tolist()
+            for b, ranks in enumerate(rk):
+                top = int(scores[offs[b]:offs[b + 1]].detach().argmax())
+                hits += float(ranks[top] == min(ranks))
+            tokens_seen += inputs.packed.num_tokens
+        if not micro and world > 1:  # a rank with no sample still joins the gradient all-reduce
+            accel.backward(sum(p.sum() * 0 for p in params))
+        if cfg.max_grad_norm:
+            accel.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
+        metrics = {"step": step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen * world / (time.time() - t0)}
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if accel.is_main_process and (step % cfg.log_every == 0 or step == total_steps):
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        if cfg.eval_every and step % cfg.eval_every == 0 and eval_samples and accel.is_main_process:
+            ev = evaluate(model, eval_samples, cfg.mode, cfg.max_batch_tokens)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": step, "eval": ev}) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            if accel.is_main_process:
+                save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler, position, cfg.keep_last)
+            accel.wait_for_everyone()
+    bar.close()
+    summary = {"steps": step, "seconds": round(time.time() - t0, 1)}
+    if accel.is_main_process:
+        save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler, position, cfg.keep_last)
+        model.save_pretrained(os.path.join(cfg.output_dir, "model"))
+        if eval_samples:
+            summary["eval"] = evaluate(model, eval_samples, cfg.mode, cfg.max_batch_tokens)
+            print_table(summary["eval"])
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        log(f"done: {step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
+    accel.wait_for_everyone()
+    return summary
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def print_table(ev):
+    print(f"held-out best-of-N accuracy: {ev['best_of_n'] * 100:.1f}% over {ev['n']} samples")
+    print("| family | best-of-N |\n|---|---|")
+    for fam, acc in ev["per_family"].items():
+        print(f"| {fam} | {acc * 100:.1f}% |")
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""python -m mrrm.train: losses decrease, gradients reach LoRA and the head only, validation before the
+first step, exact resume after SIGKILL, and two gloo processes reproduce one process."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrrm import tiny
+from mrrm.train import TrainConfig, build_model, listwise_loss, parse_args, prepare, train
+
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (230, 230, 30)}
+SMALL = ["--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3"]
+
+
+def _write_colour_task(d, n=32, seed=0):
+    """A task the tiny model learns in a few steps: the colour of a plain image (graded ranks)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(d, exist_ok=True)
+    lines = []
+    for i in range(n):
+        c = list(COLOURS)[i % 4]
+        Image.new("RGB", (64, 64), COLOURS[c]).save(os.path.join(d, f"img{i}.png"))
+        resp = list(COLOURS)
+        rng.shuffle(resp)
+        ranks = [1 if r == c else (2 if r == "yellow" else 3) for r in resp]
+        if c == "yellow":
+            ranks = [1 if r == c else 2 for r in resp]
+        lines.append({"id": f"s{i}", "prompt": "What colour is the image?", "image": f"img{i}.png",
+                      "responses": resp, "rankings": ranks, "family": "colour"})
+    path = os.path.join(d, "train.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    return path
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    return _write_colour_task(str(tmp_path_factory.mktemp("colour")))
+
+
+def _log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
+
+
+@pytest.mark.parametrize("loss", ["best", "plackett_luce", "bradley_terry"])
+def test_each_loss_decreases_and_model_loads(colour_data, tmp_path, loss):
+    out = str(tmp_path / "out")
+    cfg = parse_args(["--data", colour_data, "--max-steps", "25", "--loss", loss, "--log-every", "1",
+                      "--output-dir", out, "--eval-data", colour_data] + SMALL)
+    summary = train(cfg)
+    log = _log(out)
+    first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
+    assert last < first - 0.05, (loss, first, last)
+    assert summary["eval"]["best_of_n"] > 0.5  # chance is 0.25
+    import mrrm
+
+    model = mrrm.load(os.path.join(out, "model"))
+    img = Image.new("RGB", (64, 64), COLOURS["blue"])
+    scores = model.score({"prompt": "What colour is the image?", "image": img, "responses": list(COLOURS)})[0]
+    assert len(scores) == 4 and all(np.isfinite(scores))
+
+
+def test_gradients_reach_lora_and_head_only(tmp_path, colour_data):
+    tok = tiny.build_tokenizer()
+    base = str(tmp_path / "base")
+    torch.manual_seed(0)
+    tiny.build_backbone(tiny.build_config("qwen2_vl", tokenizer=tok)).save_pretrained(base)
+    from transformers import Qwen2VLProcessor
+
+    image, video = tiny.build_processors("qwen2_vl")
+    Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video).save_pretrained(base)
+    cfg = TrainConfig(base_model=base, lora_r=4, lora_alpha=8, lora_dropout=0.0, head_hidden=16)
+    model = build_model(cfg)
+    samples = prepare(model, [colour_data], None, skip_bad=False)[0][0][:4]
+    (inputs,) = list(model.micro_batches([s.encoded for s in samples], "joint", 4096))
+    # make LoRA B non-zero so gradients also flow into A
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    loss = listwise_loss(model(inputs), inputs.packed.group_offsets, [s.rankings for s in samples], "best").mean()
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad, "no gradient at all"
+    assert all(("lora_" in n) or n.startswith("value_head") for n in with_grad), sorted(with_grad)[:5]
+    assert any("lora_A" in n for n in with_grad) and any("lora_B" in n for n in with_grad)
+    assert {"value_head.0.weight", "value_head.2.weight"} <= with_grad
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("visual" in n for n in frozen) and any("embed_tokens" in n for n in frozen)
+
+
+def test_validation_lists_exactly_the_bad_samples(tmp_path, colour_data, capsys):
+    d = os.path.dirname(colour_data)
+    good = [json.loads(x) for x in open(colour_data)][:4]
+    (tmp_path / "notvideo.mp4").write_bytes(b"this is not a video")
+    for g in good:
+        g["image"] = os.path.join(d, g["image"])
+    bad_rank = dict(good[1], rankings=[1, 2])
+    missing = dict(good[2], image=str(tmp_path / "nope.png"))
+    not_video = {k: v for k, v in good[3].items() if k != "image"}
+    not_video["video"] = str(tmp_path / "notvideo.mp4")
+    lines = [json.dumps(good[0]), '{"prompt": "truncated", "respo', json.dumps(bad_rank), json.dumps(missing),
+             json.dumps(not_video), json.dumps(good[0])]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    model = build_model(TrainConfig(head_hidden=16))
+    with pytest.raises(SystemExit, match="4 bad sample"):
+        prepare(model, [str(path)], None, skip_bad=False)
+    report = capsys.readouterr().out
+    for line_no in (2, 3, 4, 5):
+        assert f"mixed.jsonl:{line_no}" in report
+    assert "mixed.jsonl:1" not in report and "mixed.jsonl:6" not in report
+    assert "2 rankings for 4 responses" in report and "invalid JSON" in report
+    per_file, bad = prepare(model, [str(path)], None, skip_bad=True)
+    assert len(per_file[0]) == 2 and len(bad) == 4
+
+
+def _run(args, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.Popen([sys.executable, "-m", "mrrm.train"] + args, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_exact_resume_after_sigkill(tmp_path, colour_data):
+    common = ["--data", colour_data, "--max-steps", "40", "--save-every", "5", "--keep-last", "3"] + SMALL
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _run(common + ["--output-dir", a]).wait(timeout=300) == 0
+    proc = _run(common + ["--output-dir", b])
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(b, "checkpoints", "step-00000010")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted(os.listdir(os.path.join(b, "checkpoints")))
+    assert ckpts and not os.path.exists(os.path.join(b, "model")), "the run finished before the kill"
+    assert _run(common + ["--output-dir", b]).wait(timeout=300) == 0
+    sa = torch.load(os.path.join(a, "checkpoints", "step-00000040", "state.pt"), weights_only=False)
+    sb = torch.load(os.path.join(b, "checkpoints", "step-00000040", "state.pt"), weights_only=False)
+    assert sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    # keep-last: only the newest 3 checkpoints remain
+    assert len(os.listdir(os.path.join(b, "checkpoints"))) <= 3
+
+
+def test_two_gloo_processes_match_one(tmp_path, colour_data):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    common = ["--data", colour_data, "--max-steps", "5", "--log-every", "1"] + SMALL
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert _run(common + ["--output-dir", one]).wait(timeout=300) == 0
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "mrrm.train"] + common + ["--output-dir", two],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    l1, l2 = _log(one), _log(two)
+    assert len(l1) == len(l2) == 5
+    for x, y in zip(l1, l2):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
+    assert l1[-1]["loss"] < l1[0]["loss"]
