@@ -89,10 +89,11 @@ class ModelInputs:
                            mv(self.image_grid_thw), mv(self.pixel_values_videos, True), mv(self.video_grid_thw))
 
 
-def _as_list(x):
+def _as_list(x, frames_ok=False):
+    """One media source or a list of them. With frames_ok (videos), a list of frames is one video."""
     if x is None:
         return []
-    return list(x) if isinstance(x, (list, tuple)) and not _is_frame_list(x) else [x]
+    return list(x) if isinstance(x, (list, tuple)) and not (frames_ok and _is_frame_list(x)) else [x]
 
 
 def _is_frame_list(x):
@@ -166,7 +167,7 @@ class Encoder:
             if not isinstance(r, str):
                 raise SampleError(index, f"response {i} is a {type(r).__name__}, not a string", sid)
         images = _as_list(sample.get("images", sample.get("image")))
-        videos = _as_list(sample.get("videos", sample.get("video")))
+        videos = _as_list(sample.get("videos", sample.get("video")), frames_ok=True)
         if (images or videos) and self.processor is None:
             raise SampleError(index, "this backbone is text-only; the sample has an image or video", sid)
         pil_images = [media.load_image(im, base_dir=self.media_base_dir) for im in images]

@@ -386,7 +386,11 @@ def ensure_separator_token(tokenizer, backbone=None) -> bool:
         return False
     tokenizer.add_special_tokens({"additional_special_tokens": [RESP_SEP]})
     if backbone is not None:
-        backbone.resize_token_embeddings(len(tokenizer))
+        old = backbone.get_input_embeddings().weight.shape[0]
+        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        emb = backbone.get_input_embeddings().weight
+        with torch.no_grad():  # deterministic: the new rows start at the mean of the old ones
+            emb[old:] = emb[:old].mean(0, keepdim=True)
     return True
 
 
