@@ -163,6 +163,19 @@ def text_hidden_size(backbone) -> int:
     return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
 
 
+def _media_kwargs(inputs: ModelInputs, shape_types) -> dict:
+    """The backbone's media keyword arguments; `shape_types` lays out mm_token_type_ids [T] like
+    the input ids (one packed row, or the padded rows)."""
+    media = {}
+    if inputs.pixel_values is not None:
+        media.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
+    if inputs.pixel_values_videos is not None:
+        media.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
+    if media:
+        media["mm_token_type_ids"] = shape_types(inputs.mm_token_type_ids)
+    return media
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone, tokenizer, processor=None, config: RewardModelConfig | None = None,
                  value_head: nn.Sequential | None = None, media_base_dir=None, packed: bool | None = None):
@@ -221,13 +234,7 @@ class RewardModel(nn.Module):
         pos = pb.position_ids
         if pos.dim() == 1:
             pos = pos[None].expand(3, -1)
-        media = {}
-        if inputs.pixel_values is not None:
-            media.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
-        if inputs.pixel_values_videos is not None:
-            media.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
-        if media:
-            media["mm_token_type_ids"] = inputs.mm_token_type_ids[None]
+        media = _media_kwargs(inputs, lambda types: types[None])
         out = self.backbone(input_ids=pb.input_ids[None], position_ids=pos[:, None, :], attention_mask=None,
                             use_cache=False, mrrm_varlen=meta, **media)
         return out.last_hidden_state[0]
@@ -249,14 +256,7 @@ class RewardModel(nn.Module):
         ids = pb.input_ids.new_full((S, L), pad_id).index_put((row, col), pb.input_ids)
         mask = torch.zeros(S, L, dtype=torch.long, device=ids.device).index_put(
             (row, col), torch.ones_like(pb.input_ids))
-        media = {}
-        if inputs.pixel_values is not None:
-            media.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
-        if inputs.pixel_values_videos is not None:
-            media.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
-        if media:
-            media["mm_token_type_ids"] = inputs.mm_token_type_ids.new_zeros(S, L).index_put(
-                (row, col), inputs.mm_token_type_ids)
+        media = _media_kwargs(inputs, lambda types: types.new_zeros(S, L).index_put((row, col), types))
         out = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, **media)
         return out.last_hidden_state[row, col]
 
