@@ -96,8 +96,17 @@ def iter_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
 
         for i, rec in enumerate(pq.read_table(path).to_pylist()):
             yield f"{name}[{i}]", normalize(rec), None
+    elif not os.path.exists(path) and "/" in path and not path.startswith((".", "/")):
+        # a Hugging Face dataset id ("org/name" or "org/name:split"), where the user has network
+        try:
+            import datasets
+        except ImportError as e:
+            raise ValueError(f"{path}: not a local file; loading a hub dataset needs `pip install datasets`") from e
+        name_, _, split = path.partition(":")
+        for i, rec in enumerate(datasets.load_dataset(name_, split=split or "train")):
+            yield f"{name_}[{i}]", normalize(dict(rec)), None
     else:
-        raise ValueError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")
+        raise ValueError(f"{path}: unknown data format (expected .jsonl, .json, .parquet or a hub dataset id)")
 
 
 def load_records(path: str) -> tuple[list[dict], list[str], list[BadRecord]]:

@@ -62,7 +62,7 @@ def build_tokenizer(vocab_size: int = 512):
 
 def build_config(family: str = "qwen2_vl", *, vocab_size: int = 512, hidden_size: int = 64, layers: int = 2,
                  heads: int = 4, kv_heads: int = 2, vision_width: int = 32, vision_depth: int = 2,
-                 patch_size: int = 8, initializer_range: float = 0.02, tokenizer=None):
+                 patch_size: int = 8, initializer_range: float = 0.02, rope_theta: float = 10000.0, tokenizer=None):
     """A tiny backbone config of `family`; token ids taken from `tokenizer` (default: build_tokenizer())."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
@@ -71,9 +71,9 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 512, hidden_size
     tok = tokenizer or build_tokenizer(vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = hidden_size // heads
-    half = head_dim // 2  # mrope sections must sum to head_dim / 2
+    half = head_dim // 2  # mrope sections (t, h, w) must sum to head_dim / 2
     section = [half - 2 * (half // 3), half // 3, half // 3]
-    rope = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
+    rope = {"rope_type": "default", "mrope_section": section, "rope_theta": rope_theta}
     text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=8192, rope_parameters=rope, initializer_range=initializer_range,
@@ -103,7 +103,7 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 512, hidden_size
 
 
 def build_processors(family: str = "qwen2_vl", *, patch_size: int = 8, image_pixels: int = 64 * 64,
-                     video_pixels: int = 32 * 32):
+                     video_pixels: int = 64 * 64):
     """(image_processor, video_processor) of `family` sized for tiny models: a 64x64 image with
     patch 8 and merge 2 becomes 16 tokens."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor

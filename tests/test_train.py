@@ -17,7 +17,7 @@ from mrrm import tiny
 from mrrm.train import TrainConfig, build_model, listwise_loss, parse_args, prepare, train
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (230, 230, 30)}
-SMALL = ["--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3"]
+SMALL = ["--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "0"]
 
 
 def _write_colour_task(d, n=32, seed=0):
@@ -165,3 +165,18 @@ def test_two_gloo_processes_match_one(tmp_path, colour_data):
     for x, y in zip(l1, l2):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
     assert l1[-1]["loss"] < l1[0]["loss"]
+
+
+def test_demo_task_needs_the_pixels(tmp_path):
+    """The same short run learns the colour family with the images and stays near chance without."""
+    from mrrm import demo
+
+    train_path = str(demo.generate(800, 11, str(tmp_path / "train"), families=["colour"]))
+    eval_path = str(demo.generate(200, 12, str(tmp_path / "eval"), families=["colour"]))
+    common = ["--data", train_path, "--eval-data", eval_path, "--max-steps", "300", "--lr", "5e-4", "--warmup-steps", "0",
+              "--head-hidden", "64"]
+    with_media = train(parse_args(common + ["--output-dir", str(tmp_path / "media")]))["eval"]
+    control = train(parse_args(common + ["--drop-media", "--output-dir", str(tmp_path / "control")]))["eval"]
+    assert with_media["per_family"]["colour"] >= 0.8, with_media
+    assert control["best_of_n"] <= 0.40, control
+    assert with_media["best_of_n"] >= control["best_of_n"] + 0.2

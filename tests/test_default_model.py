@@ -1,0 +1,27 @@
+"""The shipped default model (mrrm/default_model) on a fresh, unseen seed of the demo task."""
+import json
+import os
+
+import mrrm
+from mrrm import demo
+from mrrm.api import DEFAULT_MODEL_DIR
+
+
+def test_shipped_default_model_on_a_fresh_seed(tmp_path):
+    assert os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "mrrm_config.json"))
+    path = demo.generate(200, 424242, str(tmp_path / "fresh"))
+    samples = [json.loads(line) for line in open(path)]
+    model = mrrm.load()
+    model.encoder.media_base_dir = os.path.dirname(str(path))
+    try:
+        scores = model.score(samples)
+    finally:
+        model.encoder.media_base_dir = None
+    hits = {}
+    for s, sc in zip(samples, scores):
+        top = max(range(len(sc)), key=sc.__getitem__)
+        hits.setdefault(s["family"], []).append(s["rankings"][top] == 1)
+    overall = sum(sum(v) for v in hits.values()) / len(samples)
+    assert overall >= 0.90, (overall, {k: sum(v) / len(v) for k, v in hits.items()})
+    for fam, v in hits.items():
+        assert sum(v) / len(v) >= 0.80, (fam, sum(v) / len(v))
