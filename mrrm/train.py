@@ -491,6 +491,10 @@ def train(cfg: TrainConfig) -> dict:
             json.dump(summary, fh, indent=2)
         log(f"done: {step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
     accel.wait_for_everyone()
+    # tear the process group down before exit: gloo's threads otherwise abort the interpreter at exit
+    # ("terminate called without an active exception") and torchrun reports a failed rank
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return summary
 
 
