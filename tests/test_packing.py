@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mrrm import ops, reference
@@ -337,6 +337,10 @@ def test_equivalence_is_not_vacuous(case):
     layouts, _, score_at = case
     if all(len(l.response_ids) == 1 for l in layouts):
         return
+    # a sample made of one repeated token id gives every token the same q/k/v: joint and
+    # independent then agree up to rounding, so such inputs cannot show the difference
+    assume(any(len(set(l.prefix_ids + sum(l.response_ids, []) + l.separator_ids)) > 1
+                          for l in layouts if len(l.response_ids) > 1))
     ind = pack(layouts, "independent", score_at=score_at)
     joint = pack(layouts, "joint", score_at=score_at)
     sgl = pack(layouts, "single", score_at=score_at)
