@@ -92,9 +92,14 @@ def iter_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
             else:
                 yield where, None, f"a record must be a JSON object, got {type(rec).__name__}"
     elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # a dependency of `datasets`
+        import pyarrow.parquet as pq  # installed with the `model` extra (and by `datasets`)
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # ArrowInvalid / OSError: a truncated or foreign file
+            yield name, None, f"unreadable parquet file ({type(e).__name__}: {e})"
+            return
+        for i, rec in enumerate(table.to_pylist()):
             yield f"{name}[{i}]", normalize(rec), None
     elif not os.path.exists(path) and "/" in path and not path.startswith((".", "/")):
         # a Hugging Face dataset id ("org/name" or "org/name:split"), where the user has network

@@ -176,6 +176,22 @@ def _media_kwargs(inputs: ModelInputs, shape_types) -> dict:
     return media
 
 
+def padded_batch(inputs: ModelInputs, pad_id: int) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """Cut a packed stream back into a right-padded batch, one row per sequence: the keyword
+    arguments of a padded forward (input_ids [S, L], attention_mask, media) and (row, col) with
+    padded[row, col] = packed[t] for every packed token t. Used by the generic padded path and by
+    bench_perf's published-code baseline."""
+    pb = inputs.packed
+    lengths = (pb.cu_seqlens[1:] - pb.cu_seqlens[:-1]).long()
+    S, L = lengths.numel(), int(lengths.max())
+    row = torch.repeat_interleave(torch.arange(S, device=lengths.device), lengths)
+    col = torch.arange(pb.num_tokens, device=lengths.device) - pb.cu_seqlens[:-1].long()[row]
+    ids = pb.input_ids.new_full((S, L), pad_id).index_put((row, col), pb.input_ids)
+    mask = torch.zeros(S, L, dtype=torch.long, device=ids.device).index_put((row, col), torch.ones_like(pb.input_ids))
+    media = _media_kwargs(inputs, lambda types: types.new_zeros(S, L).index_put((row, col), types))
+    return dict(input_ids=ids, attention_mask=mask, **media), (row, col)
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone, tokenizer, processor=None, config: RewardModelConfig | None = None,
                  value_head: nn.Sequential | None = None, media_base_dir=None, packed: bool | None = None):
@@ -244,20 +260,12 @@ class RewardModel(nn.Module):
         stream is cut back into a right-padded batch, one row per sequence, and run with an attention
         mask; the model computes its own positions. Still one pass for a sample's N responses in
         joint mode. Returns [T, H] in the packed order, so the head and the loss are shared."""
-        pb = inputs.packed
-        if pb.mask == "shared_prefix":
+        if inputs.packed.mask == "shared_prefix":
             raise ValueError(f"mode 'independent' needs the packed path (backbones {PACKED_VL_TYPES} or "
                              "text LMs using transformers' attention interface); this backbone runs padded")
-        lengths = (pb.cu_seqlens[1:] - pb.cu_seqlens[:-1]).long()
-        S, L = lengths.numel(), int(lengths.max())
-        row = torch.repeat_interleave(torch.arange(S, device=lengths.device), lengths)
-        col = torch.arange(pb.num_tokens, device=lengths.device) - pb.cu_seqlens[:-1].long()[row]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = pb.input_ids.new_full((S, L), pad_id).index_put((row, col), pb.input_ids)
-        mask = torch.zeros(S, L, dtype=torch.long, device=ids.device).index_put(
-            (row, col), torch.ones_like(pb.input_ids))
-        media = _media_kwargs(inputs, lambda types: types.new_zeros(S, L).index_put((row, col), types))
-        out = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, **media)
+        kwargs, (row, col) = padded_batch(inputs, pad_id)
+        out = self.backbone(use_cache=False, **kwargs)
         return out.last_hidden_state[row, col]
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:

@@ -180,3 +180,28 @@ def test_demo_task_needs_the_pixels(tmp_path):
     assert with_media["per_family"]["colour"] >= 0.8, with_media
     assert control["best_of_n"] <= 0.40, control
     assert with_media["best_of_n"] >= control["best_of_n"] + 0.2
+
+
+def test_parquet_data_trains_and_bad_parquet_is_reported(tmp_path, colour_data, capsys):
+    """A parquet file in the Hugging Face layout (images as {"bytes", "path"} structs) trains like the
+    JSONL it came from; a truncated parquet file is a validation error naming the file, not a crash."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = os.path.dirname(colour_data)
+    rows = [json.loads(x) for x in open(colour_data)]
+    for r in rows:
+        with open(os.path.join(d, r["image"]), "rb") as f:
+            r["image"] = {"bytes": f.read(), "path": None}
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = str(tmp_path / "out")
+    train(parse_args(["--data", path, "--max-steps", "3", "--output-dir", out] + SMALL))
+    assert len(_log(out)) >= 1 and os.path.exists(os.path.join(out, "model", "mrrm_config.json"))
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(open(path, "rb").read()[:200])
+    model = build_model(TrainConfig(head_hidden=16))
+    per_file, bad = prepare(model, [str(broken), path], None, skip_bad=True)
+    assert len(bad) == 1 and "broken.parquet" in str(bad[0]) and "unreadable parquet" in bad[0].reason
+    assert len(per_file[1]) == len(rows)
