@@ -1,6 +1,6 @@
 """Print the GPU benchmark table from a pytest-benchmark JSON file (written by gpu_check.sh).
 
-    python -m bench_perf.gpu_summary bench.json [--card NAME] > table.md
+    python -m bench_perf.gpu_summary bench.json [more.json ...] [--card NAME] > table.md
 Ratios are between implementations measured in the same run (medians of triton's do_bench).
 """
 import argparse
@@ -10,11 +10,13 @@ from collections import defaultdict
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("json_file")
+    ap.add_argument("json_files", nargs="+")
     ap.add_argument("--card", default="")
     args = ap.parse_args(argv)
-    data = json.load(open(args.json_file))
-    rows = [b["extra_info"] for b in data["benchmarks"] if "do_bench_median_ms" in b["extra_info"]]
+    rows = []
+    for path in args.json_files:
+        with open(path) as f:
+            rows += [b["extra_info"] for b in json.load(f)["benchmarks"] if "do_bench_median_ms" in b["extra_info"]]
     print(f"### GPU kernels {args.card}\n")
     attn = defaultdict(dict)
     for r in rows:
