@@ -43,6 +43,8 @@ import sys
 import time
 from typing import IO, Any
 
+from ._io import append_durable, cut_torn_tail
+
 try:
     from tqdm import tqdm
 except ImportError:  # tqdm comes with mrrm[model]; without it a plain periodic line is printed
@@ -108,39 +110,6 @@ def _count_lines(path: str) -> int:
     return count + (last != b"\n")
 
 
-def _cut_torn_tail(path: str) -> int:
-    """Truncate a file we append to after its last newline (a write cut short by a kill leaves a
-    line without one). Returns the number of bytes removed."""
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        keep, pos = 0, size
-        while pos > 0:
-            step = min(1 << 16, pos)
-            pos -= step
-            f.seek(pos)
-            i = f.read(step).rfind(b"\n")
-            if i >= 0:
-                keep = pos + i + 1
-                break
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    return size - keep
-
-
-def _append(f: IO[bytes], lines: list[bytes]) -> None:
-    """One chunk, made durable before the next is read."""
-    if lines:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _dumps(obj) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -154,7 +123,7 @@ def _read_error_lines(path: str) -> set[int]:
     """The input line numbers recorded in an errors file (a torn last line is cut off first)."""
     if not os.path.exists(path):
         return set()
-    cut = _cut_torn_tail(path)
+    cut = cut_torn_tail(path)
     if cut:
         _log(f"dropped a torn last line ({cut} bytes) of {path}: a write cut short")
     done = set()
@@ -319,8 +288,8 @@ class _Run:
         errors.sort(key=lambda e: e[0])
         for lineno, sid, reason in errors:
             self.progress.write(f"{self.data_path}:{lineno}: " + (f"[id={sid!r}] " if sid is not None else "") + reason)
-        _append(self.err_f, [_dumps({"line": lineno, "id": sid, "error": reason}) for lineno, sid, reason in errors])
-        _append(self.out_f, out_lines)
+        append_durable(self.err_f, [_dumps({"line": lineno, "id": sid, "error": reason}) for lineno, sid, reason in errors])
+        append_durable(self.out_f, out_lines)
         self.scored += len(out_lines)
         self.bad += len(errors)
         self.progress.update(self.lines_since_update, self.scored, self.bad)
@@ -391,7 +360,7 @@ def _main(args) -> int:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     resuming = os.path.exists(out) and not args.overwrite
     if resuming:
-        cut = _cut_torn_tail(out)
+        cut = cut_torn_tail(out)
         if cut:
             _log(f"dropped a torn last line ({cut} bytes) of {out}: a write cut short; its sample is scored again")
         done_errors = _read_error_lines(errors_path)

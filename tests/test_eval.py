@@ -1,0 +1,457 @@
+"""mrrm.eval: every benchmark read from fixture files in its published field layout (parquet with image
+bytes, JSON, JSONL, a small mp4), scored by a scorer with known scores, metrics checked against values
+computed by hand; malformed rows reported by id; protocols, order sensitivity, resume; one end-to-end
+run with the built-in tiny model."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mrrm import eval as mev
+from mrrm import media
+from mrrm.encoding import BatchError, SampleError
+
+from model_fixtures import write_mp4
+
+SCORE = re.compile(r"\[s=(-?[0-9.]+)\]")
+
+
+class KnownScorer:
+    """mrrm.score's contract with known scores: a response "... [s=0.7]" scores 0.7, plus `first_bonus`
+    for the response in the first position. Media are decoded with mrrm.media, and unreadable ones are
+    rejected with a BatchError naming the sample, as the model does."""
+
+    def __init__(self, first_bonus=0.0, table=None):
+        self.first_bonus, self.table = first_bonus, table or {}
+        self.calls = []   # one list of (id, responses) per call
+
+    def __call__(self, batch):
+        errors = []
+        for i, s in enumerate(batch):
+            try:
+                for im in ([s["image"]] if "image" in s else []) + list(s.get("images", [])):
+                    media.load_image(im)
+                if "video" in s:
+                    media.load_video(s["video"])
+            except media.MediaError as e:
+                errors.append(SampleError(i, str(e), s.get("id")))
+        if errors:
+            raise BatchError(errors)
+        self.calls.append([(s["id"], tuple(s["responses"])) for s in batch])
+        out = []
+        for s in batch:
+            key = tuple(s["responses"])
+            if key in self.table:
+                out.append(list(self.table[key]))
+                continue
+            out.append([float(SCORE.search(r).group(1)) + (self.first_bonus if p == 0 else 0.0)
+                        for p, r in enumerate(s["responses"])])
+        return out
+
+    @property
+    def samples(self):
+        return [x for call in self.calls for x in call]
+
+
+def png_bytes(colour=(200, 30, 30), size=(24, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def r(text, s):
+    return f"{text} [s={s}]"
+
+
+def run(bench, path, tmp_path, scorer=None, **kw):
+    kw.setdefault("progress", False)
+    return mev.run(bench, str(path), scorer if scorer is not None else KnownScorer(), out=str(tmp_path / "out"), **kw)
+
+
+def skipped_ids(result):
+    return {row["id"]: row["reason"] for row in result["skipped_rows"]}
+
+
+# -- VL-RewardBench: parquet with image bytes ---------------------------------------------------------
+def write_vlrb(path: Path):
+    img = {"bytes": png_bytes(), "path": "a.png"}
+    rows = [
+        # id, query_source, responses, human_ranking   (0 = preferred)
+        ("wildvision_1", "wildvision-battle", [r("good", 0.9), r("bad", 0.1)], [0, 1], img),   # correct
+        ("povid_2", "povid", [r("bad", 0.2), r("good", 0.6)], [1, 0], img),                   # correct
+        ("RLAIF-V_3", "RLAIF-V", [r("good", 0.3), r("bad", 0.4)], [0, 1], img),               # wrong
+        ("mathverse_4", "mathverse", [r("bad", 0.0), r("good", 0.5)], [1, 0], img),          # correct
+        ("rlhf-v_5", "rlhf-v", [r("x", 0.5), r("y", 0.5)], [0, 1], img),                     # tied scores: wrong
+        ("bad_rank", "povid", [r("a", 0.1), r("b", 0.2)], [0, 2], img),                      # label out of range
+        ("tie_rank", "povid", [r("a", 0.1), r("b", 0.2)], [1, 1], img),                      # tied human label
+        ("bad_img", "wildvision", [r("a", 0.9), r("b", 0.2)], [0, 1],
+         {"bytes": b"not an image at all", "path": "x.png"}),                               # unreadable image
+    ]
+    # a ninth row lacks its query
+    table = pa.table({
+        "id": [x[0] for x in rows] + ["no_query"],
+        "query": ["What is shown?"] * len(rows) + [None],
+        "response": [x[2] for x in rows] + [[r("a", 0.1), r("b", 0.2)]],
+        "image": [x[4] for x in rows] + [img],
+        "human_ranking": [x[3] for x in rows] + [[0, 1]],
+        "query_source": [x[1] for x in rows] + ["povid"],
+    })
+    assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(table, path)
+
+
+def test_vl_rewardbench_parquet(tmp_path):
+    path = tmp_path / "test-00000-of-00001.parquet"
+    write_vlrb(path)
+    res = run("vl-rewardbench", path, tmp_path)
+    # evaluated: 5 rows; correct: wildvision_1, povid_2, mathverse_4
+    assert res["rows"] == 9 and res["evaluated"] == 5 and res["skipped"] == 4
+    assert res["metrics"]["accuracy"] == pytest.approx(3 / 5)
+    cats = res["categories"]
+    assert cats["general"] == {"n": 1, "accuracy": 1.0}
+    assert cats["hallucination"] == {"n": 3, "accuracy": pytest.approx(1 / 3)}   # povid ok, rlaif wrong, tie wrong
+    assert cats["reasoning"] == {"n": 1, "accuracy": 1.0}
+    assert res["metrics"]["macro_accuracy"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    bad = skipped_ids(res)
+    assert "human_ranking" in bad["bad_rank"] and "tied human label" in bad["tie_rank"]
+    assert "missing field 'query'" in bad["no_query"]
+    assert "bad_img" in bad and "image" in bad["bad_img"].lower()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Skipped rows (4)" in report and "bad_img" in report and "| hallucination | 3 |" in report
+    png = (tmp_path / "out" / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["metrics"] == json.loads(json.dumps(res["metrics"]))
+    preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["correct"] for p in preds] == [True, True, False, True, False]
+
+
+# -- Multimodal RewardBench: a JSON list with image paths --------------------------------------------
+def test_multimodal_rewardbench_json(tmp_path):
+    (tmp_path / "images" / "nocaps").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (0, 90, 200)).save(tmp_path / "images" / "nocaps" / "1.jpg")
+    im = "images/nocaps/1.jpg"
+    rows = [
+        {"ID": "nocaps_1", "Text": "Caption it.", "Image": im, "Output1": r("a", 0.8), "Output2": r("b", 0.2),
+         "Better": "Output1", "Category": "open_generation/correctness_task"},                     # correct
+        {"ID": "nocaps_2", "Text": "Caption it.", "Image": im, "Output1": r("a", 0.8), "Output2": r("b", 0.9),
+         "Better": "Output1", "Category": "open_generation/correctness_task"},                     # wrong
+        {"ID": "pairs_3", "Text": "Who?", "Image": im, "Output1": r("a", 0.1), "Output2": r("b", 0.3),
+         "Better": "Output2", "Category": "safety"},                                              # bias, correct
+        {"ID": "hateful_4", "Text": "Is it ok?", "Image": im, "Output1": r("a", 0.7), "Output2": r("b", 0.3),
+         "Better": "Output2", "Category": "safety"},                                              # toxicity, wrong
+        {"ID": "mathvista_5", "Text": "Solve.", "Image": im, "Output1": r("a", 0.1), "Output2": r("b", 0.0),
+         "Better": "Output1", "Category": "reasoning"},                                           # math, correct
+        {"ID": "emma_6", "Text": "Code?", "Image": im, "Output1": r("a", 0.1), "Output2": r("b", 0.9),
+         "Better": "Output2", "Category": "reasoning"},                                           # coding, correct
+        {"ID": "bad_better", "Text": "x", "Image": im, "Output1": r("a", 0.1), "Output2": r("b", 0.9),
+         "Better": "Output3", "Category": "vqa"},
+        {"ID": "no_cat", "Text": "x", "Image": im, "Output1": r("a", 0.1), "Output2": r("b", 0.9),
+         "Better": "Output2"},
+        {"ID": "missing_file", "Text": "x", "Image": "images/nocaps/404.jpg", "Output1": r("a", 0.1),
+         "Output2": r("b", 0.9), "Better": "Output2", "Category": "vqa"},
+    ]
+    path = tmp_path / "all_data.json"
+    path.write_text(json.dumps(rows))
+    res = run("multimodal-rewardbench", path, tmp_path)
+    assert res["evaluated"] == 6 and res["skipped"] == 3
+    assert res["metrics"]["accuracy"] == pytest.approx(4 / 6)
+    assert {c: d["accuracy"] for c, d in res["categories"].items()} == {
+        "open_generation/correctness_task": 0.5, "reasoning/coding": 1.0, "reasoning/math": 1.0,
+        "safety/bias": 1.0, "safety/toxicity": 0.0}
+    bad = skipped_ids(res)
+    assert "'Better' must be 'Output1' or 'Output2'" in bad["bad_better"]
+    assert "missing field 'Category'" in bad["no_cat"]
+    assert "not found" in bad["missing_file"]
+
+
+# -- MM-RLHF-RewardBench: JSONL, chosen/rejected, Acc+ ------------------------------------------------
+def test_mm_rlhf_rewardbench_acc_plus(tmp_path):
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(tmp_path / "g.png")
+    write_mp4(tmp_path / "clip.mp4")
+    rows = [
+        {"id": "g1", "prompt": "p", "image": "g.png", "chosen": r("c", 0.9), "rejected": r("r", 0.1)},   # ok
+        {"id": "g1", "prompt": "p", "image": "g.png", "chosen": r("c2", 0.8), "rejected": r("r2", 0.3)},  # ok
+        {"id": "g2", "prompt": "p", "image": "g.png", "chosen": r("c", 0.9), "rejected": r("r", 0.1)},   # ok
+        {"id": "g2", "prompt": "p", "image": "g.png", "chosen": r("c2", 0.2), "rejected": r("r2", 0.3)},  # wrong
+        {"id": "g3", "prompt": "p", "video": "clip.mp4", "chosen": r("c", 0.6), "rejected": r("r", 0.4)},  # ok
+        {"id": "g4", "prompt": "p", "image": "g.png", "chosen": r("c", 0.6)},                           # no rejected
+    ]
+    path = tmp_path / "mm_reward_bench.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows) + "{broken json\n")
+    scorer = KnownScorer()
+    res = run("mm-rlhf-rewardbench", path, tmp_path, scorer=scorer)
+    assert res["evaluated"] == 5 and res["skipped"] == 2
+    assert res["metrics"]["accuracy"] == pytest.approx(4 / 5)
+    assert res["metrics"]["acc_plus"] == pytest.approx(2 / 3) and res["metrics"]["acc_plus_groups"] == 3
+    bad = skipped_ids(res)
+    assert "missing field 'rejected'" in bad["g4"] and "invalid JSON" in bad[None]
+    # chosen/rejected are shown in a seeded order per row: both orders occur, and the seed changes them
+    firsts = [resp[0] for _, resp in scorer.samples]
+    assert any(f.startswith("c") for f in firsts) and any(f.startswith("r") for f in firsts)
+    res2 = mev.run("mm-rlhf-rewardbench", str(path), KnownScorer(), progress=False, seed=1)
+    assert res2["metrics"]["accuracy"] == res["metrics"]["accuracy"]  # an order-free scorer: same result
+
+
+# -- VideoRewardBench: JSONL with a real mp4 ---------------------------------------------------------
+def test_videorewardbench_macro(tmp_path):
+    write_mp4(tmp_path / "v.mp4")
+    rows = [
+        {"video": "v.mp4", "prompt": "What happens?", "chosen": r("c", 0.7), "rejected": r("r", 0.2),
+         "dimension": "long-form perception"},                                                   # ok
+        {"video": "v.mp4", "prompt": "What happens?", "chosen": r("c", 0.1), "rejected": r("r", 0.2),
+         "dimension": "long-form perception"},                                                   # wrong
+        {"video": "v.mp4", "prompt": "Is it safe?", "chosen": r("c", 0.5), "rejected": r("r", 0.2),
+         "dimension": "safety"},                                                                 # ok
+        {"prompt": "no video", "chosen": r("c", 0.5), "rejected": r("r", 0.2), "dimension": "safety"},
+        {"video": "missing.mp4", "prompt": "x", "chosen": r("c", 0.5), "rejected": r("r", 0.2),
+         "dimension": "safety"},
+    ]
+    path = tmp_path / "videorewardbench.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    res = run("videorewardbench", path, tmp_path)
+    assert res["evaluated"] == 3 and res["skipped"] == 2
+    assert res["metrics"]["accuracy"] == pytest.approx(2 / 3)
+    assert res["metrics"]["macro_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    reasons = [row["reason"] for row in res["skipped_rows"]]
+    assert any("missing field 'video'" in x for x in reasons) and any("missing.mp4" in x for x in reasons)
+
+
+# -- MR2Bench: rankings, best-of-N, Kendall tau-b, pairwise accuracy ----------------------------------
+MR2_ROWS = [
+    {"id": "m1", "prompt": "Which colour?", "responses": [r("a", 0.9), r("b", 0.1), r("c", 0.5), r("d", 0.3)],
+     "rankings": [1, 4, 2, 3], "category": "colour"},
+    {"id": "m2", "prompt": "Which shape?", "responses": [r("a", 0.2), r("b", 0.8), r("c", 0.6), r("d", 0.4)],
+     "rankings": [1, 2, 2, 4], "category": "shape"},
+    {"id": "m3", "prompt": "x", "responses": [r("a", 0.2), r("b", 0.8)], "rankings": [0, 1], "category": "shape"},
+    {"id": "m4", "prompt": "x", "responses": [r("a", 0.2), r("b", 0.8)], "rankings": [1, 2, 3], "category": "shape"},
+]
+
+
+def write_mr2_image(tmp_path) -> Path:
+    Image.new("RGB", (16, 16), (200, 200, 0)).save(tmp_path / "img.png")
+    rows = [{**row, "image": "img.png"} for row in MR2_ROWS]
+    path = tmp_path / "mr2bench_image.json"
+    path.write_text(json.dumps({"ranking_data": rows}))
+    return path
+
+
+def test_mr2bench_image_metrics_by_hand(tmp_path):
+    res = run("mr2bench-image", write_mr2_image(tmp_path), tmp_path)
+    assert res["evaluated"] == 2 and res["skipped"] == 2
+    m = res["metrics"]
+    # m1: order matches exactly (tau 1, pairs 5/5... all 6 pairs ordered right); m2: top is rank 2 -> wrong;
+    # tau-b of m2 by hand: C=2, D=3, ties in human ranks 1 -> (2-3)/sqrt(5*6); pairs 2/5
+    tau2 = -1 / math.sqrt(30)
+    assert m["best_of_n"] == 0.5
+    assert m["kendall_tau"] == pytest.approx((1 + tau2) / 2)
+    assert m["pairwise_accuracy"] == pytest.approx((1 + 0.4) / 2)
+    assert res["categories"]["shape"]["kendall_tau"] == pytest.approx(tau2)
+    bad = skipped_ids(res)
+    assert "rankings must be >= 1" in bad["m3"] and "3 rankings for 2 responses" in bad["m4"]
+
+
+def test_kendall_tau_b_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(2, 9))
+        x, y = rng.integers(0, 4, n).tolist(), rng.integers(0, 4, n).tolist()
+        ours = mev.kendall_tau_b(x, y)
+        ref = scipy_stats.kendalltau(x, y).statistic
+        if ours is None:
+            assert math.isnan(ref)
+        else:
+            assert ours == pytest.approx(ref)
+
+
+def test_mr2bench_video_jsonl(tmp_path):
+    write_mp4(tmp_path / "v.mp4")
+    rows = [{"id": "v1", "prompt": "Which way does it move?", "video": "v.mp4",
+             "responses": [r("up", 0.1), r("down", 0.7), r("left", 0.3)], "rankings": [3, 1, 2]},
+            {"id": "v2", "prompt": "x", "responses": [r("up", 0.1), r("down", 0.7)], "rankings": [1, 2]}]
+    path = tmp_path / "mr2bench_video.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    res = run("mr2bench-video", path, tmp_path)
+    assert res["evaluated"] == 1 and skipped_ids(res) == {"v2": "missing field 'video'"}
+    assert res["metrics"]["best_of_n"] == 1.0 and res["metrics"]["kendall_tau"] == pytest.approx(1.0)
+
+
+# -- protocols ----------------------------------------------------------------------------------------
+def test_pairwise_protocol_passes_and_tie_rule(tmp_path):
+    # a cycle: A beats B by 1, B beats C by 1, C beats A by 2 -> one win each; margins A -1, B 0, C +1 -> C
+    table = {("A", "B"): (1.0, 0.0), ("B", "C"): (1.0, 0.0), ("A", "C"): (0.0, 2.0),
+             ("P", "Q"): (0.5, 0.5), ("P", "R"): (0.5, 0.5), ("Q", "R"): (0.5, 0.5)}
+    rows = [{"id": "cyc", "prompt": "x", "image": "i.png", "responses": ["A", "B", "C"], "rankings": [2, 3, 1]},
+            {"id": "flat", "prompt": "x", "image": "i.png", "responses": ["P", "Q", "R"], "rankings": [1, 2, 3]}]
+    Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    scorer = KnownScorer(table=table)
+    res = mev.run("mr2bench-image", str(path), scorer, protocol="pairwise", progress=False)
+    # every pair is its own 2-response pass, i < j in the presented order
+    assert sorted(resp for _, resp in scorer.samples) == sorted(table)
+    # cyc: C has the best margin -> correct; flat: every key equal -> tied top -> wrong
+    assert res["metrics"]["best_of_n"] == 0.5
+    assert res["passes"]["needed"] == 6
+
+
+def test_pairwise_vs_direct_with_position_bias(tmp_path):
+    rows = [{"id": "b", "prompt": "x", "image": "i.png",
+             "responses": [r("a", 0.2), r("b", 0.8), r("c", 0.6), r("d", 0.4)], "rankings": [4, 1, 2, 3]}]
+    Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    # +0.7 to the first position: direct in the given order picks a (0.9 > 0.8): wrong
+    direct = mev.run("mr2bench-image", str(path), KnownScorer(first_bonus=0.7), progress=False)
+    assert direct["metrics"]["best_of_n"] == 0.0
+    # pairwise, one order per pair: the earlier response of each pair gets +0.7: a beats b,c,d ->
+    # wins a3 b2 c1 d0 -> a: wrong; with both orders per pair (permutations=2) the bias cancels -> b: right
+    pw = mev.run("mr2bench-image", str(path), KnownScorer(first_bonus=0.7), protocol="pairwise", progress=False)
+    assert pw["metrics"]["best_of_n"] == 0.0
+    pw2 = mev.run("mr2bench-image", str(path), KnownScorer(first_bonus=0.7), protocol="pairwise",
+                  permutations=2, progress=False)
+    assert pw2["metrics"]["best_of_n"] == 1.0 and pw2["passes"]["needed"] == 12
+    # direct with 4 cyclic orders: every response is first once: the bias cancels too
+    d4 = mev.run("mr2bench-image", str(path), KnownScorer(first_bonus=0.7), permutations=4, progress=False)
+    assert d4["metrics"]["best_of_n"] == 1.0 and d4["metrics"]["kendall_tau"] == pytest.approx(1.0)
+
+
+def test_order_sensitivity_by_hand(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
+    rows = [{"ID": "A", "Text": "x", "Image": "i.png", "Output1": r("x", 0.5), "Output2": r("y", 0.7),
+             "Better": "Output2", "Category": "c"},
+            {"ID": "B", "Text": "x", "Image": "i.png", "Output1": r("x", 0.9), "Output2": r("y", 0.1),
+             "Better": "Output1", "Category": "c"}]
+    path = tmp_path / "all.json"
+    path.write_text(json.dumps(rows))
+    res = run("multimodal-rewardbench", path, tmp_path, scorer=KnownScorer(first_bonus=0.3), order_sensitivity=True)
+    osr = res["order_sensitivity"]
+    # A: original 0.8 vs 0.7 -> x (wrong); reversed: y 1.0 vs x 0.5 -> y (right): flips. B: x both times.
+    assert list(osr["orders"]) == ["original", "reversed"]   # N=2: cyclic1 is the reversed order
+    assert osr["orders"]["original"] == {"n": 2, "accuracy": 0.5, "flip_rate": 0.0}
+    assert osr["orders"]["reversed"] == {"n": 2, "accuracy": 1.0, "flip_rate": 0.5}
+    assert osr["flip_rate_any"] == 0.5 and osr["spread"] == 0.5
+    assert res["metrics"]["accuracy"] == 0.5
+    assert "Order sensitivity" in (tmp_path / "out" / "report.md").read_text()
+    assert set(mev.order_variants(3)) == {"original", "reversed", "cyclic1", "cyclic2"}
+
+
+# -- resume -------------------------------------------------------------------------------------------
+class FailingScorer(KnownScorer):
+    def __init__(self, fail_after):
+        super().__init__()
+        self.fail_after = fail_after
+
+    def __call__(self, batch):
+        if len(self.samples) + len(batch) > self.fail_after:
+            raise RuntimeError("scorer died")
+        return super().__call__(batch)
+
+
+def test_interrupted_run_resumes_without_rescoring(tmp_path):
+    path = write_mr2_image(tmp_path)
+    rows = [{**MR2_ROWS[i % 2], "id": f"m{i}", "image": "img.png"} for i in range(7)]
+    path.write_text(json.dumps({"ranking_data": rows}))
+    with pytest.raises(RuntimeError, match="scorer died"):
+        run("mr2bench-image", path, tmp_path, scorer=FailingScorer(fail_after=4), batch_size=2)
+    cache = (tmp_path / "out" / "cache.jsonl").read_text().splitlines()
+    assert len(cache) == 4   # two finished batches of two
+    # a torn last line (a write cut short by a kill) is dropped and its pass redone
+    with open(tmp_path / "out" / "cache.jsonl", "a") as f:
+        f.write('{"key": "m9@x", "proto')
+    resumed = FailingScorer(fail_after=10**9)   # the same scorer (its class names it in cache_meta.json)
+    res = run("mr2bench-image", path, tmp_path, scorer=resumed, batch_size=2)
+    assert [sid for sid, _ in resumed.samples] == ["m4", "m5", "m6"]
+    assert res["passes"] == {"needed": 7, "scored_now": 3, "from_cache": 4, "cache_entries_at_start": 4}
+    fresh = mev.run("mr2bench-image", str(path), KnownScorer(), progress=False)
+    assert res["metrics"] == fresh["metrics"]
+    # a third run scores nothing
+    again = FailingScorer(fail_after=0)   # would raise if called at all
+    run("mr2bench-image", path, tmp_path, scorer=again)
+    assert again.calls == []
+    # another benchmark, or another scorer, in the same directory is refused
+    with pytest.raises(ValueError, match=r"cache of another run \(differs in \['benchmark'\]"):
+        run("mr2bench-video", path, tmp_path, scorer=FailingScorer(fail_after=0))
+    with pytest.raises(ValueError, match=r"differs in \['scorer'\]"):
+        run("mr2bench-image", path, tmp_path, scorer=KnownScorer())
+
+
+def test_validation_errors(tmp_path):
+    path = write_mr2_image(tmp_path)
+    with pytest.raises(ValueError, match="benchmark must be one of"):
+        mev.run("rewardbench", str(path), KnownScorer())
+    with pytest.raises(ValueError, match="protocol"):
+        mev.run("mr2bench-image", str(path), KnownScorer(), protocol="listwise")
+    with pytest.raises(TypeError, match="unknown option"):
+        mev.run("mr2bench-image", str(path), KnownScorer(), permutation=2)
+    with pytest.raises(ValueError, match="permutations"):
+        mev.run("mr2bench-image", str(path), KnownScorer(), permutations=0)
+    with pytest.raises(TypeError, match="scorer must be callable"):
+        mev.run("mr2bench-image", str(path), scorer=3)
+
+    def short(batch):
+        return [[0.0] for _ in batch]
+    with pytest.raises(RuntimeError, match="returned 1 scores"):
+        mev.run("mr2bench-image", str(path), short, progress=False)
+    res = mev.run("mr2bench-image", str(path), KnownScorer(), limit=1, progress=False)
+    assert res["rows"] == 1 and res["evaluated"] == 1
+
+
+# -- end to end with the built-in tiny model ----------------------------------------------------------
+def test_end_to_end_tiny_model_cli(tmp_path, capsys):
+    import mrrm
+
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    rows = [{"id": f"e{i}", "prompt": "What colour is the square?", "image": "red.png",
+             "responses": ["red", "green", "blue", "yellow"], "rankings": [1, 2, 3, 4]} for i in range(3)]
+    rows.append({"id": "broken", "prompt": "x", "image": "broken.png", "responses": ["a", "b"], "rankings": [1, 2]})
+    path = tmp_path / "mr2.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    out = tmp_path / "e2e"
+    assert mev.main(["--benchmark", "mr2bench-image", "--data", str(path), "--out", str(out), "--device", "cpu",
+                     "--order-sensitivity", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluated"] == 3 and metrics["skipped"] == 1
+    assert metrics["skipped_rows"][0]["id"] == "broken"
+    assert metrics["scorer"] == "mrrm built-in default model"
+    assert set(metrics["order_sensitivity"]["orders"]) == {"original", "reversed", "cyclic1", "cyclic2", "cyclic3"}
+    # the cached scores are the model's own scores of those orders
+    model = mrrm.load(device="cpu")
+    sample = {"prompt": rows[0]["prompt"], "image": str(tmp_path / "red.png"), "responses": rows[0]["responses"]}
+    expected = model.score(sample)[0]
+    cache = [json.loads(x) for x in (out / "cache.jsonl").read_text().splitlines()]
+    first = next(c for c in cache if c["key"].startswith("e0@") and c["order"] == [0, 1, 2, 3])
+    assert first["scores"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    for name in ("report.md", "report.png", "predictions.jsonl", "cache_meta.json"):
+        assert (out / name).exists()
+    assert "mr2bench-image" in capsys.readouterr().out
+
+
+def test_python_m_entry_point_and_empty_run(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_mr2_image(tmp_path)
+    out = tmp_path / "empty"
+    proc = subprocess.run([sys.executable, "-m", "mrrm.eval", "--benchmark", "mr2bench-image", "--data", str(path),
+                           "--limit", "0", "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == 0 and metrics["evaluated"] == 0 and metrics["metrics"]["best_of_n"] is None
+    assert (out / "report.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "mrrm.eval", "--benchmark", "mr2bench-image", "--data",
+                          str(tmp_path / "nope.csv"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown data format" in bad.stderr
