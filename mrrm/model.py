@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+import weakref
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from . import ops
-from .encoding import (BatchError, Encoder, ModelInputs, RESP_SEP, SampleError, attach_media, with_cyclic_orders)
+from .ops._validate import tensor_version
+from .encoding import Encoder, ModelInputs, RESP_SEP, attach_media, with_cyclic_orders
 from .packing import pack_micro_batches
 
 TEXT_ATTENTION = "mrrm_varlen"
@@ -83,6 +84,24 @@ class VarlenMeta:
     segment_ids: torch.Tensor | None = None
 
 
+_LAST_VISION_META = None  # (weakref cu_seqlens, version, VarlenMeta)
+
+
+def _vision_meta(cu: torch.Tensor, max_len) -> VarlenMeta:
+    """The vision tower's packing metadata, built once per forward: every block passes the same
+    cu_seqlens tensor, and reading its longest sequence is a host sync that would otherwise stall
+    the GPU queue once per block."""
+    global _LAST_VISION_META
+    last = _LAST_VISION_META
+    version = tensor_version(cu)
+    if last is not None and last[0]() is cu and last[1] == version:
+        return last[2]
+    max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
+    meta = VarlenMeta(cu.to(torch.int32), max_len, "bidirectional")
+    _LAST_VISION_META = (weakref.ref(cu), version, meta)
+    return meta
+
+
 def mrrm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, Hq, S, D], key/value [1, Hkv, S, D] -> ([1, S, Hq, D], None)."""
     if query.shape[0] != 1:
@@ -94,12 +113,9 @@ def mrrm_attention(module, query, key, value, attention_mask, scaling=None, drop
     if getattr(module, "is_causal", True) is False:  # a vision tower: full attention within each image
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None:
-            cu = torch.tensor([0, S], dtype=torch.int32, device=query.device)
-            max_len = S
+            meta = VarlenMeta(torch.tensor([0, S], dtype=torch.int32, device=query.device), S, "bidirectional")
         else:
-            max_len = kwargs.get("max_length_q")
-            max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
-        meta = VarlenMeta(cu.to(torch.int32), max_len, "bidirectional")
+            meta = _vision_meta(cu, kwargs.get("max_length_q"))
     else:
         meta = kwargs.get("mrrm_varlen")
         if meta is None:
@@ -284,6 +300,14 @@ class RewardModel(nn.Module):
             yield attach_media(pb, [encoded[i] for i in pb.sample_indices],
                                image_pad_id=self.encoder.image_pad_id, video_pad_id=self.encoder.video_pad_id)
 
+    def _check_scoring_args(self, mode, permutations) -> str:
+        mode = mode or self.config.mode
+        if mode not in ("joint", "independent", "single"):
+            raise ValueError(f"mode must be joint, independent or single, got {mode!r}")
+        if not isinstance(permutations, int) or permutations < 1:
+            raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
+        return mode
+
     @torch.no_grad()
     def score(self, batch, *, mode: str | None = None, max_batch_tokens: int | None = None, permutations: int = 1,
               errors: str = "raise") -> list:
@@ -300,12 +324,17 @@ class RewardModel(nn.Module):
         samples = [batch] if isinstance(batch, dict) else list(batch)
         if not samples:
             return []
-        mode = mode or self.config.mode
-        if mode not in ("joint", "independent", "single"):
-            raise ValueError(f"mode must be joint, independent or single, got {mode!r}")
-        if not isinstance(permutations, int) or permutations < 1:
-            raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
+        mode = self._check_scoring_args(mode, permutations)
         encoded, _ = self.encoder.encode_all(samples, errors=errors)
+        return self.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations)
+
+    @torch.no_grad()
+    def score_encoded(self, encoded, *, mode: str | None = None, max_batch_tokens: int | None = None,
+                      permutations: int = 1, on_pass=None) -> list:
+        """The scoring core of `score` for samples already encoded by `self.encoder` (None entries stay
+        None): packed passes under the token budget, scores back in input order. on_pass(inputs), when
+        given, is called once per pass (the reward server counts its passes with it)."""
+        mode = self._check_scoring_args(mode, permutations)
         units, owners = [], []  # one unit per (sample, cyclic order)
         for i, e in enumerate(encoded):
             if e is None:
@@ -320,6 +349,8 @@ class RewardModel(nn.Module):
         try:
             for inputs in self.micro_batches(units, mode, max_batch_tokens):
                 scores = self(inputs.to(self.device, self.dtype)).float().cpu()
+                if on_pass is not None:
+                    on_pass(inputs)
                 pb = inputs.packed
                 for m in range(scores.shape[0]):
                     u = pb.sample_indices[int(pb.score_sample[m])]

@@ -1,0 +1,394 @@
+"""GRPO reward scoring: a TRL reward function and a veRL batch reward adapter.
+
+GRPO samples G completions per prompt and normalises rewards within each group. That group is
+exactly what a multi-response reward model scores in one pass, so both adapters regroup the flat
+batch a trainer hands them by prompt CONTENT and score every group as one sample.
+
+    from mrrm.grpo import RewardFunction
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=[RewardFunction("path/to/rm")], ...)
+
+Rules shared by both adapters (and by `python -m mrrm.serve`'s /get_reward):
+
+* A group is every completion whose prompt has the same text and the same media (images and
+  videos are compared by `mrrm.media.media_fingerprint`, i.e. by content, not by object). Its
+  position in the batch does not matter: groups may be interleaved, shuffled or spread over the
+  batch. In a multi-process run (torch.distributed initialised) RewardFunction gathers every
+  rank's completions first, so a group split across ranks is scored whole on each rank that
+  holds part of it.
+* Within a group, identical completions are scored once and share one reward, and the distinct
+  completions are put in a canonical order (by the SHA-256 of their text, `canonical_order`):
+  in joint mode a response sees the earlier ones, so a fixed order makes a completion's reward
+  independent of where the trainer placed it, without tying the order to the text's content.
+* Rewards are the model's RAW scores (GRPO/veRL normalise per group themselves).
+* An empty completion cannot be scored (it has no token to read a score at): RewardFunction
+  returns None for it (TRL turns None into NaN, leaves it out of the group baseline and gives it
+  zero advantage); compute_score and /get_reward need a float and give it `empty_reward`, by
+  default the lowest score of its group (0.0 when the whole group is empty).
+
+This module uses absolute imports only: veRL loads `custom_reward_function.path` as a standalone
+file, outside the mrrm package.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from typing import Any, Sequence
+
+from mrrm import media
+
+__all__ = ["RewardFunction", "compute_score", "canonical_order", "prompt_text", "completion_text", "group_sample",
+           "ungroup", "score_groups", "fill_empty"]
+
+MODES = ("joint", "independent", "single")
+
+
+# --------------------------------------------------------------------------------------------------
+# Text of plain and conversational prompts / completions (TRL's formats)
+# --------------------------------------------------------------------------------------------------
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of blocks whose text blocks are joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, dict):
+                if block.get("type", "text") == "text":
+                    text = block.get("text", "")
+                    if not isinstance(text, str):
+                        raise TypeError(f"{where}: a text block's 'text' must be a string, got {type(text).__name__}")
+                    parts.append(text)
+            else:
+                raise TypeError(f"{where}: content blocks must be dicts or strings, got {type(block).__name__}")
+        return "\n".join(parts)
+    raise TypeError(f"{where}: message content must be a string or a list of blocks, got {type(content).__name__}")
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+def prompt_text(prompt: Any, where: str = "prompt") -> str:
+    """The reward model's prompt text from a plain string or a chat (list of {"role", "content"}).
+
+    A chat with one non-system turn gives that turn's text; a longer chat gives its non-system
+    turns as "role: text" lines. System turns are dropped: the reward model has its own."""
+    if isinstance(prompt, str):
+        return prompt
+    if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):  # numpy object arrays (veRL)
+        prompt = prompt.tolist()
+    if not _is_messages(prompt):
+        raise TypeError(f"{where}: expected a string or a list of chat messages with 'role', "
+                        f"got {type(prompt).__name__}")
+    turns = [m for m in prompt if m["role"] != "system"]
+    if len(turns) == 1:
+        return _content_text(turns[0].get("content"), where)
+    return "\n".join(f"{m['role']}: {_content_text(m.get('content'), where)}" for m in turns)
+
+
+def prompt_images(prompt: Any) -> list:
+    """Images embedded in a chat's content blocks ({"type": "image", "image": ...}), in order."""
+    if not _is_messages(prompt):
+        return []
+    out = []
+    for m in prompt:
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            out += [b["image"] for b in content
+                    if isinstance(b, dict) and b.get("type") == "image" and b.get("image") is not None]
+    return out
+
+
+def completion_text(completion: Any, where: str = "completion") -> str:
+    """A completion's text: a string, or a chat whose assistant turns' texts are joined."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict) and "content" in completion:
+        return _content_text(completion["content"], where)
+    if _is_messages(completion):
+        return "\n".join(_content_text(m.get("content"), where) for m in completion if m["role"] == "assistant")
+    raise TypeError(f"{where}: expected a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def canonical_order(texts: Sequence[str]) -> list[str]:
+    """The distinct texts ordered by the SHA-256 of their UTF-8 bytes: the order in which a group's
+    completions are scored (the same set gives the same order however it arrives)."""
+    return sorted(set(texts), key=lambda t: (hashlib.sha256(t.encode("utf-8")).hexdigest(), t))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring groups
+# --------------------------------------------------------------------------------------------------
+
+
+def _media_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return [m for m in x if m is not None]
+    return [x]
+
+
+class _Fingerprints:
+    """media_fingerprint with a per-call cache keyed by object identity (a trainer repeats the same
+    image object for all G completions of a prompt)."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, items: list) -> tuple[str, ...]:
+        out = []
+        for it in items:
+            hit = self._cache.get(id(it))
+            if hit is None or hit[0] is not it:
+                hit = (it, media.media_fingerprint(it))
+                self._cache[id(it)] = hit
+            out.append(hit[1])
+        return tuple(out)
+
+
+def _resolve_model(model, device=None, dtype=None, mode="joint"):
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return _load_cached(None if model is None else os.fspath(model), None if device is None else str(device),
+                            dtype, mode)
+    if not hasattr(model, "score"):
+        raise TypeError(f"model must be an mrrm RewardModel, a checkpoint path or None, got {type(model).__name__}")
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path, device, dtype, mode):
+    import mrrm
+    import torch
+
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
+        dtype = getattr(torch, dtype)
+    return mrrm.load(path, device=device, dtype=dtype, mode=mode)
+
+
+def score_groups(model, groups: Sequence[dict], *, mode: str | None = None,
+                 max_batch_tokens: int | None = None) -> list[list[float | None]]:
+    """Score groups {"prompt", "responses", optional "images"/"videos"/"id"} with `model`: each
+    group's distinct non-empty responses in `canonical_order`, one sample (one joint sequence) per
+    group, all groups packed by RewardModel.score. Returns one list per group, aligned with its
+    `responses`; duplicates share a score, empty responses get None."""
+    plans = [group_sample(g) for g in groups]
+    samples = [s for s in plans if s is not None]
+    scores = iter(model.score(samples, mode=mode, max_batch_tokens=max_batch_tokens) if samples else [])
+    return [ungroup(g["responses"], s, next(scores) if s is not None else None) for g, s in zip(groups, plans)]
+
+
+def group_sample(group: dict) -> dict | None:
+    """The sample that scores a group {"prompt", "responses", optional "images"/"videos"/"id"}: its
+    distinct non-empty responses in canonical_order (None when every response is empty)."""
+    distinct = canonical_order([r for r in group["responses"] if r != ""])
+    if not distinct:
+        return None
+    sample = {"prompt": group["prompt"], "responses": distinct}
+    for k in ("images", "videos", "id"):
+        if group.get(k) not in (None, []):
+            sample[k] = group[k]
+    return sample
+
+
+def ungroup(responses: Sequence[str], sample: dict | None, scores: Sequence[float] | None) -> list[float | None]:
+    """A group's scores aligned with its `responses` from the scores of `group_sample`'s sample
+    (duplicates share a score; empty responses get None)."""
+    by_text = dict(zip(sample["responses"], scores)) if sample is not None else {}
+    return [by_text.get(r) for r in responses]
+
+
+def fill_empty(group_scores: list[float | None], empty_reward: float | None = None) -> list[float]:
+    """Floats for a group's scores: None (an empty response) becomes `empty_reward`, or by default
+    the lowest score of the group (0.0 when no response of the group was scored)."""
+    if empty_reward is None:
+        scored = [s for s in group_scores if s is not None]
+        empty_reward = min(scored) if scored else 0.0
+    return [float(empty_reward) if s is None else s for s in group_scores]
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_budget(max_batch_tokens):
+    if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                         or max_batch_tokens < 1):
+        raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL
+# --------------------------------------------------------------------------------------------------
+
+
+class RewardFunction:
+    """A TRL reward function (`GRPOTrainer(reward_funcs=[RewardFunction(model)])`).
+
+    model: an mrrm RewardModel, a checkpoint path, or None (the built-in default model).
+    mode: joint (the paper, default) / independent / single. max_batch_tokens: the packing budget
+    of one pass (default: the model's config).
+
+    __call__(prompts, completions, **kwargs) -> list[float | None], one reward per completion in
+    input order. prompts/completions: plain strings or chats (TRL's conversational format).
+    Images come from the `images` (a list per row) or `image` (one per row) keyword columns, else
+    from image blocks in the chat; videos from `videos` / `video`. Other keyword arguments that
+    TRL passes (completion_ids, trainer_state, log_extra, dataset columns) are ignored.
+    """
+
+    __name__ = "mrrm"
+
+    def __init__(self, model=None, *, mode: str = "joint", max_batch_tokens: int | None = None):
+        _check_mode(mode)
+        _check_budget(max_batch_tokens)
+        self.model = _resolve_model(model, mode=mode)
+        self.mode = mode
+        self.max_batch_tokens = max_batch_tokens
+
+    def _rows(self, prompts, completions, kwargs) -> list[tuple]:
+        n = len(prompts)
+        if len(completions) != n:
+            raise ValueError(f"got {n} prompts but {len(completions)} completions")
+        columns = {}
+        for key in ("images", "image", "videos", "video"):
+            col = kwargs.get(key)
+            if col is not None:
+                if not isinstance(col, (list, tuple)) or len(col) != n:
+                    size = len(col) if hasattr(col, "__len__") else "?"
+                    raise ValueError(f"keyword column {key!r} must be a list with one entry per completion ({n}), "
+                                     f"got {type(col).__name__} of length {size}")
+                columns[key] = col
+        fingerprint = _Fingerprints()
+        rows = []
+        for i in range(n):
+            text = prompt_text(prompts[i], f"prompt {i}")
+            if "images" in columns:
+                images = _media_list(columns["images"][i])
+            elif "image" in columns:
+                images = _media_list(columns["image"][i])
+            else:
+                images = prompt_images(prompts[i])
+            videos = _media_list(columns["videos"][i] if "videos" in columns else
+                                 columns["video"][i] if "video" in columns else None)
+            key = (text, fingerprint(images), fingerprint(videos))
+            rows.append((key, text, images, videos, completion_text(completions[i], f"completion {i}")))
+        return rows
+
+    @staticmethod
+    def _world():
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            return None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist
+        return None
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        local = self._rows(prompts, completions, kwargs)
+        everyone = local
+        dist = self._world()
+        if dist is not None:  # a group may be split across ranks: see every rank's rows
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            everyone = [row for part in gathered for row in part]
+        members: dict[tuple, list[str]] = {}
+        first: dict[tuple, tuple] = {}
+        for key, text, images, videos, comp in everyone:
+            members.setdefault(key, []).append(comp)
+            first.setdefault(key, (text, images, videos))
+        wanted = list(dict.fromkeys(key for key, *_ in local))  # only the groups this call returns
+        groups = [{"prompt": first[k][0], "responses": canonical_order(members[k]),
+                   "images": first[k][1], "videos": first[k][2]} for k in wanted]
+        scored = score_groups(self.model, groups, mode=self.mode, max_batch_tokens=self.max_batch_tokens)
+        table = {k: dict(zip(g["responses"], s)) for k, g, s in zip(wanted, groups, scored)}
+        return [table[key].get(comp) for key, _, _, _, comp in local]
+
+
+# --------------------------------------------------------------------------------------------------
+# veRL
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwargs) -> list[float]:
+    """veRL batch reward function (reward_model.reward_manager=batch).
+
+    Each row's extra_info (a dict set by your dataset preprocessing) must hold "uid" (one value per
+    prompt, shared by its rollouts) and "prompt" (a string or a chat); optional "image"/"images"/
+    "video"/"videos" (anything mrrm.media reads: path, bytes, base64, HF {"bytes","path"} dict).
+    Rows are grouped by uid (veRL reorders batches, so never by position) and each group is scored
+    in one pass. data_sources and ground_truths are not used by the reward model (checked for length).
+
+    Keyword arguments (veRL's custom_reward_function.reward_kwargs): model (checkpoint path; default:
+    the built-in model), mode ("joint"), max_batch_tokens, device, dtype ("bfloat16", ...),
+    media_root (base directory of relative media paths), empty_reward (see fill_empty).
+    Returns one float per row, in input order.
+    """
+    unknown = set(kwargs) - {"model", "mode", "max_batch_tokens", "device", "dtype", "media_root", "empty_reward"}
+    if unknown:
+        raise TypeError(f"compute_score: unknown keyword argument(s) {sorted(unknown)}")
+    mode = kwargs.get("mode", "joint")
+    _check_mode(mode)
+    max_batch_tokens = kwargs.get("max_batch_tokens")
+    _check_budget(max_batch_tokens)
+    empty_reward = kwargs.get("empty_reward")
+    if empty_reward is not None and not (isinstance(empty_reward, (int, float)) and math.isfinite(empty_reward)):
+        raise ValueError(f"empty_reward must be a finite number or None, got {empty_reward!r}")
+    solution_strs, extra_infos = list(solution_strs), list(extra_infos)
+    n = len(solution_strs)
+    for name, seq in (("data_sources", data_sources), ("ground_truths", ground_truths), ("extra_infos", extra_infos)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"compute_score: {name} has {len(seq)} entries but solution_strs has {n}")
+    if n == 0:
+        return []
+    root = kwargs.get("media_root")
+    order: dict[Any, dict] = {}
+    for i, (sol, info) in enumerate(zip(solution_strs, extra_infos)):
+        if not isinstance(sol, str):
+            raise TypeError(f"compute_score: solution_strs[{i}] is a {type(sol).__name__}, not a string")
+        if not isinstance(info, dict) or "uid" not in info or "prompt" not in info:
+            raise ValueError(f"compute_score: extra_infos[{i}] must be a dict with 'uid' and 'prompt' "
+                             f"(add them in your dataset preprocessing), got "
+                             f"{sorted(info) if isinstance(info, dict) else type(info).__name__}")
+        uid = info["uid"]
+        try:
+            hash(uid)
+        except TypeError:
+            raise ValueError(f"compute_score: extra_infos[{i}]['uid'] must be hashable, "
+                             f"got {type(uid).__name__}") from None
+        text = prompt_text(info["prompt"], f"extra_infos[{i}]['prompt']")
+        g = order.get(uid)
+        if g is None:
+            images = _media_list(info.get("images", info.get("image")))
+            if root is not None:  # relative paths are read under media_root
+                images = [media.load_image(im, base_dir=root) for im in images]
+            videos = _media_list(info.get("videos", info.get("video")))
+            if root is not None:
+                videos = [os.path.join(root, v) if isinstance(v, str) and not os.path.isabs(v) else v for v in videos]
+            order[uid] = g = {"prompt": text, "images": images, "videos": videos, "id": str(uid), "rows": []}
+        elif g["prompt"] != text:
+            first = g["rows"][0]
+            raise ValueError(f"compute_score: uid {uid!r} has two different prompts (rows {first} and {i}); "
+                             "a uid must name one prompt")
+        g["rows"].append(i)
+    model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
+    groups = list(order.values())
+    for g in groups:
+        g["responses"] = [solution_strs[i] for i in g["rows"]]
+    scored = score_groups(model, groups, mode=mode, max_batch_tokens=max_batch_tokens)
+    out = [0.0] * n
+    for g, s in zip(groups, scored):
+        for i, v in zip(g["rows"], fill_empty(s, empty_reward)):
+            out[i] = float(v)
+    return out
