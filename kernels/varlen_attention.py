@@ -63,11 +63,14 @@ dq need block_m % block_n == 0, dkdv needs block_n % block_m == 0 (the diagonal 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from mrrm.ops._validate import tensor_version
 
 MASK_CAUSAL = 0
 MASK_BIDIRECTIONAL = 1
@@ -603,6 +606,28 @@ def shared_prefix_metadata(cu_seqlens: torch.Tensor, segment_ids: torch.Tensor):
     return (prefix_end.to(torch.int32), (seg_start - seq_lo).to(torch.int32), key_end.to(torch.int32))
 
 
+_LAST_METADATA = None  # (weakref cu, weakref segment_ids, their versions, metadata)
+
+
+def cached_shared_prefix_metadata(cu_seqlens: torch.Tensor, segment_ids: torch.Tensor):
+    """shared_prefix_metadata, remembered for the last (cu_seqlens, segment_ids) pair. A model calls
+    the op once per layer with the same two tensors: the ~15 small kernels then run once per
+    forward instead of once per layer (measured on an H200: 36 layers of Qwen3-VL-4B spent ~25 ms
+    more in independent than in joint scoring before this). A hit needs the very same tensor
+    objects, unmodified since (their version counters), so new or edited inputs recompute."""
+    global _LAST_METADATA
+    last = _LAST_METADATA
+    versions = (tensor_version(cu_seqlens), tensor_version(segment_ids))
+    if last is not None:
+        cu_ref, seg_ref, seen, meta = last
+        if cu_ref() is cu_seqlens and seg_ref() is segment_ids and seen == versions:
+            return meta
+    meta = shared_prefix_metadata(cu_seqlens, segment_ids)
+    _LAST_METADATA = (weakref.ref(cu_seqlens), weakref.ref(segment_ids), versions, meta)
+    return meta
+
+
+
 def _heads_aligned(*tensors):
     """True when every head stride is a multiple of 8 elements (the ALIGN_H hint of the kernels)."""
     return all(t.stride(1) % 8 == 0 for t in tensors)
@@ -713,7 +738,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
 class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, configs):
-        meta = shared_prefix_metadata(cu_seqlens, segment_ids) if mask == "shared_prefix" else None
+        meta = cached_shared_prefix_metadata(cu_seqlens, segment_ids) if mask == "shared_prefix" else None
         out, lse, _ = attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, softmax_scale=softmax_scale,
                                         configs=configs, meta=meta)
         if meta is None:

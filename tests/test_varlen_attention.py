@@ -488,3 +488,37 @@ def test_gpu_backward_is_deterministic():
             for _ in range(2)]
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
+
+
+def test_shared_prefix_metadata_is_cached_per_input_tensors():
+    """The per-forward memo: the same (cu_seqlens, segment_ids) objects hit; an in-place edit or new
+    tensors recompute, and the cached value always equals a fresh computation."""
+    from mrrm.kernels.varlen_attention import cached_shared_prefix_metadata, shared_prefix_metadata
+
+    cu = torch.tensor([0, 7, 12], dtype=torch.int32)
+    seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, 0, 0, 1, 2, 2], dtype=torch.int32)
+    first = cached_shared_prefix_metadata(cu, seg)
+    assert cached_shared_prefix_metadata(cu, seg) is first
+    for got, want in zip(first, shared_prefix_metadata(cu, seg)):
+        assert torch.equal(got, want)
+    seg[4] = 2  # an in-place edit bumps the version: recomputed, and right
+    edited = cached_shared_prefix_metadata(cu, seg)
+    assert edited is not first
+    for got, want in zip(edited, shared_prefix_metadata(cu, seg)):
+        assert torch.equal(got, want)
+    other = seg.clone()
+    other[4] = 1
+    for got, want in zip(cached_shared_prefix_metadata(cu, other), shared_prefix_metadata(cu, other)):
+        assert torch.equal(got, want)
+
+
+def test_shared_prefix_metadata_cache_takes_inference_tensors():
+    from mrrm.kernels.varlen_attention import cached_shared_prefix_metadata, shared_prefix_metadata
+
+    with torch.inference_mode():
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        seg = torch.tensor([0, 0, 1, 2, 2], dtype=torch.int32)
+        got = cached_shared_prefix_metadata(cu, seg)
+        assert cached_shared_prefix_metadata(cu, seg) is got
+        for g, w in zip(got, shared_prefix_metadata(cu, seg)):
+            assert torch.equal(g, w)
