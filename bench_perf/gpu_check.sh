@@ -13,6 +13,7 @@
 # are installed into /tmp/site first. What comes back from $OUT (at most 8 files): summary.md, log.txt,
 # gpu_bench.json, gpu_bench_baselines.json, e2e.json, speedup_gpu.png.
 # Budget: about 7 minutes on one H100/H200; every stage has its own timeout.
+# MRRM_GPU_STAGES picks stages after the build (default: all): errors tests e2e kernels baselines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mrrm_gpu_out}
@@ -35,7 +36,9 @@ python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 } | tee "$OUT/summary.md"
 CARD=$(grep '^card:' "$OUT/summary.md" | head -1 | cut -d' ' -f2- | cut -d, -f1)
 
+STAGES=${MRRM_GPU_STAGES:-"errors tests e2e kernels baselines"}
 stage() { echo "== $1 ($(date -u +%T))" | tee -a "$LOG"; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage "build (MRRM_BUILD_CUDA=1, sm_90)"
 start=$(date +%s)
@@ -45,6 +48,35 @@ fi
 python3 -c "import mrrm._C as C; assert C.has_cuda(), 'mrrm._C built without CUDA'; print('mrrm._C with CUDA: ok')" || exit 1
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.md"
 
+if want errors; then
+stage "C++ error paths outside pytest (a bad index must raise, not crash)"
+cat > /tmp/mrrm_err.py <<'PY'
+import torch, mrrm._C as C
+torch.set_num_threads(16)
+h, w1, b1, w2, b2 = torch.randn(50, 32), torch.randn(24, 32), torch.randn(24), torch.randn(1, 24), torch.randn(1)
+for args, call in [((h, torch.tensor([0, 50]), w1, b1, w2, b2, "silu", 1.0), C.gather_value_head_fwd),
+                   ((torch.randn(5), torch.tensor([0, 2, 5]), torch.tensor([0, 3]), 0), C.listwise_ce_fwd_bwd)]:
+    try:
+        call(*args)
+        print("NO ERROR RAISED")
+    except RuntimeError as e:
+        print("raised:", str(e).splitlines()[0][:120])
+PY
+if ! timeout 60 python3 -X faulthandler /tmp/mrrm_err.py >> "$LOG" 2>&1; then
+  status=1
+  echo "the error path crashed; backtrace:" | tee -a "$LOG"
+  timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 /tmp/mrrm_err.py 2>&1 \
+    | grep -v "^\[New Thread\|^\[Thread" | tail -60 | tee -a "$LOG"
+  echo "with TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1:" | tee -a "$LOG"
+  TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1 timeout 60 python3 /tmp/mrrm_err.py 2>&1 | tail -5 | tee -a "$LOG"
+else
+  tail -2 "$LOG"
+fi
+timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:xdist "tests/test_value_head.py::test_C_checks_inputs_itself" \
+  "tests/test_listwise_ce.py::test_C_checks_inputs_itself" 2>&1 | tail -8 | tee -a "$LOG"
+fi
+
+if want tests; then
 stage "CUDA op tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider $XDIST -rfE \
   tests/test_varlen_attention.py tests/test_value_head.py tests/test_value_head_triton.py \
@@ -52,23 +84,30 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider $XDIST -rfE \
   | tee -a "$LOG" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -30 > "$OUT/tests_summary.tmp"
+fi
 
+if want e2e; then
 stage "end-to-end: Qwen3-VL-4B architecture, bf16"
-timeout 120 python3 -m pytest -q -p no:cacheprovider bench_perf/test_e2e_gpu.py --benchmark-only \
+timeout 180 python3 -m pytest -q -p no:cacheprovider bench_perf/test_e2e_gpu.py --benchmark-only \
   --benchmark-json="$OUT/e2e.json" --benchmark-columns=median,rounds >> "$LOG" 2>&1
 [ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
+fi
 
+if want kernels; then
 stage "kernel benchmarks: mrrm, SDPA flash, head, listwise_ce"
 timeout 90 python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only \
   -k "mrrm_triton or sdpa_flash or listwise" \
   --benchmark-json="$OUT/gpu_bench.json" --benchmark-columns=median,rounds >> "$LOG" 2>&1
 [ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
+fi
 
+if want baselines; then
 stage "kernel benchmarks: FlexAttention and eager baselines"
 timeout 90 python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only \
   -k "flex or eager" \
   --benchmark-json="$OUT/gpu_bench_baselines.json" --benchmark-columns=median,rounds >> "$LOG" 2>&1
 [ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
+fi
 
 stage "summary"
 jsons=$(ls "$OUT"/gpu_bench*.json 2>/dev/null)
@@ -78,8 +117,10 @@ fi
 if [ -f "$OUT/e2e.json" ]; then
   python3 -m bench_perf.report "$OUT/e2e.json" --png "$OUT/speedup_gpu.png" | tee -a "$OUT/summary.md"
 fi
-echo "### CUDA tests" >> "$OUT/summary.md"
-cat "$OUT/tests_summary.tmp" | tee -a "$OUT/summary.md"
-rm -f "$OUT/tests_summary.tmp"
+if [ -f "$OUT/tests_summary.tmp" ]; then
+  echo "### CUDA tests" >> "$OUT/summary.md"
+  cat "$OUT/tests_summary.tmp" | tee -a "$OUT/summary.md"
+  rm -f "$OUT/tests_summary.tmp"
+fi
 echo "exit status: $status" | tee -a "$OUT/summary.md"
 exit $status

@@ -78,7 +78,6 @@ def test_varlen_attention_gpu(benchmark, impl, mask, n_resp, T):
     q, k, v = _qkv(T)
     do = torch.randn_like(q)
     segment_ids = seg if mask == "shared_prefix" else None
-    scale = 1.0 / math.sqrt(HD)
     info = dict(T=T, n_resp=n_resp, mask=mask, impl=impl, Hq=HQ, Hkv=HKV, D=HD)
     if impl == "mrrm_triton":
         fn = lambda: ops.varlen_attention(q, k, v, cu, SEQ, mask=mask, segment_ids=segment_ids,  # noqa: E731

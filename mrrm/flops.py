@@ -519,7 +519,7 @@ def ratio(config, n: int, *, numerator: str = "single", denominator: str = "join
 
 
 @contextlib.contextmanager
-def _reference_ops():
+def reference_ops():
     """mrrm's ops dispatch meta tensors to the pure-torch reference (the only backend meta tensors can
     pass through); pin that choice for the count even if MRRM_OPS names another backend."""
     old = os.environ.get("MRRM_OPS")
@@ -643,7 +643,7 @@ def _count_vision(reduced: _Reduced, grids, copies: int) -> dict:
             align_corners=visual.interpolation_align_corners, spatial_merge_size=v.spatial_merge_size)
         kw.update(interp_indices=idx.to(meta), interp_weights=wts.to(meta))
     pixels = torch.empty(patches, width, device=meta)
-    with _reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         visual(pixels, grid_thw=grid, **kw)
     total, bmm = _global(counter)
     for i, kind in enumerate(reduced.block_kinds):
@@ -723,7 +723,7 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
         # needs values; hand it the (empty) per-layer-type mask mapping mrrm's mask function would
         # produce anyway (mrrm attention reads the packing from mrrm_varlen, never a mask).
         lm_kwargs = dict(position_ids=positions[0], attention_mask={"full_attention": None, "sliding_attention": None})
-    with _reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         hidden = lm(inputs_embeds=embeds, use_cache=False, mrrm_varlen=varlen, **lm_kwargs).last_hidden_state[0]
     text_total, text_bmm = _global(counter)
     layer_total, layer_bmm = _module_flops(counter, ".layers.0")
@@ -731,7 +731,7 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
     out["text"] = text_total + (L - 1) * layer_total
     out["text_attention"] = text_bmm + (L - 1) * layer_bmm
     out["text_linear"] = out["text"] - out["text_attention"]
-    with _reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         ops.gather_value_head(hidden, pb.score_positions.to(meta), head[0].weight, head[0].bias, head[2].weight,
                               head[2].bias, scale=1.0 / math.sqrt(H), backend="reference", check_inputs=False)
     out["value_head"] = _global(counter)[0]
