@@ -50,6 +50,8 @@ echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.md"
 
 if want errors; then
 stage "C++ error paths outside pytest (a bad index must raise, not crash)"
+echo "libstdc++ stream code in mrrm._C (U = imported, as it must be; T/W = a private copy):" | tee -a "$LOG"
+nm -C mrrm/_C*.so | grep -E "ostream::_M_insert<long>" | tee -a "$LOG"
 cat > /tmp/mrrm_err.py <<'PY'
 import torch, mrrm._C as C
 torch.set_num_threads(16)

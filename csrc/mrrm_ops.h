@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_va
     const at::Tensor& w2, const at::Tensor& z, const std::string& activation, double scale,
     bool need_hidden_grad);
 
-// ---- listwise_ce (listwise_ce.cpp on the CPU, cuda/listwise_ce.cu on the GPU) ----------------
+// ---- listwise_ce (listwise_ce.cpp on the CPU; listwise_ce_cuda.cpp + cuda/listwise_ce.cu on the GPU) --
 // scores [M] fp32/bf16/fp16/fp64, group_offsets int64 [B+1], targets: loss 0 (best) int64 [B],
 // loss 1 (plackett_luce) int32/int64 ranks [M], loss 2 (soft) float probabilities [M].
 // Returns (per_group_loss fp32 [B], unit_grad fp32 [M] = d loss[group(i)] / d scores[i]).

@@ -4,26 +4,29 @@
 // Groups are short (N ~ 4..64) and independent, so a warp per group keeps all 32 lanes busy for
 // typical N with no shared memory and no block-level synchronisation; longer groups are handled by
 // the lane-strided loops, at any N.
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+//
+// This file includes no ATen/c10 header (see listwise_ce_launch.h for why); half and bfloat16
+// scores are CUDA's __half / __nv_bfloat16, bit-identical to at::Half / at::BFloat16.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <limits>
 
 #include "listwise_ce_group.h"
-
-// The declaration from mrrm_ops.h, repeated rather than included: that header pulls in
-// <torch/extension.h> (pybind11 and the Python API), which nvcc compiles slowly and warns about.
-// A signature that drifted from mrrm_ops.h would leave the symbol undefined and fail the import.
-namespace mrrm {
-std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd_cuda(const at::Tensor& scores, const at::Tensor& group_offsets,
-                                                            const at::Tensor& targets, int64_t loss);
-}  // namespace mrrm
+#include "listwise_ce_launch.h"
 
 namespace mrrm {
+namespace listwise {
+// torch's build passes -D__CUDA_NO_HALF_CONVERSIONS__ (and the bfloat16 twin): the implicit
+// conversions that at::Half / at::BFloat16 provide are spelled out for CUDA's own types here.
+template <>
+MRRM_HD inline float load<float, __half>(const __half* p, int64_t i) { return __half2float(p[i]); }
+template <>
+MRRM_HD inline float load<float, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+}  // namespace listwise
 
+namespace cuda_launch {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
@@ -65,46 +68,36 @@ listwise_ce_kernel(const scalar_t* __restrict__ scores, const int64_t* __restric
   if (lanes.lane() == 0) per_group[b] = static_cast<float>(group_loss);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd_cuda(const at::Tensor& scores_in, const at::Tensor& offsets_in,
-                                                            const at::Tensor& targets_in, int64_t loss) {
-  // Shapes and dtypes were checked by listwise_ce_fwd_bwd, the only caller; re-check what this
-  // launcher itself relies on.
-  TORCH_CHECK(scores_in.is_cuda() && offsets_in.device() == scores_in.device() &&
-                  targets_in.device() == scores_in.device(),
-              "listwise_ce (cuda): scores, group_offsets and targets must be on one CUDA device");
-  TORCH_CHECK(offsets_in.scalar_type() == at::kLong && offsets_in.dim() == 1 && offsets_in.numel() >= 1,
-              "listwise_ce (cuda): group_offsets must be int64 [B+1]");
-  const c10::cuda::CUDAGuard device_guard(scores_in.device());
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor offsets = offsets_in.contiguous();
-  const int64_t M = scores.numel();
-  const int64_t B = offsets.numel() - 1;
-  at::Tensor per_group = at::empty({B}, scores.options().dtype(at::kFloat));
-  at::Tensor grad = at::empty({M}, scores.options().dtype(at::kFloat));
-  if (B == 0) return {per_group, grad};
+template <class scalar_t, class acc_t>
+cudaError_t launch(const void* scores, const int64_t* offsets, const int64_t* int_targets, const void* probs,
+                   void* scratch, float* per_group, float* grad, int64_t B, int64_t M, int64_t loss,
+                   cudaStream_t stream) {
   const int64_t blocks = (B + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "listwise_ce (cuda): too many groups (", B, ")");
-
-  // As on the CPU: integer targets as int64, soft targets in the accumulation type, so the kernel is
-  // instantiated per score dtype only.
-  const at::Tensor int_targets = loss == listwise::kSoft ? at::Tensor() : targets_in.to(at::kLong).contiguous();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "listwise_ce_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor probs = loss == listwise::kSoft ? targets_in.to(acc_dtype).contiguous() : at::Tensor();
-    const at::Tensor scratch =
-        loss == listwise::kPlackettLuce ? at::empty({M}, scores.options().dtype(acc_dtype)) : at::Tensor();
-    listwise_ce_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        scores.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(),
-        int_targets.defined() ? int_targets.data_ptr<int64_t>() : nullptr,
-        probs.defined() ? probs.data_ptr<acc_t>() : nullptr, scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr,
-        per_group.data_ptr<float>(), grad.data_ptr<float>(), B, M, loss);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {per_group, grad};
+  listwise_ce_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const scalar_t*>(scores), offsets, int_targets, static_cast<const acc_t*>(probs),
+      static_cast<acc_t*>(scratch), per_group, grad, B, M, loss);
+  return cudaGetLastError();
 }
 
+}  // namespace
+
+cudaError_t listwise_ce(int score_type, const void* scores, const int64_t* offsets, const int64_t* int_targets,
+                        const void* probs, void* scratch, float* per_group, float* grad, int64_t B, int64_t M,
+                        int64_t loss, cudaStream_t stream) {
+  switch (score_type) {
+    case kScoreFloat:
+      return launch<float, float>(scores, offsets, int_targets, probs, scratch, per_group, grad, B, M, loss, stream);
+    case kScoreDouble:
+      return launch<double, double>(scores, offsets, int_targets, probs, scratch, per_group, grad, B, M, loss, stream);
+    case kScoreHalf:
+      return launch<__half, float>(scores, offsets, int_targets, probs, scratch, per_group, grad, B, M, loss, stream);
+    case kScoreBFloat16:
+      return launch<__nv_bfloat16, float>(scores, offsets, int_targets, probs, scratch, per_group, grad, B, M, loss,
+                                          stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda_launch
 }  // namespace mrrm
