@@ -16,36 +16,36 @@ namespace {
 // validates values too; these guard direct calls of mrrm._C.
 void check_listwise_args(const at::Tensor& scores, const at::Tensor& group_offsets, const at::Tensor& targets,
                          int64_t loss) {
-  TORCH_CHECK(loss == listwise::kBest || loss == listwise::kPlackettLuce || loss == listwise::kSoft,
+  MRRM_CHECK(loss == listwise::kBest || loss == listwise::kPlackettLuce || loss == listwise::kSoft,
               "listwise_ce: loss must be 0 (best), 1 (plackett_luce) or 2 (soft), got ", loss);
-  TORCH_CHECK(scores.dim() == 1, "listwise_ce: scores must be 1-D [M], got shape ", scores.sizes());
+  MRRM_CHECK(scores.dim() == 1, "listwise_ce: scores must be 1-D [M], got shape ", scores.sizes());
   const auto st = scores.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+  MRRM_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               "listwise_ce: scores must be float32/float64/bfloat16/float16, got ", st);
-  TORCH_CHECK(group_offsets.dim() == 1 && group_offsets.numel() >= 1,
+  MRRM_CHECK(group_offsets.dim() == 1 && group_offsets.numel() >= 1,
               "listwise_ce: group_offsets must be 1-D [B+1] with at least one element, got shape ",
               group_offsets.sizes());
-  TORCH_CHECK(group_offsets.scalar_type() == at::kLong, "listwise_ce: group_offsets must be int64, got ",
+  MRRM_CHECK(group_offsets.scalar_type() == at::kLong, "listwise_ce: group_offsets must be int64, got ",
               group_offsets.scalar_type());
-  TORCH_CHECK(targets.dim() == 1, "listwise_ce: targets must be 1-D, got shape ", targets.sizes());
-  TORCH_CHECK(group_offsets.device() == scores.device() && targets.device() == scores.device(),
+  MRRM_CHECK(targets.dim() == 1, "listwise_ce: targets must be 1-D, got shape ", targets.sizes());
+  MRRM_CHECK(group_offsets.device() == scores.device() && targets.device() == scores.device(),
               "listwise_ce: scores, group_offsets and targets must be on one device, got ", scores.device(), ", ",
               group_offsets.device(), ", ", targets.device());
   const int64_t M = scores.numel();
   const int64_t B = group_offsets.numel() - 1;
   const auto tt = targets.scalar_type();
   if (loss == listwise::kBest) {
-    TORCH_CHECK(tt == at::kLong || tt == at::kInt, "listwise_ce: targets for loss 'best' must be int64, got ", tt);
-    TORCH_CHECK(targets.numel() == B, "listwise_ce: targets for loss 'best' must be [B=", B, "], got ",
+    MRRM_CHECK(tt == at::kLong || tt == at::kInt, "listwise_ce: targets for loss 'best' must be int64, got ", tt);
+    MRRM_CHECK(targets.numel() == B, "listwise_ce: targets for loss 'best' must be [B=", B, "], got ",
                 targets.numel());
   } else if (loss == listwise::kPlackettLuce) {
-    TORCH_CHECK(tt == at::kLong || tt == at::kInt,
+    MRRM_CHECK(tt == at::kLong || tt == at::kInt,
                 "listwise_ce: targets (ranks) for loss 'plackett_luce' must be int32/int64, got ", tt);
-    TORCH_CHECK(targets.numel() == M, "listwise_ce: targets (ranks) for loss 'plackett_luce' must be [M=", M,
+    MRRM_CHECK(targets.numel() == M, "listwise_ce: targets (ranks) for loss 'plackett_luce' must be [M=", M,
                 "], got ", targets.numel());
   } else {
-    TORCH_CHECK(at::isFloatingType(tt), "listwise_ce: targets for loss 'soft' must be floating point, got ", tt);
-    TORCH_CHECK(targets.numel() == M, "listwise_ce: targets for loss 'soft' must be [M=", M, "], got ",
+    MRRM_CHECK(at::isFloatingType(tt), "listwise_ce: targets for loss 'soft' must be floating point, got ", tt);
+    MRRM_CHECK(targets.numel() == M, "listwise_ce: targets for loss 'soft' must be [M=", M, "], got ",
                 targets.numel());
   }
 }
@@ -53,14 +53,14 @@ void check_listwise_args(const at::Tensor& scores, const at::Tensor& group_offse
 // O(B) checks of the offsets and of the `best` targets, affordable on the CPU. A bad offset would
 // otherwise make a group read outside `scores`.
 void check_listwise_values_cpu(const int64_t* offsets, int64_t B, int64_t M, const int64_t* best_targets) {
-  TORCH_CHECK(offsets[0] == 0, "listwise_ce: group_offsets[0] must be 0, got ", offsets[0]);
-  TORCH_CHECK(offsets[B] == M, "listwise_ce: group_offsets[-1] must equal the number of scores (", M, "), got ",
+  MRRM_CHECK(offsets[0] == 0, "listwise_ce: group_offsets[0] must be 0, got ", offsets[0]);
+  MRRM_CHECK(offsets[B] == M, "listwise_ce: group_offsets[-1] must equal the number of scores (", M, "), got ",
               offsets[B]);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = offsets[b + 1] - offsets[b];
-    TORCH_CHECK(n >= 1, "listwise_ce: group ", b, " has ", n, " scores (group_offsets must be strictly increasing)");
+    MRRM_CHECK(n >= 1, "listwise_ce: group ", b, " has ", n, " scores (group_offsets must be strictly increasing)");
     if (best_targets != nullptr) {
-      TORCH_CHECK(best_targets[b] >= 0 && best_targets[b] < n, "listwise_ce: targets[", b, "]=", best_targets[b],
+      MRRM_CHECK(best_targets[b] >= 0 && best_targets[b] < n, "listwise_ce: targets[", b, "]=", best_targets[b],
                   " is out of range for group ", b, " of ", n, " scores");
     }
   }
@@ -130,12 +130,12 @@ std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd(const at::Tensor& scores,
 #ifdef MRRM_WITH_CUDA
     return listwise_ce_fwd_bwd_cuda(scores, group_offsets, targets, loss);
 #else
-    TORCH_CHECK(false,
+    MRRM_CHECK(false,
                 "listwise_ce: got CUDA tensors but mrrm._C was built without its CUDA sources (torch CPU build or "
                 "no nvcc at install time); rebuild with MRRM_BUILD_CUDA=1 or use backend='reference'");
 #endif
   }
-  TORCH_CHECK(scores.device().is_cpu(), "listwise_ce: unsupported device ", scores.device());
+  MRRM_CHECK(scores.device().is_cpu(), "listwise_ce: unsupported device ", scores.device());
   return listwise_ce_cpu(scores, group_offsets, targets, loss);
 }
 

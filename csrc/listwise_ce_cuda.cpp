@@ -19,10 +19,10 @@ std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd_cuda(const at::Tensor& sc
                                                             const at::Tensor& targets_in, int64_t loss) {
   // Shapes and dtypes were checked by listwise_ce_fwd_bwd, the only caller; re-check what this
   // launcher itself relies on.
-  TORCH_CHECK(scores_in.is_cuda() && offsets_in.device() == scores_in.device() &&
+  MRRM_CHECK(scores_in.is_cuda() && offsets_in.device() == scores_in.device() &&
                   targets_in.device() == scores_in.device(),
               "listwise_ce (cuda): scores, group_offsets and targets must be on one CUDA device");
-  TORCH_CHECK(offsets_in.scalar_type() == at::kLong && offsets_in.dim() == 1 && offsets_in.numel() >= 1,
+  MRRM_CHECK(offsets_in.scalar_type() == at::kLong && offsets_in.dim() == 1 && offsets_in.numel() >= 1,
               "listwise_ce (cuda): group_offsets must be int64 [B+1]");
   const c10::cuda::CUDAGuard device_guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous();
@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd_cuda(const at::Tensor& sc
   at::Tensor per_group = at::empty({B}, scores.options().dtype(at::kFloat));
   at::Tensor grad = at::empty({M}, scores.options().dtype(at::kFloat));
   if (B == 0) return {per_group, grad};
-  TORCH_CHECK((B + 7) / 8 <= std::numeric_limits<int32_t>::max(), "listwise_ce (cuda): too many groups (", B, ")");
+  MRRM_CHECK((B + 7) / 8 <= std::numeric_limits<int32_t>::max(), "listwise_ce (cuda): too many groups (", B, ")");
 
   int score_type;
   at::ScalarType acc_dtype = at::kFloat;
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd_cuda(const at::Tensor& sc
     case at::kDouble: score_type = cuda_launch::kScoreDouble; acc_dtype = at::kDouble; break;
     case at::kHalf: score_type = cuda_launch::kScoreHalf; break;
     case at::kBFloat16: score_type = cuda_launch::kScoreBFloat16; break;
-    default: TORCH_CHECK(false, "listwise_ce (cuda): unsupported scores dtype ", scores.scalar_type());
+    default: MRRM_CHECK(false, "listwise_ce (cuda): unsupported scores dtype ", scores.scalar_type());
   }
   // As on the CPU: integer targets as int64, soft targets in the accumulation type, so the kernel is
   // instantiated per score dtype only.
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> listwise_ce_fwd_bwd_cuda(const at::Tensor& sc
       int_targets.defined() ? int_targets.data_ptr<int64_t>() : nullptr, probs.defined() ? probs.data_ptr() : nullptr,
       scratch.defined() ? scratch.data_ptr() : nullptr, per_group.data_ptr<float>(), grad.data_ptr<float>(), B, M,
       loss, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "listwise_ce (cuda): kernel launch failed: ", cudaGetErrorString(err));
+  MRRM_CHECK(err == cudaSuccess, "listwise_ce (cuda): kernel launch failed: ", cudaGetErrorString(err));
   return {per_group, grad};
 }
 

@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "check.h"
+
 #include <string>
 #include <tuple>
 

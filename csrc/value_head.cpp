@@ -27,7 +27,7 @@ Act parse_activation(const std::string& name) {
   if (name == "gelu") return Act::kGelu;
   if (name == "relu") return Act::kRelu;
   if (name == "selu") return Act::kSelu;
-  TORCH_CHECK(name == "tanh", "gather_value_head: unknown activation '", name,
+  MRRM_CHECK(name == "tanh", "gather_value_head: unknown activation '", name,
               "'; expected one of silu, gelu, relu, selu, tanh");
   return Act::kTanh;
 }
@@ -87,24 +87,24 @@ bool is_float_dtype(at::ScalarType t) {
 // out-of-range position would read or write outside hidden.
 void check_head_args(const char* where, const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& w1,
                      const at::Tensor& w2) {
-  TORCH_CHECK(hidden.device().is_cpu() && positions.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu(),
+  MRRM_CHECK(hidden.device().is_cpu() && positions.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu(),
               where, ": the C++ kernel takes CPU tensors (the GPU path is the Triton kernel)");
-  TORCH_CHECK(hidden.dim() == 2, where, ": hidden must be [T, H], got shape ", hidden.sizes());
-  TORCH_CHECK(is_float_dtype(hidden.scalar_type()), where, ": hidden must be a floating dtype, got ",
+  MRRM_CHECK(hidden.dim() == 2, where, ": hidden must be [T, H], got shape ", hidden.sizes());
+  MRRM_CHECK(is_float_dtype(hidden.scalar_type()), where, ": hidden must be a floating dtype, got ",
               hidden.scalar_type());
-  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong, where,
+  MRRM_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong, where,
               ": positions must be int64 [M], got ", positions.scalar_type(), " of shape ", positions.sizes());
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == hidden.size(1), where, ": w1 must be [D, H=", hidden.size(1),
+  MRRM_CHECK(w1.dim() == 2 && w1.size(1) == hidden.size(1), where, ": w1 must be [D, H=", hidden.size(1),
               "], got shape ", w1.sizes());
-  TORCH_CHECK(is_float_dtype(w1.scalar_type()) && is_float_dtype(w2.scalar_type()), where,
+  MRRM_CHECK(is_float_dtype(w1.scalar_type()) && is_float_dtype(w2.scalar_type()), where,
               ": weights must be floating point");
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == 1 && w2.size(1) == w1.size(0), where, ": w2 must be [1, D=", w1.size(0),
+  MRRM_CHECK(w2.dim() == 2 && w2.size(0) == 1 && w2.size(1) == w1.size(0), where, ": w2 must be [1, D=", w1.size(0),
               "], got shape ", w2.sizes());
   const at::Tensor pos = positions.contiguous();
   const int64_t* p = pos.data_ptr<int64_t>();
   const int64_t T = hidden.size(0);
   for (int64_t m = 0; m < pos.numel(); ++m) {
-    TORCH_CHECK(p[m] >= 0 && p[m] < T, where, ": positions[", m, "]=", p[m], " is out of range for hidden with T=", T,
+    MRRM_CHECK(p[m] >= 0 && p[m] < T, where, ": positions[", m, "]=", p[m], " is out of range for hidden with T=", T,
                 " rows");
   }
 }
@@ -147,11 +147,11 @@ std::tuple<at::Tensor, at::Tensor> gather_value_head_fwd(const at::Tensor& hidde
   const Act act = parse_activation(activation);
   check_head_args("gather_value_head_fwd", hidden, positions, w1, w2);
   const int64_t D = w1.size(0);
-  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == D && b1.device().is_cpu(),
+  MRRM_CHECK(b1.dim() == 1 && b1.size(0) == D && b1.device().is_cpu(),
               "gather_value_head_fwd: b1 must be a CPU tensor [D=", D, "], got shape ", b1.sizes());
-  TORCH_CHECK(b2.numel() == 1 && b2.device().is_cpu(), "gather_value_head_fwd: b2 must be a CPU tensor [1], got shape ",
+  MRRM_CHECK(b2.numel() == 1 && b2.device().is_cpu(), "gather_value_head_fwd: b2 must be a CPU tensor [1], got shape ",
               b2.sizes());
-  TORCH_CHECK(is_float_dtype(b1.scalar_type()) && is_float_dtype(b2.scalar_type()),
+  MRRM_CHECK(is_float_dtype(b1.scalar_type()) && is_float_dtype(b2.scalar_type()),
               "gather_value_head_fwd: biases must be floating point");
   const int64_t M = positions.numel();
 
@@ -194,10 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_va
   const int64_t M = positions.numel();
   const int64_t D = w1.size(0);
   const int64_t H = hidden.size(1);
-  TORCH_CHECK(grad_out.dim() == 1 && grad_out.numel() == M && is_float_dtype(grad_out.scalar_type()) &&
+  MRRM_CHECK(grad_out.dim() == 1 && grad_out.numel() == M && is_float_dtype(grad_out.scalar_type()) &&
                   grad_out.device().is_cpu(),
               "gather_value_head_bwd: grad_out must be a floating CPU tensor [M=", M, "], got shape ", grad_out.sizes());
-  TORCH_CHECK(z_in.dim() == 2 && z_in.size(0) == M && z_in.size(1) == D && z_in.scalar_type() == at::kFloat &&
+  MRRM_CHECK(z_in.dim() == 2 && z_in.size(0) == M && z_in.size(1) == D && z_in.scalar_type() == at::kFloat &&
                   z_in.device().is_cpu(),
               "gather_value_head_bwd: z must be the forward's fp32 [M=", M, ", D=", D, "] pre-activation, got ",
               z_in.scalar_type(), " of shape ", z_in.sizes());
