@@ -54,24 +54,32 @@ def check_rankings(sample: dict) -> str | None:
     return None
 
 
+def iter_jsonl(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where "file:line", object or None, error or None) for every non-blank line of a JSONL file;
+    a line that is not valid JSON, or not a JSON object, is an error naming its line."""
+    name = os.path.basename(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{name}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                continue
+            if not isinstance(rec, dict):
+                yield where, None, f"a record must be a JSON object, got {type(rec).__name__}"
+                continue
+            yield where, rec, None
+
+
 def iter_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
     """(where, record or None, parse error or None) for every record of a local file."""
     name = os.path.basename(path)
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{name}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, None, f"invalid JSON ({e.msg} at column {e.colno})"
-                    continue
-                if not isinstance(rec, dict):
-                    yield where, None, f"a record must be a JSON object, got {type(rec).__name__}"
-                    continue
-                yield where, normalize(rec), None
+        for where, rec, err in iter_jsonl(path):
+            yield where, (normalize(rec) if err is None else None), err
     elif path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             try:

@@ -68,6 +68,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from ._cli import positive_int
 from .data import check_rankings, iter_records
 
 PROG = "mrrm.eval"
@@ -276,26 +277,15 @@ BENCHMARKS = {
 
 # -- metrics ----------------------------------------------------------------------------------------
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Kendall's tau-b of two equally long sequences (ties handled); None when either is constant."""
+    """Kendall's tau-b of two equally long sequences (ties handled, scipy.stats.kendalltau); None
+    when either is constant."""
     if len(x) != len(y):
         raise ValueError(f"kendall_tau_b: sequences of length {len(x)} and {len(y)}")
-    concordant = discordant = ties_x = ties_y = 0
-    n = len(x)
-    for i in range(n):
-        for j in range(i + 1, n):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return None if denom == 0 else (concordant - discordant) / denom
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(x, y, variant="b").statistic)
 
 
 def top_choice(keys: Sequence) -> int | None:
@@ -865,16 +855,6 @@ def _write_outputs(out_dir, result, bench, items, per_sample) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Evaluate a reward model on a multimodal "
                                  "reward benchmark.", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -885,16 +865,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in default model)")
     ap.add_argument("--mode", choices=MODES, default=None, help="scoring mode (default: the model's, joint)")
     ap.add_argument("--protocol", choices=PROTOCOLS, default="direct")
-    ap.add_argument("--permutations", type=_positive_int, default=1)
+    ap.add_argument("--permutations", type=positive_int, default=1)
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first n rows only")
     ap.add_argument("--order-sensitivity", action="store_true", help="also rerun with reversed and cyclic orders")
     ap.add_argument("--out", required=True, help="output directory (metrics.json, report.md, report.png, cache)")
-    ap.add_argument("--batch-size", type=_positive_int, default=32, help="passes per scorer call (default 32)")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="passes per scorer call (default 32)")
     ap.add_argument("--media-dir", default=None, help="base folder of relative media paths (default: the data's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the chosen/rejected presentation order")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    ap.add_argument("--max-batch-tokens", type=_positive_int, default=None)
+    ap.add_argument("--max-batch-tokens", type=positive_int, default=None)
     ap.add_argument("--overwrite", action="store_true", help="drop DIR's cache and start over")
     ap.add_argument("--no-progress", action="store_true")
     return ap

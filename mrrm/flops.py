@@ -443,6 +443,15 @@ def _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at):
     return n, prompt_tokens, responses, separator_tokens
 
 
+def _vision_grids(vision, vision_tokens, spec) -> list[tuple[int, int, int]]:
+    """The prompt's patch grids from either vision= (grids or a token count) or vision_tokens=V."""
+    if vision_tokens is not None:
+        if vision is not None:
+            raise ValueError("give the vision input once: vision= (grids or a token count) or vision_tokens=")
+        vision = _positive_int("vision_tokens", vision_tokens, 0)
+    return _grids(vision, spec)
+
+
 def scoring_flops(config, mode: str, n: int, *, prompt_tokens: int, response_tokens, vision=None,
                   vision_tokens: int | None = None, separator_tokens: int = SEPARATOR_TOKENS,
                   score_at: str = "last", convention: str = "dense", head_hidden: int = VALUE_HEAD_HIDDEN) -> dict:
@@ -468,11 +477,7 @@ def scoring_flops(config, mode: str, n: int, *, prompt_tokens: int, response_tok
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     spec = backbone_spec(config)
-    if vision_tokens is not None:
-        if vision is not None:
-            raise ValueError("give the vision input once: vision= (grids or a token count) or vision_tokens=")
-        vision = _positive_int("vision_tokens", vision_tokens, 0)
-    grids = _grids(vision, spec)
+    grids = _vision_grids(vision, vision_tokens, spec)
     n, P, responses, sep = _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at)
     head_hidden = _positive_int("head_hidden", head_hidden)
 
@@ -687,11 +692,7 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
     if not hasattr(config, "to_dict") or getattr(config, "model_type", None) is None:
         raise ValueError("count_flops needs a transformers config (or an ARCHITECTURES name) to build the model")
     spec = backbone_spec(config)
-    if vision_tokens is not None:
-        if vision is not None:
-            raise ValueError("give the vision input once: vision= (grids or a token count) or vision_tokens=")
-        vision = _positive_int("vision_tokens", vision_tokens, 0)
-    grids = _grids(vision, spec)
+    grids = _vision_grids(vision, vision_tokens, spec)
     n, P, responses, sep = _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at)
     if n > 1 and sep == 0:
         raise ValueError("mrrm packing separates responses: separator_tokens must be >= 1 when n > 1")

@@ -111,19 +111,17 @@ def parse_judgment(rec: dict, where: str) -> Judgment:
 
 def read_judgments(path: str) -> tuple[list[Judgment], list[str]]:
     """All valid judgments of a JSONL file and the problems of the others (by line)."""
+    from .data import iter_jsonl
+
     good, bad = [], []
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{name}:{lineno}"
-            try:
-                good.append(parse_judgment(json.loads(line), where))
-            except json.JSONDecodeError as e:
-                bad.append(f"{where}: invalid JSON ({e.msg})")
-            except ValueError as e:
-                bad.append(str(e))
+    for where, rec, err in iter_jsonl(path):
+        if err is not None:
+            bad.append(f"{where}: {err}")
+            continue
+        try:
+            good.append(parse_judgment(rec, where))
+        except ValueError as e:
+            bad.append(str(e))
     return good, bad
 
 

@@ -43,6 +43,7 @@ import sys
 import time
 from typing import IO, Any
 
+from ._cli import positive_int
 from ._io import append_durable, cut_torn_tail
 
 try:
@@ -61,16 +62,6 @@ class CLIError(Exception):
 
 
 # -- argument parsing -----------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Score every response of every sample in a JSONL file "
                                  "(best-of-N selection, rejection sampling).",
@@ -82,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint directory (mrrm or the paper's layout); default: the built-in default model")
     ap.add_argument("--mode", choices=("joint", "independent", "single"), default=None,
                     help="scoring mode (default: the model's configured mode, joint for the paper's models)")
-    ap.add_argument("--permutations", type=_positive_int, default=1,
+    ap.add_argument("--permutations", type=positive_int, default=1,
                     help="average each score over k cyclic orders of the responses (default 1)")
-    ap.add_argument("--max-batch-tokens", type=_positive_int, default=None,
+    ap.add_argument("--max-batch-tokens", type=positive_int, default=None,
                     help="token budget of one packed forward pass (default: the model's)")
-    ap.add_argument("--batch-size", type=_positive_int, default=64,
+    ap.add_argument("--batch-size", type=positive_int, default=64,
                     help="samples read, scored and written per chunk (default 64)")
     ap.add_argument("--media-dir", default=None,
                     help="base directory of relative image/video paths (default: the input file's directory)")

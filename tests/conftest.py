@@ -17,3 +17,25 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """mrrm's offline tokenizer (tests that build tiny models)."""
+    from mrrm import tiny
+
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def families(tokenizer):
+    """family -> model_fixtures.TinyFamily, each built once per module (lazily)."""
+    from model_fixtures import FAMILIES, build_family
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = build_family(family, tokenizer, seed=FAMILIES.index(family))
+        return cache[family]
+    return get

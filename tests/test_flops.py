@@ -13,26 +13,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mrrm import flops, tiny
+from mrrm import flops
 from mrrm.flops import backbone_spec, count_flops, image_grid, ratio, scoring_flops, video_grid
 
-from model_fixtures import FAMILIES, HEAD_DIM, build_family, frame_list, rgb_image
+from model_fixtures import FAMILIES, HEAD_DIM, frame_list, rgb_image
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def families(tokenizer):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = build_family(family, tokenizer, seed=FAMILIES.index(family))
-        return cache[family]
-    return get
 
 
 SAMPLES = {

@@ -25,7 +25,7 @@ from mrrm import tiny
 from mrrm.encoding import RESP_SEP, BatchError, collate
 from mrrm.model import RewardModel, RewardModelConfig
 
-from model_fixtures import (FAMILIES, HEAD_DIM, HIDDEN, build_family, build_processor, frame_list,
+from model_fixtures import (FAMILIES, HEAD_DIM, HIDDEN, build_processor, frame_list,
                             max_abs_diff, randomize_head, reference_scores, rgb_image, sample_token_layout,
                             write_mp4)
 
@@ -36,21 +36,6 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 # -- fixtures ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def families(tokenizer):
-    """family -> TinyFamily, each built once per module (lazily)."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = build_family(family, tokenizer, seed=FAMILIES.index(family))
-        return cache[family]
-    return get
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
