@@ -255,15 +255,18 @@ def median_seconds(fn, device, rounds=5, warmup=1) -> float:
 
 
 # -- training step: packed multi-response vs padded ------------------------------------------------
-def train_samples(h: Harness, kind, batch, n, resp_tokens, seed=0):
-    """`batch` encoded samples with N responses each and ragged response lengths around resp_tokens
-    (+-50%, so the padded batch carries real padding) and rankings."""
+def train_samples(h: Harness, kind, batch, n, resp_tokens, seed=0, mixed=False):
+    """`batch` encoded samples with rankings and ragged response lengths around resp_tokens (+-50%,
+    so a padded batch carries real padding). mixed=True draws a preference dataset's mix instead:
+    N from 2 to 2n per sample, and every other prompt text-only (no image)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for b in range(batch):
-        lens = torch.randint(max(1, resp_tokens // 2), resp_tokens * 3 // 2 + 1, (n,), generator=g).tolist()
-        enc = make_sample(h, kind, n, lens, seed=seed + b)
-        out.append((enc, torch.randperm(n, generator=g).add(1).tolist()))
+        nb = int(torch.randint(2, 2 * n + 1, (1,), generator=g)) if mixed else n
+        kb = ("text" if b % 2 else kind) if mixed else kind
+        lens = torch.randint(max(1, resp_tokens // 2), resp_tokens * 3 // 2 + 1, (nb,), generator=g).tolist()
+        enc = make_sample(h, kb, nb, lens, seed=seed + b)
+        out.append((enc, torch.randperm(nb, generator=g).add(1).tolist()))
     return out
 
 

@@ -150,17 +150,20 @@ def table(rows) -> str:
     tr = train_rows(rows)
     if tr:
         lines += ["#### Training step (forward + backward), packed vs padded", "",
-                  "| where | layout | real tokens | processed tokens | tokens/s | peak memory MB |", "|---|---|---|---|---|---|"]
-        for e in tr:
+                  "| where | batch | layout | real tokens | processed tokens | tokens/s | peak memory MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in sorted(tr, key=lambda e: (e.get("batch_kind", ""), e.get("layout", ""))):
             if "layout" in e:
-                lines.append(f"| CPU small model | {e['layout']} | {e['real_tokens']} | {e['processed_tokens']} | "
+                lines.append(f"| CPU small model | {e['batch']} x {e.get('batch_kind', 'uniform')} | {e['layout']} | "
+                             f"{e['real_tokens']} | {e['processed_tokens']} | "
                              f"{e['tokens_per_s']:.0f} | {e['peak_bytes'] / 2**20:.0f} |")
             else:
                 for lay in ("packed", "padded"):
-                    lines.append(f"| GPU 4B bf16 ({e.get('card', '')}) | {lay} | {e[f'real_tokens_{lay}']} | "
+                    lines.append(f"| GPU 4B bf16 ({e.get('card', '')}) | 2 x uniform | {lay} | {e[f'real_tokens_{lay}']} | "
                                  f"{e.get(f'processed_tokens_{lay}', e[f'real_tokens_{lay}'])} | "
                                  f"{e[f'tokens_per_s_{lay}']:.0f} | {e[f'peak_bytes_{lay}'] / 2**20:.0f} |")
-        lines.append("")
+        lines += ["", "uniform: image prompts, N = 4 each; mixed: N from 2 to 8 per prompt, every other prompt "
+                  "text-only. Real tokens exclude padding; processed tokens are what the padded batch computes.", ""]
     kr = kernel_rows(rows)
     if kr:
         lines += ["#### CPU ops (`bench_perf/test_ops_cpu.py`, forward + backward)", "",

@@ -72,11 +72,13 @@ def test_scoring_latency_cpu(benchmark, harness, kind, n):
     benchmark.pedantic(fns["joint"], rounds=ROUNDS, warmup_rounds=0)
 
 
+@pytest.mark.parametrize("batch_kind", ["uniform", "mixed"])
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_train_step_cpu(benchmark, harness, layout):
+def test_train_step_cpu(benchmark, harness, layout, batch_kind):
+    """uniform: image prompts with N=4 each; mixed: N from 2 to 8, half the prompts text-only."""
     h = harness
     batch, n = (2, 4) if SMALL else (4, 4)
-    samples = e2e.train_samples(h, "image", batch, n, R * 2)
+    samples = e2e.train_samples(h, "image", batch, n, R * 2, mixed=batch_kind == "mixed")
     model = h.model if layout == "packed" else e2e.padded_twin(h)
     model.train()
     try:
@@ -84,8 +86,8 @@ def test_train_step_cpu(benchmark, harness, layout):
         padded_tokens = e2e.padded_token_count(model, samples) if layout == "padded" else real_tokens
         peak = e2e.peak_memory(run, h.device)
         sec = e2e.median_seconds(run, h.device, rounds=ROUNDS, warmup=1)
-        benchmark.group = f"train step CPU (fwd+bwd) batch={batch} N={n} image"
-        benchmark.extra_info.update(layout=layout, batch=batch, n=n, real_tokens=real_tokens,
+        benchmark.group = f"train step CPU (fwd+bwd) batch={batch} {batch_kind}"
+        benchmark.extra_info.update(layout=layout, batch_kind=batch_kind, batch=batch, n=n, real_tokens=real_tokens,
                                     processed_tokens=padded_tokens, seconds=sec,
                                     tokens_per_s=real_tokens / sec, peak_bytes=peak)
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0)
