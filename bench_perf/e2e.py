@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrrm import tiny
+from mrrm import ops, tiny
 from mrrm.encoding import EncodedSample
 from mrrm.model import RewardModel, RewardModelConfig, padded_batch
 
@@ -192,11 +192,14 @@ def published_inputs(h: Harness, enc):
 
 
 def published_scores(h: Harness, kwargs, where) -> torch.Tensor:
+    """The published path: full forward with every layer's states and the logits, then the model's
+    own value head (same op, activation and scale) on the last layer at each response's end."""
     out = h.published(**kwargs, output_hidden_states=True, use_cache=False)
-    last = out.hidden_states[-1][where[0], where[1]]
+    last = out.hidden_states[-1]
+    rows = (where[0] * last.shape[1] + where[1]).to(torch.int64)
     l1, l2 = h.model.value_head[0], h.model.value_head[2]
-    return h.model.head_scale * (torch.nn.functional.silu(last @ l1.weight.t() + l1.bias) @ l2.weight.t() + l2.bias
-                                 ).squeeze(-1)
+    return ops.gather_value_head(last.reshape(-1, last.shape[-1]), rows, l1.weight, l1.bias, l2.weight, l2.bias,
+                                 activation=h.model.config.value_head_activation, scale=h.model.head_scale)
 
 
 def scoring_fn(h: Harness, enc, path: str):

@@ -95,21 +95,16 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider bench_perf/test_e2e_gpu.py 
 [ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
 fi
 
-if want kernels; then
-stage "kernel benchmarks: mrrm, SDPA flash, head, listwise_ce"
-timeout 90 python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only \
-  -k "mrrm_triton or sdpa_flash or listwise" \
-  --benchmark-json="$OUT/gpu_bench.json" --benchmark-columns=median,rounds >> "$LOG" 2>&1
-[ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
-fi
-
-if want baselines; then
-stage "kernel benchmarks: FlexAttention and eager baselines"
-timeout 90 python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only \
-  -k "flex or eager" \
-  --benchmark-json="$OUT/gpu_bench_baselines.json" --benchmark-columns=median,rounds >> "$LOG" 2>&1
-[ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
-fi
+# kernel benchmarks in two passes, each with its own JSON, so a timeout in the slow baselines
+# loses nothing of the first: bench NAME FILTER JSON
+bench() {
+  stage "kernel benchmarks: $1"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only -k "$2" \
+    --benchmark-json="$OUT/$3" --benchmark-columns=median,rounds >> "$LOG" 2>&1
+  [ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
+}
+want kernels && bench "mrrm, SDPA flash, head, listwise_ce" "mrrm_triton or sdpa_flash or listwise" gpu_bench.json
+want baselines && bench "FlexAttention and eager baselines" "flex or eager" gpu_bench_baselines.json
 
 stage "summary"
 jsons=$(ls "$OUT"/gpu_bench*.json 2>/dev/null)

@@ -48,8 +48,9 @@ def flops_rows(rows):
 
 
 def latency_rows(rows, arch=None):
+    """Latency benchmarks of the 4B architecture `arch` (GPU), or with arch=None the CPU model's."""
     out = [r["extra_info"] for r in rows if "seconds_joint" in r["extra_info"]]
-    return [e for e in out if (arch is None) or e.get("arch") == arch] if arch else [e for e in out if "arch" not in e]
+    return [e for e in out if e.get("arch") == arch]
 
 
 def train_rows(rows):
