@@ -11,6 +11,12 @@ Masks (constexpr MASK):
                    sequence the segments are contiguous and non-decreasing, prefix first: the public
                    op `mrrm.ops.varlen_attention` validates this): key j visible to query i iff same
                    sequence, j <= i and segment_ids[j] in (0, segment_ids[i]).
+Bidirectional blocks (constexpr BLOCKS; `causal` and `shared_prefix`), with block_ids int32 [T]
+(-1 = no block): key j is ALSO visible to query i iff same sequence and
+block_ids[i] == block_ids[j] >= 0 (transformers' `block_sequence_ids` overlay: Molmo2's image and
+video tokens see each other both ways, later tokens of their block included). A block's tokens
+need not be contiguous, a sequence may hold several blocks, and with `shared_prefix` every block
+token lies in the prefix (validated by the public op).
 
 shared_prefix SKIPS the key blocks of other responses (they are never loaded, not computed and
 masked). Because segments are contiguous runs, the rule above is equivalent, for j <= i in one
@@ -26,6 +32,22 @@ and the kernels visit
 i.e. prefix blocks and the block's own response only. Inside a visited range, blocks that are
 fully visible run without any masking code; only the blocks at range edges and on the diagonal
 apply the elementwise mask (bounds, causal, segment rule).
+
+BLOCKS widens the ranges by the spans of the block ids present, from `block_metadata` (vectorised,
+no host sync, memoised per forward like the shared_prefix metadata):
+    blk_start[t], blk_end[t]   span [first, last + 1) of t's block id within its sequence
+                               (relative); (sequence length, 0) for a token outside any block
+    forward / dQ:   the causal range [a_body, min(P, m1)) becomes [a_body, c_hi),
+                    c_hi = max(min(P, m1), max(blk_end[m0:m1]))   (later keys of the rows' blocks)
+    dK / dV:        the diagonal range [n0, diag_hi) becomes [d_lo, diag_hi),
+                    d_lo = min(n0, min(blk_start[n0:n1])) rounded down to BLOCK_M
+                    (earlier queries of the keys' blocks)
+and these two ranges apply `base | (bid_q == bid_k >= 0)` elementwise. No other pair changes: a
+block pair with j <= i is visible through the base rule already (blocks lie in the prefix for
+`shared_prefix`, whose keys every later query sees), so the fully visible and the segment ranges
+keep their code. A query (key) block without block tokens visits exactly the tiles it did without
+BLOCKS; with block tokens it visits only the tiles up to (down to) its blocks' span ends (starts).
+With BLOCKS off the kernels compile to the code they had before the flag existed.
 
 Kernels (all without atomics, so the backward is deterministic; the `deterministic` argument is
 accepted for flash-attn's signature and changes nothing):
@@ -148,14 +170,38 @@ def _query_key_ranges(P, g_first, g_last, m_start, m_end, BLOCK_N: tl.constexpr)
     return a_body, a_hi, b0, u0, b_body
 
 
+@triton.jit
+def _row_blocks(blk_base, BLK_END, seq_start, offs_m, L, a_hi, BLOCKS: tl.constexpr):
+    """Block ids of a query block's rows and the end of its causal key range (forward / dQ).
+
+    Without BLOCKS: (placeholder, a_hi). With BLOCKS: the rows' block ids, -2 for a row outside any
+    block (keys carry ids >= -1, so such a row matches no key), and c_hi = max(a_hi, the largest
+    block-span end among the rows): the causal range [a_body, a_hi) grows to [a_body, c_hi) so that
+    a block row also reaches the later keys of its block. Block spans lie in the prefix
+    (validated), so c_hi <= P and the range never runs into the responses' ranges."""
+    if BLOCKS:
+        row_ok = offs_m < L
+        row_blk = tl.load(blk_base + offs_m, mask=row_ok, other=-1)
+        row_blk = tl.where(row_blk >= 0, row_blk, -2)
+        span_end = tl.load(BLK_END + seq_start + offs_m, mask=row_ok, other=0)
+        c_hi = tl.maximum(a_hi, tl.max(span_end, 0))
+    else:
+        row_blk = offs_m
+        c_hi = a_hi
+    return row_blk, c_hi
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m, row_seg_start,
-                lo, hi, qk_scale, offs_n, offs_d,
+                lo, hi, qk_scale, offs_n, offs_d, blk_base, row_blk,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                MODE: tl.constexpr, IEEE: tl.constexpr):
+                MODE: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi). BLOCKS (with a masked MODE): a key is also
+    visible when its block id equals the row's `row_blk` (-2 for rows outside any block); the
+    block ids of the keys are read from `blk_base` (relative to the sequence start)."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         k = _load_rows(k_base, cols, stride_kt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
@@ -171,6 +217,9 @@ def _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, off
                 visible = visible & (cols[None, :] <= offs_m[:, None])
             if MODE == _SEGMENT:
                 visible = visible & (cols[None, :] >= row_seg_start[:, None])
+            if BLOCKS:
+                col_blk = tl.load(blk_base + cols, mask=cols < hi, other=-1)
+                visible = visible | (row_blk[:, None] == col_blk[None, :])
             s = tl.where(visible, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row may see nothing in this block yet (m_new = -inf): subtract 0 instead, so that
@@ -186,10 +235,10 @@ def _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, off
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, BLOCK_IDS, BLK_END, COUNTS,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
               T, qk_scale,
-              HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr,
+              HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr, BLOCKS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
     num_m = tl.num_programs(0)
@@ -211,6 +260,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
     q_base = Q + seq_start64 * stride_qt + _hoff(head, stride_qh, ALIGN_H)
     k_base = K + seq_start64 * stride_kt + _hoff(kv_head, stride_kh, ALIGN_H)
     v_base = V + seq_start64 * stride_vt + _hoff(kv_head, stride_vh, ALIGN_H)
+    blk_base = BLOCK_IDS + seq_start
     q = _load_rows(q_base, offs_m, stride_qt, offs_d, L, HEAD_DIM, BLOCK_D, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -220,11 +270,11 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
     if MASK == 1:  # bidirectional: every key of the sequence
         body = (L // BLOCK_N) * BLOCK_N
         acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                         offs_m, 0, body, qk_scale, offs_n, offs_d,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+                                         offs_m, 0, body, qk_scale, offs_n, offs_d, blk_base, offs_m,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE, False)
         acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                         offs_m, body, L, qk_scale, offs_n, offs_d,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, _BOUNDS, IEEE)
+                                         offs_m, body, L, qk_scale, offs_n, offs_d, blk_base, offs_m,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _BOUNDS, IEEE, False)
     else:
         if MASK == 2:
             P = tl.load(PREFIX_END + seq)
@@ -237,22 +287,23 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
             g_last = L
             row_seg_start = offs_m
         a_body, a_hi, b0, u0, b_body = _query_key_ranges(P, g_first, g_last, m_start, m_end, BLOCK_N)
+        row_blk, c_hi = _row_blocks(blk_base, BLK_END, seq_start, offs_m, L, a_hi, BLOCKS)
         acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                         row_seg_start, 0, a_body, qk_scale, offs_n, offs_d,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+                                         row_seg_start, 0, a_body, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE, False)
         acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                         row_seg_start, a_body, a_hi, qk_scale, offs_n, offs_d,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, _CAUSAL, IEEE)
+                                         row_seg_start, a_body, c_hi, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, _CAUSAL, IEEE, BLOCKS)
         if MASK == 2:
             acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                             row_seg_start, b0, u0, qk_scale, offs_n, offs_d,
-                                             HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+                                             row_seg_start, b0, u0, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE, False)
             acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                             row_seg_start, u0, b_body, qk_scale, offs_n, offs_d,
-                                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+                                             row_seg_start, u0, b_body, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE, False)
             acc, l_i, m_i, cnt = _fwd_blocks(acc, l_i, m_i, cnt, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                             row_seg_start, b_body, m_end, qk_scale, offs_n, offs_d,
-                                             HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+                                             row_seg_start, b_body, m_end, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE, False)
 
     # every real row sees at least itself; padded rows (>= L) are not stored
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -286,11 +337,13 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_
 
 @triton.jit
 def _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                 offs_n, key_end, lo, hi, qk_scale, offs_m, offs_d,
+                 offs_n, key_end, lo, hi, qk_scale, offs_m, offs_d, blk_base, key_blk,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MODE: tl.constexpr, IEEE: tl.constexpr):
+                 MODE: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) (computed transposed:
-    rows = keys, columns = queries, so that no [BLOCK_M, BLOCK_N] tile needs a transpose)."""
+    rows = keys, columns = queries, so that no [BLOCK_M, BLOCK_N] tile needs a transpose).
+    BLOCKS (with _KEY_END): a query also sees a key whose block id `key_blk` (-2 outside any block)
+    equals its own, read from `blk_base` (relative to the sequence start)."""
     for start in range(lo, hi, BLOCK_M):
         rows = start + offs_m
         q = _load_rows(q_base, rows, stride_qt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
@@ -306,7 +359,11 @@ def _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, strid
         if MODE == _BOUNDS:
             pT = tl.where(rows[None, :] < hi, pT, 0.0)
         elif MODE == _KEY_END:
-            pT = tl.where((rows[None, :] >= offs_n[:, None]) & (rows[None, :] < key_end[:, None]), pT, 0.0)
+            seen = (rows[None, :] >= offs_n[:, None]) & (rows[None, :] < key_end[:, None])
+            if BLOCKS:
+                row_blk = tl.load(blk_base + rows, mask=rows < hi, other=-1)
+                seen = seen | (key_blk[:, None] == row_blk[None, :])
+            pT = tl.where(seen, pT, 0.0)
         dv += _dot(pT.to(do.dtype), do, IEEE)
         dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - delta[None, :])
@@ -316,11 +373,11 @@ def _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, strid
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, COUNTS,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, BLOCK_IDS, BLK_START, COUNTS,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                    T, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr, BLOCKS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
     num_n = tl.num_programs(0)
@@ -344,7 +401,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, COUNTS,
 
     # query ranges: [0, body) + [body, L) for bidirectional; otherwise the diagonal block
     # [n_start, diag_hi), the fully visible body [n_start + BLOCK_N, body) and the masked tail
-    # [body, q_hi), where key j is seen by queries j <= i < key_end[j].
+    # [body, q_hi), where key j is seen by queries j <= i < key_end[j]. With BLOCKS the diagonal
+    # range starts earlier, at d_lo: the block-aligned start of the earliest block span among the
+    # keys, since a block key is also seen by the earlier queries of its block (those are the only
+    # extra pairs: a later query of the block sees the key through the base rule already).
+    blk_base = BLOCK_IDS + seq_start
+    key_blk = offs_n
+    d_lo = n_start
     if MASK == 1:
         key_end = offs_n
         q_hi = L
@@ -352,6 +415,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, COUNTS,
         body_lo = 0
         body = (L // BLOCK_M) * BLOCK_M
     else:
+        if BLOCKS:
+            key_blk = tl.load(blk_base + offs_n, mask=valid, other=-1)
+            key_blk = tl.where(key_blk >= 0, key_blk, -2)
+            span_lo = tl.min(tl.load(BLK_START + seq_start + offs_n, mask=valid, other=L), 0)
+            d_lo = (tl.minimum(span_lo, n_start) // BLOCK_M) * BLOCK_M
         if MASK == 2:
             key_end = tl.load(KEY_END + seq_start + offs_n, mask=valid, other=0)
             q_hi = tl.max(key_end, 0)
@@ -376,19 +444,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, COUNTS,
         delta_base = DELTA + head.to(tl.int64) * T + seq_start64
         if MASK != 1:
             dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                       stride_dot, offs_n, key_end, n_start, diag_hi, qk_scale, offs_m, offs_d,
-                                       HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE)
+                                       stride_dot, offs_n, key_end, d_lo, diag_hi, qk_scale, offs_m, offs_d,
+                                       blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE, BLOCKS)
         dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                    stride_dot, offs_n, key_end, body_lo, body, qk_scale, offs_m, offs_d,
-                                   HEAD_DIM, BLOCK_M, BLOCK_D, _NONE, IEEE)
+                                   blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _NONE, IEEE, False)
         if MASK == 1:
             dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                        stride_dot, offs_n, key_end, tail_lo, q_hi, qk_scale, offs_m, offs_d,
-                                       HEAD_DIM, BLOCK_M, BLOCK_D, _BOUNDS, IEEE)
+                                       blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _BOUNDS, IEEE, False)
         else:
             dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                        stride_dot, offs_n, key_end, tail_lo, q_hi, qk_scale, offs_m, offs_d,
-                                       HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE)
+                                       blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE, False)
 
     st_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = (DK + seq_start64 * stride_dkt + _hoff(kv_head, stride_dkh, ALIGN_H) + offs_n[:, None] * stride_dkt
@@ -404,9 +472,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, COUNTS,
 
 @triton.jit
 def _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, row_seg_start,
-               lo, hi, qk_scale, offs_n, offs_d,
+               lo, hi, qk_scale, offs_n, offs_d, blk_base, row_blk,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MODE: tl.constexpr, IEEE: tl.constexpr):
+               MODE: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr):
+    """dQ over key blocks [lo, hi); BLOCKS as in `_fwd_blocks`."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         k = _load_rows(k_base, cols, stride_kt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
@@ -419,6 +488,9 @@ def _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                 visible = visible & (cols[None, :] <= offs_m[:, None])
             if MODE == _SEGMENT:
                 visible = visible & (cols[None, :] >= row_seg_start[:, None])
+            if BLOCKS:
+                col_blk = tl.load(blk_base + cols, mask=cols < hi, other=-1)
+                visible = visible | (row_blk[:, None] == col_blk[None, :])
             p = tl.where(visible, p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
@@ -428,11 +500,11 @@ def _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START, COUNTS,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START, BLOCK_IDS, BLK_END, COUNTS,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                  stride_dot, stride_doh, stride_dqt, stride_dqh,
                  T, qk_scale, sm_scale,
-                 HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr, BLOCKS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
     num_m = tl.num_programs(0)
@@ -463,12 +535,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     cnt = 0
+    blk_base = BLOCK_IDS + seq_start
     if MASK == 1:
         body = (L // BLOCK_N) * BLOCK_N
         dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_m,
-                             0, body, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+                             0, body, qk_scale, offs_n, offs_d, blk_base, offs_m,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE, False)
         dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_m,
-                             body, L, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, _BOUNDS, IEEE)
+                             body, L, qk_scale, offs_n, offs_d, blk_base, offs_m,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, _BOUNDS, IEEE, False)
     else:
         if MASK == 2:
             P = tl.load(PREFIX_END + seq)
@@ -481,22 +556,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START,
             g_last = L
             row_seg_start = offs_m
         a_body, a_hi, b0, u0, b_body = _query_key_ranges(P, g_first, g_last, m_start, m_end, BLOCK_N)
+        row_blk, c_hi = _row_blocks(blk_base, BLK_END, seq_start, offs_m, L, a_hi, BLOCKS)
         dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                             row_seg_start, 0, a_body, qk_scale, offs_n, offs_d,
-                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+                             row_seg_start, 0, a_body, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE, False)
         dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                             row_seg_start, a_body, a_hi, qk_scale, offs_n, offs_d,
-                             HEAD_DIM, BLOCK_N, BLOCK_D, _CAUSAL, IEEE)
+                             row_seg_start, a_body, c_hi, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, _CAUSAL, IEEE, BLOCKS)
         if MASK == 2:
             dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                 row_seg_start, b0, u0, qk_scale, offs_n, offs_d,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+                                 row_seg_start, b0, u0, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE, False)
             dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                 row_seg_start, u0, b_body, qk_scale, offs_n, offs_d,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE)
+                                 row_seg_start, u0, b_body, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, _NONE, IEEE, False)
             dq, cnt = _dq_blocks(dq, cnt, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                 row_seg_start, b_body, m_end, qk_scale, offs_n, offs_d,
-                                 HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE)
+                                 row_seg_start, b_body, m_end, qk_scale, offs_n, offs_d, blk_base, row_blk,
+                                 HEAD_DIM, BLOCK_N, BLOCK_D, _SEGMENT, IEEE, False)
 
     dq_ptrs = (DQ + seq_start64 * stride_dqt + _hoff(head, stride_dqh, ALIGN_H) + offs_m[:, None] * stride_dqt
                + offs_d[None, :])
@@ -628,6 +704,70 @@ def cached_shared_prefix_metadata(cu_seqlens: torch.Tensor, segment_ids: torch.T
 
 
 
+def block_metadata(cu_seqlens: torch.Tensor, block_ids: torch.Tensor):
+    """(blk_start [T], blk_end [T]), int32, relative to each token's sequence start: the span
+    [first, last + 1) of the token's block id within its sequence (the block's tokens need not be
+    contiguous: the span covers the gaps). A token outside any block (-1) gets the empty span
+    (sequence length, 0), which never widens a range in the kernels.
+
+    Vectorised (no host sync): tokens are grouped by (sequence, block id) with one stable sort;
+    each group's first and last positions are the ends of its runs in sorted order."""
+    T = block_ids.shape[0]
+    S = cu_seqlens.shape[0] - 1
+    dev = block_ids.device
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq_id = torch.repeat_interleave(torch.arange(S, device=dev), lengths, output_size=T)
+    seq_lo = cu[:-1][seq_id]
+    blk = block_ids.long()
+    # block ids are int32 (< 2^31), so (sequence, block + 1) packs into one int64 key
+    key = seq_id * (1 << 32) + (blk + 1)
+    sorted_key, perm = torch.sort(key, stable=True)  # stable: positions ascend within a group
+    idx = torch.arange(T, device=dev)
+    new_run = torch.ones(T, dtype=torch.bool, device=dev)
+    new_run[1:] = sorted_key[1:] != sorted_key[:-1]
+    end_run = torch.ones(T, dtype=torch.bool, device=dev)
+    end_run[:-1] = sorted_key[:-1] != sorted_key[1:]
+    first = torch.cummax(torch.where(new_run, idx, 0), 0).values
+    last = torch.cummin(torch.where(end_run, idx, T).flip(0), 0).values.flip(0)
+    span_lo = torch.empty(T, dtype=torch.long, device=dev)
+    span_hi = torch.empty(T, dtype=torch.long, device=dev)
+    span_lo[perm] = perm[first]
+    span_hi[perm] = perm[last] + 1
+    in_block = blk >= 0
+    blk_start = torch.where(in_block, span_lo - seq_lo, lengths[seq_id])
+    blk_end = torch.where(in_block, span_hi - seq_lo, 0)
+    return blk_start.to(torch.int32), blk_end.to(torch.int32)
+
+
+_LAST_BLOCK_METADATA = None  # (weakref cu, weakref block_ids, their versions, metadata)
+
+
+def cached_block_metadata(cu_seqlens: torch.Tensor, block_ids: torch.Tensor):
+    """block_metadata, remembered for the last (cu_seqlens, block_ids) pair, like
+    `cached_shared_prefix_metadata`: a model calls the op once per layer with the same tensors, so
+    the sort and scans run once per forward. A hit needs the very same, unmodified tensor objects."""
+    global _LAST_BLOCK_METADATA
+    last = _LAST_BLOCK_METADATA
+    versions = (tensor_version(cu_seqlens), tensor_version(block_ids))
+    if last is not None:
+        cu_ref, blk_ref, seen, meta = last
+        if cu_ref() is cu_seqlens and blk_ref() is block_ids and seen == versions:
+            return meta
+    meta = block_metadata(cu_seqlens, block_ids)
+    _LAST_BLOCK_METADATA = (weakref.ref(cu_seqlens), weakref.ref(block_ids), versions, meta)
+    return meta
+
+
+def _check_blocks(mask, block_ids):
+    """True when the call has bidirectional blocks (the kernels' BLOCKS flag)."""
+    if block_ids is None:
+        return False
+    if mask == "bidirectional":
+        raise ValueError("block_ids is meaningless with mask='bidirectional' (every key is already visible)")
+    return True
+
+
 def _heads_aligned(*tensors):
     """True when every head stride is a multiple of 8 elements (the ALIGN_H hint of the kernels)."""
     return all(t.stride(1) % 8 == 0 for t in tensors)
@@ -643,14 +783,17 @@ def _check_dtype(q):
                          "use backend='reference' for float64")
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, softmax_scale=None,
-                      configs=None, meta=None, count_blocks=False):
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, block_ids=None,
+                      softmax_scale=None, configs=None, meta=None, block_meta=None, count_blocks=False):
     """Forward launcher. Returns (out [T, Hq, D], lse2 [Hq, T] fp32 in log2 units, counts or None).
 
+    `block_ids` (int32 [T] or None): bidirectional blocks over `causal` / `shared_prefix`; `meta`
+    and `block_meta` pass precomputed `shared_prefix_metadata` / `block_metadata`.
     `count_blocks=True` also returns the number of key blocks each program visited (int32, one
     entry per program of the grid, 0 for programs that exited early): a debugging aid that shows
     the shared_prefix skipping."""
     _check_dtype(q)
+    blocks = _check_blocks(mask, block_ids)
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     mask_id = MASK_IDS[mask]
@@ -668,22 +811,29 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment
         prefix_end, seg_start, _ = meta if meta is not None else shared_prefix_metadata(cu_seqlens, segment_ids)
     else:
         prefix_end = seg_start = cu_seqlens  # unused placeholders
+    if blocks:
+        _, blk_end = block_meta if block_meta is not None else block_metadata(cu_seqlens, block_ids)
+    else:
+        block_ids = blk_end = cu_seqlens  # unused placeholders
     _attn_fwd[(num_m, Hq, S)](
-        q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, counts if counts is not None else cu_seqlens,
+        q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, block_ids, blk_end,
+        counts if counts is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         T, scale * LOG2E,
-        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCKS=blocks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=block_d_for(D), IEEE=q.dtype == torch.float32, COUNT=count_blocks,
         ALIGN_H=_heads_aligned(q, k, v, out), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse, counts
 
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None,
-                       softmax_scale=None, configs=None, meta=None, count_blocks=False):
+                       block_ids=None, softmax_scale=None, configs=None, meta=None, block_meta=None,
+                       count_blocks=False):
     """Backward launcher. Returns (dq, dk, dv, counts) where counts is None or
     {"dkdv": query blocks visited per dK/dV program (summed over its GQA heads), "dq": key blocks
-    visited per dQ program}."""
+    visited per dQ program}. `block_ids`, `meta`, `block_meta` as in `attention_forward`."""
     _check_dtype(q)
+    blocks = _check_blocks(mask, block_ids)
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     mask_id = MASK_IDS[mask]
@@ -707,6 +857,10 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
         prefix_end, seg_start, key_end = meta if meta is not None else shared_prefix_metadata(cu_seqlens, segment_ids)
     else:
         prefix_end = seg_start = key_end = cu_seqlens  # unused placeholders
+    if blocks:
+        blk_start, blk_end = block_meta if block_meta is not None else block_metadata(cu_seqlens, block_ids)
+    else:
+        block_ids = blk_start = blk_end = cu_seqlens  # unused placeholders
     delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     align_h = _heads_aligned(q, k, v, out, do, dq, dk, dv)
     _attn_bwd_preprocess[(triton.cdiv(T, PREPROCESS_BLOCK_T), Hq)](
@@ -714,22 +868,24 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
         HEAD_DIM=D, BLOCK_T=PREPROCESS_BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
     c = cfgs["dkdv"]
     _attn_bwd_dkdv[(num_n, Hkv, S)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_end,
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_end, block_ids, blk_start,
         counts["dkdv"] if counts is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         T, scale * LOG2E, scale,
-        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=BLOCK_D,
+        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCKS=blocks, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_D=BLOCK_D,
         IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, num_warps=c.num_warps,
         num_stages=c.num_stages)
     c = cfgs["dq"]
     _attn_bwd_dq[(num_m, Hq, S)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, prefix_end, seg_start,
+        q, k, v, do, lse, delta, dq, cu_seqlens, prefix_end, seg_start, block_ids, blk_end,
         counts["dq"] if counts is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         T, scale * LOG2E, scale,
-        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=BLOCK_D,
+        HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCKS=blocks, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_D=BLOCK_D,
         IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, num_warps=c.num_warps,
         num_stages=c.num_stages)
     return dq, dk, dv, counts
@@ -737,41 +893,52 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
 
 class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, configs):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, configs, block_ids=None):
         meta = cached_shared_prefix_metadata(cu_seqlens, segment_ids) if mask == "shared_prefix" else None
-        out, lse, _ = attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, softmax_scale=softmax_scale,
-                                        configs=configs, meta=meta)
+        block_meta = cached_block_metadata(cu_seqlens, block_ids) if _check_blocks(mask, block_ids) else None
+        out, lse, _ = attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, block_ids=block_ids,
+                                        softmax_scale=softmax_scale, configs=configs, meta=meta,
+                                        block_meta=block_meta)
         if meta is None:
             meta = (None, None, None)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, *meta)
+        if block_meta is None:
+            block_meta = (None, None)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, *meta, block_ids, *block_meta)
         ctx.max_seqlen, ctx.mask, ctx.softmax_scale, ctx.configs = max_seqlen, mask, softmax_scale, configs
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, key_end = ctx.saved_tensors
+        (q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, key_end, block_ids, blk_start,
+         blk_end) = ctx.saved_tensors
         meta = (prefix_end, seg_start, key_end) if ctx.mask == "shared_prefix" else None
+        block_meta = (blk_start, blk_end) if block_ids is not None else None
         dq, dk, dv, _ = attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, mask=ctx.mask,
-                                           softmax_scale=ctx.softmax_scale, configs=ctx.configs, meta=meta)
-        return dq, dk, dv, None, None, None, None, None, None
+                                           block_ids=block_ids, softmax_scale=ctx.softmax_scale,
+                                           configs=ctx.configs, meta=meta, block_meta=block_meta)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None,
+def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, block_ids=None,
                             softmax_scale=None, deterministic=False, configs=None):
     """Triton flash attention over a packed stream; see the module docstring. Inputs are assumed
-    valid (the public op `mrrm.ops.varlen_attention` validates them). Returns [T, Hq, D] in q's
-    dtype, differentiable in q, k, v. The backward never uses atomics, so it is deterministic
-    whatever `deterministic` says. `configs` overrides the block table (see `uniform_configs`)."""
+    valid (the public op `mrrm.ops.varlen_attention` validates them). `block_ids` (int32 [T] or
+    None, -1 = no block; `causal` / `shared_prefix` only, blocks inside the prefix for the latter):
+    tokens of one sequence sharing a block id >= 0 also see each other in both directions.
+    Returns [T, Hq, D] in q's dtype, differentiable in q, k, v. The backward never uses atomics,
+    so it is deterministic whatever `deterministic` says. `configs` overrides the block table
+    (see `uniform_configs`)."""
     del deterministic  # always deterministic
     if mask not in MASK_IDS:
         raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
     if mask == "shared_prefix" and segment_ids is None:
         raise ValueError("mask='shared_prefix' needs segment_ids")
+    _check_blocks(mask, block_ids)
     _check_dtype(q)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), mask, segment_ids,
-                                         float(softmax_scale), configs)
+                                         float(softmax_scale), configs, block_ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,47 +964,52 @@ def _aot_specs():
     dt = "*bf16"
     specs = []
     fwd_sig = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "*fp32", "CU_SEQLENS": "*i32", "PREFIX_END": "*i32",
-               "SEG_START": "*i32", "COUNTS": "*i32"}
+               "SEG_START": "*i32", "BLOCK_IDS": "*i32", "BLK_END": "*i32", "COUNTS": "*i32"}
     fwd_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                                        "stride_ot", "stride_oh", "T")})
     fwd_sig["qk_scale"] = "fp32"
-    fwd_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+    fwd_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D",
                                              "IEEE", "COUNT", "ALIGN_H")})
     pre_sig = {"O": dt, "DO": dt, "DELTA": "*fp32", "stride_ot": "i32", "stride_oh": "i32", "stride_dot": "i32",
                "stride_doh": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
                "BLOCK_D": "constexpr"}
     dkdv_sig = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DK": dt, "DV": dt,
-                "CU_SEQLENS": "*i32", "KEY_END": "*i32", "COUNTS": "*i32"}
+                "CU_SEQLENS": "*i32", "KEY_END": "*i32", "BLOCK_IDS": "*i32", "BLK_START": "*i32", "COUNTS": "*i32"}
     dkdv_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                         "stride_vh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
                                         "stride_dvt", "stride_dvh", "T")})
     dkdv_sig.update({"qk_scale": "fp32", "sm_scale": "fp32"})
-    dkdv_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+    dkdv_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D",
                                               "IEEE", "COUNT", "ALIGN_H")})
     dq_sig = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dt,
-              "CU_SEQLENS": "*i32", "PREFIX_END": "*i32", "SEG_START": "*i32", "COUNTS": "*i32"}
+              "CU_SEQLENS": "*i32", "PREFIX_END": "*i32", "SEG_START": "*i32", "BLOCK_IDS": "*i32", "BLK_END": "*i32",
+              "COUNTS": "*i32"}
     dq_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                       "stride_vh", "stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "T")})
     dq_sig.update({"qk_scale": "fp32", "sm_scale": "fp32"})
-    dq_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+    dq_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D",
                                             "IEEE", "COUNT", "ALIGN_H")})
     # head dim 128 (Qwen-VL text towers, GQA 4) and 64 (small models): every kernel, every mask.
     # 80 and 72 (Qwen2/2.5-VL and Qwen3-VL vision towers: bidirectional, no GQA, frozen under LoRA
     # so forward only) exercise the masked-d path with BLOCK_D = 128.
-    cases = [(128, 4, m, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
-    cases += [(64, 4, m, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
-    cases += [(80, 1, "bidirectional", ("fwd",)), (72, 1, "bidirectional", ("fwd",))]
-    for head_dim, group, mask, which in cases:
+    # Bidirectional blocks (BLOCKS, Molmo2's image / video tokens) over causal and shared_prefix:
+    # every kernel at head dim 128 and 64 (Molmo2's text towers are Qwen3's: D = 128, GQA 4).
+    cases = [(128, 4, m, False, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
+    cases += [(64, 4, m, False, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
+    cases += [(80, 1, "bidirectional", False, ("fwd",)), (72, 1, "bidirectional", False, ("fwd",))]
+    cases += [(d, 4, m, True, ("fwd", "dkdv", "dq")) for d in (128, 64) for m in ("causal", "shared_prefix")]
+    for head_dim, group, mask, blocks, which in cases:
         cfgs = choose_configs(head_dim, torch.bfloat16)
         bd = block_d_for(head_dim)
-        common = {"HEAD_DIM": head_dim, "GROUP": group, "MASK": MASK_IDS[mask], "BLOCK_D": bd, "IEEE": False,
-                  "COUNT": False, "ALIGN_H": head_dim % 8 == 0}
+        common = {"HEAD_DIM": head_dim, "GROUP": group, "MASK": MASK_IDS[mask], "BLOCKS": blocks, "BLOCK_D": bd,
+                  "IEEE": False, "COUNT": False, "ALIGN_H": head_dim % 8 == 0}
+        variant = f"{mask}_blocks" if blocks else mask
         for name, kernel, sig in (("fwd", _attn_fwd, fwd_sig), ("dkdv", _attn_bwd_dkdv, dkdv_sig),
                                   ("dq", _attn_bwd_dq, dq_sig)):
             if name not in which:
                 continue
             c = cfgs[name]
-            specs.append({"name": f"{name}_{mask}_d{head_dim}_g{group}_bf16", "kernel": kernel, "signature": sig,
+            specs.append({"name": f"{name}_{variant}_d{head_dim}_g{group}_bf16", "kernel": kernel, "signature": sig,
                           "constexprs": dict(common, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                           "attrs": _aot_divisibility(kernel, sig, head_dim),
                           "num_warps": c.num_warps, "num_stages": c.num_stages})

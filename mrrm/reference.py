@@ -26,26 +26,40 @@ def activation_fn(name: str):
     }[name]
 
 
-def attention_mask_dense(lo: int, hi: int, mask: str, segment_ids: torch.Tensor | None) -> torch.Tensor:
-    """Boolean [L, L] visibility (True = query row may attend key column) for tokens lo..hi-1."""
+def attention_mask_dense(lo: int, hi: int, mask: str, segment_ids: torch.Tensor | None,
+                         block_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [L, L] visibility (True = query row may attend key column) for tokens lo..hi-1.
+
+    With `block_ids` (int32 [T], -1 = no block), query i also sees key j when both carry the same
+    block id b >= 0, in either direction: the base mask OR (block_ids[i] >= 0 and
+    block_ids[i] == block_ids[j]). Not defined for mask='bidirectional'."""
     L = hi - lo
-    idx = torch.arange(L, device=segment_ids.device if segment_ids is not None else "cpu")
+    ref = segment_ids if segment_ids is not None else block_ids
+    idx = torch.arange(L, device=ref.device if ref is not None else "cpu")
     if mask == "bidirectional":
+        if block_ids is not None:
+            raise ValueError("block_ids is meaningless with mask='bidirectional' (every key is already visible)")
         return torch.ones(L, L, dtype=torch.bool, device=idx.device)
-    causal = idx[None, :] <= idx[:, None]
-    if mask == "causal":
-        return causal
-    seg = segment_ids[lo:hi].long()
-    seg_q, seg_k = seg[:, None], seg[None, :]
-    return causal & ((seg_k == 0) | (seg_k == seg_q))
+    visible = idx[None, :] <= idx[:, None]
+    if mask == "shared_prefix":
+        seg = segment_ids[lo:hi].long()
+        seg_q, seg_k = seg[:, None], seg[None, :]
+        visible = visible & ((seg_k == 0) | (seg_k == seg_q))
+    if block_ids is not None:
+        blk = block_ids[lo:hi].to(idx.device).long()
+        visible = visible | ((blk[:, None] >= 0) & (blk[:, None] == blk[None, :]))
+    return visible
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None,
-                     softmax_scale=None):
+                     block_ids=None, softmax_scale=None):
     """Attention over a packed stream. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [S+1].
 
     `shared_prefix`: key j is visible to query i iff same sequence, j <= i and
-    segment_ids[j] in (0, segment_ids[i]). Returns [T, Hq, D] in q's dtype (math in fp32 or fp64).
+    segment_ids[j] in (0, segment_ids[i]). `block_ids` (int32 [T] or None; -1 = no block; with
+    `causal` or `shared_prefix`): key j is also visible to query i iff same sequence and
+    block_ids[i] == block_ids[j] >= 0 (bidirectional blocks, e.g. a sequence's image tokens).
+    Returns [T, Hq, D] in q's dtype (math in fp32 or fp64).
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -60,7 +74,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
         qs = q[lo:hi].to(acc).transpose(0, 1)  # [Hq, L, D]
         ks = k[lo:hi].to(acc).transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
         vs = v[lo:hi].to(acc).transpose(0, 1).repeat_interleave(Hq // Hkv, dim=0)
-        visible = attention_mask_dense(lo, hi, mask, segment_ids).to(q.device)
+        visible = attention_mask_dense(lo, hi, mask, segment_ids, block_ids).to(q.device)
         logits = (qs @ ks.transpose(1, 2)) * scale
         logits = logits.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(logits, dim=-1)

@@ -221,10 +221,12 @@ def _meta_lists(cu, seg):
     return prefix_end.tolist(), seg_start.tolist(), key_end.tolist()
 
 
-def expected_query_side_counts(lengths, cu, seg, mask, BM, BN):
+def expected_query_side_counts(lengths, cu, seg, mask, BM, BN, blk=None):
     """Key blocks each (sequence, query block) program visits, from the ranges the module
-    docstring specifies (mirror of `_query_key_ranges`), as a list per sequence."""
+    docstring specifies (mirror of `_query_key_ranges`; with block ids `blk`, the causal range
+    runs to c_hi = max(min(P, m1), the rows' largest block-span end)), as a list per sequence."""
     P_all, ss_all, _ = _meta_lists(cu, seg) if mask == "shared_prefix" else (None, None, None)
+    blk_end = va.block_metadata(cu, blk)[1].tolist() if blk is not None else None
     num_m = _cdiv(max(lengths), BM)
     out = []
     for s, L in enumerate(lengths):
@@ -241,7 +243,10 @@ def expected_query_side_counts(lengths, cu, seg, mask, BM, BN):
                 ranges = [(0, body), (body, L)]
             else:
                 P = P_all[s] if mask == "shared_prefix" else L
-                ranges = [(0, min(P, m0) // BN * BN), (min(P, m0) // BN * BN, min(P, m1))]
+                c_hi = min(P, m1)
+                if blk_end is not None:
+                    c_hi = max([c_hi] + blk_end[lo_tok + m0:lo_tok + m1])
+                ranges = [(0, min(P, m0) // BN * BN), (min(P, m0) // BN * BN, c_hi)]
                 if mask == "shared_prefix":
                     b0 = min(max(P, ss_all[lo_tok + m0]), m1)
                     u0 = min(max(P, ss_all[lo_tok + m1 - 1]), m1)
@@ -252,8 +257,11 @@ def expected_query_side_counts(lengths, cu, seg, mask, BM, BN):
     return out
 
 
-def expected_dkdv_counts(lengths, cu, seg, mask, BM, BN, group):
+def expected_dkdv_counts(lengths, cu, seg, mask, BM, BN, group, blk=None):
+    """Query blocks each dK/dV program visits (mirror of the kernel's ranges; with block ids `blk`
+    the diagonal range starts at the keys' earliest block-span start, rounded down to BM)."""
     _, _, ke_all = _meta_lists(cu, seg) if mask == "shared_prefix" else (None, None, None)
+    blk_start = va.block_metadata(cu, blk)[0].tolist() if blk is not None else None
     num_n = _cdiv(max(lengths), BN)
     out = []
     for s, L in enumerate(lengths):
@@ -273,21 +281,24 @@ def expected_dkdv_counts(lengths, cu, seg, mask, BM, BN, group):
                 q_hi, e_min = max(ke), min(ke)
                 body_lo = n0 + BN
                 body = body_lo + max(e_min - body_lo, 0) // BM * BM
-                c = (_cdiv(min(n0 + BN, q_hi) - n0, BM) + _cdiv(body - body_lo, BM)
+                d_lo = n0
+                if blk_start is not None:
+                    d_lo = min([n0] + blk_start[lo_tok + n0:lo_tok + n1]) // BM * BM
+                c = (_cdiv(min(n0 + BN, q_hi) - d_lo, BM) + _cdiv(body - body_lo, BM)
                      + _cdiv(q_hi - max(body, body_lo), BM))
             row.append(c * group)
         out.append(row)
     return out
 
 
-def kernel_counts(T, Hq, Hkv, cu, seg, lengths, mask, cfg):
+def kernel_counts(T, Hq, Hkv, cu, seg, lengths, mask, cfg, blk=None):
     """Visited-block counters from the kernels, reshaped to [S, heads, blocks] in block order."""
     q, k, v = (x.detach() for x in rand_qkv(T, Hq, Hkv, 16, device=TRITON_DEVICE))
     S = len(lengths)
-    out, lse, c_fwd = va.attention_forward(q, k, v, cu, max(lengths), mask=mask, segment_ids=seg, configs=cfg,
-                                           count_blocks=True)
+    out, lse, c_fwd = va.attention_forward(q, k, v, cu, max(lengths), mask=mask, segment_ids=seg, block_ids=blk,
+                                           configs=cfg, count_blocks=True)
     _, _, _, c_bwd = va.attention_backward(torch.ones_like(out), q, k, v, out, lse, cu, max(lengths), mask=mask,
-                                           segment_ids=seg, configs=cfg, count_blocks=True)
+                                           segment_ids=seg, block_ids=blk, configs=cfg, count_blocks=True)
     # program x of the grid handles block (num_blocks - 1 - x): flip back to block order
     return (c_fwd.view(S, Hq, -1).flip(-1).cpu(), c_bwd["dq"].view(S, Hq, -1).flip(-1).cpu(),
             c_bwd["dkdv"].view(S, Hkv, -1).flip(-1).cpu())
@@ -412,13 +423,18 @@ def test_config_table_is_consistent():
         for kernel in ("fwd", "dkdv", "dq"):
             for d in (64, 128):
                 assert f"{kernel}_{mask}_d{d}_g4_bf16" in names
+                if mask != "bidirectional":  # bidirectional blocks over causal and shared_prefix
+                    spec = next(s for s in va.AOT_SPECS if s["name"] == f"{kernel}_{mask}_blocks_d{d}_g4_bf16")
+                    assert spec["constexprs"]["BLOCKS"] is True
+    assert all(s["constexprs"]["BLOCKS"] == ("_blocks_" in s["name"]) for s in va.AOT_SPECS
+               if "BLOCKS" in s["constexprs"])
     for spec in va.AOT_SPECS:
         if "BLOCK_M" in spec["constexprs"]:
             kernel = spec["name"].split("_")[0]
             cfg = va.choose_configs(spec["constexprs"]["HEAD_DIM"])[kernel]
             assert (spec["constexprs"]["BLOCK_M"], spec["constexprs"]["BLOCK_N"], spec["num_warps"],
                     spec["num_stages"]) == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
-    assert len(va.AOT_SPECS) < 25
+    assert len(va.AOT_SPECS) < 40
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,3 +538,360 @@ def test_shared_prefix_metadata_cache_takes_inference_tensors():
         assert cached_shared_prefix_metadata(cu, seg) is got
         for g, w in zip(got, shared_prefix_metadata(cu, seg)):
             assert torch.equal(g, w)
+
+
+# --------------------------------------------------------------------------------------------
+# bidirectional blocks (block_ids): Molmo2's image / video tokens over causal and shared_prefix
+# --------------------------------------------------------------------------------------------
+def make_block_ids(seqs, device="cpu"):
+    """seqs: list of (length, [(start, end, block id), ...]) with runs relative to the sequence
+    start. Returns (cu_seqlens, block_ids, lengths); tokens outside every run get -1."""
+    ids, lengths = [], []
+    for L, runs in seqs:
+        row = [-1] * L
+        for a, b, bid in runs:
+            row[a:b] = [bid] * (b - a)
+        ids += row
+        lengths.append(L)
+    cu = torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32,
+                      device=device)
+    return cu, torch.tensor(ids, dtype=torch.int32, device=device), lengths
+
+
+# Causal streams (block = 16): one id in three runs separated by text with another id between
+# (video frames and timestamps), a 1-token sequence, an empty one, a sequence without blocks, a
+# block from the first token and one reaching the last token with a 1-token block in between, and
+# block id 0 again in another sequence (ids only connect tokens of one sequence).
+BLOCK_SEQS = [(45, [(2, 9, 0), (14, 20, 0), (24, 27, 3), (30, 33, 0)]), (1, []), (0, []), (29, []),
+              (38, [(0, 17, 1), (20, 21, 2), (33, 38, 1)]), (23, [(5, 12, 0)])]
+# shared_prefix samples (prefix, responses, runs inside the prefix): two ids with non-contiguous
+# runs, a block filling the whole prefix (it ends where the response starts), samples without
+# blocks or without prefix, blocks at the prefix end, a 1-token sample that is one block.
+BLOCK_SAMPLES = [(40, [3, 18], [(5, 12, 0), (20, 30, 0), (33, 36, 1)]), (21, [9], [(0, 21, 0)]),
+                 (5, [7, 1, 20], []), (0, [9, 12], []), (17, [33], [(3, 5, 4), (14, 16, 4), (16, 17, 2)]),
+                 (1, [], [(0, 1, 0)])]
+
+
+def block_layout(mask, device):
+    """(cu_seqlens, segment_ids or None, block_ids, lengths) for the mask's block test stream."""
+    if mask == "causal":
+        cu, blk, lengths = make_block_ids(BLOCK_SEQS, device)
+        return cu, None, blk, lengths
+    cu, seg, lengths = make_layout([(p, r) for p, r, _ in BLOCK_SAMPLES], device)
+    _, blk, _ = make_block_ids([(L, runs) for L, (_, _, runs) in zip(lengths, BLOCK_SAMPLES)], device)
+    return cu, seg, blk, lengths
+
+
+BLOCK_SHAPES = SHAPES[:2]  # (2, 2, 72): D not a power of 2; (4, 1, 40): GQA 4
+BLOCK_CASES = [(b, m, s) for b in ("reference", "cpu", "triton") for m in ("causal", "shared_prefix")
+               for s in (SHAPES if b != "triton" else BLOCK_SHAPES)]
+
+
+@pytest.mark.parametrize("backend, mask, shape", BLOCK_CASES,
+                         ids=[f"{b}-{m}-hq{s[0]}-hkv{s[1]}-d{s[2]}" for b, m, s in BLOCK_CASES])
+def test_blocks_backend_matches_reference(backend, mask, shape, small_blocks):
+    Hq, Hkv, D = shape
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    cu, seg, blk, lengths = block_layout(mask, device)
+    T = int(cu[-1])
+    q, k, v = rand_qkv(T, Hq, Hkv, D, device=device)
+    do = torch.randn(T, Hq, D, generator=torch.Generator().manual_seed(6)).to(device)
+    out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg,
+                                                          block_ids=blk, backend=backend), q, k, v, do)
+    ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+                                                                            segment_ids=seg, block_ids=blk),
+                                 q, k, v, do)
+    assert out.shape == (T, Hq, D) and out.dtype == q.dtype
+    assert_close(out, ref_out, what=f"{backend} out")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, what=f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
+def test_triton_blocks_rect_tiles_and_fp16(mask):
+    """Rectangular tiles (fwd / dq 32 x 16, dkdv 16 x 32: block spans and their rounded-down
+    starts fall elsewhere in the tiles) with a softmax scale in fp32, and fp16 inputs with 16 x 16
+    tiles against the fp32 reference at fp16 tolerances."""
+    cfg = {"fwd": va.KernelConfig(32, 16), "dkdv": va.KernelConfig(16, 32), "dq": va.KernelConfig(32, 16)}
+    cu, seg, blk, lengths = block_layout(mask, TRITON_DEVICE)
+    T, Hq, Hkv, D = int(cu[-1]), 4, 2, 32
+    do = torch.randn(T, Hq, D, generator=torch.Generator().manual_seed(8)).to(TRITON_DEVICE)
+    for dtype, tol, configs, scale in ((torch.float32, ATOL, cfg, 0.3), (torch.float16, 5e-3, SMALL, None)):
+        q32, k32, v32 = rand_qkv(T, Hq, Hkv, D, device=TRITON_DEVICE)
+        q, k, v = (x.detach().to(dtype).requires_grad_(True) for x in (q32, k32, v32))
+        out, grads = fwd_bwd(lambda a, b, c: va.varlen_attention_triton(a, b, c, cu, max(lengths), mask=mask,
+                                                                        segment_ids=seg, block_ids=blk,
+                                                                        softmax_scale=scale, configs=configs),
+                             q, k, v, do.to(dtype))
+        ref, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+                                                                            segment_ids=seg, block_ids=blk,
+                                                                            softmax_scale=scale),
+                                 q32, k32, v32, do)
+        assert out.dtype == dtype
+        assert_close(out, ref, atol=tol, rtol=tol, what=f"{dtype} out")
+        for name, g, rg in zip("qkv", grads, ref_grads):
+            assert_close(g, rg, atol=4 * tol, rtol=4 * tol, what=f"{dtype} d{name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
+def test_blocks_change_exactly_the_rows_they_widen(backend, mask, small_blocks):
+    """The mask matters: a block token with a later token of its block in its sequence sees more
+    keys, and its output differs from block_ids=None; every other row (text tokens, responses, a
+    block's last token) sees the same keys as before and keeps its output."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    cu, seg, blk, lengths = block_layout(mask, device)
+    T, Hq, Hkv, D = int(cu[-1]), 2, 1, 16
+    q, k, v = (x.detach() for x in rand_qkv(T, Hq, Hkv, D, device=device))
+    with_blocks = varlen_attention(q, k, v, cu, max(lengths), mask=mask, segment_ids=seg, block_ids=blk,
+                                   backend=backend).cpu()
+    without = varlen_attention(q, k, v, cu, max(lengths), mask=mask, segment_ids=seg, backend=backend).cpu()
+    _, blk_end = va.block_metadata(cu.cpu(), blk.cpu())
+    seq_lo = torch.repeat_interleave(cu[:-1].cpu().long(), torch.tensor(lengths))
+    rel = torch.arange(T) - seq_lo
+    widened = (blk.cpu() >= 0) & (blk_end.long() - 1 > rel)  # a later token of the same block exists
+    assert 10 < int(widened.sum()) < T - 10
+    diff = (with_blocks - without).abs().amax(dim=(1, 2))
+    assert bool((diff[widened] > 1e-3).all()), diff[widened]
+    assert_close(with_blocks[~widened], without[~widened], what="rows the blocks do not widen")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
+def test_no_blocks_is_bit_identical(backend, mask, small_blocks):
+    """block_ids=None keeps the existing path, and a block_ids tensor without any block (all -1)
+    gives bit for bit the same outputs and gradients through the block path: the BLOCKS kernels
+    visit the same tiles and the block rule adds no pair."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    cu, seg, _, lengths = block_layout(mask, device)
+    T, Hq, Hkv, D = int(cu[-1]), 2, 1, 16
+    q, k, v = rand_qkv(T, Hq, Hkv, D, device=device)
+    do = torch.randn(T, Hq, D, generator=torch.Generator().manual_seed(7)).to(device)
+    none = torch.full((T,), -1, dtype=torch.int32, device=device)
+    runs = [fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg,
+                                                     block_ids=ids, backend=backend), q, k, v, do)
+            for ids in (None, none)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_block_overlay_equals_transformers_mask():
+    """mrrm's reference mask is transformers' `create_causal_mask(..., block_sequence_ids=...)`
+    for one sequence: Molmo2's ids (every image / frame token in block 0, text -1, from
+    mm_token_type_ids) with several non-contiguous runs, and general ids (several blocks)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.masking_utils import create_causal_mask
+
+    cfg = transformers.Molmo2TextConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                        num_hidden_layers=1, intermediate_size=64)
+    cfg._attn_implementation = "sdpa"
+    mm_token_type_ids = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0]])
+    molmo2_ids = torch.where(mm_token_type_ids == 1, 0, -1)  # as Molmo2Model.forward builds them
+    general_ids = torch.tensor([[-1, 3, 3, -1, 0, 0, 3, -1, 0, -1, -1, 5, 5, 5, -1, 0, -1, 3, -1, -1]])
+    L = mm_token_type_ids.shape[1]
+    for ids in (molmo2_ids, general_ids):
+        want = create_causal_mask(config=cfg, inputs_embeds=torch.zeros(1, L, 32), attention_mask=None, cache=None,
+                                  position_ids=None, block_sequence_ids=ids)
+        assert want.dtype == torch.bool and want.shape == (1, 1, L, L)
+        got = reference.attention_mask_dense(0, L, "causal", None, ids[0].to(torch.int32))
+        assert torch.equal(got, want[0, 0])
+        assert not torch.equal(got, reference.attention_mask_dense(0, L, "causal", None))
+    # and inside a packed stream: the same mask for the sequence at offset 7
+    packed = torch.cat([torch.full((7,), 2), general_ids[0]]).to(torch.int32)
+    assert torch.equal(reference.attention_mask_dense(7, 7 + L, "causal", None, packed), got)
+
+
+def test_reference_block_mask_rule():
+    """The oracle's rule, pair by pair: base mask OR same non-negative block id, for shared_prefix."""
+    cu, seg, _ = make_layout([(6, [2, 3])])
+    blk = torch.tensor([0, -1, 1, 0, 1, 1, -1, -1, -1, -1, -1], dtype=torch.int32)
+    vis = reference.attention_mask_dense(0, 11, "shared_prefix", seg, blk)
+    for i in range(11):
+        for j in range(11):
+            base = j <= i and (int(seg[j]) == 0 or int(seg[j]) == int(seg[i]))
+            same = int(blk[i]) >= 0 and int(blk[i]) == int(blk[j])
+            assert bool(vis[i, j]) == (base or same), (i, j)
+
+
+def _brute_block_spans(cu, blk):
+    bounds, ids = cu.tolist(), blk.tolist()
+    starts, ends = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for t in range(lo, hi):
+            if ids[t] < 0:
+                starts.append(hi - lo)
+                ends.append(0)
+            else:
+                same = [u - lo for u in range(lo, hi) if ids[u] == ids[t]]
+                starts.append(min(same))
+                ends.append(max(same) + 1)
+    return starts, ends
+
+
+def test_block_metadata_matches_brute_force():
+    g = torch.Generator().manual_seed(11)
+    for lengths in ([45, 1, 0, 29, 38], [7], [0, 0, 13, 50]):
+        T = sum(lengths)
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        blk = (torch.randint(-1, 3, (T,), generator=g) * (torch.rand(T, generator=g) < 0.6)).to(torch.int32)
+        blk[blk == 0] = -1
+        if T:
+            blk[-1] = 2 ** 31 - 1  # the largest id still packs into the sort key
+        start, end = va.block_metadata(cu, blk)
+        assert start.dtype == end.dtype == torch.int32
+        assert (start.tolist(), end.tolist()) == _brute_block_spans(cu, blk)
+
+
+def test_block_metadata_is_cached_per_input_tensors():
+    cu = torch.tensor([0, 7, 12], dtype=torch.int32)
+    blk = torch.tensor([-1, 0, 0, -1, 0, 1, -1, 0, -1, 0, 0, -1], dtype=torch.int32)
+    first = va.cached_block_metadata(cu, blk)
+    assert va.cached_block_metadata(cu, blk) is first
+    blk[3] = 1  # an in-place edit bumps the version: recomputed, and right
+    edited = va.cached_block_metadata(cu, blk)
+    assert edited is not first
+    for got, want in zip(edited, va.block_metadata(cu, blk)):
+        assert torch.equal(got, want)
+    with torch.inference_mode():
+        cu_i, blk_i = cu.clone(), blk.clone()
+        got = va.cached_block_metadata(cu_i, blk_i)
+        assert va.cached_block_metadata(cu_i, blk_i) is got
+
+
+def test_blocks_skip_key_blocks():
+    """With blocks the kernels visit exactly the documented tiles, and only the tiles the blocks
+    need: a query block visits cdiv(max(span end of its rows) - m1, BN) key tiles more than without
+    block_ids (none without block rows), a key block visits cdiv(n0 - min(span start of its keys),
+    BM) query tiles more per head (none without block keys)."""
+    # causal: block 0 in two runs [20, 28) and [60, 70) of a 96-token sequence (span [20, 70)),
+    # block 1 at [85, 90); shared_prefix: a 48-token prefix with block 0 at [3, 10) and [30, 40)
+    cu_c, blk_c, len_c = make_block_ids([(96, [(20, 28, 0), (60, 70, 0), (85, 90, 1)]), (30, [])], TRITON_DEVICE)
+    cu_s, seg_s, len_s = make_layout([(48, [16, 20]), (10, [7])], TRITON_DEVICE)
+    _, blk_s, _ = make_block_ids([(84, [(3, 10, 0), (30, 40, 0)]), (17, [(2, 5, 3)])], TRITON_DEVICE)
+    Hq, Hkv, B = 2, 1, 16
+    cfg = va.uniform_configs(B, B)
+    for mask, cu, seg, blk, lengths in (("causal", cu_c, None, blk_c, len_c),
+                                        ("shared_prefix", cu_s, seg_s, blk_s, len_s)):
+        T = int(cu[-1])
+        fwd, dq, dkdv = kernel_counts(T, Hq, Hkv, cu, seg, lengths, mask, cfg, blk)
+        fwd0, _, dkdv0 = kernel_counts(T, Hq, Hkv, cu, seg, lengths, mask, cfg)
+        seg_cpu = seg.cpu() if seg is not None else None
+        want_q = torch.tensor(expected_query_side_counts(lengths, cu.cpu(), seg_cpu, mask, B, B, blk.cpu()),
+                              dtype=torch.int32)
+        want_kv = torch.tensor(expected_dkdv_counts(lengths, cu.cpu(), seg_cpu, mask, B, B, Hq // Hkv, blk.cpu()),
+                               dtype=torch.int32)
+        assert torch.equal(fwd, want_q[:, None, :].expand_as(fwd)), mask
+        assert torch.equal(dq, want_q[:, None, :].expand_as(dq)), mask
+        assert torch.equal(dkdv, want_kv[:, None, :].expand_as(dkdv)), mask
+        # independent of the mirror: the extra tiles from the block spans alone (brute force)
+        start, end = _brute_block_spans(cu.cpu(), blk.cpu())
+        for s, L in enumerate(lengths):
+            lo = int(cu[s])
+            for b in range(_cdiv(L, B)):
+                b0, b1 = b * B, min(b * B + B, L)
+                span_end = max(end[lo + b0:lo + b1])
+                span_start = min(start[lo + b0:lo + b1])
+                assert int(fwd[s, 0, b] - fwd0[s, 0, b]) == _cdiv(max(span_end - b1, 0), B), (mask, s, b)
+                assert int(dkdv[s, 0, b] - dkdv0[s, 0, b]) == Hq // Hkv * _cdiv(max(b0 - span_start, 0), B), \
+                    (mask, s, b)
+        if mask == "causal":
+            # query block [16, 32) reaches key 69: 3 more key tiles; key block [64, 80) goes back to
+            # query 20: 3 more query tiles per head; blocks [32, 48) (text only) and the text-only
+            # sequence: none
+            assert int(fwd[0, 0, 1] - fwd0[0, 0, 1]) == 3
+            assert int(dkdv[0, 0, 4] - dkdv0[0, 0, 4]) == 3 * Hq // Hkv
+            assert int(fwd[0, 0, 2] - fwd0[0, 0, 2]) == 0
+            assert torch.equal(fwd[1], fwd0[1]) and torch.equal(dkdv[1], dkdv0[1])
+        assert int((fwd - fwd0).sum()) > 0 and int((dkdv - dkdv0).sum()) > 0, mask
+
+
+@pytest.mark.parametrize("case", ["dtype", "ndim", "length", "below_minus_one", "device", "bidirectional",
+                                  "outside_prefix"])
+def test_bad_block_ids_raise_value_error(case):
+    q, k, v, cu = _inputs()
+    blk = torch.tensor([0, 0, -1, 1, -1, 0, 0, -1, -1, -1], dtype=torch.int32)
+    kwargs = {"mask": "causal"}
+    match = "block_ids"
+    if case == "dtype":
+        blk = blk.long()
+    elif case == "ndim":
+        blk = blk[None]
+    elif case == "length":
+        blk = blk[:-1]
+    elif case == "below_minus_one":
+        blk[6] = -2
+        match = "token 6"
+    elif case == "device":
+        blk = torch.zeros(10, dtype=torch.int32, device="meta")
+    elif case == "bidirectional":
+        kwargs = {"mask": "bidirectional"}
+    elif case == "outside_prefix":
+        # second sequence (tokens 4..9): prefix 4..6, then response 1 at 7..9; token 8 is a block token
+        seg = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 1], dtype=torch.int32)
+        blk = torch.tensor([0, 0, -1, -1, 0, -1, 0, -1, 2, -1], dtype=torch.int32)
+        kwargs = {"mask": "shared_prefix", "segment_ids": seg}
+        match = "token 8"
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(q, k, v, cu, 6, block_ids=blk, **kwargs)
+
+
+def test_blocks_in_the_prefix_are_valid(small_blocks):
+    q, k, v, cu = _inputs()
+    seg = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 1], dtype=torch.int32)
+    blk = torch.tensor([0, 0, -1, -1, 0, -1, 0, -1, -1, -1], dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg, block_ids=blk, backend="cpu")
+    assert_close(out, reference.varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg,
+                                                 block_ids=blk))
+
+
+def test_triton_launcher_rejects_blocks_with_bidirectional():
+    q, k, v, cu = _inputs()
+    with pytest.raises(ValueError, match="bidirectional"):
+        va.varlen_attention_triton(q, k, v, cu, 6, mask="bidirectional",
+                                   block_ids=torch.zeros(10, dtype=torch.int32))
+
+
+def test_flash_cannot_serve_blocks_and_auto_never_picks_it(monkeypatch):
+    """flash-attn has no such mask: an explicit backend='flash' with block_ids raises (whether or
+    not flash-attn is installed), and `auto` sends CUDA tensors to Triton, never to flash."""
+    from mrrm.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "flash_attn_available", lambda: True)
+    monkeypatch.delenv("MRRM_OPS", raising=False)
+    q, k, v, cu = _inputs()
+    blk = torch.tensor([0, 0, -1, -1, 0, -1, 0, -1, -1, -1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="block_ids"):
+        varlen_attention(q, k, v, cu, 6, block_ids=blk, backend="flash")
+    assert _dispatch.choose_backend("varlen_attention", torch.device("cuda")) in ("triton", "reference")
+
+
+@pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_blocks_low_precision_vs_fp32_reference(mask, dtype):
+    """Production tiles, Molmo2-like shapes: D = 128, GQA 4, images of hundreds of tokens, a video
+    of frames separated by timestamp text, several images in one prefix."""
+    Hq, Hkv, D = 8, 2, 128
+    if mask == "causal":
+        cu, blk, lengths = make_block_ids([(900, [(10, 310, 0), (350, 650, 0)]),
+                                           (700, [(5 + 70 * f, 65 + 70 * f, 0) for f in range(8)]), (200, [])], "cuda")
+        seg = None
+    else:
+        cu, seg, lengths = make_layout([(700, [120, 1, 257]), (300, [500])], "cuda")
+        _, blk, _ = make_block_ids([(1078, [(20, 300, 0), (320, 600, 1), (650, 699, 0)]), (800, [(0, 290, 0)])],
+                                   "cuda")
+    T = int(cu[-1])
+    q, k, v = rand_qkv(T, Hq, Hkv, D, dtype=dtype, device="cuda")
+    do = torch.randn(T, Hq, D, device="cuda", dtype=dtype)
+    out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg,
+                                                          block_ids=blk), q, k, v, do)
+    q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+    ref, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+                                                                        segment_ids=seg, block_ids=blk),
+                             q32, k32, v32, do.float())
+    assert (out.float() - ref).abs().max().item() <= 2e-2
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        err = (g.float() - rg).abs().max().item()
+        assert err <= 2e-2 * max(1.0, rg.abs().max().item()), f"d{name}: {err}"

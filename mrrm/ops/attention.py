@@ -1,7 +1,9 @@
 """varlen_attention: attention over a packed stream of sequences (no padding).
 
 Masks: `causal` (joint scoring), `bidirectional` (vision encoders), `shared_prefix` (independent
-scoring: each response sees the shared prefix and itself only).
+scoring: each response sees the shared prefix and itself only). `causal` and `shared_prefix` take
+optional bidirectional blocks (`block_ids`): tokens sharing a block id >= 0 in one sequence see
+each other both ways, as Molmo2's image / video tokens do (transformers' `block_sequence_ids`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ._dispatch import choose_backend
 from ._validate import FLOAT_DTYPES, check_offsets, check_tensor
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale):
+def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, block_ids=None):
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=3, dtypes=(q.dtype,), device=q.device)
@@ -58,13 +60,34 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale)
                                  f"responses in order); token {i} has {int(segment_ids[i])} after {int(segment_ids[i - 1])}")
     elif segment_ids is not None:
         raise ValueError(f"segment_ids is only used with mask='shared_prefix', got mask={mask!r}")
+    if block_ids is not None:
+        if mask == "bidirectional":
+            raise ValueError("block_ids is meaningless with mask='bidirectional' (every key of a sequence is "
+                             "already visible); pass block_ids=None or use mask='causal' / 'shared_prefix'")
+        check_tensor("block_ids", block_ids, ndim=1, dtypes=(torch.int32,), device=q.device)
+        if block_ids.shape[0] != T:
+            raise ValueError(f"block_ids must have T={T} elements, got {block_ids.shape[0]}")
+        if T and int(block_ids.min()) < -1:
+            i = int((block_ids < -1).nonzero()[0])
+            raise ValueError(f"block_ids must be >= -1 (-1 = no block, b >= 0 = bidirectional block b); "
+                             f"token {i} has {int(block_ids[i])}")
+        if mask == "shared_prefix":
+            # the responses never see each other, so a block can only live in the shared prefix
+            # (the kernels' skipping assumes it: a block never widens a response's key range)
+            bad = (block_ids >= 0) & (segment_ids != 0)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"with mask='shared_prefix', block tokens (block_ids >= 0) must lie in the shared "
+                                 f"prefix (segment_ids == 0); token {i} has block_ids={int(block_ids[i])} and "
+                                 f"segment_ids={int(segment_ids[i])}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0 and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
     return int(max_seqlen), bounds
 
 
-def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale):
-    """torch's own attention kernels, one call per sequence (autograd through SDPA)."""
+def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
+    """torch's own attention kernels, one call per sequence (autograd through SDPA). A dense
+    boolean mask for `shared_prefix` and for sequences that hold bidirectional blocks."""
     Hq, Hkv = q.shape[1], k.shape[1]
     outs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -74,8 +97,10 @@ def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale):
         if Hq != Hkv:
             ks = ks.repeat_interleave(Hq // Hkv, dim=0)
             vs = vs.repeat_interleave(Hq // Hkv, dim=0)
-        if mask == "shared_prefix":
-            attn_mask = reference.attention_mask_dense(lo, hi, mask, segment_ids)
+        # a sequence without any block keeps SDPA's is_causal path (no [L, L] mask to build)
+        blocks = block_ids if block_ids is not None and bool((block_ids[lo:hi] >= 0).any()) else None
+        if mask == "shared_prefix" or blocks is not None:
+            attn_mask = reference.attention_mask_dense(lo, hi, mask, segment_ids, blocks)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=(mask == "causal"), scale=scale)
@@ -83,7 +108,7 @@ def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale):
     return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None,
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None, block_ids=None,
                      softmax_scale=None, deterministic=False, backend=None, check_inputs=True):
     """Flash-style attention over a packed varlen stream.
 
@@ -92,12 +117,21 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
     response's separator belongs to it): key j is visible to query i iff same sequence, j <= i and
     segment_ids[j] in (0, segment_ids[i]). Returns [T, Hq, D]; differentiable in q, k, v.
 
+    `block_ids` (int32 [T] or None; -1 = no block), with mask='causal' or 'shared_prefix':
+    bidirectional blocks. Key j is visible to query i iff same sequence and (the mask above allows
+    it or block_ids[i] == block_ids[j] >= 0), so a block token also sees the LATER tokens of its
+    block. A block's tokens need not be contiguous and a sequence may hold several blocks; with
+    'shared_prefix' every block token must be in the prefix. This is transformers'
+    `block_sequence_ids` overlay (Molmo2: image / video tokens). The 'flash' backend cannot express
+    it and raises; `auto` never picks flash.
+
     `deterministic`: the Triton backward never uses atomics, so it is always deterministic; the
     flag is kept for flash-attn's signature. `check_inputs=False` skips the validation (which
     syncs with the device) for callers that built the metadata themselves, e.g. the model.
     """
     if check_inputs:
-        max_seqlen, bounds = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale)
+        max_seqlen, bounds = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale,
+                                       block_ids)
     else:
         bounds = None
         if max_seqlen is None:
@@ -105,11 +139,15 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     which = choose_backend("varlen_attention", q.device, backend)
     if which == "reference":
-        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, mask=mask,
-                                          segment_ids=segment_ids, softmax_scale=scale)
+        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, mask=mask, segment_ids=segment_ids,
+                                          block_ids=block_ids, softmax_scale=scale)
     if which == "cpu":
-        return _sdpa_cpu(q, k, v, bounds if bounds is not None else cu_seqlens.tolist(), mask, segment_ids, scale)
+        return _sdpa_cpu(q, k, v, bounds if bounds is not None else cu_seqlens.tolist(), mask, segment_ids, scale,
+                         block_ids)
     if which == "flash":
+        if block_ids is not None:
+            raise RuntimeError("varlen_attention: backend 'flash' cannot express bidirectional blocks (block_ids); "
+                               "use the Triton kernel (backend='triton' or the default 'auto')")
         if mask == "shared_prefix":
             raise RuntimeError("varlen_attention: backend 'flash' serves causal and bidirectional masks only; "
                                "shared_prefix needs the Triton kernel")
@@ -118,4 +156,4 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
                                       softmax_scale=scale, causal=(mask == "causal"), deterministic=deterministic)
     from ..kernels.varlen_attention import varlen_attention_triton
     return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, mask=mask, segment_ids=segment_ids,
-                                   softmax_scale=scale, deterministic=deterministic)
+                                   block_ids=block_ids, softmax_scale=scale, deterministic=deterministic)
