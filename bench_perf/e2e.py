@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from mrrm import ops, tiny
-from mrrm.encoding import EncodedSample
+from mrrm.encoding import SEPARATOR_TEXT, EncodedSample
 from mrrm.model import RewardModel, RewardModelConfig, padded_batch
 
 MODES = ("single", "joint", "independent")
@@ -66,12 +66,8 @@ def real_config(name: str, tok):
 
 
 def build_processor(family, tok, *, patch_size, image_pixels, video_pixels):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
-
-    image, video = tiny.build_processors(family, patch_size=patch_size, image_pixels=image_pixels,
-                                         video_pixels=video_pixels)
-    cls = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
-    return cls(image_processor=image, tokenizer=tok, video_processor=video)
+    return tiny.build_processor(family, tok, patch_size=patch_size, image_pixels=image_pixels,
+                                video_pixels=video_pixels)
 
 
 @dataclasses.dataclass
@@ -140,7 +136,11 @@ def make_sample(h: Harness, kind: str, n: int, resp_tokens, *, image_size=CPU_IM
     ordinary = torch.tensor([i for i in range(len(h.model.tokenizer)) if i not in special])
     g = torch.Generator().manual_seed(seed)
     resp = [ordinary[torch.randint(len(ordinary), (k,), generator=g)].tolist() for k in lens]
-    return dataclasses.replace(enc, layout=dataclasses.replace(enc.layout, response_ids=resp))
+    # responses of exact lengths: the joint turn is them joined by the separator's tokens
+    sep = h.model.tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
+    layout = dataclasses.replace(enc.layout, response_ids=resp, separator_ids=sep, joint_ids=None,
+                                 joint_score_offsets=None, response_starts=None, joint_starts=None)
+    return dataclasses.replace(enc, layout=layout, text=None)
 
 
 def vision_tokens(enc: EncodedSample, merge=2) -> int:

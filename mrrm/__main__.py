@@ -58,7 +58,7 @@ def main(argv=None):
         n = int(torch.randint(2, 6, (1,), generator=g))
         layouts.append(SampleLayout(prefix_ids=rnd(int(torch.randint(8, 40, (1,), generator=g)))
                                     , response_ids=[rnd(int(torch.randint(1, 12, (1,), generator=g))) for _ in range(n)],
-                                    separator_ids=SEP, separator_index=1, sample_id=f"demo-{s}"))
+                                    separator_ids=SEP, sample_id=f"demo-{s}"))
     torch.manual_seed(args.seed)
     model = ToyScorer()
     print("backends (auto, CPU tensors):",

@@ -20,15 +20,12 @@ def build_default_model(seed: int = 0):
 
     if os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "mrrm_config.json")):
         return RewardModel.from_pretrained(DEFAULT_MODEL_DIR)
-    from transformers import Qwen2VLProcessor
-
     tok = tiny.build_tokenizer()
     cfg = tiny.build_config("qwen2_vl", tokenizer=tok)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
         torch.manual_seed(seed)
         backbone = tiny.build_backbone(cfg)
-        image, video = tiny.build_processors("qwen2_vl")
-        proc = Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
+        proc = tiny.build_processor("qwen2_vl", tok)
         model = RewardModel(backbone, tok, proc, RewardModelConfig(description=DEFAULT_DESCRIPTION,
                                                                    max_length=4096, max_batch_tokens=8192))
     return model.eval()

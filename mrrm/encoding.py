@@ -4,18 +4,35 @@ A sample (the published JSONL schema): {"prompt": str, "responses": [str, ...], 
 "images" (path, PIL image, bytes, base64, or a list of those), "video" / "videos" (path or frame
 list), optional "id"}. Rankings are not needed for scoring.
 
-Token layout (Qwen-VL chat format):
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{media}{prompt}<|im_end|>\\n
-    <|im_start|>assistant\\n r_1 \\n\\n<|resp_sep|>\\n\\n r_2 ... r_N
-The media placeholders are expanded by the backbone's own processor (so Qwen3-VL's per-frame
-timestamps come out right). The prompt and every response are tokenized with special-token text
-kept as plain text (`split_special_tokens=True`): a response containing "<|resp_sep|>" or
-"<|image_pad|>" can neither forge a response boundary nor open a media slot.
+The token layout is the authors' (github yinuoyang01/multi-response-rm,
+`mr2rm/data/dataset.py::collate_multi_response_reward`), because their checkpoints were trained on
+it. The checkpoint's own chat template renders
+
+    user turn:      the media blocks, then the prompt text
+    assistant turn: the N responses joined by "\\n\\n<|resp_sep|>\\n\\n"
+
+(`add_generation_prompt=False`, no system prompt beyond what the template itself writes), and the
+rendered text is tokenized as ONE string (BPE merges across a response's end and the separator's
+newlines happen, ".\\n\\n" is one token for Qwen), media placeholders expanded by the backbone's own
+processor (which also adds Molmo2's BOS when media are present). Response i < N is scored at the
+token right before its <|resp_sep|>, the last response at the last token of the sequence (for Qwen
+templates the "\\n" after <|im_end|>).
+
+One deliberate difference: special-token text inside the prompt or a response ("<|resp_sep|>",
+"<|image_pad|>", "<|im_end|>", ...) stays plain text, through transformers' own control-token
+marking (`sanitize_control_tokens`): it can neither forge a response boundary nor open a media
+slot. Text without such strings tokenizes exactly as in the authors' code.
+
+`independent` and `single` modes need each response *alone*: the same template with an assistant
+turn holding only that response (what the authors' code builds for N = 1), scored at its last
+token. The tokens before the first response token that every variant shares are the layout's
+prefix (see mrrm.packing).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -25,8 +42,8 @@ from .packing import PackedBatch, SampleLayout, pack
 
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
 RESP_SEP = "<|resp_sep|>"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+# stands in for the assistant text while the template renders, to find where that text goes
+_CONTENT_SENTINEL = "\x00mrrm:assistant-content\x00"
 
 
 class SampleError(ValueError):
@@ -48,23 +65,49 @@ class BatchError(ValueError):
 
 
 @dataclass
+class SampleText:
+    """What re-tokenizing a sample's responses in another order needs (no media work again):
+    the assistant turn is `head + content + tail`, where content is the responses (their special-
+    token text marked as plain text) joined by the separator; `head` starts right after the last
+    special token before the content, where the prefix tokens end."""
+
+    head: str
+    responses: list[str]
+    tail: str
+    prefix_tokens: int  # tokens of the prefix before the shared start of the assistant turn
+    head_ids: list[int] = field(default_factory=list)  # the tokens of `head` alone
+
+
+@dataclass
 class EncodedSample:
-    """One sample ready to pack: its token layout and its media tensors (None when absent)."""
+    """One sample ready to pack: its token layout, its media tensors (the processor's outputs, e.g.
+    pixel_values / image_grid_thw for Qwen, pixel_values / image_token_pooling / image_grids /
+    image_num_crops for Molmo2; empty when the sample has none) and its text for reordering."""
 
     layout: SampleLayout
     index: int
     sample_id: Any = None
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    pixel_values_videos: torch.Tensor | None = None
-    video_grid_thw: torch.Tensor | None = None
-    second_per_grid_ts: torch.Tensor | None = None
+    media: dict = field(default_factory=dict)
+    text: SampleText | None = None
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the joint stream (the longest of the three modes' per-sample streams but single)."""
         lay = self.layout
-        return len(lay.prefix_ids) + sum(len(r) for r in lay.response_ids) + \
-            len(lay.separator_ids) * (len(lay.response_ids) - 1)
+        return len(lay.prefix_ids) + len(lay.joint_ids)
+
+    def __getattr__(self, name):  # media by name: enc.pixel_values, enc.image_grid_thw, ...
+        m = self.__dict__.get("media")
+        if m is not None and name in _MEDIA_KEYS:
+            return m.get(name)
+        raise AttributeError(name)
+
+
+# The processors' media outputs that the backbones take (everything else they return is text).
+_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+               "image_token_pooling", "image_grids", "image_num_crops", "video_token_pooling", "video_grids")
+# Index tensors into the flattened patches of all crops / frames of a batch: offset when joined.
+_POOLING_KEYS = {"image_token_pooling": "pixel_values", "video_token_pooling": "pixel_values_videos"}
 
 
 @dataclass
@@ -73,20 +116,21 @@ class ModelInputs:
 
     packed: PackedBatch
     mm_token_type_ids: torch.Tensor  # int32 [T]: 0 text, 1 image, 2 video
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    pixel_values_videos: torch.Tensor | None = None
-    video_grid_thw: torch.Tensor | None = None
+    media: dict = field(default_factory=dict)
 
     def to(self, device, dtype=None) -> "ModelInputs":
-        def mv(t, float_ok=False):
-            if t is None:
-                return None
-            if float_ok and dtype is not None and t.is_floating_point():
+        def mv(t):
+            if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device)
-        return ModelInputs(self.packed.to(device), mv(self.mm_token_type_ids), mv(self.pixel_values, True),
-                           mv(self.image_grid_thw), mv(self.pixel_values_videos, True), mv(self.video_grid_thw))
+        return ModelInputs(self.packed.to(device), self.mm_token_type_ids.to(device),
+                           {k: mv(v) for k, v in self.media.items()})
+
+    def __getattr__(self, name):
+        m = self.__dict__.get("media")
+        if m is not None and name in _MEDIA_KEYS:
+            return m.get(name)
+        raise AttributeError(name)
 
 
 def _as_list(x, frames_ok=False):
@@ -104,44 +148,128 @@ def _is_frame_list(x):
     return not isinstance(first, (str, bytes, list, tuple, dict)) and hasattr(first, "size")
 
 
-class Encoder:
-    """Turns sample dicts into EncodedSamples for one backbone's tokenizer and processor.
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
-    processor: the family's HF processor (Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor)
-      or None for a text-only backbone (then `tokenizer` is used alone).
-    rope_index_fn: (input_ids [1,P], mm_token_type_ids [1,P], image_grid_thw, video_grid_thw,
-      second_per_grid_ts) -> position ids [3, 1, P] (the backbone's get_rope_index), or None for 1-D.
+
+class Encoder:
+    """Turns sample dicts into EncodedSamples in the authors' layout for one backbone.
+
+    tokenizer / processor: the checkpoint's (processor None for a text-only backbone).
+    chat_template: overrides the processor's / tokenizer's own template (which is used otherwise).
+    rope_index_fn: (input_ids [1,P], mm_token_type_ids [1,P], media dict) -> position ids [K, 1, P]
+      (the backbone's get_rope_index), or None for 1-D positions.
+    one_media_kind: the backbone takes images or a video per sample, not both (Molmo2).
     """
 
-    def __init__(self, tokenizer, processor=None, *, rope_index_fn=None, system_prompt="You are a helpful assistant.",
-                 max_length=8192, media_base_dir=None, video_fps=2.0, video_max_frames=64, score_at="last"):
+    def __init__(self, tokenizer, processor=None, *, rope_index_fn=None, chat_template=None, max_length=8192,
+                 media_base_dir=None, video_fps=2.0, video_max_frames=64, one_media_kind=False):
+        from transformers.utils.chat_template_utils import _get_control_token_patterns
+
         self.tokenizer = tokenizer
         self.processor = processor
         self.rope_index_fn = rope_index_fn
-        self.system_prompt = system_prompt
         self.max_length = max_length
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
-        self.score_at = score_at
-        sep_id = tokenizer.convert_tokens_to_ids(RESP_SEP)
-        if sep_id is None or sep_id == tokenizer.unk_token_id:
+        self.one_media_kind = one_media_kind
+        self.sep_id = tokenizer.convert_tokens_to_ids(RESP_SEP)
+        if self.sep_id is None or self.sep_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {RESP_SEP} token; add it as a special token first "
                              "(RewardModel does this when it builds or loads a backbone)")
-        self.separator_ids = self._ids(SEPARATOR_TEXT, special=True)
-        if self.separator_ids.count(sep_id) != 1:
-            raise ValueError(f"the separator {SEPARATOR_TEXT!r} must tokenize to exactly one {RESP_SEP} token")
-        self.separator_index = self.separator_ids.index(sep_id)
-        self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.video_pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.chat_template = chat_template or getattr(processor, "chat_template", None) or \
+            getattr(tokenizer, "chat_template", None)
+        if not self.chat_template:
+            raise ValueError("the checkpoint has no chat template (neither its processor nor its tokenizer); the "
+                             "authors' layout renders every sample with it: pass chat_template=")
+        if not isinstance(self.chat_template, str):
+            raise ValueError("chat_template must be one template string (a dict of named templates is not supported)")
+        # Special-token text in user strings is marked and then encoded as plain text.
+        specials = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        self._control_re = _get_control_token_patterns(specials)[0]
+        self._special_re = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)")
+        self._leading = self._special_tokens_added(tokenizer)
+        types = {}
+        if processor is not None:
+            for kind, ids in ((1, getattr(processor, "image_token_ids", [])), (2, getattr(processor, "video_token_ids", []))):
+                for i in ids or []:
+                    if i is not None and i >= 0:
+                        types.setdefault(int(i), kind)
+        self.media_token_types = types  # token id -> 1 (image) / 2 (video)
+        self.image_pad_id = getattr(processor, "image_token_id", None)
+        self.video_pad_id = getattr(processor, "video_token_id", None)
 
-    # -- tokenization ---------------------------------------------------------------------------
-    def _ids(self, text: str, *, special: bool) -> list[int]:
-        """special=False keeps special-token text (e.g. "<|resp_sep|>") as plain text."""
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+    @staticmethod
+    def _special_tokens_added(tokenizer) -> list[int]:
+        """The ids a plain `tokenizer(text)` call puts before the text (a BOS post-processor); the
+        authors' code tokenizes text-only samples that way. Appended ones are not supported."""
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a", add_special_tokens=True)["input_ids"]
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+        if at is None or len(full) - at - len(plain) != 0:
+            raise ValueError("the tokenizer appends special tokens after the text; mrrm's reference layout does "
+                             "not support that")
+        return full[:at]
 
-    def _head_text(self, n_images: int, n_videos: int) -> str:
-        system = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
-        return system + "<|im_start|>user\n" + IMAGE_PLACEHOLDER * n_images + VIDEO_PLACEHOLDER * n_videos
+    # -- text ------------------------------------------------------------------------------------
+    def _mark(self, text: str) -> str:
+        from transformers.utils.chat_template_utils import mark_control_tokens
+
+        return mark_control_tokens(text, self._control_re)
+
+    def _ids(self, text: str) -> list[int]:
+        """Token ids of rendered text: the template's special tokens are special, marked
+        special-token text from user strings is plain text (transformers' encode_marked_chat)."""
+        from transformers.utils.chat_template_utils import encode_marked_chat
+
+        return encode_marked_chat(self.tokenizer, text)
+
+    def _render(self, n_images: int, n_videos: int, prompt: str, assistant: str) -> str:
+        user = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": assistant}]}]
+        owner = self.processor if self.processor is not None else self.tokenizer
+        return owner.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                         add_generation_prompt=False)
+
+    def _prefix_boundary(self, head: str) -> int:
+        """End of the last real special token before the assistant content: text on either side of
+        a special token is tokenized independently, so the prefix tokens end exactly there."""
+        ends = [m.end() for m in self._special_re.finditer(head)
+                if not (m.start() and head[m.start() - 1] == "\U000f0000")]
+        return ends[-1] if ends else 0
+
+    def _joint(self, text: SampleText, order: Sequence[int] | None = None):
+        """The joint assistant turn (responses in `order`): its ids, each response's score and start
+        offsets (relative to the end of `text.prefix_tokens`)."""
+        resp = text.responses if order is None else [text.responses[o] for o in order]
+        joint = self._ids(text.head + SEPARATOR_TEXT.join(resp) + text.tail)
+        seps = [i for i, t in enumerate(joint) if t == self.sep_id]
+        if len(seps) != len(resp) - 1:
+            raise RuntimeError(f"expected {len(resp) - 1} {RESP_SEP} tokens in the joint turn, found {len(seps)}")
+        first = _common_prefix(text.head_ids, joint)
+        return joint, [p - 1 for p in seps] + [len(joint) - 1], [first] + [p + 1 for p in seps]
+
+    def _alone(self, text: SampleText):
+        """Every response alone in the assistant turn: ids and the start offset of its own tokens."""
+        alone = [self._ids(text.head + r + text.tail) for r in text.responses]
+        return alone, [_common_prefix(text.head_ids, ids) for ids in alone]
+
+    def _layout(self, prefix_ids, text: SampleText, sample_id=None, prefix_positions=None) -> SampleLayout:
+        joint, joint_scores, joint_starts = self._joint(text)
+        alone, alone_starts = self._alone(text)
+        # Tokens before the first response token, the same in every variant, join the prefix (the
+        # assistant header): shared in independent mode, and counted once.
+        common = min(alone_starts + [joint_starts[0]])
+        return SampleLayout(prefix_ids=list(prefix_ids) + joint[:common], response_ids=[a[common:] for a in alone],
+                            joint_ids=joint[common:], joint_score_offsets=[s - common for s in joint_scores],
+                            response_starts=[s - common for s in alone_starts],
+                            joint_starts=[s - common for s in joint_starts], prefix_positions=prefix_positions,
+                            sample_id=sample_id)
 
     # -- validation + encoding ------------------------------------------------------------------
     def encode(self, sample: dict, index: int = 0) -> EncodedSample:
@@ -154,9 +282,7 @@ class Encoder:
         except media.MediaError as e:
             raise SampleError(index, str(e), sid) from e
 
-    def _encode(self, sample, index, sid):
-        if not isinstance(sample, dict):
-            raise SampleError(index, f"a sample must be a dict, got {type(sample).__name__}")
+    def _check_text(self, sample, index, sid):
         prompt = sample.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SampleError(index, "missing or empty 'prompt' (a non-empty string)", sid)
@@ -166,55 +292,110 @@ class Encoder:
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise SampleError(index, f"response {i} is a {type(r).__name__}, not a string", sid)
+            if not r.strip():  # the authors' code silently drops these (and renumbers the rest)
+                raise SampleError(index, f"response {i} is empty or only whitespace", sid)
+        for what, s in [("prompt", prompt)] + [(f"response {i}", r) for i, r in enumerate(responses)]:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise SampleError(index, f"{what} is not valid Unicode text ({e.reason} at character {e.start})",
+                                  sid) from None
+        return prompt, list(responses)
+
+    def _encode(self, sample, index, sid):
+        if not isinstance(sample, dict):
+            raise SampleError(index, f"a sample must be a dict, got {type(sample).__name__}")
+        prompt, responses = self._check_text(sample, index, sid)
         images = _as_list(sample.get("images", sample.get("image")))
         videos = _as_list(sample.get("videos", sample.get("video")), frames_ok=True)
         if (images or videos) and self.processor is None:
             raise SampleError(index, "this backbone is text-only; the sample has an image or video", sid)
+        if images and videos and self.one_media_kind:
+            raise SampleError(index, "this backbone (Molmo2) takes images or a video in one sample, not both", sid)
         pil_images = [media.load_image(im, base_dir=self.media_base_dir) for im in images]
         clips = [media.load_video(v, base_dir=self.media_base_dir, fps=self.video_fps,
                                   max_frames=self.video_max_frames) for v in videos]
-        head = self._head_text(len(pil_images), len(clips))
+
+        marked_prompt = self._mark(prompt)
+        marked = [self._mark(r) for r in responses]
+        with_sentinel = self._render(len(pil_images), len(clips), marked_prompt, _CONTENT_SENTINEL)
+        if with_sentinel.count(_CONTENT_SENTINEL) != 1:
+            raise SampleError(index, "the chat template does not render the assistant text exactly once", sid)
+        at = with_sentinel.index(_CONTENT_SENTINEL)
+        head, tail = with_sentinel[:at], with_sentinel[at + len(_CONTENT_SENTINEL):]
+        content = SEPARATOR_TEXT.join(marked)
+        if self._render(len(pil_images), len(clips), marked_prompt, content) != head + content + tail:
+            raise SampleError(index, "the chat template changes the assistant text (e.g. strips it); the "
+                                     "authors' layout needs it verbatim", sid)
+        cut = self._prefix_boundary(head)
+        prefix_text = head[:cut]
+
         out = {}
-        if pil_images or clips:
-            kwargs = {}
-            if clips:
-                kwargs["videos_kwargs"] = {"do_sample_frames": False,
-                                           "video_metadata": [c.video_metadata() for c in clips]}
-            try:
-                out = self.processor(text=[head], images=pil_images or None, videos=[c.frames for c in clips] or None,
-                                     return_tensors="pt", **kwargs)
-            except Exception as e:  # the processor's own complaint, attributed to this sample
-                raise SampleError(index, f"the processor rejected the media: {type(e).__name__}: {e}", sid) from e
-            head_ids = out["input_ids"][0].tolist()
-            head_types = out["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in out else None
-        else:
-            head_ids, head_types = self._ids(head, special=True), None
-        prompt_ids = self._ids(prompt, special=False)
-        tail_ids = self._ids("<|im_end|>\n<|im_start|>assistant\n", special=True)
-        prefix = head_ids + prompt_ids + tail_ids
-        resp_ids = []
-        for i, r in enumerate(responses):
-            ids = self._ids(r, special=False)
-            if not ids:
-                raise SampleError(index, f"response {i} is empty", sid)
-            resp_ids.append(ids)
-        enc = EncodedSample(layout=SampleLayout(prefix_ids=prefix, response_ids=resp_ids,
-                                                separator_ids=self.separator_ids, separator_index=self.separator_index,
-                                                sample_id=sid if sid is not None else index),
-                            index=index, sample_id=sid,
-                            pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"),
-                            pixel_values_videos=out.get("pixel_values_videos"), video_grid_thw=out.get("video_grid_thw"),
-                            second_per_grid_ts=out.get("second_per_grid_ts"))
-        n = enc.num_tokens + (len(self.separator_ids) if self.score_at == "separator" else 0)
-        if self.max_length and n > self.max_length:
-            raise SampleError(index, f"{n} tokens exceed the length limit max_length={self.max_length} "
-                                     f"({len(prefix)} prompt+media, {n - len(prefix)} responses+separators)", sid)
+        try:
+            if pil_images or clips:
+                kwargs = {}
+                if clips:
+                    kwargs["videos_kwargs"] = {"do_sample_frames": False,
+                                               "video_metadata": [c.video_metadata() for c in clips]}
+                try:
+                    out = self.processor(text=[prefix_text], images=pil_images or None,
+                                         videos=[c.frames for c in clips] or None, return_tensors="pt",
+                                         sanitize_control_tokens=True, **kwargs)
+                except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as e:
+                    raise SampleError(index, f"the processor rejected the media: {type(e).__name__}: {e}", sid) from e
+                prefix_ids = out["input_ids"][0].tolist()
+            else:
+                prefix_ids = list(self._leading) + self._ids(prefix_text)
+            text = SampleText(head=head[cut:], responses=marked, tail=tail, prefix_tokens=len(prefix_ids),
+                              head_ids=self._ids(head[cut:]))
+            layout = self._layout(prefix_ids, text, sample_id=sid if sid is not None else index)
+        except (TypeError, ValueError, UnicodeError) as e:
+            if isinstance(e, SampleError):
+                raise
+            raise SampleError(index, f"the tokenizer rejected the text: {type(e).__name__}: {e}", sid) from e
+        enc = EncodedSample(layout=layout, index=index, sample_id=sid, text=text,
+                            media={k: out[k] for k in _MEDIA_KEYS if k in out})
+        if self.max_length and enc.num_tokens > self.max_length:
+            P = len(layout.prefix_ids)
+            raise SampleError(index, f"{enc.num_tokens} tokens exceed the length limit max_length={self.max_length} "
+                                     f"({P} prompt+media, {enc.num_tokens - P} responses+separators)", sid)
         if self.rope_index_fn is not None and (pil_images or clips):
-            types = torch.tensor(head_types + [0] * (len(prefix) - len(head_types)), dtype=torch.int32)
-            pos = self.rope_index_fn(torch.tensor([prefix]), types[None], enc.image_grid_thw, enc.video_grid_thw,
-                                     enc.second_per_grid_ts)
-            enc.layout.prefix_positions = pos[:, 0, :].to(torch.int64)
+            ids = torch.tensor([layout.prefix_ids])
+            types = self.token_types(ids)
+            pos = self.rope_index_fn(ids, types, enc.media)
+            layout.prefix_positions = pos[:, 0, :].to(torch.int64)
         return enc
+
+    def token_types(self, ids: torch.Tensor) -> torch.Tensor:
+        """mm_token_type_ids of token ids (0 text, 1 image, 2 video), as the processor marks them."""
+        types = torch.zeros(ids.shape, dtype=torch.int32)
+        for kind in (1, 2):
+            wanted = [i for i, k in self.media_token_types.items() if k == kind]
+            if wanted:
+                types[torch.isin(ids, torch.tensor(wanted, dtype=ids.dtype))] = kind
+        return types
+
+    def reorder(self, encoded: EncodedSample, order: Sequence[int]) -> EncodedSample:
+        """The sample with its responses in `order` (copy.responses[j] = original.responses[order[j]]):
+        the joint turn is tokenized again (BPE merges depend on the neighbours); each response alone,
+        the prefix and the media are reused."""
+        order = list(order)
+        old = encoded.layout
+        n = len(old.response_ids)
+        if sorted(order) != list(range(n)):
+            raise ValueError(f"order must be a permutation of 0..{n - 1}, got {order}")
+        if encoded.text is None:
+            raise ValueError("this EncodedSample has no text to re-tokenize (built by hand?)")
+        text = dataclasses.replace(encoded.text, responses=[encoded.text.responses[o] for o in order])
+        joint, joint_scores, joint_starts = self._joint(text)
+        common = len(old.prefix_ids) - encoded.text.prefix_tokens  # the assistant header in the prefix
+        if joint[:common] != old.prefix_ids[encoded.text.prefix_tokens:]:
+            raise RuntimeError("the shared assistant header changed with the response order")
+        lay = dataclasses.replace(old, response_ids=[old.response_ids[o] for o in order],
+                                  response_starts=[old.response_starts[o] for o in order], joint_ids=joint[common:],
+                                  joint_score_offsets=[s - common for s in joint_scores],
+                                  joint_starts=[s - common for s in joint_starts])
+        return dataclasses.replace(encoded, layout=lay, text=text)
 
     def encode_all(self, samples: Sequence[dict], *, errors: str = "raise"):
         """Encode every sample. errors='raise': a BatchError listing every bad sample (before any
@@ -233,13 +414,24 @@ class Encoder:
         return encoded, bad
 
 
-def _cat(parts):
-    parts = [p for p in parts if p is not None]
-    return torch.cat(parts, 0) if parts else None
+def _join_media(per_sequence: list[dict]) -> dict:
+    """Concatenate the sequences' media along dim 0, in stream order. Pooling indices point into the
+    flattened patches of all crops (or frames) so far, so they are offset (-1 stays padding)."""
+    out: dict[str, list] = {}
+    patches = {k: 0 for k in _POOLING_KEYS.values()}
+    for m in per_sequence:
+        for k, v in m.items():
+            if k in _POOLING_KEYS:
+                src = _POOLING_KEYS[k]
+                v = torch.where(v >= 0, v + patches[src], v)
+            out.setdefault(k, []).append(v)
+        for src in patches:
+            if src in m:
+                patches[src] += m[src].shape[0] * m[src].shape[1] if m[src].dim() >= 3 else m[src].shape[0]
+    return {k: torch.cat(v, 0) for k, v in out.items()}
 
 
-def attach_media(packed: PackedBatch, encoded: Sequence[EncodedSample], *, image_pad_id=None,
-                 video_pad_id=None) -> ModelInputs:
+def attach_media(packed: PackedBatch, encoded: Sequence[EncodedSample], encoder: Encoder) -> ModelInputs:
     """Join a packed batch with its samples' media (`encoded[b]` is packed sample b). Media follow
     the order of their placeholder tokens in the stream: once per sample in joint/independent
     modes, once per sequence in single mode (the conventional reward model re-encodes the image
@@ -247,29 +439,16 @@ def attach_media(packed: PackedBatch, encoded: Sequence[EncodedSample], *, image
     reps = [1] * len(encoded)
     if packed.mode == "single":
         reps = [len(e.layout.response_ids) for e in encoded]
-    pv, ig, pvv, vg = [], [], [], []
-    for e, r in zip(encoded, reps):
-        for _ in range(r):
-            pv.append(e.pixel_values)
-            ig.append(e.image_grid_thw)
-            pvv.append(e.pixel_values_videos)
-            vg.append(e.video_grid_thw)
-    types = torch.zeros(packed.num_tokens, dtype=torch.int32)
-    if image_pad_id is not None:
-        types[packed.input_ids == image_pad_id] = 1
-    if video_pad_id is not None:
-        types[packed.input_ids == video_pad_id] = 2
-    return ModelInputs(packed, types, _cat(pv), _cat(ig), _cat(pvv), _cat(vg))
+    seqs = [e.media for e, r in zip(encoded, reps) for _ in range(r) if e.media]
+    return ModelInputs(packed, encoder.token_types(packed.input_ids), _join_media(seqs))
 
 
-def collate(encoded: Sequence[EncodedSample], mode: str = "joint", *, score_at: str = "last",
-            image_pad_id=None, video_pad_id=None) -> ModelInputs:
+def collate(encoded: Sequence[EncodedSample], encoder: Encoder, mode: str = "joint") -> ModelInputs:
     """Pack encoded samples into one ModelInputs (see attach_media for the media order)."""
-    packed = pack([e.layout for e in encoded], mode, score_at=score_at)
-    return attach_media(packed, encoded, image_pad_id=image_pad_id, video_pad_id=video_pad_id)
+    return attach_media(pack([e.layout for e in encoded], mode), encoded, encoder)
 
 
-def with_cyclic_orders(encoded: EncodedSample, k: int) -> list[tuple[EncodedSample, list[int]]]:
+def with_cyclic_orders(encoder: Encoder, encoded: EncodedSample, k: int) -> list[tuple[EncodedSample, list[int]]]:
     """k copies of a sample whose responses are cyclically shifted (evenly spaced shifts, k capped
     at N); each with `order` such that copy.responses[j] = original.responses[order[j]]."""
     n = len(encoded.layout.response_ids)
@@ -278,6 +457,5 @@ def with_cyclic_orders(encoded: EncodedSample, k: int) -> list[tuple[EncodedSamp
     for j in range(k):
         shift = round(j * n / k)
         order = [(i + shift) % n for i in range(n)]
-        lay = dataclasses.replace(encoded.layout, response_ids=[encoded.layout.response_ids[o] for o in order])
-        out.append((dataclasses.replace(encoded, layout=lay), order))
+        out.append((encoded if shift == 0 else encoder.reorder(encoded, order), order))
     return out

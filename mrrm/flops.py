@@ -12,9 +12,10 @@ prompt tokens (chat template, question), N responses of R_i tokens and separator
     mode          text tokens                    sequences (attention)              vision encoder
     single        N*Pt + sum R_i                 N causal sequences [Pt + R_i]      N times
     joint         Pt + sum R_i + (N-1)*s         1 causal sequence                  once
-    independent   Pt + sum R_i + (N-1)*s         1 sequence, shared-prefix mask     once
+    independent   Pt + sum R_i                   1 sequence, shared-prefix mask     once
 
-(with score_at="separator" every response carries its separator: +s per response in every mode.)
+(R_i counts what follows the prefix for response i, e.g. the chat template's closing tokens; with
+score_at="separator" every response carries its separator: +s per response in every mode.)
 This is exactly how mrrm runs the modes (mrrm.packing + mrrm.encoding.attach_media): `single` packs
 N sequences and re-encodes the image for each, `joint` and `independent` are one stream.
 
@@ -34,7 +35,7 @@ Attention conventions (`convention=`):
   for mrrm's executed path, which it can see only through the pure-torch reference attention
   (mrrm.reference.varlen_attention: one [L, L] matmul pair per packed sequence, mask applied
   afterwards) or SDPA (charged as the full square, a causal mask does not halve it). For
-  `independent` the one packed sequence is charged in full, so dense independent == dense joint.
+  `independent` the one packed sequence is charged in full (it lacks only the joint stream's separators).
   `ratio(..., convention="dense")` is the ratio the counter measures (bench_perf/test_flops.py).
 - "useful": only visible (query, key) pairs: L(L+1)/2 per causal sequence; for the shared-prefix
   mask Pt(Pt+1)/2 + sum_i (r_i*Pt + r_i(r_i+1)/2). mrrm's Triton kernel skips fully masked
@@ -404,13 +405,15 @@ def _sequences(mode, prefix, responses, sep, score_at):
     """The attention structure of one sample: [(kind, prefix_len, [segment lengths])]: kind 'causal'
     (one causal sequence of prefix + segments) or 'shared' (shared-prefix mask)."""
     n = len(responses)
+    tail = sep if score_at == "separator" else 0
     if mode == "single":
-        tail = sep if score_at == "separator" else 0
         return [("causal", prefix, [r + tail]) for r in responses]
+    if mode == "independent":  # each response alone after the prefix: no separators between them
+        return [("shared", prefix, [r + tail for r in responses])] if n else []
     segs = [r + sep for r in responses]
     if score_at == "last":
         segs[-1] -= sep
-    return [("shared" if mode == "independent" else "causal", prefix, segs)] if n else []
+    return [("causal", prefix, segs)] if n else []
 
 
 def _attention_pairs(structure, convention):
@@ -703,9 +706,15 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
         out.update(_count_vision(reduced, grids, n if mode == "single" else 1))
 
     V = vision_flops(spec, grids)["vision_tokens"] if grids else 0
-    layout = SampleLayout(prefix_ids=[0] * (V + P), response_ids=[[1] * r for r in responses],
-                          separator_ids=[2] * sep, separator_index=0)
-    pb = pack([layout], mode, score_at=score_at)
+    if score_at == "separator":  # every response followed by its separator, alone and joined
+        alone = [[1] * r + [2] * sep for r in responses]
+        ends = [sum(len(a) for a in alone[:i + 1]) - 1 for i in range(n)]
+        layout = SampleLayout(prefix_ids=[0] * (V + P), response_ids=alone, joint_ids=sum(alone, []),
+                              joint_score_offsets=ends)
+    else:
+        layout = SampleLayout(prefix_ids=[0] * (V + P), response_ids=[[1] * r for r in responses],
+                              separator_ids=[2] * sep)
+    pb = pack([layout], mode)
     meta = torch.device("meta")
     H = spec.text.hidden_size
     T = pb.num_tokens
@@ -716,7 +725,7 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
     positions = torch.zeros(3, 1, T, dtype=torch.int64, device=meta)
     lm = reduced.model.language_model if hasattr(reduced.model, "language_model") else reduced.model
     with torch.device("meta"):
-        head = build_value_head(H, head_hidden)
+        head = build_value_head(H, "mlp", head_hidden)
     if spec.vision is not None:
         lm_kwargs = dict(position_ids=positions, attention_mask=None)
     else:

@@ -3,17 +3,20 @@
     RewardModel(backbone, tokenizer, processor, config)
       .forward(inputs: ModelInputs) -> scores [M]       one packed pass, no vocabulary logits
       .score(batch, mode=..., ...)  -> list[list[float]]
-      .save_pretrained(dir) / RewardModel.from_pretrained(dir)   (also reads the paper's layout)
+      .save_pretrained(dir, layout="mrrm" | "reference") / RewardModel.from_pretrained(dir)
+        (from_pretrained also reads every checkpoint the authors' code writes)
 
-The backbone's attention (text and vision) runs through mrrm.ops.varlen_attention, registered with
-transformers' AttentionInterface. Packing metadata (cu_seqlens, mask, segment ids) travels as an
-explicit keyword argument to every attention call; nothing relies on transformers detecting
-packed sequences from position ids.
+The backbone's attention runs through mrrm.ops.varlen_attention, registered with transformers'
+AttentionInterface: text and vision for the Qwen-VL families, the text model only for Molmo2 (its
+vision crops are fixed-size batches that keep their own attention). Packing metadata (cu_seqlens,
+mask, segment ids, Molmo2's bidirectional media blocks) travels as an explicit keyword argument to
+every attention call; nothing relies on transformers detecting packed sequences from position ids.
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -24,54 +27,100 @@ from torch import nn
 from . import ops
 from .ops._validate import tensor_version
 from .encoding import Encoder, ModelInputs, RESP_SEP, attach_media, with_cyclic_orders
-from .packing import pack_micro_batches
+from .packing import MODES, pack_micro_batches
 
 TEXT_ATTENTION = "mrrm_varlen"
 # The Qwen-VL vision towers take their packed (one call per batch) path only when the
 # implementation name contains "flash"; the kernel behind it is mrrm's own.
 VISION_ATTENTION = "mrrm_flash_varlen"
 ACTIVATION_MODULES = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "selu": nn.SELU, "tanh": nn.Tanh}
-RESP_REPR_ALIASES = {"last": "last", "last_token": "last", "response_end": "last", "eos": "last",
-                     "separator": "separator", "sep": "separator", "sep_token": "separator", "resp_sep": "separator"}
+VALUE_HEAD_TYPES = ("linear", "mlp")
+# The authors' response representations (reward_model.py): the hidden state at the response's last
+# token (the paper), at its first token, both (concatenated, added, last minus first), or the mean
+# over the response's tokens.
+RESP_REPR_MODES = ("last", "first", "first_last_concat", "first_last_add", "first_last_sub", "response_mean")
+RESP_REPR_ALIASES = {"last_token": "last", "response_end": "last", "eos": "last"}
 # Backbones whose forward mrrm runs packed (varlen attention, explicit metadata); others go through
 # the generic padded path. Text-only transformers LMs that use the attention interface are packed too.
-PACKED_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PACKED_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "molmo2")
+# Backbones whose vision tower keeps its own attention (only the text model goes through mrrm's).
+TEXT_ONLY_ATTENTION_TYPES = ("molmo2",)
 CONFIG_FILE = "mrrm_config.json"
 PUBLISHED_CONFIG_FILE = "reward_model_config.json"
+PUBLISHED_FIELDS = ("value_head_type", "value_head_hidden_dim", "value_head_activation", "value_head_input_dim",
+                    "resp_repr_mode")
+
+
+def _check_positive_int(name, value, *, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
 
 
 @dataclass
 class RewardModelConfig:
-    value_head_type: str = "mlp"
-    value_head_hidden_dim: int = 1024
+    value_head_type: str = "mlp"               # "mlp" (the paper) or "linear" (the authors' code's default)
+    value_head_hidden_dim: int | None = 1024   # None: the head's input size (the authors' default)
     value_head_activation: str = "silu"
-    resp_repr_mode: str = "last"          # "last" (the paper) or "separator"
-    value_head_scale: float | None = None  # None: 1 / sqrt(hidden size), as the paper
+    resp_repr_mode: str = "last"               # one of RESP_REPR_MODES
+    value_head_scale: float | None = None      # None: 1 / sqrt(hidden size), as the paper
     mode: str = "joint"
     max_length: int = 8192
     max_batch_tokens: int = 16384
-    system_prompt: str | None = "You are a helpful assistant."
+    chat_template: str | None = None           # None: the checkpoint's own (processor, else tokenizer)
     video_fps: float = 2.0
     video_max_frames: int = 64
-    base_model: str | None = None          # path or hub id of the base backbone (LoRA checkpoints)
+    base_model: str | None = None              # path or hub id of the base backbone (LoRA checkpoints)
     description: str = ""
 
     def __post_init__(self):
-        if self.value_head_type != "mlp":
-            raise ValueError(f"value_head_type {self.value_head_type!r} is not supported (only 'mlp')")
-        if self.value_head_activation not in ACTIVATION_MODULES:
+        if self.value_head_type not in VALUE_HEAD_TYPES:
+            raise ValueError(f"value_head_type must be one of {VALUE_HEAD_TYPES}, got {self.value_head_type!r}")
+        _check_positive_int("value_head_hidden_dim", self.value_head_hidden_dim, allow_none=True)
+        if not isinstance(self.value_head_activation, str) or \
+                self.value_head_activation.lower() not in ACTIVATION_MODULES:
             raise ValueError(f"value_head_activation must be one of {tuple(ACTIVATION_MODULES)}, "
                              f"got {self.value_head_activation!r}")
-        if self.resp_repr_mode not in RESP_REPR_ALIASES:
-            raise ValueError(f"resp_repr_mode must be one of {sorted(RESP_REPR_ALIASES)}, got {self.resp_repr_mode!r}")
-        self.resp_repr_mode = RESP_REPR_ALIASES[self.resp_repr_mode]
-        if self.mode not in ("joint", "independent", "single"):
-            raise ValueError(f"mode must be joint, independent or single, got {self.mode!r}")
+        self.value_head_activation = self.value_head_activation.lower()
+        mode = RESP_REPR_ALIASES.get(self.resp_repr_mode, self.resp_repr_mode)
+        if mode not in RESP_REPR_MODES:
+            raise ValueError(f"resp_repr_mode must be one of {RESP_REPR_MODES}, got {self.resp_repr_mode!r}")
+        self.resp_repr_mode = mode
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardModelConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def head_input_dim(hidden_size: int, resp_repr_mode: str) -> int:
+    """The value head's input size: 2H for first_last_concat, else H."""
+    return 2 * hidden_size if resp_repr_mode == "first_last_concat" else hidden_size
+
+
+def response_representations(hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, mode: str) -> torch.Tensor:
+    """The rows [M, H] (or [M, 2H]) the value head reads, for hidden [T, H] and each response's first
+    and last token (ends = the score positions), as the authors' reward model builds them."""
+    if mode == "last":
+        return hidden[ends]
+    if mode == "first":
+        return hidden[starts]
+    if mode == "first_last_concat":
+        return torch.cat([hidden[starts], hidden[ends]], -1)
+    if mode == "first_last_add":
+        return hidden[starts] + hidden[ends]
+    if mode == "first_last_sub":
+        return hidden[ends] - hidden[starts]
+    if mode == "response_mean":  # mean over start..end inclusive; the spans never overlap
+        lengths = ends - starts + 1
+        owner = torch.repeat_interleave(torch.arange(ends.numel(), device=ends.device), lengths)
+        rows = torch.arange(owner.numel(), device=ends.device) - (torch.cumsum(lengths, 0) - lengths)[owner] + starts[owner]
+        sums = hidden.new_zeros(ends.numel(), hidden.shape[-1]).index_add(0, owner, hidden[rows])
+        return sums / lengths[:, None].to(hidden.dtype)
+    raise ValueError(f"resp_repr_mode must be one of {RESP_REPR_MODES}, got {mode!r}")
 
 
 @dataclass
@@ -82,6 +131,7 @@ class VarlenMeta:
     max_seqlen: int
     mask: str
     segment_ids: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None  # Molmo2: media tokens of a sequence see each other both ways
 
 
 _LAST_VISION_META = None  # (weakref cu_seqlens, version, VarlenMeta)
@@ -123,7 +173,8 @@ def mrrm_attention(module, query, key, value, attention_mask, scaling=None, drop
                                "run the backbone through RewardModel.forward")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [S, H, D]
     out = ops.varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, mask=meta.mask,
-                               segment_ids=meta.segment_ids, softmax_scale=scaling, check_inputs=False)
+                               segment_ids=meta.segment_ids, block_ids=meta.block_ids, softmax_scale=scaling,
+                               check_inputs=False)
     return out[None], None
 
 
@@ -141,9 +192,14 @@ def register_attention():
 
 
 def use_mrrm_attention(backbone) -> None:
-    """Route the backbone's text and vision attention through mrrm.ops.varlen_attention."""
+    """Route the backbone's attention through mrrm.ops.varlen_attention: text and vision for the
+    Qwen-VL families, only the text model for Molmo2 (its vision crops and its pooling adapter
+    keep their own attention and masks)."""
     register_attention()
     base = unwrap(backbone)
+    if base.config.model_type in TEXT_ONLY_ATTENTION_TYPES:
+        base.language_model.set_attn_implementation(TEXT_ATTENTION)
+        return
     base.set_attn_implementation(TEXT_ATTENTION)
     visual = getattr(base, "visual", None)
     if visual is not None:
@@ -151,8 +207,8 @@ def use_mrrm_attention(backbone) -> None:
 
 
 def supports_packed(base) -> bool:
-    """Whether mrrm can run this backbone packed: the Qwen-VL families, or a text-only transformers
-    model whose attention goes through the AttentionInterface."""
+    """Whether mrrm can run this backbone packed: the Qwen-VL families and Molmo2, or a text-only
+    transformers model whose attention goes through the AttentionInterface."""
     if base.config.model_type in PACKED_VL_TYPES:
         return True
     return not hasattr(base, "visual") and bool(getattr(base, "_supports_attention_backend", False)) \
@@ -165,13 +221,28 @@ def unwrap(backbone):
     return get() if callable(get) else backbone
 
 
-def build_value_head(hidden_size: int, head_dim: int = 1024, activation: str = "silu") -> nn.Sequential:
-    """Linear(H, D) -> act -> Linear(D, 1), weights N(0, 0.01), biases 0 (the paper's head)."""
-    head = nn.Sequential(nn.Linear(hidden_size, head_dim), ACTIVATION_MODULES[activation](), nn.Linear(head_dim, 1))
-    for lin in (head[0], head[2]):
+def build_value_head(input_dim: int, head_type: str = "mlp", hidden_dim: int | None = 1024,
+                     activation: str = "silu") -> nn.Module:
+    """The authors' value head, weights N(0, 0.01) and biases 0: nn.Linear(input_dim, 1) ("linear"),
+    or Linear(input_dim, D) -> act -> Linear(D, 1) ("mlp", D = hidden_dim, None = input_dim)."""
+    if head_type == "linear":
+        head = nn.Linear(input_dim, 1)
+        layers = (head,)
+    elif head_type == "mlp":
+        D = hidden_dim or input_dim
+        head = nn.Sequential(nn.Linear(input_dim, D), ACTIVATION_MODULES[activation](), nn.Linear(D, 1))
+        layers = (head[0], head[2])
+    else:
+        raise ValueError(f"value_head_type must be one of {VALUE_HEAD_TYPES}, got {head_type!r}")
+    for lin in layers:
         nn.init.normal_(lin.weight, std=0.01)
         nn.init.zeros_(lin.bias)
     return head
+
+
+def head_linears(head: nn.Module) -> tuple[nn.Linear, ...]:
+    """The head's Linear layers: (linear,) or (first, second)."""
+    return (head,) if isinstance(head, nn.Linear) else (head[0], head[2])
 
 
 def text_hidden_size(backbone) -> int:
@@ -182,11 +253,7 @@ def text_hidden_size(backbone) -> int:
 def _media_kwargs(inputs: ModelInputs, shape_types) -> dict:
     """The backbone's media keyword arguments; `shape_types` lays out mm_token_type_ids [T] like
     the input ids (one packed row, or the padded rows)."""
-    media = {}
-    if inputs.pixel_values is not None:
-        media.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
-    if inputs.pixel_values_videos is not None:
-        media.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
+    media = dict(inputs.media)
     if media:
         media["mm_token_type_ids"] = shape_types(inputs.mm_token_type_ids)
     return media
@@ -210,7 +277,7 @@ def padded_batch(inputs: ModelInputs, pad_id: int) -> tuple[dict, tuple[torch.Te
 
 class RewardModel(nn.Module):
     def __init__(self, backbone, tokenizer, processor=None, config: RewardModelConfig | None = None,
-                 value_head: nn.Sequential | None = None, media_base_dir=None, packed: bool | None = None):
+                 value_head: nn.Module | None = None, media_base_dir=None, packed: bool | None = None):
         """packed: None picks by backbone (supports_packed); False forces the generic padded path."""
         super().__init__()
         self.config = config or RewardModelConfig()
@@ -218,10 +285,13 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         self.processor = processor
         H = text_hidden_size(backbone)
+        in_dim = head_input_dim(H, self.config.resp_repr_mode)
         self.value_head = value_head if value_head is not None else build_value_head(
-            H, self.config.value_head_hidden_dim, self.config.value_head_activation)
-        if self.value_head[0].in_features != H:
-            raise ValueError(f"value head input size {self.value_head[0].in_features} != backbone hidden size {H}")
+            in_dim, self.config.value_head_type, self.config.value_head_hidden_dim, self.config.value_head_activation)
+        first = head_linears(self.value_head)[0]
+        if first.in_features != in_dim:
+            raise ValueError(f"value head input size {first.in_features} != {in_dim} (backbone hidden size {H}, "
+                             f"resp_repr_mode {self.config.resp_repr_mode!r})")
         self.head_scale = self.config.value_head_scale or 1.0 / math.sqrt(H)
         base = unwrap(backbone)
         self.packed = supports_packed(base) if packed is None else (packed and supports_packed(base))
@@ -229,40 +299,48 @@ class RewardModel(nn.Module):
             use_mrrm_attention(backbone)
         rope = getattr(base, "get_rope_index", None)
         self.encoder = Encoder(tokenizer, processor, rope_index_fn=self._rope_index if rope else None,
-                               system_prompt=self.config.system_prompt, max_length=self.config.max_length,
+                               chat_template=self.config.chat_template, max_length=self.config.max_length,
                                media_base_dir=media_base_dir, video_fps=self.config.video_fps,
-                               video_max_frames=self.config.video_max_frames, score_at=self.config.resp_repr_mode)
+                               video_max_frames=self.config.video_max_frames,
+                               one_media_kind=base.config.model_type == "molmo2")
 
     # -- forward --------------------------------------------------------------------------------
-    def _rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts):
+    def _rope_index(self, input_ids, mm_token_type_ids, media):
         base = unwrap(self.backbone)
-        kw = {"second_per_grid_ts": second_per_grid_ts} if second_per_grid_ts is not None else {}
-        pos, _ = base.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                     video_grid_thw=video_grid_thw, **kw)
+        kw = {k: media[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in media}
+        pos, _ = base.get_rope_index(input_ids, mm_token_type_ids, **kw)
         return pos
 
     @property
     def device(self) -> torch.device:
-        return self.value_head[0].weight.device
+        return head_linears(self.value_head)[0].weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.value_head[0].weight.dtype
+        return head_linears(self.value_head)[0].weight.dtype
 
     def hidden_states(self, inputs: ModelInputs) -> torch.Tensor:
         """Last-layer hidden states [T, H] of the packed stream (no logits, no per-layer states)."""
         if not self.packed:
             return self._hidden_states_padded(inputs)
         pb = inputs.packed
-        if not hasattr(unwrap(self.backbone), "visual"):  # a text-only LM: 1-D positions
-            meta = VarlenMeta(pb.cu_seqlens, pb.max_seqlen, pb.mask,
-                              pb.segment_ids if pb.mask == "shared_prefix" else None)
+        base = unwrap(self.backbone)
+        meta = VarlenMeta(pb.cu_seqlens, pb.max_seqlen, pb.mask, pb.segment_ids if pb.mask == "shared_prefix" else None)
+        model_type = base.config.model_type
+        if model_type == "molmo2":
+            # a sequence's media tokens see each other both ways (Molmo2's block_sequence_ids)
+            if inputs.media:
+                meta.block_ids = torch.where(inputs.mm_token_type_ids == 1, 0, -1).to(torch.int32)
+            pos = pb.position_ids if pb.position_ids.dim() == 1 else pb.position_ids[0]
+            media = _media_kwargs(inputs, lambda types: types[None])
+            out = self.backbone(input_ids=pb.input_ids[None], position_ids=pos[None], attention_mask=None,
+                                use_cache=False, mrrm_varlen=meta, **media)
+            return out.last_hidden_state[0]
+        if model_type not in PACKED_VL_TYPES:  # a text-only LM: 1-D positions
             pos = pb.position_ids if pb.position_ids.dim() == 1 else pb.position_ids[0]
             out = self.backbone(input_ids=pb.input_ids[None], position_ids=pos[None], attention_mask=None,
                                 use_cache=False, mrrm_varlen=meta)
             return out.last_hidden_state[0]
-        meta = VarlenMeta(pb.cu_seqlens, pb.max_seqlen, pb.mask,
-                          pb.segment_ids if pb.mask == "shared_prefix" else None)
         pos = pb.position_ids
         if pos.dim() == 1:
             pos = pos[None].expand(3, -1)
@@ -286,25 +364,43 @@ class RewardModel(nn.Module):
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         hidden = self.hidden_states(inputs)
-        l1, l2 = self.value_head[0], self.value_head[2]
-        return ops.gather_value_head(hidden, inputs.packed.score_positions, l1.weight, l1.bias, l2.weight, l2.bias,
-                                     activation=self.config.value_head_activation, scale=self.head_scale)
+        pb = inputs.packed
+        cfg = self.config
+        if cfg.resp_repr_mode == "last" and isinstance(self.value_head, nn.Sequential):
+            l1, l2 = head_linears(self.value_head)
+            return ops.gather_value_head(hidden, pb.score_positions, l1.weight, l1.bias, l2.weight, l2.bias,
+                                         activation=cfg.value_head_activation, scale=self.head_scale)
+        # the other representations, and the linear head, run in plain torch on the M rows
+        rows = response_representations(hidden, pb.start_positions, pb.score_positions, cfg.resp_repr_mode)
+        return self.value_head(rows.to(self.dtype)).squeeze(-1) * self.head_scale
 
     # -- scoring --------------------------------------------------------------------------------
     def micro_batches(self, encoded, mode, max_batch_tokens, sample_indices=None):
         """Pack encoded samples into ModelInputs micro-batches under the token budget. A sample larger
         than the budget (but within max_length) gets a micro-batch of its own."""
         budget = max_batch_tokens or self.config.max_batch_tokens
-        layouts = [e.layout for e in encoded]
-        for pb in pack_micro_batches(layouts, mode, budget, score_at=self.config.resp_repr_mode, oversize="own_batch"):
-            yield attach_media(pb, [encoded[i] for i in pb.sample_indices],
-                               image_pad_id=self.encoder.image_pad_id, video_pad_id=self.encoder.video_pad_id)
+        for group in self._media_groups(encoded):
+            layouts = [encoded[i].layout for i in group]
+            for pb in pack_micro_batches(layouts, mode, budget, oversize="own_batch"):
+                pb.sample_indices = [group[j] for j in pb.sample_indices]
+                yield attach_media(pb, [encoded[i] for i in pb.sample_indices], self.encoder)
+
+    def _media_groups(self, encoded) -> list[list[int]]:
+        """Indices of the samples that may share a pass, in order. Molmo2 takes images or videos in
+        one forward, not both: its video samples get passes of their own (as the authors' code
+        batches by modality)."""
+        everything = list(range(len(encoded)))
+        if unwrap(self.backbone).config.model_type != "molmo2":
+            return [everything]
+        video = [i for i in everything if "pixel_values_videos" in encoded[i].media]
+        rest = [i for i in everything if "pixel_values_videos" not in encoded[i].media]
+        return [g for g in (rest, video) if g]
 
     def _check_scoring_args(self, mode, permutations) -> str:
         mode = mode or self.config.mode
-        if mode not in ("joint", "independent", "single"):
-            raise ValueError(f"mode must be joint, independent or single, got {mode!r}")
-        if not isinstance(permutations, int) or permutations < 1:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
             raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
         return mode
 
@@ -339,7 +435,7 @@ class RewardModel(nn.Module):
         for i, e in enumerate(encoded):
             if e is None:
                 continue
-            for copy, order in (with_cyclic_orders(e, permutations) if permutations > 1 else [(e, None)]):
+            for copy, order in (with_cyclic_orders(self.encoder, e, permutations) if permutations > 1 else [(e, None)]):
                 units.append(copy)
                 owners.append((i, order))
         sums = [[0.0] * len(e.layout.response_ids) if e is not None else None for e in encoded]
@@ -364,10 +460,20 @@ class RewardModel(nn.Module):
         return [None if s is None else [x / counts[i] for x in s] for i, s in enumerate(sums)]
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save_pretrained(self, path) -> None:
-        """mrrm_config.json, value_head.safetensors, processor/ (tokenizer + media processors), and
-        either adapter/ (a peft LoRA backbone; the base is config.base_model) or backbone/ (full
-        weights, safetensors)."""
+    def save_pretrained(self, path, *, layout: str = "mrrm") -> None:
+        """layout="mrrm": mrrm_config.json, value_head.safetensors, processor/ (tokenizer + media
+        processors), and either adapter/ (a peft LoRA backbone; the base is config.base_model) or
+        backbone/ (full weights, safetensors).
+
+        layout="reference": what the authors' code loads (see `checkpoints.save_reference`):
+        reward_model_config.json, value_head.pt, the processor files, and the peft adapter at the
+        root (a LoRA backbone, as their save_checkpoint writes it) or a merged full model (as their
+        merge_lora.py writes it)."""
+        if layout == "reference":
+            from .checkpoints import save_reference
+            return save_reference(self, path)
+        if layout != "mrrm":
+            raise ValueError(f"layout must be 'mrrm' or 'reference', got {layout!r}")
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -376,7 +482,7 @@ class RewardModel(nn.Module):
         if is_peft and not self.config.base_model:
             raise ValueError("a LoRA backbone needs config.base_model (the base model's path or hub id) to be saved")
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump({"format": "mrrm", "version": 1, "backbone_type": base.config.model_type, **asdict(self.config)},
+            json.dump({"format": "mrrm", "version": 2, "backbone_type": base.config.model_type, **asdict(self.config)},
                       f, indent=2)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                   os.path.join(path, "value_head.safetensors"))
@@ -389,16 +495,18 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, mode=None, base_model=None,
                         media_base_dir=None) -> "RewardModel":
-        """Load an mrrm checkpoint, or the paper's published layout (reward_model_config.json,
-        value_head.pt and a peft adapter directory; the base model comes from the adapter's
-        base_model_name_or_path unless `base_model` is given)."""
+        """Load an mrrm checkpoint, or any checkpoint the authors' code writes (reward_model_config.json +
+        value_head.pt with the peft adapter at the root, or a merged full model; see mrrm.checkpoints).
+        `base_model` overrides the base model named by a LoRA checkpoint."""
+        from .checkpoints import load_reference
+
         if os.path.exists(os.path.join(path, CONFIG_FILE)):
             model = _load_mrrm(cls, path, base_model, media_base_dir)
         elif os.path.exists(os.path.join(path, PUBLISHED_CONFIG_FILE)):
-            model = _load_published(cls, path, base_model, media_base_dir)
+            model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir)
         else:
             raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} (mrrm) nor {PUBLISHED_CONFIG_FILE} "
-                                    "(the paper's layout) found")
+                                    "(the authors' layout) found")
         if mode is not None:
             model.config.mode = RewardModelConfig(mode=mode).mode
         if dtype is not None or device is not None:
@@ -406,12 +514,13 @@ class RewardModel(nn.Module):
         return model.eval()
 
 
-def _load_processor(path):
+def load_processor(path):
+    """(tokenizer, processor or None) saved at `path`: text-only checkpoints have a tokenizer only."""
     from transformers import AutoProcessor, AutoTokenizer
 
     try:
         proc = AutoProcessor.from_pretrained(path)
-    except Exception:  # text-only checkpoints have no processor, only a tokenizer
+    except (OSError, ValueError, KeyError, TypeError):  # text-only checkpoints have no processor
         proc = None
     if proc is not None and hasattr(proc, "tokenizer") and hasattr(proc, "image_processor"):
         return proc.tokenizer, proc
@@ -419,18 +528,38 @@ def _load_processor(path):
 
 
 def ensure_separator_token(tokenizer, backbone=None) -> bool:
-    """Add <|resp_sep|> as a special token when missing (resizing the backbone's embeddings)."""
+    """Add <|resp_sep|> as a special token when the tokenizer lacks it (as the authors' code does),
+    then make sure the backbone has an embedding row for every token id (`ensure_embedding_rows`).
+    Returns whether the token was added."""
     sep = tokenizer.convert_tokens_to_ids(RESP_SEP)
-    if sep is not None and sep != tokenizer.unk_token_id:
-        return False
-    tokenizer.add_special_tokens({"additional_special_tokens": [RESP_SEP]})
+    added = sep is None or sep == tokenizer.unk_token_id
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": [RESP_SEP]}, replace_extra_special_tokens=False)
     if backbone is not None:
-        old = backbone.get_input_embeddings().weight.shape[0]
-        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        emb = backbone.get_input_embeddings().weight
-        with torch.no_grad():  # deterministic: the new rows start at the mean of the old ones
-            emb[old:] = emb[:old].mean(0, keepdim=True)
-    return True
+        ensure_embedding_rows(backbone, tokenizer)
+    return added
+
+
+def ensure_embedding_rows(backbone, tokenizer) -> int:
+    """Grow the input embedding so that every token id of `tokenizer` has a row; returns the rows added.
+
+    The rule, deterministic and documented: rows that exist are used as they are (a base model whose
+    embedding already covers <|resp_sep|>, as Qwen's and Molmo2's padded vocabularies do, keeps that
+    row); missing rows are appended, each set to the mean of the existing rows. That is what the
+    authors' code gets from `resize_token_embeddings` (transformers samples the new rows from a
+    normal distribution around that mean with covariance 1e-9 x the embedding covariance, noise of
+    order 1e-5 of the embedding scale). The embedding is never shrunk (rows past the tokenizer are
+    never read)."""
+    needed = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    emb = backbone.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if needed <= old:
+        return 0
+    backbone.resize_token_embeddings(needed, mean_resizing=False)
+    emb = backbone.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight[old:] = emb.weight[:old].float().mean(0, keepdim=True).to(emb.weight.dtype)
+    return needed - old
 
 
 def _load_mrrm(cls, path, base_model, media_base_dir):
@@ -439,57 +568,25 @@ def _load_mrrm(cls, path, base_model, media_base_dir):
 
     with open(os.path.join(path, CONFIG_FILE)) as f:
         raw = json.load(f)
+    if raw.get("resp_repr_mode") == "separator":
+        raise ValueError(f"{path}: resp_repr_mode 'separator' (mrrm before the authors' layout) is no longer "
+                         "supported; retrain the checkpoint")
     config = RewardModelConfig.from_dict(raw)
-    tokenizer, processor = _load_processor(os.path.join(path, "processor"))
+    tokenizer, processor = load_processor(os.path.join(path, "processor"))
     if os.path.isdir(os.path.join(path, "adapter")):
         from peft import PeftModel
 
         base_path = base_model or config.base_model
         if not base_path:
             raise ValueError(f"{path}: a LoRA checkpoint needs its base model (config.base_model or base_model=)")
-        backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base_path), os.path.join(path, "adapter"))
+        base = AutoModel.from_pretrained(base_path)
+        ensure_embedding_rows(base, tokenizer)  # a base model without the <|resp_sep|> row
+        backbone = PeftModel.from_pretrained(base, os.path.join(path, "adapter"))
     else:
         backbone = AutoModel.from_pretrained(os.path.join(path, "backbone"))
     state = load_file(os.path.join(path, "value_head.safetensors"))
-    H, D = state["0.weight"].shape[1], state["0.weight"].shape[0]
-    head = build_value_head(H, D, config.value_head_activation)
-    head.load_state_dict(state)
-    return cls(backbone, tokenizer, processor, config, value_head=head, media_base_dir=media_base_dir)
-
-
-def _load_published(cls, path, base_model, media_base_dir):
-    """The paper's layout: reward_model_config.json, value_head.pt (nn.Sequential state dict),
-    and a peft adapter directory trained on a ForConditionalGeneration model."""
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    with open(os.path.join(path, PUBLISHED_CONFIG_FILE)) as f:
-        raw = json.load(f)
-    adapter_dir = next((os.path.join(path, d) for d in sorted(os.listdir(path))
-                        if os.path.exists(os.path.join(path, d, "adapter_config.json"))),
-                       path if os.path.exists(os.path.join(path, "adapter_config.json")) else None)
-    if adapter_dir is None:
-        raise FileNotFoundError(f"{path}: no peft adapter directory (adapter_config.json) found")
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        base_path = base_model or json.load(f).get("base_model_name_or_path")
-    if not base_path:
-        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model; pass base_model=")
-    tok_dir = next((d for d in (path, adapter_dir) if os.path.exists(os.path.join(d, "tokenizer_config.json"))),
-                   base_path)
-    tokenizer, processor = _load_processor(tok_dir)
-    full = AutoModelForImageTextToText.from_pretrained(base_path)
-    ensure_separator_token(tokenizer, full)
-    full = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
-    backbone = full.model  # the VL model without its LM head
-    state = torch.load(os.path.join(path, "value_head.pt"), map_location="cpu", weights_only=True)
-    H, D = state["0.weight"].shape[1], state["0.weight"].shape[0]
-    config = RewardModelConfig(
-        value_head_type=raw.get("value_head_type", "mlp"), value_head_hidden_dim=raw.get("value_head_hidden_dim", D),
-        value_head_activation=raw.get("value_head_activation", "silu"),
-        resp_repr_mode=raw.get("resp_repr_mode", "last"), base_model=base_path,
-        description=f"loaded from the published layout at {path}")
-    if config.value_head_hidden_dim != D:
-        raise ValueError(f"{path}: value_head_hidden_dim={config.value_head_hidden_dim} but value_head.pt has {D}")
-    head = build_value_head(H, D, config.value_head_activation)
+    H = text_hidden_size(backbone)
+    head = build_value_head(head_input_dim(H, config.resp_repr_mode), config.value_head_type,
+                            config.value_head_hidden_dim, config.value_head_activation)
     head.load_state_dict(state)
     return cls(backbone, tokenizer, processor, config, value_head=head, media_base_dir=media_base_dir)

@@ -1,27 +1,28 @@
 """Packing: per-sample token layouts -> one varlen token stream (no padding) for one forward pass.
 
 One sample is a prompt (the *prefix*: chat template, user turn with media placeholders, assistant
-header) and N >= 1 candidate responses. Its token stream is
+header) and N >= 1 candidate responses. A layout holds the sample's tokens twice over, because
+the three modes need different streams (see /work/shared/ARCHITECTURE.md):
 
-    prefix + r1 + sep + r2 + sep + ... + rN            (score_at="last", the paper)
-    prefix + r1 + sep + r2 + sep + ... + rN + sep      (score_at="separator")
+- ``joint`` (the paper, the authors' layout): ``prefix + joint_ids``, one causal sequence with
+  consecutive positions. ``joint_ids`` is the whole assistant turn as the checkpoint's chat template
+  renders it and the tokenizer splits it in one piece (responses joined by
+  ``"\\n\\n<|resp_sep|>\\n\\n"``, the template's tail after the last one), and response i is scored
+  at ``joint_score_offsets[i]`` in it: for the reference layout the token right before response
+  i's ``<|resp_sep|>``, and the last token of the sequence for the last response.
+- ``independent``: ``prefix + r_1 + ... + r_N`` as one sequence under the mask ``shared_prefix``
+  (segment id 0 for the prefix, i for response i); every response's positions restart at the end of
+  the prefix, so response i sees exactly what it would see alone, for the cost of one pass.
+- ``single``: N separate causal sequences ``[prefix, r_i]``: the conventional reward model.
 
-where `sep` is e.g. the ids of "\\n\\n<|resp_sep|>\\n\\n". The separator tokens after response i
-belong to response i (segment i). Response i is scored at the last of its own tokens
-(score_at="last") or at the <|resp_sep|> token that follows it (score_at="separator").
-
-Three modes lay that out differently (see /work/shared/ARCHITECTURE.md):
-
-- ``joint``: the stream is one causal sequence with consecutive positions; response i sees the
-  prefix and every earlier response (the MRRM of the paper).
-- ``independent``: the same stream as one sequence with mask ``shared_prefix``: segment id 0 for the
-  prefix, i for response i (and its separator), and each response's positions restart at the end
-  of the prefix, so response i sees exactly what it would see alone, for the cost of one pass.
-- ``single``: N separate causal sequences ``[prefix, r_i]`` (plus r_i's separator when
-  score_at="separator"): the conventional reward model, the baseline.
+``response_ids[i]`` is response i *alone* after the prefix (for the reference layout: the assistant
+turn holding only that response, template tail included) and is scored at its last token, so
+``independent`` equals ``single`` token for token. A layout may leave ``joint_ids`` out: it is then
+``r_1 + sep + r_2 + ... + sep + r_N`` (``separator_ids`` between responses) scored at each
+response's last token, the shape synthetic layouts (tests, FLOPs counting) use.
 
 Positions: a prefix with ``prefix_positions=None`` gets ``arange(P)``; a multimodal prefix may bring
-its own [P] or [K, P] position ids (Qwen2-VL mrope: K = 3). Response tokens continue from
+its own [P] or [K, P] position ids (Qwen2-VL mrope: K = 3). Tokens after the prefix continue from
 ``prefix_positions.max() + 1``, identical in all K rows (text positions are 1-D in mrope).
 
 Many samples are packed into one `PackedBatch`; `pack_micro_batches` splits a list of samples into
@@ -37,7 +38,6 @@ from typing import Sequence
 import torch
 
 MODES = ("joint", "independent", "single")
-SCORE_AT = ("last", "separator")
 OVERSIZE = ("error", "own_batch")
 _INT32_MAX = 2**31 - 1
 
@@ -51,24 +51,32 @@ _INT32_MAX = 2**31 - 1
 class SampleLayout:
     """The token layout of one sample: a shared prefix and N >= 1 responses.
 
-    prefix_ids:       tokens before the first response (chat template, user turn with media
-                      placeholders, assistant header); may be empty.
-    response_ids:     the N responses' own tokens, each non-empty (separators not included).
-    separator_ids:    tokens placed between two responses (e.g. the ids of
-                      "\\n\\n<|resp_sep|>\\n\\n"); may be empty only for N == 1 with score_at="last".
-    separator_index:  index in separator_ids of the <|resp_sep|> special token (the score position
-                      of score_at="separator").
-    prefix_positions: None (= arange(P)), or [P] / [K, P] integer position ids of the prefix
-                      (multimodal rotary: Qwen mrope has K = 3). Responses continue from its max + 1.
-    sample_id:        any identifier, quoted in error messages.
+    prefix_ids:          tokens before the responses (chat template, user turn with media
+                         placeholders, assistant header); may be empty.
+    response_ids:        response i alone after the prefix (non-empty), scored at its last token
+                         (independent and single modes).
+    separator_ids:       tokens placed between two responses when `joint_ids` is not given.
+    prefix_positions:    None (= arange(P)), or [P] / [K, P] integer position ids of the prefix
+                         (multimodal rotary: Qwen mrope has K = 3). Later tokens continue from its max + 1.
+    sample_id:           any identifier, quoted in error messages.
+    joint_ids:           the joint body after the prefix (None: the responses joined by separator_ids).
+    joint_score_offsets: N strictly increasing indices into joint_ids: where response i is scored.
+    response_starts:     first token of response i within response_ids[i] (default 0); read by the
+                         response representations that use the start (first, response_mean, ...).
+    joint_starts:        first token of response i within joint_ids (default: built from
+                         separators, where response i starts alone; else 0 for the first response
+                         and one past the previous score offset for the others).
     """
 
     prefix_ids: list[int]
     response_ids: list[list[int]]
-    separator_ids: list[int]
-    separator_index: int
+    separator_ids: list[int] = field(default_factory=list)
     prefix_positions: torch.Tensor | None = None
     sample_id: str | int | None = None
+    joint_ids: list[int] | None = None
+    joint_score_offsets: list[int] | None = None
+    response_starts: list[int] | None = None
+    joint_starts: list[int] | None = None
 
     @property
     def num_responses(self) -> int:
@@ -83,12 +91,14 @@ class PackedBatch:
     position_ids    int64 [T], or [K, T] when a sample brought [K, P] prefix positions (mrope)
     cu_seqlens      int32 [S+1] sequence boundaries (flash-attn's varlen convention)
     max_seqlen      int, the longest sequence
-    segment_ids     int32 [T]: 0 for prefix tokens, i (1-based) for response i and its separator;
-                    filled in every mode, used by the attention only with mask "shared_prefix"
+    segment_ids     int32 [T]: 0 for prefix tokens, i (1-based) for response i (in joint mode: the
+                    tokens after response i-1's score position up to response i's); filled in every
+                    mode, used by the attention only with mask "shared_prefix"
     mask            "causal" (joint, single) or "shared_prefix" (independent)
-    mode, score_at  as given to `pack`
+    mode            as given to `pack`
     score_positions int64 [M]: token index of each response's score, samples in order, then
                     responses in order; M = sum of N_b
+    start_positions int64 [M]: token index of each response's first token (same order)
     group_offsets   int64 [B+1]: scores of sample b are score_positions[group_offsets[b]:group_offsets[b+1]]
     score_sample    int64 [M]: sample (index within this batch) of each score
     score_response  int64 [M]: response index (0-based, within its sample) of each score
@@ -105,8 +115,8 @@ class PackedBatch:
     segment_ids: torch.Tensor
     mask: str
     mode: str
-    score_at: str
     score_positions: torch.Tensor
+    start_positions: torch.Tensor
     group_offsets: torch.Tensor
     score_sample: torch.Tensor
     score_response: torch.Tensor
@@ -158,9 +168,11 @@ class _Sample:
     """A validated layout, ids as int64 tensors."""
 
     prefix: torch.Tensor             # [P]
-    responses: list[torch.Tensor]    # N x [R_i]
-    separator: torch.Tensor          # [L_sep]
-    separator_index: int
+    responses: list[torch.Tensor]    # N x [R_i], each response alone
+    response_starts: torch.Tensor    # [N] first token of response i within responses[i]
+    joint: torch.Tensor              # [J] the joint body
+    joint_scores: torch.Tensor       # [N] score offsets within joint
+    joint_starts: torch.Tensor       # [N] start offsets within joint
     prefix_positions: torch.Tensor   # [K0, P] int64 (K0 = 1 for 1-D / default positions)
     multirow: bool                   # prefix_positions was given as [K, P]
     response_start: int              # first position id after the prefix
@@ -208,12 +220,42 @@ def _as_ids(value, what: str, where: str) -> torch.Tensor:
     return t
 
 
+def _as_offsets(value, what: str, where: str, n: int, limits) -> torch.Tensor:
+    """N integer offsets, offsets[i] in [0, limits[i]) -> int64 [N]."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)):
+        raise ValueError(f"{where}: {what} must be a list of {n} integer offsets, got {type(value).__name__}")
+    items = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+    if len(items) != n:
+        raise ValueError(f"{where}: {what} has {len(items)} entries for {n} responses")
+    for i, (x, hi) in enumerate(zip(items, limits)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise ValueError(f"{where}: {what}[{i}] = {x!r} is not an integer offset")
+        if not 0 <= int(x) < hi:
+            raise ValueError(f"{where}: {what}[{i}] = {int(x)} is outside 0..{hi - 1}")
+    return torch.tensor([int(x) for x in items], dtype=torch.int64)
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _validate(layout: SampleLayout, index: int | None, score_at: str) -> _Sample:
+def _joint_from_separators(responses, separator, response_starts):
+    """r_1 + sep + ... + sep + r_N, each response scored at its last token and starting where it
+    starts alone."""
+    parts, scores, starts, at = [], [], [], 0
+    for i, r in enumerate(responses):
+        if i:
+            parts.append(separator)
+            at += separator.numel()
+        starts.append(at + int(response_starts[i]))
+        parts.append(r)
+        at += r.numel()
+        scores.append(at - 1)
+    return torch.cat(parts), torch.tensor(scores, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
+
+
+def _validate(layout: SampleLayout, index: int | None) -> _Sample:
     sample_id = getattr(layout, "sample_id", None)
     where = _where(index, sample_id)
     if not isinstance(layout, SampleLayout):
@@ -234,19 +276,35 @@ def _validate(layout: SampleLayout, index: int | None, score_at: str) -> _Sample
                              f"(its last token is where it is scored)")
         responses.append(t)
     N = len(responses)
+    lengths = [r.numel() for r in responses]
+    starts = (torch.zeros(N, dtype=torch.int64) if layout.response_starts is None
+              else _as_offsets(layout.response_starts, "response_starts", where, N, lengths))
 
-    separator = _as_ids(layout.separator_ids, "separator_ids", where)
-    needs_separator = N > 1 or score_at == "separator"
-    if needs_separator and separator.numel() == 0:
-        why = f"{N} responses must be separated" if N > 1 else "score_at='separator' scores at it"
-        raise ValueError(f"{where}: separator_ids is empty, but {why}")
-    sep_index = layout.separator_index
-    if isinstance(sep_index, bool) or not isinstance(sep_index, numbers.Integral):
-        raise ValueError(f"{where}: separator_index must be an int, got {sep_index!r}")
-    sep_index = int(sep_index)
-    if separator.numel() and not 0 <= sep_index < separator.numel():
-        raise ValueError(f"{where}: separator_index={sep_index} is out of range for "
-                         f"{separator.numel()} separator tokens (expected 0..{separator.numel() - 1})")
+    if layout.joint_ids is None:
+        if layout.joint_score_offsets is not None or layout.joint_starts is not None:
+            raise ValueError(f"{where}: joint_score_offsets / joint_starts are given without joint_ids")
+        separator = _as_ids(layout.separator_ids, "separator_ids", where)
+        if N > 1 and separator.numel() == 0:
+            raise ValueError(f"{where}: separator_ids is empty, but {N} responses must be separated "
+                             "(or give joint_ids)")
+        joint, joint_scores, joint_starts = _joint_from_separators(responses, separator, starts)
+    else:
+        joint = _as_ids(layout.joint_ids, "joint_ids", where)
+        if layout.joint_score_offsets is None:
+            raise ValueError(f"{where}: joint_ids needs joint_score_offsets (where each response is scored)")
+        joint_scores = _as_offsets(layout.joint_score_offsets, "joint_score_offsets", where, N, [joint.numel()] * N)
+        if N > 1 and bool((joint_scores[1:] <= joint_scores[:-1]).any()):
+            raise ValueError(f"{where}: joint_score_offsets must be strictly increasing, got {joint_scores.tolist()}")
+        if layout.joint_starts is None:
+            joint_starts = torch.cat([joint_scores.new_zeros(1), joint_scores[:-1] + 1])
+        else:
+            joint_starts = _as_offsets(layout.joint_starts, "joint_starts", where, N, [joint.numel()] * N)
+        if bool((joint_starts > joint_scores).any()):
+            i = int((joint_starts > joint_scores).nonzero()[0])
+            raise ValueError(f"{where}: response {i} starts at joint offset {int(joint_starts[i])}, after its score "
+                             f"offset {int(joint_scores[i])}")
+    if bool((starts > torch.tensor(lengths) - 1).any()):  # defensive: _as_offsets bounds them already
+        raise ValueError(f"{where}: a response start lies past its last token")
 
     P = prefix.numel()
     pp = layout.prefix_positions
@@ -273,24 +331,24 @@ def _validate(layout: SampleLayout, index: int | None, score_at: str) -> _Sample
         if not multirow:
             positions = positions[None]
     response_start = int(positions.max()) + 1 if P else 0
-    return _Sample(prefix, responses, separator, sep_index, positions, multirow, response_start)
+    return _Sample(prefix, responses, starts, joint, joint_scores, joint_starts, positions, multirow, response_start)
 
 
-def _num_tokens(s: _Sample, mode: str, score_at: str) -> int:
-    N, P, L = s.num_responses, s.prefix.numel(), s.separator.numel()
+def _num_tokens(s: _Sample, mode: str) -> int:
+    N, P = s.num_responses, s.prefix.numel()
     R = sum(r.numel() for r in s.responses)
     if mode == "single":
-        return N * P + R + (N * L if score_at == "separator" else 0)
-    return P + R + (N if score_at == "separator" else N - 1) * L
+        return N * P + R
+    if mode == "independent":
+        return P + R
+    return P + s.joint.numel()
 
 
-def sample_num_tokens(layout: SampleLayout, mode: str = "joint", score_at: str = "last") -> int:
-    """Tokens the sample occupies in a batch packed with `mode`:
-    joint / independent: P + sum R_i + separators (N - 1 of them, or N with score_at="separator");
-    single: N * P + sum R_i (+ N separators with score_at="separator"). Validates the layout."""
+def sample_num_tokens(layout: SampleLayout, mode: str = "joint") -> int:
+    """Tokens the sample occupies in a batch packed with `mode`: joint: P + len(joint body);
+    independent: P + sum R_i; single: N * P + sum R_i. Validates the layout."""
     _check_choice("mode", mode, MODES)
-    _check_choice("score_at", score_at, SCORE_AT)
-    return _num_tokens(_validate(layout, None, score_at), mode, score_at)
+    return _num_tokens(_validate(layout, None), mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,66 +356,56 @@ def sample_num_tokens(layout: SampleLayout, mode: str = "joint", score_at: str =
 # --------------------------------------------------------------------------------------------------
 
 
-def _pack_sample(s: _Sample, mode: str, score_at: str, K: int):
+def _pack_sample(s: _Sample, mode: str, K: int):
     """The chunk of the stream one sample contributes, with offsets local to that chunk.
 
-    Returns ids [L], positions [K, L], segments [L], sequence lengths (list), local score offsets [N].
+    Returns ids [L], positions [K, L], segments [L], sequence lengths (list), local score offsets
+    [N], local start offsets [N].
     """
     N, P = s.num_responses, s.prefix.numel()
-    sep, L_sep = s.separator, s.separator.numel()
     R = torch.tensor([r.numel() for r in s.responses], dtype=torch.int64)
     prefix_pos = s.prefix_positions.expand(K, P)  # 1-row positions repeat in every mrope row
     start = s.response_start
     resp_ids = torch.arange(1, N + 1, dtype=torch.int32)
 
+    if mode == "joint":
+        J = s.joint.numel()
+        ids = torch.cat([s.prefix, s.joint])
+        positions = torch.cat([prefix_pos, (start + torch.arange(J, dtype=torch.int64)).expand(K, J)], 1)
+        # joint token t belongs to the first response whose score offset is >= t (the tail, if
+        # any, to the last one)
+        body_seg = (torch.searchsorted(s.joint_scores, torch.arange(J, dtype=torch.int64)) + 1).clamp(max=N)
+        seg = torch.cat([torch.zeros(P, dtype=torch.int32), body_seg.to(torch.int32)])
+        return ids, positions, seg, [P + J], P + s.joint_scores, P + s.joint_starts
+
+    body_len = int(R.sum())
+    seg_begin = torch.cumsum(R, 0) - R  # where each response begins after the prefix
     if mode == "single":
         parts, pos_parts = [], []
-        seq_lens = []
         for r in s.responses:
-            # alone, a response needs no separator unless it is scored there
-            body = [r, sep] if score_at == "separator" else [r]
-            body_len = sum(t.numel() for t in body)
-            parts += [s.prefix, *body]
-            pos_parts += [prefix_pos, (start + torch.arange(body_len, dtype=torch.int64)).expand(K, body_len)]
-            seq_lens.append(P + body_len)
-        seq_len_t = torch.tensor(seq_lens, dtype=torch.int64)
+            parts += [s.prefix, r]
+            pos_parts += [prefix_pos, (start + torch.arange(r.numel(), dtype=torch.int64)).expand(K, r.numel())]
+        seq_len_t = P + R
         seq_starts = torch.cumsum(seq_len_t, 0) - seq_len_t
         seg = torch.repeat_interleave(
             torch.stack([torch.zeros(N, dtype=torch.int32), resp_ids], 1).reshape(-1),
-            torch.stack([torch.full((N,), P, dtype=torch.int64), seq_len_t - P], 1).reshape(-1))
+            torch.stack([torch.full((N,), P, dtype=torch.int64), R], 1).reshape(-1))
         resp_begin = seq_starts + P
         ids = torch.cat(parts)
         positions = torch.cat(pos_parts, 1)
-    else:
-        # Which responses a separator follows in the shared stream: all but the last, and the last
-        # too when the separator is the score position.
-        has_sep = [True] * N
-        if score_at == "last":
-            has_sep[-1] = False
-        parts = [s.prefix]
-        for i, r in enumerate(s.responses):
-            parts += [r, sep] if has_sep[i] else [r]
-        ids = torch.cat(parts)
-        seg_len = R + torch.tensor(has_sep, dtype=torch.int64) * L_sep  # segment i: r_i and its separator
-        seg_begin = torch.cumsum(seg_len, 0) - seg_len  # within the body (after the prefix)
-        body_len = int(seg_len.sum())
-        body_pos = start + torch.arange(body_len, dtype=torch.int64)
-        if mode == "independent":
-            # every response restarts right after the prefix, as if it were alone
-            body_pos = body_pos - torch.repeat_interleave(seg_begin, seg_len, output_size=body_len)
+        seq_lens = seq_len_t.tolist()
+    else:  # independent: every response restarts right after the prefix, as if it were alone
+        ids = torch.cat([s.prefix, *s.responses])
+        body_pos = start + torch.arange(body_len, dtype=torch.int64) \
+            - torch.repeat_interleave(seg_begin, R, output_size=body_len)
         positions = torch.cat([prefix_pos, body_pos.expand(K, body_len)], 1)
-        seg = torch.cat([torch.zeros(P, dtype=torch.int32),
-                         torch.repeat_interleave(resp_ids, seg_len, output_size=body_len)])
+        seg = torch.cat([torch.zeros(P, dtype=torch.int32), torch.repeat_interleave(resp_ids, R, output_size=body_len)])
         seq_lens = [P + body_len]
         resp_begin = P + seg_begin
-    if score_at == "last":
-        score = resp_begin + R - 1
-    else:
-        score = resp_begin + R + s.separator_index
-    return ids, positions, seg, seq_lens, score
+    return ids, positions, seg, seq_lens, resp_begin + R - 1, resp_begin + s.response_starts
 
 
-def _pack_validated(samples: list[_Sample], mode: str, score_at: str, sample_indices: list[int]) -> PackedBatch:
+def _pack_validated(samples: list[_Sample], mode: str, sample_indices: list[int]) -> PackedBatch:
     B = len(samples)
     multirow = [s.prefix_positions.shape[0] for s in samples if s.multirow]
     if len(set(multirow)) > 1:
@@ -368,11 +416,11 @@ def _pack_validated(samples: list[_Sample], mode: str, score_at: str, sample_ind
                          f"one batch needs one number of position rows")
     K = multirow[0] if multirow else 1
 
-    ids, pos, seg, seq_lens, scores, chunk_lens = [], [], [], [], [], []
+    ids, pos, seg, seq_lens, scores, starts, chunk_lens = [], [], [], [], [], [], []
     seq_counts = []
     for b, s in enumerate(samples):
-        i_, p_, g_, l_, sc_ = _pack_sample(s, mode, score_at, K)
-        ids.append(i_), pos.append(p_), seg.append(g_), scores.append(sc_)
+        i_, p_, g_, l_, sc_, st_ = _pack_sample(s, mode, K)
+        ids.append(i_), pos.append(p_), seg.append(g_), scores.append(sc_), starts.append(st_)
         seq_lens += l_
         seq_counts.append(len(l_))
         chunk_lens.append(i_.numel())
@@ -391,7 +439,7 @@ def _pack_validated(samples: list[_Sample], mode: str, score_at: str, sample_ind
     group_offsets[1:] = torch.cumsum(N_t, 0)
     score_sample = torch.repeat_interleave(torch.arange(B, dtype=torch.int64), N_t, output_size=M)
     score_response = torch.arange(M, dtype=torch.int64) - group_offsets[:-1].repeat_interleave(N_t, output_size=M)
-    score_positions = torch.cat(scores) + chunk_start.repeat_interleave(N_t, output_size=M)
+    shift = chunk_start.repeat_interleave(N_t, output_size=M)
     seq_count_t = torch.tensor(seq_counts, dtype=torch.int64)
     sequence_sample = torch.repeat_interleave(torch.arange(B, dtype=torch.int64), seq_count_t)
     prefix_lengths = torch.tensor([s.prefix.numel() for s in samples], dtype=torch.int64).repeat_interleave(seq_count_t)
@@ -406,8 +454,8 @@ def _pack_validated(samples: list[_Sample], mode: str, score_at: str, sample_ind
         segment_ids=torch.cat(seg),
         mask="shared_prefix" if mode == "independent" else "causal",
         mode=mode,
-        score_at=score_at,
-        score_positions=score_positions,
+        score_positions=torch.cat(scores) + shift,
+        start_positions=torch.cat(starts) + shift,
         group_offsets=group_offsets,
         score_sample=score_sample,
         score_response=score_response,
@@ -430,7 +478,7 @@ def _check_sample_indices(sample_indices, B: int) -> list[int]:
     return out
 
 
-def pack(layouts: Sequence[SampleLayout], mode: str = "joint", *, score_at: str = "last",
+def pack(layouts: Sequence[SampleLayout], mode: str = "joint", *,
          sample_indices: Sequence[int] | None = None) -> PackedBatch:
     """Pack B >= 1 samples into one `PackedBatch` (see the module docstring for the layouts).
 
@@ -439,18 +487,16 @@ def pack(layouts: Sequence[SampleLayout], mode: str = "joint", *, score_at: str 
     the sample index, its sample_id if set, and the problem.
     """
     _check_choice("mode", mode, MODES)
-    _check_choice("score_at", score_at, SCORE_AT)
     layouts = list(layouts)
     if not layouts:
         raise ValueError("pack needs at least one sample, got an empty list")
     indices = _check_sample_indices(sample_indices, len(layouts))
-    samples = [_validate(layout, idx, score_at) for layout, idx in zip(layouts, indices)]
-    return _pack_validated(samples, mode, score_at, indices)
+    samples = [_validate(layout, idx) for layout, idx in zip(layouts, indices)]
+    return _pack_validated(samples, mode, indices)
 
 
 def pack_micro_batches(layouts: Sequence[SampleLayout], mode: str = "joint", max_tokens: int = 16384, *,
-                       score_at: str = "last", oversize: str = "error",
-                       max_samples: int | None = None) -> list[PackedBatch]:
+                       oversize: str = "error", max_samples: int | None = None) -> list[PackedBatch]:
     """Split samples into micro-batches of at most `max_tokens` packed tokens each, then pack them.
 
     Policy: greedy and order-preserving. Samples are taken in the given order and appended to the
@@ -465,20 +511,19 @@ def pack_micro_batches(layouts: Sequence[SampleLayout], mode: str = "joint", max
     An empty `layouts` gives an empty list.
     """
     _check_choice("mode", mode, MODES)
-    _check_choice("score_at", score_at, SCORE_AT)
     _check_choice("oversize", oversize, OVERSIZE)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral)
                                     or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
-    samples = [_validate(layout, idx, score_at) for idx, layout in enumerate(layouts)]
+    samples = [_validate(layout, idx) for idx, layout in enumerate(layouts)]
 
     groups: list[list[int]] = []
     current: list[int] = []
     current_tokens = 0
     for idx, s in enumerate(samples):
-        n = _num_tokens(s, mode, score_at)
+        n = _num_tokens(s, mode)
         if n > max_tokens:
             if oversize == "error":
                 raise ValueError(f"{_where(idx, layouts[idx].sample_id)} has {n} tokens in mode {mode!r}, more "
@@ -496,7 +541,7 @@ def pack_micro_batches(layouts: Sequence[SampleLayout], mode: str = "joint", max
         current_tokens += n
     if current:
         groups.append(current)
-    return [_pack_validated([samples[i] for i in g], mode, score_at, g) for g in groups]
+    return [_pack_validated([samples[i] for i in g], mode, g) for g in groups]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def families(tokenizer):
 
     def get(family):
         if family not in cache:
-            cache[family] = build_family(family, tokenizer, seed=FAMILIES.index(family))
+            tok = tokenizer if family != "molmo2" else None  # Molmo2 has its own media tokens
+            cache[family] = build_family(family, tok, seed=FAMILIES.index(family))
         return cache[family]
     return get

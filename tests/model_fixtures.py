@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mrrm import tiny
-from mrrm.model import RewardModel, RewardModelConfig
+from mrrm.model import RewardModel, RewardModelConfig, head_linears
 
 FAMILIES = tiny.FAMILIES
 HIDDEN = 64  # tiny.build_config's default hidden size
@@ -22,21 +22,14 @@ HEAD_DIM = 32
 HEAD_STD = 0.5  # large enough that score differences are far above fp32 rounding
 
 
-def processor_class(family: str):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
-
-    return {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
-
-
 def build_processor(family: str, tokenizer):
-    image, video = tiny.build_processors(family)
-    return processor_class(family)(image_processor=image, tokenizer=tokenizer, video_processor=video)
+    return tiny.build_processor(family, tokenizer)
 
 
-def randomize_head(head: torch.nn.Sequential, std: float = HEAD_STD, seed: int = 0) -> torch.nn.Sequential:
+def randomize_head(head: torch.nn.Module, std: float = HEAD_STD, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for lin in (head[0], head[2]):
+        for lin in head_linears(head):
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
             lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
     return head
@@ -55,7 +48,7 @@ class TinyFamily:
 
 
 def build_family(family: str, tokenizer=None, seed: int = 0, **config_kw) -> TinyFamily:
-    tok = tokenizer or tiny.build_tokenizer()
+    tok = tokenizer or tiny.build_tokenizer(family=family)
     cfg = tiny.build_config(family, tokenizer=tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -71,45 +64,28 @@ def build_family(family: str, tokenizer=None, seed: int = 0, **config_kw) -> Tin
     return TinyFamily(family, cfg, tok, proc, model, ref)
 
 
-def sample_token_layout(layout, score_at: str = "last"):
-    """(input_ids, score positions) of one sample's joint stream, built by hand from its layout
-    (independent of mrrm.packing): prefix, r1, sep, r2, ..., rN; response i scored at its last token
-    (score_at="last"), or at the <|resp_sep|> token that follows it (score_at="separator", which
-    also closes rN with a separator)."""
-    ids = list(layout.prefix_ids)
-    positions = []
-    n = len(layout.response_ids)
-    for i, r in enumerate(layout.response_ids):
-        ids += list(r)
-        if score_at == "last":
-            positions.append(len(ids) - 1)
-        if i < n - 1 or score_at == "separator":
-            if score_at == "separator":
-                positions.append(len(ids) + layout.separator_index)
-            ids += list(layout.separator_ids)
-    return ids, positions
+def sample_token_layout(layout):
+    """(input_ids, score positions) of one sample's joint stream, read off its layout: the prefix,
+    the joint body, and the body's score offsets (the authors' positions)."""
+    ids = list(layout.prefix_ids) + list(layout.joint_ids)
+    P = len(layout.prefix_ids)
+    return ids, [P + o for o in layout.joint_score_offsets]
 
 
 @torch.no_grad()
-def reference_scores(fam: TinyFamily, sample: dict, model: RewardModel | None = None,
-                     score_at: str = "last") -> list[float]:
+def reference_scores(fam: TinyFamily, sample: dict, model: RewardModel | None = None) -> list[float]:
     """Joint scores of one sample from the plain transformers forward: no packing, eager attention,
-    the backbone computes its own (m)rope index; the value head applied as a plain nn.Sequential."""
+    the backbone computes its own (m)rope index and masks (Molmo2: its media tokens' bidirectional
+    block); the value head applied as a plain module."""
     model = model or fam.model
     enc = model.encoder.encode(sample, 0)
-    ids, positions = sample_token_layout(enc.layout, score_at)
+    ids, positions = sample_token_layout(enc.layout)
     input_ids = torch.tensor([ids])
-    types = torch.zeros_like(input_ids, dtype=torch.int32)
-    types[input_ids == fam.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
-    types[input_ids == fam.tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
-    kw = {}
-    if enc.pixel_values is not None:
-        kw.update(pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw)
-    if enc.pixel_values_videos is not None:
-        kw.update(pixel_values_videos=enc.pixel_values_videos, video_grid_thw=enc.video_grid_thw)
-    if enc.second_per_grid_ts is not None:
-        kw["second_per_grid_ts"] = enc.second_per_grid_ts
-    hidden = fam.reference(input_ids=input_ids, mm_token_type_ids=types, use_cache=False, **kw).last_hidden_state[0]
+    types = model.encoder.token_types(input_ids)
+    kw = dict(enc.media)
+    if kw:
+        kw["mm_token_type_ids"] = types
+    hidden = fam.reference(input_ids=input_ids, use_cache=False, **kw).last_hidden_state[0]
     head = model.value_head
     return (head(hidden[positions]).squeeze(-1) / math.sqrt(HIDDEN)).tolist()
 

@@ -57,7 +57,7 @@ def test_text_lm_packed_equals_padded_and_eager(tok):
     eager = _text_lm(tok, "eager").eval()
     got = packed.score(TEXT_SAMPLES)
     for i, s in enumerate(TEXT_SAMPLES):
-        inp = collate([packed.encoder.encode(s, i)], "joint")
+        inp = collate([packed.encoder.encode(s, i)], packed.encoder, "joint")
         with torch.no_grad():
             h = eager(input_ids=inp.packed.input_ids[None]).last_hidden_state[0]
             ref = packed.value_head(h[inp.packed.score_positions]).squeeze(-1) * packed.head_scale
@@ -85,11 +85,8 @@ def test_text_only_backbone_rejects_media(tok):
 
 
 def test_vl_padded_path_equals_packed(tok):
-    from transformers import Qwen2VLProcessor
-
     cfg = tiny.build_config("qwen2_vl", tokenizer=tok)
-    image, video = tiny.build_processors("qwen2_vl")
-    proc = Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
+    proc = tiny.build_processor("qwen2_vl", tok)
     torch.manual_seed(0)
     bb = tiny.build_backbone(cfg)
     packed = _head_std(RewardModel(bb, tok, proc, RewardModelConfig(value_head_hidden_dim=32)).eval())
