@@ -26,13 +26,20 @@ from dataclasses import dataclass, field
 import torch
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
-# The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. Measured
-# alternatives (README "Training"): head dim 32 with rope_theta 100, and rope_theta 10, both learned
-# slower than this over 3,000 steps.
-TINY_DEMO_BACKBONE = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, rope_theta=10000.0)
-DEMO_STEPS = 6000            # the no-argument demo: ~7 minutes of steps on 2 cores (~13 steps/s)
+# The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
+# layout every response is read at its separator's newlines (the same token for all of them), which
+# a from-scratch model must learn to route its answer into; hidden 128 learned that faster per second
+# than 64 (README "Training", measured alternatives).
+TINY_DEMO_BACKBONE = dict(hidden_size=128, layers=2, heads=4, kv_heads=2, rope_theta=10000.0)
+DEMO_STEPS = 5000            # the no-argument demo: ~7.5 minutes of steps on 2 cores (~11 steps/s)
+# The demo's loss: its rankings are graded (nearer misses rank higher), and Plackett-Luce over them
+# leaves the first plateau where the best-only loss stays at ln 4 for thousands of steps (README).
+DEMO_LOSS = "plackett_luce"
+# The demo's response representation: the mean over each response's tokens (an option of the authors'
+# reward model) learned the demo task faster from scratch than the last token (README).
+DEMO_RESP_REPR = "response_mean"
 DEMO_VIDEO_FPS = 4.0         # all 8 frames of the demo's 4 fps clips: motion 41% -> 76% (README)
-SCRATCH_LR, LORA_LR = 5e-4, 1e-4
+SCRATCH_LR, LORA_LR = 7e-4, 1e-4
 
 
 @dataclass
@@ -49,10 +56,14 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
     video_fps: float | None = None       # frames sampled per second of video (None: Qwen-VL's 2.0)
+    head_type: str = "mlp"               # mlp (the paper) or linear (the authors' code's default)
     head_hidden: int = 1024
     head_activation: str = "silu"
+    resp_repr_mode: str | None = None    # the authors' response representations (mrrm.model.RESP_REPR_MODES);
+                                         # None: last (the paper), and the demo's DEMO_RESP_REPR
     init_std: float = 0.06               # init of a from-scratch backbone (0.02 stalls at ln N)
-    loss: str = "best"                   # best (the paper), plackett_luce, bradley_terry
+    loss: str | None = None              # best (the paper; the default), plackett_luce, bradley_terry;
+                                         # None: best, and the demo's DEMO_LOSS
     mode: str = "joint"                  # joint (the paper) or independent
     shuffle_responses: bool = True
     max_length: int = 4096
@@ -102,7 +113,7 @@ def parse_args(argv=None) -> TrainConfig:
             ap.error(f"{args.config}: unknown keys {sorted(unknown)}")
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     cfg = TrainConfig(**values)
-    if cfg.loss not in LOSSES:
+    if cfg.loss is not None and cfg.loss not in LOSSES:
         ap.error(f"--loss must be one of {LOSSES}")
     if cfg.mode not in ("joint", "independent"):
         ap.error("--mode must be joint or independent")
@@ -132,29 +143,29 @@ def _field_type(f):
 def build_model(cfg: TrainConfig):
     from .model import RewardModel, RewardModelConfig, ensure_separator_token
 
-    rm_cfg = RewardModelConfig(value_head_hidden_dim=cfg.head_hidden, value_head_activation=cfg.head_activation,
+    rm_cfg = RewardModelConfig(value_head_type=cfg.head_type, value_head_hidden_dim=cfg.head_hidden,
+                               value_head_activation=cfg.head_activation, resp_repr_mode=cfg.resp_repr_mode or "last",
                                mode=cfg.mode, max_length=cfg.max_length, max_batch_tokens=cfg.max_batch_tokens,
                                base_model=cfg.base_model, description="trained with python -m mrrm.train")
     if cfg.video_fps is not None:
         rm_cfg.video_fps = cfg.video_fps
     if cfg.base_model is None:  # the built-in tiny backbone, trained from scratch: no LoRA
-        from transformers import Qwen2VLProcessor
-
         from . import tiny
 
         tok = tiny.build_tokenizer()
         bcfg = tiny.build_config("qwen2_vl", tokenizer=tok, initializer_range=cfg.init_std, **TINY_DEMO_BACKBONE)
         backbone = tiny.build_backbone(bcfg)
-        image, video = tiny.build_processors("qwen2_vl")
-        proc = Qwen2VLProcessor(image_processor=image, tokenizer=tok, video_processor=video)
+        proc = tiny.build_processor("qwen2_vl", tok)
+        # Qwen3-VL's chat template: no default system prompt (Qwen2-VL's adds ~20 tokens to every
+        # sample, which a from-scratch model gains nothing from)
+        proc.chat_template = tok.chat_template = tiny.QWEN3_VL_CHAT_TEMPLATE
         rm_cfg.description = "tiny Qwen2-VL-style model trained from scratch with python -m mrrm.train"
-        rm_cfg.system_prompt = None  # a from-scratch model gains nothing from it; ~10 tokens per sample
         return RewardModel(backbone, tok, proc, rm_cfg)
     from transformers import AutoModel
 
-    from .model import _load_processor
+    from .model import load_processor
 
-    tok, proc = _load_processor(cfg.base_model)
+    tok, proc = load_processor(cfg.base_model)
     backbone = AutoModel.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     ensure_separator_token(tok, backbone)
     if cfg.lora_r > 0:
@@ -227,16 +238,16 @@ def epoch_order(per_file, weights, epoch, seed):
     return [order[i] for i in perm]
 
 
-def shuffled(sample: TrainSample, seed, epoch, key):
-    """The sample with its responses in a random order (deterministic in seed, epoch, key)."""
+def shuffled(encoder, sample: TrainSample, seed, epoch, key):
+    """The sample with its responses in a random order (deterministic in seed, epoch, key); the
+    joint turn is tokenized again in that order (encoder.reorder), as the authors' collate does."""
     g = random.Random(f"{seed}:{epoch}:{key}")
     n = len(sample.rankings)
     perm = list(range(n))
     g.shuffle(perm)
-    lay = sample.encoded.layout
-    lay = dataclasses.replace(lay, response_ids=[lay.response_ids[p] for p in perm])
-    enc = dataclasses.replace(sample.encoded, layout=lay)
-    return enc, [sample.rankings[p] for p in perm]
+    if perm == sorted(perm):
+        return sample.encoded, sample.rankings
+    return encoder.reorder(sample.encoded, perm), [sample.rankings[p] for p in perm]
 
 
 def listwise_loss(scores, group_offsets, rankings, loss):
@@ -366,6 +377,10 @@ def train(cfg: TrainConfig) -> dict:
     if data_paths == ["demo"]:
         if cfg.max_steps is None:
             cfg = dataclasses.replace(cfg, max_steps=DEMO_STEPS)
+        if cfg.loss is None:
+            cfg = dataclasses.replace(cfg, loss=DEMO_LOSS)
+        if cfg.resp_repr_mode is None:
+            cfg = dataclasses.replace(cfg, resp_repr_mode=DEMO_RESP_REPR)
         if cfg.video_fps is None and cfg.base_model is None:
             cfg = dataclasses.replace(cfg, video_fps=DEMO_VIDEO_FPS)
         from . import demo
@@ -377,6 +392,10 @@ def train(cfg: TrainConfig) -> dict:
         accel.wait_for_everyone()
         data_paths = [os.path.join(data_dir, "train", "data.jsonl")]
         eval_path = eval_path or os.path.join(data_dir, "eval", "data.jsonl")
+    if cfg.loss is None:
+        cfg = dataclasses.replace(cfg, loss="best")
+    if cfg.resp_repr_mode is None:
+        cfg = dataclasses.replace(cfg, resp_repr_mode="last")
 
     model = build_model(cfg)
     per_file, _ = prepare(model, data_paths, cfg.media_dir, skip_bad=cfg.skip_bad, log=log, drop_media=cfg.drop_media)
@@ -427,7 +446,8 @@ def train(cfg: TrainConfig) -> dict:
         units, ranks_of = [], []
         for f, i in mine:
             s = per_file[f][i]
-            enc, rk = shuffled(s, cfg.seed, position["epoch"], f"{f}:{i}") if cfg.shuffle_responses else (s.encoded, s.rankings)
+            enc, rk = shuffled(model.encoder, s, cfg.seed, position["epoch"], f"{f}:{i}") if cfg.shuffle_responses \
+                else (s.encoded, s.rankings)
             units.append(enc)
             ranks_of.append(rk)
         micro = list(model.micro_batches(units, cfg.mode, cfg.max_batch_tokens)) if units else []
