@@ -363,7 +363,8 @@ def make_sample(rng: np.random.Generator | int, family: str, *, sample_id: str |
 def _rgb_to_yuv420p(frame: Image.Image) -> np.ndarray:
     """RGB -> planar YUV 4:2:0 (BT.601, limited range: what decoders assume for untagged SD video),
     as the [H * 3/2, W] array PyAV takes. Done here in numpy rather than by swscale inside the
-    encoder, whose conversion was seen to change an encoded byte now and then between runs."""
+    encoder, whose conversion was seen to change an encoded byte now and then between runs; only
+    elementwise float operations, so every value is the same whatever the memory layout."""
     rgb = np.asarray(frame, dtype=np.float64)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
@@ -372,7 +373,10 @@ def _rgb_to_yuv420p(frame: Image.Image) -> np.ndarray:
     h, w = y.shape
 
     def half(plane: np.ndarray) -> np.ndarray:
-        return plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+        # the 2x2 average as elementwise adds in a fixed order: numpy's reductions (.mean) sum in an
+        # order that can depend on the array's memory alignment, which flipped a rounding (and so an
+        # encoded video) now and then between runs of the same command
+        return (((plane[0::2, 0::2] + plane[0::2, 1::2]) + plane[1::2, 0::2]) + plane[1::2, 1::2]) / 4
 
     planes = np.concatenate([y.reshape(-1), half(cb).reshape(-1), half(cr).reshape(-1)])
     return np.clip(np.rint(planes), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)

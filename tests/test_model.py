@@ -197,9 +197,11 @@ def test_independent_equals_single_and_is_order_free(fam, mixed_batch):
 
     # joint is not independent: later responses see the earlier ones, and every response but the
     # last is read at its separator's newlines instead of the template's closing tokens
+    # (the last response is read at the sequence's last token in both; in a random tiny model its
+    # dependence on the earlier responses can be as small as 1e-5, so only the others are held to it)
     for j, i in zip(joint, ind):
         if len(j) > 1:
-            assert min(abs(a - b) for a, b in zip(j[1:], i[1:])) > 10 * ATOL, (j, i)
+            assert min(abs(a - b) for a, b in zip(j[:-1], i[:-1])) > 10 * ATOL, (j, i)
 
 
 def test_reorder_equals_encoding_the_reordered_sample(fam, mixed_batch):
