@@ -387,8 +387,10 @@ def train(cfg: TrainConfig) -> dict:
 
         data_dir = os.path.join(cfg.output_dir, "data")
         if accel.is_main_process:
-            demo.generate(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
-            demo.generate(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
+            # in a fresh interpreter: generated in this process, a clip now and then came out
+            # encoded differently run to run (demo.generate_in_subprocess)
+            demo.generate_in_subprocess(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
+            demo.generate_in_subprocess(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
         accel.wait_for_everyone()
         data_paths = [os.path.join(data_dir, "train", "data.jsonl")]
         eval_path = eval_path or os.path.join(data_dir, "eval", "data.jsonl")

@@ -150,6 +150,18 @@ def test_same_seed_same_split_different_seed_different(tmp_path):
     assert same == 0
 
 
+def test_generate_in_subprocess_writes_the_same_split(tmp_path):
+    """What training generates (in a fresh interpreter) is the split generate() writes, file for file."""
+    a = demo.generate(20, seed=11, out_dir=tmp_path / "a")
+    b = demo.generate_in_subprocess(20, 11, tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    files = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*") if p.is_file())
+    assert len(files) == 21 and files == sorted(p.relative_to(b.parent) for p in b.parent.rglob("*") if p.is_file())
+    assert all((a.parent / f).read_bytes() == (b.parent / f).read_bytes() for f in files)
+    with pytest.raises(RuntimeError, match="n must be >= 0"):
+        demo.generate_in_subprocess(-1, 0, tmp_path / "bad")
+
+
 def test_make_sample_is_a_function_of_its_rng():
     for family in demo.FAMILIES:
         s1, m1 = demo.make_sample(demo.sample_rng(5, 17), family)
