@@ -61,7 +61,7 @@ def kernel_rows(rows):
     """CPU op microbenchmarks: group -> [(name, median_s)]."""
     groups = defaultdict(list)
     for r in rows:
-        if r["group"].startswith(("gather_value_head", "listwise_ce")) and "impl" in r["extra_info"] \
+        if r["group"].startswith(("gather_value_head", "listwise_ce", "varlen_attention fwd+bwd, one demo")) and "impl" in r["extra_info"] \
                 and "do_bench_median_ms" not in r["extra_info"]:
             groups[r["group"]].append((r["extra_info"]["impl"], r["median_s"]))
     return groups

@@ -31,7 +31,7 @@ LOSSES = ("best", "plackett_luce", "bradley_terry")
 # a from-scratch model must learn to route its answer into; hidden 128 learned that faster per second
 # than 64 (README "Training", measured alternatives).
 TINY_DEMO_BACKBONE = dict(hidden_size=128, layers=2, heads=4, kv_heads=2, rope_theta=10000.0)
-DEMO_STEPS = 5000            # the no-argument demo: 8-9 minutes of steps on 2 cores (9-11 steps/s)
+DEMO_STEPS = 6000            # the no-argument demo: 7-8 minutes of steps on 2 cores (13-15 steps/s)
 # The demo's loss: its rankings are graded (nearer misses rank higher), and Plackett-Luce over them
 # leaves the first plateau where the best-only loss stays at ln 4 for thousands of steps (README).
 DEMO_LOSS = "plackett_luce"

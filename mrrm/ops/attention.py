@@ -85,27 +85,76 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale,
     return int(max_seqlen), bounds
 
 
-def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
-    """torch's own attention kernels, one call per sequence (autograd through SDPA). A dense
-    boolean mask for `shared_prefix` and for sequences that hold bidirectional blocks."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi == lo:
-            continue
-        qs, ks, vs = (x[lo:hi].transpose(0, 1) for x in (q, k, v))
-        if Hq != Hkv:
-            ks = ks.repeat_interleave(Hq // Hkv, dim=0)
-            vs = vs.repeat_interleave(Hq // Hkv, dim=0)
-        # a sequence without any block keeps SDPA's is_causal path (no [L, L] mask to build)
-        blocks = block_ids if block_ids is not None and bool((block_ids[lo:hi] >= 0).any()) else None
-        if mask == "shared_prefix" or blocks is not None:
-            attn_mask = reference.attention_mask_dense(lo, hi, mask, segment_ids, blocks)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, scale=scale)
+# A bucket of sequences padded to its longest one: a new bucket starts where a sequence is shorter
+# than this fraction of the bucket's longest, so at most ~1/4 of a bucket's rows are padding.
+_BUCKET_FILL = 0.8
+
+
+def _length_buckets(lengths):
+    """Sequence indices grouped into buckets of similar length, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets = []
+    for i in order:
+        if buckets and lengths[i] >= _BUCKET_FILL * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=(mask == "causal"), scale=scale)
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+            buckets.append([i])
+    return buckets
+
+
+def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
+    """torch's own attention kernels (autograd through SDPA), one call per bucket of similar-length
+    sequences padded at the end (one call per sequence cost ~100 us of overhead each, forward and
+    backward, for the hundreds of short image and text sequences of a training step). Right padding
+    needs no mask under `causal` (a real query never sees a later key); `bidirectional` masks the
+    padded keys; `shared_prefix` and sequences holding bidirectional blocks get a dense boolean
+    mask. Padded query rows attend their sequence's first key and are dropped."""
+    T, Hq, D = q.shape
+    seqs = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    if not seqs:
+        return q.new_zeros(q.shape)
+    gqa = Hq != k.shape[1]
+    outs, rows = [], []
+    for bucket in _length_buckets([hi - lo for lo, hi in seqs]):
+        spans = [seqs[i] for i in bucket]
+        L = spans[0][1] - spans[0][0]
+        lens = torch.tensor([hi - lo for lo, hi in spans])
+        pos = torch.arange(L)
+        valid = pos[None, :] < lens[:, None]                                   # [G, L]
+        idx = torch.where(valid, torch.tensor([lo for lo, _ in spans])[:, None] + pos[None, :], 0)
+        # index_select, not x[idx]: its backward is an index_add, where advanced indexing's is a
+        # much slower accumulating index_put
+        flat = idx.reshape(-1).to(q.device)
+        qs, ks, vs = (x.index_select(0, flat).view(len(spans), L, x.shape[1], D).transpose(1, 2) for x in (q, k, v))
+        padded = bool((lens < L).any())
+        dense = mask == "shared_prefix" or (block_ids is not None and any(
+            bool((block_ids[lo:hi] >= 0).any()) for lo, hi in spans))
+        attn_mask, causal = None, False
+        if dense:
+            m = torch.zeros(len(spans), L, L, dtype=torch.bool)
+            for g, (lo, hi) in enumerate(spans):
+                m[g, :hi - lo, :hi - lo] = reference.attention_mask_dense(lo, hi, mask, segment_ids, block_ids)
+                m[g, hi - lo:, 0] = True
+            attn_mask = m[:, None].to(q.device)
+        elif mask == "bidirectional" and padded:
+            attn_mask = valid[:, None, None, :].to(q.device)
+        else:
+            causal = mask == "causal"
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=scale,
+                                           enable_gqa=gqa)
+        o = o.transpose(1, 2).reshape(-1, Hq, D)                               # [G * L, Hq, D]
+        outs.append(o.index_select(0, valid.reshape(-1).nonzero()[:, 0].to(q.device)) if padded else o)
+        rows.append(idx[valid])
+    rows = torch.cat(rows)
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if rows.numel() == T and bool((rows == torch.arange(T)).all()):
+        return out
+    if rows.numel() == T:
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(T)
+        return out.index_select(0, inverse.to(q.device))
+    full = q.new_zeros(q.shape)  # tokens of no sequence (cu_seqlens need not cover a tail)
+    return full.index_copy(0, rows.to(q.device), out)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None, block_ids=None,
