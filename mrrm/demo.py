@@ -383,7 +383,12 @@ def _rgb_to_yuv420p(frame: Image.Image) -> np.ndarray:
 
 
 def write_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int = VIDEO_FPS) -> None:
-    """H.264 mp4 (crf 12, yuv420p, no B-frames, one thread, bit-exact muxing): deterministic bytes."""
+    """H.264 mp4, lossless (qp 0: High 4:4:4 Predictive, yuv420p; no B-frames, one thread, bit-exact
+    muxing): a decoder returns exactly the YUV frames given, whatever choices the encoder makes. At
+    crf 12 the encoded pixels followed the encoder's choices, and those changed for about one clip in
+    2,000 now and then between runs of the same command, in the training process and in a fresh
+    interpreter alike (the cause inside libx264/PyAV was not found), so two training runs could see
+    different data."""
     import av
 
     width, height = frames[0].size
@@ -393,7 +398,7 @@ def write_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: int
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1", "bframes": "0"}
+        stream.options = {"qp": "0", "preset": "veryfast", "threads": "1", "bframes": "0"}
         for frame in frames:
             yuv = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(frame), format="yuv420p")
             for packet in stream.encode(yuv):
@@ -454,10 +459,10 @@ def generate(n: int, seed: int, out_dir: str | os.PathLike, *, families: Iterabl
 
 def generate_in_subprocess(n: int, seed: int, out_dir: str | os.PathLike) -> Path:
     """`generate(n, seed, out_dir)` run by `python -m mrrm.demo` in a fresh interpreter; returns the
-    JSONL's path. Training uses this: measured on 2,000-clip splits, generating inside a process that
-    had set up accelerate and transformers encoded 1-3 clips differently in 2 of 5 runs (so two runs
-    of the same training command diverged), a fresh interpreter gave identical clips in 8 of 8 runs.
-    The cause inside the encoder was not found; this only keeps the generation away from it."""
+    JSONL's path. Training uses this: with the earlier lossy clips, generating inside a process that
+    had set up accelerate and transformers encoded 1-3 of 2,000 clips differently in 2 of 5 runs, a
+    fresh interpreter in 1 of 11; the clips are lossless now (write_video), so the decoded frames are
+    the same either way, and the training process stays free of the encoder's memory."""
     import subprocess
 
     cmd = [sys.executable, "-m", "mrrm.demo", "--seed", str(seed), "--n", str(n), "--out", os.fspath(out_dir)]
