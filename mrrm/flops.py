@@ -654,7 +654,7 @@ def _count_vision(reduced: _Reduced, grids, copies: int) -> dict:
     with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         visual(pixels, grid_thw=grid, **kw)
     total, bmm = _global(counter)
-    for i, kind in enumerate(reduced.block_kinds):
+    for i in range(len(reduced.block_kinds)):
         t_i, b_i = _module_flops(counter, f".blocks.{i}")
         total, bmm = total - t_i, bmm - b_i
     for kind, count in reduced.block_counts.items():

@@ -166,8 +166,9 @@ def _resolve_model(model, device=None, dtype=None, mode="joint"):
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path, device, dtype, mode):
-    import mrrm
     import torch
+
+    import mrrm
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .encoding import RESP_SEP, Encoder, ModelInputs, attach_media, with_cyclic_orders
 from .ops._validate import tensor_version
-from .encoding import Encoder, ModelInputs, RESP_SEP, attach_media, with_cyclic_orders
 from .packing import MODES, pack_micro_batches
 
 TEXT_ATTENTION = "mrrm_varlen"
@@ -247,7 +247,7 @@ def head_linears(head: nn.Module) -> tuple[nn.Linear, ...]:
 
 def text_hidden_size(backbone) -> int:
     cfg = unwrap(backbone).config
-    return getattr(getattr(cfg, "text_config", cfg), "hidden_size")
+    return getattr(cfg, "text_config", cfg).hidden_size
 
 
 def _media_kwargs(inputs: ModelInputs, shape_types) -> dict:

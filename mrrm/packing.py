@@ -418,7 +418,7 @@ def _pack_validated(samples: list[_Sample], mode: str, sample_indices: list[int]
 
     ids, pos, seg, seq_lens, scores, starts, chunk_lens = [], [], [], [], [], [], []
     seq_counts = []
-    for b, s in enumerate(samples):
+    for s in samples:
         i_, p_, g_, l_, sc_, st_ = _pack_sample(s, mode, K)
         ids.append(i_), pos.append(p_), seg.append(g_), scores.append(sc_), starts.append(st_)
         seq_lens += l_

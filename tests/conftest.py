@@ -20,6 +20,15 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+def pytest_collection_modifyitems(items):
+    """Every case run through the Triton interpreter (a `backend` parameter of "triton" on a machine
+    without CUDA) is `slow`, like the tests marked by hand (subprocesses, training runs)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if not HAS_CUDA and callspec is not None and callspec.params.get("backend") == "triton":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

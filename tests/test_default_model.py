@@ -2,11 +2,14 @@
 import json
 import os
 
+import pytest
+
 import mrrm
 from mrrm import demo
 from mrrm.api import DEFAULT_MODEL_DIR
 
 
+@pytest.mark.slow
 def test_shipped_default_model_on_a_fresh_seed(tmp_path):
     assert os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "mrrm_config.json"))
     path = demo.generate(200, 424242, str(tmp_path / "fresh"))

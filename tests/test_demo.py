@@ -150,6 +150,7 @@ def test_same_seed_same_split_different_seed_different(tmp_path):
     assert same == 0
 
 
+@pytest.mark.slow
 def test_generate_in_subprocess_writes_the_same_split(tmp_path):
     """What training generates (in a fresh interpreter) is the split generate() writes, file for file."""
     a = demo.generate(20, seed=11, out_dir=tmp_path / "a")
@@ -444,6 +445,7 @@ def test_generation_is_fast(split):
     assert split[2] < 20
 
 
+@pytest.mark.slow
 def test_cli_writes_a_split_and_prints_a_summary(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "mrrm.demo", "--seed", "5", "--n", "12", "--out", str(out),

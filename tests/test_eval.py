@@ -13,13 +13,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from model_fixtures import write_mp4
 from PIL import Image
 
 from mrrm import eval as mev
 from mrrm import media
 from mrrm.encoding import BatchError, SampleError
-
-from model_fixtures import write_mp4
 
 SCORE = re.compile(r"\[s=(-?[0-9.]+)\]")
 
@@ -404,6 +403,7 @@ def test_validation_errors(tmp_path):
 
 
 # -- end to end with the built-in tiny model ----------------------------------------------------------
+@pytest.mark.slow
 def test_end_to_end_tiny_model_cli(tmp_path, capsys):
     import mrrm
 
@@ -434,6 +434,7 @@ def test_end_to_end_tiny_model_cli(tmp_path, capsys):
     assert "mr2bench-image" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_m_entry_point_and_empty_run(tmp_path):
     import subprocess
     import sys

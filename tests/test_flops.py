@@ -12,17 +12,13 @@ import dataclasses
 
 import pytest
 import torch
+from model_fixtures import HEAD_DIM, frame_list, rgb_image
 from torch.utils.flop_counter import FlopCounterMode
 
 from mrrm import flops
 from mrrm.encoding import SEPARATOR_TEXT
-from mrrm.tiny import QWEN_FAMILIES
 from mrrm.flops import backbone_spec, count_flops, image_grid, ratio, scoring_flops, video_grid
-
-from model_fixtures import HEAD_DIM, frame_list, rgb_image
-
-
-
+from mrrm.tiny import QWEN_FAMILIES
 
 SAMPLES = {
     # 80 x 48 pixels -> 10 x 6 patches of 8 -> 5 x 3 tokens: Qwen2.5-VL's 2 x 2 windows end partial

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from model_fixtures import build_family, rgb_image
 
 import mrrm
-from mrrm.grpo import RewardFunction, canonical_order, compute_score, completion_text, prompt_text
+from mrrm.grpo import RewardFunction, canonical_order, completion_text, compute_score, prompt_text
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = dict(rel=1e-4, abs=1e-6)  # packing differs between the two sides, hence the rounding

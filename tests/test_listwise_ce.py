@@ -18,8 +18,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import requires_cuda
+
 from mrrm import ops, reference
 from mrrm.ops._dispatch import load_C
 

@@ -17,14 +17,23 @@ import time
 
 import pytest
 import torch
+from model_fixtures import (
+    FAMILIES,
+    HEAD_DIM,
+    build_processor,
+    frame_list,
+    max_abs_diff,
+    randomize_head,
+    reference_scores,
+    rgb_image,
+    sample_token_layout,
+    write_mp4,
+)
 
 import mrrm
 from mrrm import tiny
 from mrrm.encoding import RESP_SEP, BatchError, collate
 from mrrm.model import RewardModel, RewardModelConfig
-
-from model_fixtures import (FAMILIES, HEAD_DIM, build_processor, frame_list, max_abs_diff, randomize_head,
-                            reference_scores, rgb_image, sample_token_layout, write_mp4)
 
 ATOL = 1e-5          # packed / reference, independent / single, permutation averages (fp32)
 ATOL_RELOAD = 1e-6   # the same weights loaded back

@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mrrm import ops, reference
-from mrrm.packing import (MODES, PackedBatch, SampleLayout, merge_scores, pack, pack_micro_batches,
-                          sample_num_tokens, split_scores)
+from mrrm.packing import MODES, PackedBatch, SampleLayout, merge_scores, pack, pack_micro_batches, sample_num_tokens, split_scores
 
 FAST = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.data_too_large])

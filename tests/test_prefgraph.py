@@ -10,8 +10,16 @@ import pytest
 
 from mrrm import prefgraph
 from mrrm.eval import kendall_tau_b
-from mrrm.prefgraph import (build_graphs, exact_order, heuristic_order, main, min_feedback_arc_set, order_cost,
-                            parse_judgment, sample_variants)
+from mrrm.prefgraph import (
+    build_graphs,
+    exact_order,
+    heuristic_order,
+    main,
+    min_feedback_arc_set,
+    order_cost,
+    parse_judgment,
+    sample_variants,
+)
 
 
 def random_graph(rng, n, density=0.7, integer=True):
@@ -241,6 +249,7 @@ def test_agreement_counts_by_hand():
     assert res["majority_agreement"] == 0.0 and res["majority_judgments"] == 1
 
 
+@pytest.mark.slow
 def test_python_m_entry_point(tmp_path):
     import subprocess
     import sys

@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-
 from model_fixtures import build_family, rgb_image
 
 import mrrm
@@ -300,6 +299,7 @@ def test_bad_server_arguments(model, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_command_serves_default_model(tmp_path):
     """python -m mrrm.serve with the built-in model, token from the environment, on a free port."""
     with socket.socket() as s:

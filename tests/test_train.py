@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from mrrm import tiny
-from mrrm.train import (DEMO_LOSS, DEMO_RESP_REPR, TrainConfig, build_model, listwise_loss, parse_args,
-                        prepare, train)
+from mrrm.train import DEMO_LOSS, DEMO_RESP_REPR, TrainConfig, build_model, listwise_loss, parse_args, prepare, train
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (230, 230, 30)}
 SMALL = ["--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "0"]
@@ -51,6 +50,7 @@ def _log(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["best", "plackett_luce", "bradley_terry"])
 def test_each_loss_decreases_and_model_loads(colour_data, tmp_path, loss):
     out = str(tmp_path / "out")
@@ -126,6 +126,7 @@ def _run(args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path, colour_data):
     common = ["--data", colour_data, "--max-steps", "40", "--save-every", "5", "--keep-last", "3"] + SMALL
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -148,6 +149,7 @@ def test_exact_resume_after_sigkill(tmp_path, colour_data):
     assert len(os.listdir(os.path.join(b, "checkpoints"))) <= 3
 
 
+@pytest.mark.slow
 def test_demo_command_is_deterministic(tmp_path):
     """The same demo command twice, in two processes: the same data, losses, evaluation and weights,
     bit for bit (the README's demo numbers reproduce run to run)."""
@@ -167,6 +169,7 @@ def test_demo_command_is_deterministic(tmp_path):
     assert all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path, colour_data):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
@@ -184,6 +187,7 @@ def test_two_gloo_processes_match_one(tmp_path, colour_data):
     assert l1[-1]["loss"] < l1[0]["loss"]
 
 
+@pytest.mark.slow
 def test_demo_task_needs_the_pixels(tmp_path):
     """The same short run learns the colour family with the images and stays near chance without."""
     from mrrm import demo

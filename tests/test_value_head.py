@@ -15,8 +15,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import requires_cuda
+
 from mrrm import ops, reference
 from mrrm.ops._dispatch import OP_BACKENDS, load_C
 

@@ -28,6 +28,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import HAS_CUDA, requires_cuda  # noqa: E402
+
 from mrrm import ops, reference  # noqa: E402
 from mrrm.kernels import value_head as vh  # noqa: E402
 
@@ -300,6 +301,7 @@ def test_aot_specs_cover_the_gpu_path():
         assert {a for a, t in s["signature"].items() if t == "constexpr"} == set(s["constexprs"])
 
 
+@pytest.mark.slow
 def test_aot_compile_sm90():
     from triton.backends import backends
 

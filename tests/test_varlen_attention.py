@@ -144,6 +144,7 @@ def test_reference_mask_rule():
             assert bool(vis[i, j]) == (j <= i and (int(seg[j]) == 0 or int(seg[j]) == int(seg[i])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
 def test_triton_multi_block_tiles(mask):
     """Rectangular tiles (fwd / dq 32 x 16, dkdv 16 x 32) and a softmax scale: the diagonal and the
@@ -165,6 +166,7 @@ def test_triton_multi_block_tiles(mask):
         assert_close(g, rg, what=f"d{name}")
 
 
+@pytest.mark.slow
 def test_triton_strided_inputs_and_fp16():
     """q, k, v as views into one fused qkv projection (token stride != H * D), and fp16 inputs
     (fp32 accumulation; compared with the fp32 reference at fp16 tolerances)."""
@@ -329,6 +331,7 @@ def kernel_counts(T, Hq, Hkv, cu, seg, lengths, mask, cfg, blk=None):
             c_bwd["dkdv"].view(S, Hkv, -1).flip(-1).cpu())
 
 
+@pytest.mark.slow
 def test_shared_prefix_skips_key_blocks():
     """The kernels count the blocks their loops visit. shared_prefix visits far fewer than causal
     on the same stream; every count equals the documented ranges; and no query block visits more
@@ -473,6 +476,7 @@ def _has_cuda_backend():
     return "nvidia" in backends
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_cuda_backend(), reason="triton has no CUDA backend")
 def test_aot_compiles_every_attention_kernel():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -632,6 +636,7 @@ def test_blocks_backend_matches_reference(backend, mask, shape, small_blocks):
         assert_close(g, rg, what=f"{backend} d{name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
 def test_triton_blocks_rect_tiles_and_fp16(mask):
     """Rectangular tiles (fwd / dq 32 x 16, dkdv 16 x 32: block spans and their rounded-down
@@ -784,6 +789,7 @@ def test_block_metadata_is_cached_per_input_tensors():
         assert va.cached_block_metadata(cu_i, blk_i) is got
 
 
+@pytest.mark.slow
 def test_blocks_skip_key_blocks():
     """With blocks the kernels visit exactly the documented tiles, and only the tiles the blocks
     need: a query block visits cdiv(max(span end of its rows) - m1, BN) key tiles more than without
