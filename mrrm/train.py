@@ -13,6 +13,7 @@ checkpoints with exact resume -> final model that `mrrm.load(output_dir + "/mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -406,7 +407,7 @@ def train(cfg: TrainConfig) -> dict:
     n_train = sum(len(s) for s in per_file)
     if n_train == 0:
         raise SystemExit("mrrm.train: no usable training sample")
-    steps_per_epoch = max(1, math.ceil((n_train if cfg.data_weights is None else n_train) / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))  # weighted files resample to the same total
     total_steps = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -458,7 +459,7 @@ def train(cfg: TrainConfig) -> dict:
         for k, inputs in enumerate(micro):
             rk = [ranks_of[j] for j in inputs.packed.sample_indices]
             sync = k == len(micro) - 1
-            with (accel.no_sync(ddp_model) if not sync and world > 1 else _null()):
+            with (accel.no_sync(ddp_model) if not sync and world > 1 else contextlib.nullcontext()):
                 scores = ddp_model(inputs.to(accel.device, model.dtype))
                 per_group = listwise_loss(scores.float(), inputs.packed.group_offsets.to(accel.device), rk, cfg.loss)
                 # normalised by the GLOBAL batch: the mean over ranks DDP takes then gives sum / batch
@@ -518,14 +519,6 @@ def train(cfg: TrainConfig) -> dict:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def print_table(ev):
