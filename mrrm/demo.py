@@ -461,8 +461,9 @@ def generate_in_subprocess(n: int, seed: int, out_dir: str | os.PathLike) -> Pat
     """`generate(n, seed, out_dir)` run by `python -m mrrm.demo` in a fresh interpreter; returns the
     JSONL's path. Training uses this: with the earlier lossy clips, generating inside a process that
     had set up accelerate and transformers encoded 1-3 of 2,000 clips differently in 2 of 5 runs, a
-    fresh interpreter in 1 of 11; the clips are lossless now (write_video), so the decoded frames are
-    the same either way, and the training process stays free of the encoder's memory."""
+    fresh interpreter in none of 8 generation runs, yet one clip differed in a later training run's
+    fresh-interpreter generation. The clips are lossless now (write_video), so the decoded frames
+    are the same either way; the training process stays free of the encoder's memory."""
     import subprocess
 
     cmd = [sys.executable, "-m", "mrrm.demo", "--seed", str(seed), "--n", str(n), "--out", os.fspath(out_dir)]

@@ -152,7 +152,8 @@ def test_same_seed_same_split_different_seed_different(tmp_path):
 
 @pytest.mark.slow
 def test_generate_in_subprocess_writes_the_same_split(tmp_path):
-    """What training generates (in a fresh interpreter) is the split generate() writes, file for file."""
+    """What training generates (in a fresh interpreter) is the split generate() writes: the same JSONL
+    bytes, the same files, the same pixels and decoded frames."""
     a = demo.generate(20, seed=11, out_dir=tmp_path / "a")
     b = demo.generate_in_subprocess(20, 11, tmp_path / "b")
     assert a.read_bytes() == b.read_bytes()

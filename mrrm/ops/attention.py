@@ -108,7 +108,9 @@ def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
     backward, for the hundreds of short image and text sequences of a training step). Right padding
     needs no mask under `causal` (a real query never sees a later key); `bidirectional` masks the
     padded keys; `shared_prefix` and sequences holding bidirectional blocks get a dense boolean
-    mask. Padded query rows attend their sequence's first key and are dropped."""
+    mask. Padding rows gather token 0 and are dropped; no real query sees a padded key (causal:
+    they come after it; otherwise masked), and a padded query row of a dense mask attends its
+    sequence's first key only, so no row is fully masked."""
     T, Hq, D = q.shape
     seqs = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
     if not seqs:
@@ -145,16 +147,15 @@ def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
         o = o.transpose(1, 2).reshape(-1, Hq, D)                               # [G * L, Hq, D]
         outs.append(o.index_select(0, valid.reshape(-1).nonzero()[:, 0].to(q.device)) if padded else o)
         rows.append(idx[valid])
+    # cu_seqlens cover every token (validated: cu_seqlens[-1] == T), so `rows` is a permutation of
+    # 0..T-1: the identity when the buckets come out in stream order
     rows = torch.cat(rows)
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    if rows.numel() == T and bool((rows == torch.arange(T)).all()):
+    if bool((rows == torch.arange(T)).all()):
         return out
-    if rows.numel() == T:
-        inverse = torch.empty_like(rows)
-        inverse[rows] = torch.arange(T)
-        return out.index_select(0, inverse.to(q.device))
-    full = q.new_zeros(q.shape)  # tokens of no sequence (cu_seqlens need not cover a tail)
-    return full.index_copy(0, rows.to(q.device), out)
+    inverse = torch.empty_like(rows)
+    inverse[rows] = torch.arange(T)
+    return out.index_select(0, inverse.to(q.device))
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None, block_ids=None,
