@@ -1,7 +1,13 @@
-"""Small argparse helpers shared by the command-line tools."""
+"""What the command-line tools (and the RL reward functions) share: argument types, the model
+arguments with their one set of defaults, and loading a model from them."""
 from __future__ import annotations
 
 import argparse
+import os
+
+from .common import MODES
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def positive_int(text: str) -> int:
@@ -13,3 +19,53 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model, --mode, --max-batch-tokens, --device, --dtype: the same flags, defaults and help in
+    every command that scores (score, eval, serve)."""
+    ap.add_argument("--model", default=None,
+                    help="checkpoint directory (mrrm or the paper's layout); default: the built-in default model")
+    ap.add_argument("--mode", choices=MODES, default=None, help="scoring mode (default: the model's, joint)")
+    ap.add_argument("--max-batch-tokens", type=positive_int, default=None,
+                    help="token budget of one packed forward pass (default: the model's)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as loaded)")
+
+
+def resolve_device(device) -> str:
+    """The one device default: cuda when available, else cpu. An explicit device is checked here
+    (ValueError), before any model is built."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (use cpu)")
+    return str(dev)
+
+
+def resolve_dtype(dtype):
+    """None, a torch.dtype, or its name ('bfloat16', ...) -> None or the torch.dtype."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
+    return getattr(torch, dtype)
+
+
+def load_model(model=None, *, device=None, dtype=None, mode=None):
+    """mrrm.load with the commands' defaults: the device from resolve_device, a dtype by name, and
+    a clear error when `model` is neither None nor a directory."""
+    from .api import load
+
+    if model is not None and not os.path.isdir(os.fspath(model)):
+        raise ValueError(f"model {os.fspath(model)!r} is not a directory (an mrrm checkpoint or the paper's layout)")
+    return load(None if model is None else os.fspath(model), device=resolve_device(device),
+                dtype=resolve_dtype(dtype), mode=mode or "joint")

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from . import media
-from .packing import PackedBatch, SampleLayout, pack
+from .packing import PackedBatch, SampleLayout
 
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
 RESP_SEP = "<|resp_sep|>"
@@ -272,11 +272,13 @@ class Encoder:
                             sample_id=sample_id)
 
     # -- validation + encoding ------------------------------------------------------------------
-    def encode(self, sample: dict, index: int = 0) -> EncodedSample:
-        """Validate and encode one sample; raises SampleError naming `index` (and the id)."""
+    def encode(self, sample: dict, index: int = 0, *, media_dir=None) -> EncodedSample:
+        """Validate and encode one sample; raises SampleError naming `index` (and the id).
+        media_dir: base directory of this call's relative media paths (default: the encoder's
+        media_base_dir); a per-call option, so a shared (cached) model is never changed."""
         sid = sample.get("id", sample.get("ID")) if isinstance(sample, dict) else None
         try:
-            return self._encode(sample, index, sid)
+            return self._encode(sample, index, sid, self.media_base_dir if media_dir is None else media_dir)
         except SampleError:
             raise
         except media.MediaError as e:
@@ -302,7 +304,7 @@ class Encoder:
                                   sid) from None
         return prompt, list(responses)
 
-    def _encode(self, sample, index, sid):
+    def _encode(self, sample, index, sid, media_dir):
         if not isinstance(sample, dict):
             raise SampleError(index, f"a sample must be a dict, got {type(sample).__name__}")
         prompt, responses = self._check_text(sample, index, sid)
@@ -312,8 +314,8 @@ class Encoder:
             raise SampleError(index, "this backbone is text-only; the sample has an image or video", sid)
         if images and videos and self.one_media_kind:
             raise SampleError(index, "this backbone (Molmo2) takes images or a video in one sample, not both", sid)
-        pil_images = [media.load_image(im, base_dir=self.media_base_dir) for im in images]
-        clips = [media.load_video(v, base_dir=self.media_base_dir, fps=self.video_fps,
+        pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
+        clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
                                   max_frames=self.video_max_frames) for v in videos]
 
         marked_prompt = self._mark(prompt)
@@ -397,15 +399,16 @@ class Encoder:
                                   joint_starts=[s - common for s in joint_starts])
         return dataclasses.replace(encoded, layout=lay, text=text)
 
-    def encode_all(self, samples: Sequence[dict], *, errors: str = "raise"):
+    def encode_all(self, samples: Sequence[dict], *, errors: str = "raise", media_dir=None):
         """Encode every sample. errors='raise': a BatchError listing every bad sample (before any
-        compute); errors='skip': bad samples become None in the returned list, with the errors."""
+        compute); errors='skip': bad samples become None in the returned list, with the errors.
+        media_dir: as in `encode`."""
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
         encoded, bad = [], []
         for i, s in enumerate(samples):
             try:
-                encoded.append(self.encode(s, i))
+                encoded.append(self.encode(s, i, media_dir=media_dir))
             except SampleError as e:
                 bad.append(e)
                 encoded.append(None)
@@ -441,11 +444,6 @@ def attach_media(packed: PackedBatch, encoded: Sequence[EncodedSample], encoder:
         reps = [len(e.layout.response_ids) for e in encoded]
     seqs = [e.media for e, r in zip(encoded, reps) for _ in range(r) if e.media]
     return ModelInputs(packed, encoder.token_types(packed.input_ids), _join_media(seqs))
-
-
-def collate(encoded: Sequence[EncodedSample], encoder: Encoder, mode: str = "joint") -> ModelInputs:
-    """Pack encoded samples into one ModelInputs (see attach_media for the media order)."""
-    return attach_media(pack([e.layout for e in encoded], mode), encoded, encoder)
 
 
 def with_cyclic_orders(encoder: Encoder, encoded: EncodedSample, k: int) -> list[tuple[EncodedSample, list[int]]]:

@@ -68,12 +68,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from ._cli import positive_int
+from ._cli import add_model_args, load_model, positive_int
+from .common import MODES, check_choice, is_correct, top_choice
 from .data import check_rankings, iter_records
 
 PROG = "mrrm.eval"
 PROTOCOLS = ("direct", "pairwise")
-MODES = ("joint", "independent", "single")
 CACHE_FILE, META_FILE = "cache.jsonl", "cache_meta.json"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -288,23 +288,12 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(kendalltau(x, y, variant="b").statistic)
 
 
-def top_choice(keys: Sequence) -> int | None:
-    """The index of the unique best key, or None when the best is tied."""
-    if len(keys) == 0:
-        raise ValueError("top_choice: no keys")
-    best = max(keys)
-    winners = [i for i, k in enumerate(keys) if k == best]
-    return winners[0] if len(winners) == 1 else None
-
-
 def sample_metrics(keys: Sequence, ranks: Sequence[int]) -> dict:
     """Per-sample metrics from the model's preference keys (higher = better; numbers, or tuples for the
     pairwise protocol) and the human ranks (1 = best)."""
     if len(keys) != len(ranks) or len(keys) < 2:
         raise ValueError(f"sample_metrics: {len(keys)} keys for {len(ranks)} ranks (at least 2 each)")
-    top = top_choice(keys)
-    correct = top is not None and ranks[top] == min(ranks)
-    out = {"top": top, "correct": bool(correct)}
+    out = {"top": top_choice(keys), "correct": is_correct(keys, ranks)}
     # dense numeric ranks of the keys, so that tuples (pairwise protocol) work with tau-b
     levels = sorted(set(keys))
     out["kendall_tau"] = kendall_tau_b([levels.index(k) for k in keys], [-r for r in ranks])
@@ -545,18 +534,12 @@ def _jsonable(x):
 
 def _default_scorer(opts: dict):
     """The loaded model's score method (batched; raises BatchError for bad samples)."""
-    import torch
 
-    from .api import load
     from .model import RewardModel
 
     model = opts["model"]
     if not isinstance(model, RewardModel):
-        if model is not None and not os.path.isdir(str(model)):
-            raise ValueError(f"model {model!r} is not a directory (an mrrm checkpoint or the paper's layout)")
-        dtype = getattr(torch, opts["dtype"]) if isinstance(opts["dtype"], str) else opts["dtype"]
-        device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load(model, device=device, dtype=dtype, mode=opts["mode"] or "joint")
+        model = load_model(model, device=opts["device"], dtype=opts["dtype"], mode=opts["mode"])
 
     def scorer(batch):
         return model.score(batch, mode=opts["mode"], max_batch_tokens=opts["max_batch_tokens"])
@@ -594,8 +577,8 @@ def _check_options(benchmark, data, scorer, protocol, options) -> tuple[Benchmar
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if opts["limit"] is not None and (not isinstance(opts["limit"], int) or opts["limit"] < 0):
         raise ValueError(f"limit must be a non-negative integer, got {opts['limit']!r}")
-    if opts["mode"] is not None and opts["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {opts['mode']!r}")
+    if opts["mode"] is not None:
+        check_choice("mode", opts["mode"], MODES)
     if not isinstance(opts["seed"], int):
         raise ValueError(f"seed must be an integer, got {opts['seed']!r}")
     data = os.fspath(data)
@@ -862,8 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     ap.add_argument("--data", required=True,
                     help="benchmark file or folder (parquet/JSON/JSONL) or hub id org/name:split")
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in default model)")
-    ap.add_argument("--mode", choices=MODES, default=None, help="scoring mode (default: the model's, joint)")
+    add_model_args(ap)
     ap.add_argument("--protocol", choices=PROTOCOLS, default="direct")
     ap.add_argument("--permutations", type=positive_int, default=1)
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first n rows only")
@@ -872,9 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=positive_int, default=32, help="passes per scorer call (default 32)")
     ap.add_argument("--media-dir", default=None, help="base folder of relative media paths (default: the data's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the chosen/rejected presentation order")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    ap.add_argument("--max-batch-tokens", type=positive_int, default=None)
     ap.add_argument("--overwrite", action="store_true", help="drop DIR's cache and start over")
     ap.add_argument("--no-progress", action="store_true")
     return ap

@@ -54,7 +54,8 @@ import numbers
 import os
 from dataclasses import dataclass, field
 
-MODES = ("single", "joint", "independent")
+from .common import MODES, check_choice, check_int
+
 CONVENTIONS = ("dense", "useful")
 SCORE_AT = ("last", "separator")
 SEPARATOR_TOKENS = 3          # "\n\n<|resp_sep|>\n\n" with Qwen's tokenizer: "\n\n", <|resp_sep|>, "\n\n"
@@ -149,12 +150,6 @@ class BackboneSpec:
     vision: VisionSpec | None = None
 
 
-def _positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
@@ -165,16 +160,16 @@ def _text_spec(tc, where: str) -> TextSpec:
             raise ValueError(f"{where}: the text config has no {key!r}")
     if _get(tc, "num_experts") or _get(tc, "num_local_experts"):
         raise ValueError(f"{where}: mixture-of-experts language models are not modelled (dense MLP only)")
-    H = _positive_int(f"{where}: hidden_size", _get(tc, "hidden_size"))
-    heads = _positive_int(f"{where}: num_attention_heads", _get(tc, "num_attention_heads"))
+    H = check_int(f"{where}: hidden_size", _get(tc, "hidden_size"))
+    heads = check_int(f"{where}: num_attention_heads", _get(tc, "num_attention_heads"))
     kv = _get(tc, "num_key_value_heads") or heads
-    kv = _positive_int(f"{where}: num_key_value_heads", kv)
+    kv = check_int(f"{where}: num_key_value_heads", kv)
     if heads % kv:
         raise ValueError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
     head_dim = _get(tc, "head_dim") or H // heads
-    return TextSpec(H, _positive_int(f"{where}: num_hidden_layers", _get(tc, "num_hidden_layers")), heads, kv,
-                    _positive_int(f"{where}: head_dim", head_dim),
-                    _positive_int(f"{where}: intermediate_size", _get(tc, "intermediate_size")))
+    return TextSpec(H, check_int(f"{where}: num_hidden_layers", _get(tc, "num_hidden_layers")), heads, kv,
+                    check_int(f"{where}: head_dim", head_dim),
+                    check_int(f"{where}: intermediate_size", _get(tc, "intermediate_size")))
 
 
 def _vision_spec(family: str, vc, text_hidden: int, where: str) -> VisionSpec:
@@ -182,7 +177,7 @@ def _vision_spec(family: str, vc, text_hidden: int, where: str) -> VisionSpec:
         v = _get(vc, key, default)
         if v is None:
             raise ValueError(f"{where}: the vision config has no {key!r}")
-        return _positive_int(f"{where}: vision {key}", v)
+        return check_int(f"{where}: vision {key}", v)
 
     common = dict(family=family, depth=req("depth"), num_heads=req("num_heads"), patch_size=req("patch_size"),
                   temporal_patch_size=req("temporal_patch_size", 2), in_channels=req("in_channels", 3),
@@ -195,7 +190,7 @@ def _vision_spec(family: str, vc, text_hidden: int, where: str) -> VisionSpec:
     elif family == "qwen2_5_vl":
         spec = VisionSpec(hidden_size=req("hidden_size"), intermediate_size=req("intermediate_size"),
                           out_hidden_size=req("out_hidden_size", text_hidden), gated_mlp=True,
-                          window_size=_positive_int(f"{where}: vision window_size", _get(vc, "window_size", 0), 0),
+                          window_size=check_int(f"{where}: vision window_size", _get(vc, "window_size", 0), minimum=0),
                           fullatt_block_indexes=tuple(int(i) for i in _get(vc, "fullatt_block_indexes", ()) or ()),
                           **common)
     elif family == "qwen3_vl":
@@ -292,7 +287,7 @@ def image_grid(tokens: int, config) -> tuple[int, int, int]:
     as near square as the factors of `tokens` allow (1,200 -> 30 x 40 tokens -> (1, 60, 80) patches).
     An image is one temporal patch (the processor repeats it temporal_patch_size times)."""
     vision = _vision_of(config, "image_grid")
-    tokens = _positive_int("tokens", tokens)
+    tokens = check_int("tokens", tokens)
     a, b = _near_square(tokens)
     m = vision.spatial_merge_size
     return (1, a * m, b * m)
@@ -303,8 +298,8 @@ def video_grid(frames: int, tokens_per_frame: int, config) -> tuple[int, int, in
     frame on average: frames are grouped temporal_patch_size at a time (t = frames / tp), each group
     holding tp * tokens_per_frame tokens (16 frames x 90 -> t = 8 groups of 12 x 15 tokens)."""
     vision = _vision_of(config, "video_grid")
-    frames = _positive_int("frames", frames)
-    tokens_per_frame = _positive_int("tokens_per_frame", tokens_per_frame)
+    frames = check_int("frames", frames)
+    tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
     tp = vision.temporal_patch_size
     if frames % tp:
         raise ValueError(f"frames={frames} must be a multiple of the temporal patch size {tp}")
@@ -343,7 +338,7 @@ def _grids(vision, spec: BackboneSpec) -> list[tuple[int, int, int]]:
     for i, g in enumerate(vision):
         if not isinstance(g, (list, tuple)) or len(g) != 3:
             raise ValueError(f"vision grid {i} must be (t, h, w) patches, got {g!r}")
-        t, h, w = (_positive_int(f"vision grid {i} {k}", x) for k, x in zip("thw", g))
+        t, h, w = (check_int(f"vision grid {i} {k}", x) for k, x in zip("thw", g))
         if h % m or w % m:
             raise ValueError(f"vision grid {i} = {tuple(g)}: h and w must be multiples of spatial_merge_size {m}")
         out.append((t, h, w))
@@ -430,17 +425,17 @@ def _attention_pairs(structure, convention):
 
 
 def _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at):
-    n = _positive_int("n", n)
-    prompt_tokens = _positive_int("prompt_tokens", prompt_tokens, 0)
-    separator_tokens = _positive_int("separator_tokens", separator_tokens, 0)
+    n = check_int("n", n)
+    prompt_tokens = check_int("prompt_tokens", prompt_tokens, minimum=0)
+    separator_tokens = check_int("separator_tokens", separator_tokens, minimum=0)
     if score_at not in SCORE_AT:
         raise ValueError(f"score_at must be one of {SCORE_AT}, got {score_at!r}")
     if isinstance(response_tokens, (list, tuple)):
         if len(response_tokens) != n:
             raise ValueError(f"response_tokens has {len(response_tokens)} lengths for n={n} responses")
-        responses = [_positive_int(f"response_tokens[{i}]", r) for i, r in enumerate(response_tokens)]
+        responses = [check_int(f"response_tokens[{i}]", r) for i, r in enumerate(response_tokens)]
     else:
-        responses = [_positive_int("response_tokens", response_tokens)] * n
+        responses = [check_int("response_tokens", response_tokens)] * n
     if score_at == "separator" and separator_tokens == 0:
         raise ValueError("score_at='separator' needs separator_tokens >= 1 (the score is read at the separator)")
     return n, prompt_tokens, responses, separator_tokens
@@ -451,7 +446,7 @@ def _vision_grids(vision, vision_tokens, spec) -> list[tuple[int, int, int]]:
     if vision_tokens is not None:
         if vision is not None:
             raise ValueError("give the vision input once: vision= (grids or a token count) or vision_tokens=")
-        vision = _positive_int("vision_tokens", vision_tokens, 0)
+        vision = check_int("vision_tokens", vision_tokens, minimum=0)
     return _grids(vision, spec)
 
 
@@ -475,14 +470,13 @@ def scoring_flops(config, mode: str, n: int, *, prompt_tokens: int, response_tok
     tokens, passes), vision, text_linear, text_attention, text, value_head, total, and the token
     counts (text_tokens, sequences, prefix_tokens) plus the arguments.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     spec = backbone_spec(config)
     grids = _vision_grids(vision, vision_tokens, spec)
     n, P, responses, sep = _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at)
-    head_hidden = _positive_int("head_hidden", head_hidden)
+    head_hidden = check_int("head_hidden", head_hidden)
 
     one = vision_flops(spec, grids) if spec.vision is not None else {"vision": 0, "vision_tokens": 0}
     passes = n if mode == "single" else 1
@@ -688,8 +682,7 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
     from .model import VarlenMeta, build_value_head
     from .packing import SampleLayout, pack
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     if isinstance(config, str):
         config = backbone_config(config)
     if not hasattr(config, "to_dict") or getattr(config, "model_type", None) is None:
@@ -699,7 +692,7 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
     n, P, responses, sep = _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at)
     if n > 1 and sep == 0:
         raise ValueError("mrrm packing separates responses: separator_tokens must be >= 1 when n > 1")
-    head_hidden = _positive_int("head_hidden", head_hidden)
+    head_hidden = check_int("head_hidden", head_hidden)
     reduced = _reduced_backbone(config)
     out = {"vision": 0, "vision_attention": 0}
     if grids:

@@ -37,11 +37,11 @@ import os
 from typing import Any, Sequence
 
 from mrrm import media
+from mrrm.common import MODES, check_choice, check_int
 
 __all__ = ["RewardFunction", "compute_score", "canonical_order", "prompt_text", "completion_text", "group_sample",
            "ungroup", "score_groups", "fill_empty"]
 
-MODES = ("joint", "independent", "single")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,15 +166,9 @@ def _resolve_model(model, device=None, dtype=None, mode="joint"):
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path, device, dtype, mode):
-    import torch
+    from mrrm._cli import load_model
 
-    import mrrm
-
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float32')")
-        dtype = getattr(torch, dtype)
-    return mrrm.load(path, device=device, dtype=dtype, mode=mode)
+    return load_model(path, device=device, dtype=dtype, mode=mode)
 
 
 def score_groups(model, groups: Sequence[dict], *, mode: str | None = None,
@@ -219,14 +213,7 @@ def fill_empty(group_scores: list[float | None], empty_reward: float | None = No
 
 
 def _check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-def _check_budget(max_batch_tokens):
-    if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
-                                         or max_batch_tokens < 1):
-        raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
+    check_choice("mode", mode, MODES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +239,7 @@ class RewardFunction:
 
     def __init__(self, model=None, *, mode: str = "joint", max_batch_tokens: int | None = None):
         _check_mode(mode)
-        _check_budget(max_batch_tokens)
+        check_int("max_batch_tokens", max_batch_tokens, allow_none=True)
         self.model = _resolve_model(model, mode=mode)
         self.mode = mode
         self.max_batch_tokens = max_batch_tokens
@@ -342,7 +329,7 @@ def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwa
     mode = kwargs.get("mode", "joint")
     _check_mode(mode)
     max_batch_tokens = kwargs.get("max_batch_tokens")
-    _check_budget(max_batch_tokens)
+    check_int("max_batch_tokens", max_batch_tokens, allow_none=True)
     empty_reward = kwargs.get("empty_reward")
     if empty_reward is not None and not (isinstance(empty_reward, (int, float)) and math.isfinite(empty_reward)):
         raise ValueError(f"empty_reward must be a finite number or None, got {empty_reward!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import weakref
 from dataclasses import asdict, dataclass, fields
@@ -25,15 +24,17 @@ import torch
 from torch import nn
 
 from . import ops
+from .common import ACTIVATIONS, MODES, check_choice, check_int
 from .encoding import RESP_SEP, Encoder, ModelInputs, attach_media, with_cyclic_orders
 from .ops._validate import tensor_version
-from .packing import MODES, pack_micro_batches
+from .packing import pack_micro_batches
 
 TEXT_ATTENTION = "mrrm_varlen"
 # The Qwen-VL vision towers take their packed (one call per batch) path only when the
 # implementation name contains "flash"; the kernel behind it is mrrm's own.
 VISION_ATTENTION = "mrrm_flash_varlen"
 ACTIVATION_MODULES = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "selu": nn.SELU, "tanh": nn.Tanh}
+assert tuple(ACTIVATION_MODULES) == ACTIVATIONS, "mrrm.common.ACTIVATIONS is the one list of head activations"
 VALUE_HEAD_TYPES = ("linear", "mlp")
 # The authors' response representations (reward_model.py): the hidden state at the response's last
 # token (the paper), at its first token, both (concatenated, added, last minus first), or the mean
@@ -49,13 +50,6 @@ CONFIG_FILE = "mrrm_config.json"
 PUBLISHED_CONFIG_FILE = "reward_model_config.json"
 PUBLISHED_FIELDS = ("value_head_type", "value_head_hidden_dim", "value_head_activation", "value_head_input_dim",
                     "resp_repr_mode")
-
-
-def _check_positive_int(name, value, *, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
 
 
 @dataclass
@@ -77,18 +71,17 @@ class RewardModelConfig:
     def __post_init__(self):
         if self.value_head_type not in VALUE_HEAD_TYPES:
             raise ValueError(f"value_head_type must be one of {VALUE_HEAD_TYPES}, got {self.value_head_type!r}")
-        _check_positive_int("value_head_hidden_dim", self.value_head_hidden_dim, allow_none=True)
+        check_int("value_head_hidden_dim", self.value_head_hidden_dim, allow_none=True)
         if not isinstance(self.value_head_activation, str) or \
-                self.value_head_activation.lower() not in ACTIVATION_MODULES:
-            raise ValueError(f"value_head_activation must be one of {tuple(ACTIVATION_MODULES)}, "
+                self.value_head_activation.lower() not in ACTIVATIONS:
+            raise ValueError(f"value_head_activation must be one of {ACTIVATIONS}, "
                              f"got {self.value_head_activation!r}")
         self.value_head_activation = self.value_head_activation.lower()
         mode = RESP_REPR_ALIASES.get(self.resp_repr_mode, self.resp_repr_mode)
         if mode not in RESP_REPR_MODES:
             raise ValueError(f"resp_repr_mode must be one of {RESP_REPR_MODES}, got {self.resp_repr_mode!r}")
         self.resp_repr_mode = mode
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_choice("mode", self.mode, MODES)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardModelConfig":
@@ -398,15 +391,13 @@ class RewardModel(nn.Module):
 
     def _check_scoring_args(self, mode, permutations) -> str:
         mode = mode or self.config.mode
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
-            raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
+        check_choice("mode", mode, MODES)
+        check_int("permutations", permutations)
         return mode
 
     @torch.no_grad()
     def score(self, batch, *, mode: str | None = None, max_batch_tokens: int | None = None, permutations: int = 1,
-              errors: str = "raise") -> list:
+              errors: str = "raise", media_dir=None) -> list:
         """Scores of every response of every sample: list[list[float]] in input order.
 
         batch: one sample dict or a list (`prompt`, `responses`, optional `image`/`images`/`video`/`id`).
@@ -416,12 +407,14 @@ class RewardModel(nn.Module):
         errors: 'raise' (default) validates every sample first and raises one BatchError listing each
           bad sample by index (and id) before any compute; 'skip' scores the rest and returns None in
           the bad samples' places.
+        media_dir: base directory of relative image/video paths for this call (default: the encoder's
+          media_base_dir, set at load time; None there: the working directory).
         """
         samples = [batch] if isinstance(batch, dict) else list(batch)
         if not samples:
             return []
         mode = self._check_scoring_args(mode, permutations)
-        encoded, _ = self.encoder.encode_all(samples, errors=errors)
+        encoded, _ = self.encoder.encode_all(samples, errors=errors, media_dir=media_dir)
         return self.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations)
 
     @torch.no_grad()

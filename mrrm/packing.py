@@ -26,7 +26,8 @@ its own [P] or [K, P] position ids (Qwen2-VL mrope: K = 3). Tokens after the pre
 ``prefix_positions.max() + 1``, identical in all K rows (text positions are 1-D in mrope).
 
 Many samples are packed into one `PackedBatch`; `pack_micro_batches` splits a list of samples into
-several under a token budget, and `merge_scores` puts their scores back in the caller's order.
+several under a token budget; each batch's `sample_indices`, `score_sample` and `score_response`
+map its scores back to the caller's samples (RewardModel.score_encoded).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from typing import Sequence
 
 import torch
 
-MODES = ("joint", "independent", "single")
+from .common import MODES, check_choice, check_int
+
 OVERSIZE = ("error", "own_batch")
 _INT32_MAX = 2**31 - 1
 
@@ -235,11 +237,6 @@ def _as_offsets(value, what: str, where: str, n: int, limits) -> torch.Tensor:
     return torch.tensor([int(x) for x in items], dtype=torch.int64)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def _joint_from_separators(responses, separator, response_starts):
     """r_1 + sep + ... + sep + r_N, each response scored at its last token and starting where it
     starts alone."""
@@ -347,7 +344,7 @@ def _num_tokens(s: _Sample, mode: str) -> int:
 def sample_num_tokens(layout: SampleLayout, mode: str = "joint") -> int:
     """Tokens the sample occupies in a batch packed with `mode`: joint: P + len(joint body);
     independent: P + sum R_i; single: N * P + sum R_i. Validates the layout."""
-    _check_choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     return _num_tokens(_validate(layout, None), mode)
 
 
@@ -486,7 +483,7 @@ def pack(layouts: Sequence[SampleLayout], mode: str = "joint", *,
     validation errors name a sample by that index. Raises ValueError on an invalid layout, naming
     the sample index, its sample_id if set, and the problem.
     """
-    _check_choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     layouts = list(layouts)
     if not layouts:
         raise ValueError("pack needs at least one sample, got an empty list")
@@ -503,20 +500,17 @@ def pack_micro_batches(layouts: Sequence[SampleLayout], mode: str = "joint", max
     current micro-batch while its token count (`sample_num_tokens` in this mode) stays within
     `max_tokens` (and its sample count within `max_samples`, when set); otherwise a new micro-batch
     starts. Samples are never reordered or split, so concatenating the batches' `sample_indices`
-    gives 0..len(layouts)-1, and `merge_scores` restores the caller's order.
+    gives 0..len(layouts)-1, and each batch's sample_indices map its samples back.
 
     A sample that alone exceeds `max_tokens`: with oversize="error" (default) a ValueError names its
     index (and sample_id); with oversize="own_batch" it gets a micro-batch of its own (the only batch
     allowed over the budget) and packing goes on with the next sample in a fresh batch.
     An empty `layouts` gives an empty list.
     """
-    _check_choice("mode", mode, MODES)
-    _check_choice("oversize", oversize, OVERSIZE)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral)
-                                    or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    check_choice("mode", mode, MODES)
+    check_choice("oversize", oversize, OVERSIZE)
+    check_int("max_tokens", max_tokens)
+    check_int("max_samples", max_samples, allow_none=True)
     samples = [_validate(layout, idx) for idx, layout in enumerate(layouts)]
 
     groups: list[list[int]] = []
@@ -568,42 +562,3 @@ def split_scores(scores, group_offsets) -> list[list[float]]:
     if any(b < a for a, b in zip(offs[:-1], offs[1:])):
         raise ValueError("group_offsets must be non-decreasing")
     return [flat[a:b] for a, b in zip(offs[:-1], offs[1:])]
-
-
-def merge_scores(batches: Sequence[PackedBatch], per_batch_scores, num_samples: int | None = None) -> list[list[float]]:
-    """Micro-batch results -> one list of scores per sample, in the caller's original order.
-
-    per_batch_scores[j] is batch j's flat scores [M_j] (tensor or list of floats) or already split
-    (a list of per-sample lists). `num_samples` defaults to 1 + the largest sample index; every
-    sample index below it must be covered exactly once.
-    """
-    batches = list(batches)
-    per_batch_scores = list(per_batch_scores)
-    if len(batches) != len(per_batch_scores):
-        raise ValueError(f"got {len(batches)} batches but {len(per_batch_scores)} score lists")
-    if num_samples is None:
-        num_samples = 1 + max((i for b in batches for i in b.sample_indices), default=-1)
-    out: list[list[float] | None] = [None] * num_samples
-    for j, (batch, scores) in enumerate(zip(batches, per_batch_scores)):
-        # Every sample has N >= 1 scores, so a list holding lists is per-sample, else it is flat.
-        already_split = not isinstance(scores, torch.Tensor) and any(
-            isinstance(x, (list, tuple, torch.Tensor)) for x in scores)
-        if already_split:
-            groups = [_to_float_list(g) for g in scores]
-        else:
-            groups = split_scores(scores, batch.group_offsets)
-        if len(groups) != batch.num_samples or len(batch.sample_indices) != batch.num_samples:
-            raise ValueError(f"batch {j} has {batch.num_samples} samples but its scores cover {len(groups)}")
-        sizes = (batch.group_offsets[1:] - batch.group_offsets[:-1]).tolist()
-        for b, (idx, g) in enumerate(zip(batch.sample_indices, groups)):
-            if len(g) != sizes[b]:
-                raise ValueError(f"batch {j}: sample {idx} has {sizes[b]} responses but {len(g)} scores")
-            if not 0 <= idx < num_samples:
-                raise ValueError(f"batch {j}: sample index {idx} is outside 0..{num_samples - 1}")
-            if out[idx] is not None:
-                raise ValueError(f"sample {idx} appears in more than one batch")
-            out[idx] = g
-    missing = [i for i, g in enumerate(out) if g is None]
-    if missing:
-        raise ValueError(f"no scores for samples {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    return out  # type: ignore[return-value]

@@ -229,14 +229,6 @@ def order_cost(W, order: Sequence[int]) -> float:
     return float(np.tril(P, -1).sum())  # P[later, earlier]
 
 
-def feedback_arcs(W, order: Sequence[int]) -> list[tuple[int, int, float]]:
-    """The arcs (u, v, weight) of W that point backwards in `order` (u preferred, but placed after v)."""
-    pos = {v: i for i, v in enumerate(order)}
-    W = np.asarray(W, dtype=np.float64)
-    return [(u, v, float(W[u, v])) for u in range(len(order)) for v in range(len(order))
-            if u != v and W[u, v] > 0 and pos[u] > pos[v]]
-
-
 def _popcount(masks: np.ndarray, n: int) -> np.ndarray:
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(masks).astype(np.int64)

@@ -10,7 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu", "relu", "selu", "tanh")
+from .common import ACTIVATIONS  # noqa: F401  (re-exported: mrrm.reference.ACTIVATIONS)
+
 MASKS = ("causal", "bidirectional", "shared_prefix")
 LOSSES = ("best", "plackett_luce", "soft")
 REDUCTIONS = ("mean", "sum", "none")

@@ -1,23 +1,13 @@
-"""`python -m mrrm.score --data in.jsonl --out scored.jsonl`: score a file (see mrrm.score_cli).
+"""`python -m mrrm.score --data in.jsonl --out scored.jsonl`: the score command (mrrm.score_cli).
 
-`mrrm.score` is also the scoring FUNCTION (mrrm.api.score). Importing this module would normally
-replace that attribute of the package with the module; the module is therefore made callable with
-the function's behaviour, so `mrrm.score(batch)` works whichever of the two the name holds.
+This file is only that command's entry point. `mrrm.score` is the scoring FUNCTION (mrrm.api.score);
+a module of the same name, once imported, would replace it as an attribute of the package, so
+importing this file is refused with a pointer to the two real homes.
 """
-import sys
-import types
+if __name__ != "__main__":
+    raise ImportError("mrrm.score is the scoring function (mrrm.api.score), not a module: call mrrm.score(batch). "
+                      "The command-line tool lives in mrrm.score_cli (`python -m mrrm.score`, `mrrm score`).")
 
-from .api import score as _score
+from mrrm.score_cli import main  # noqa: E402
 
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return _score(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-if __name__ == "__main__":
-    from .score_cli import main
-
-    raise SystemExit(main())
+raise SystemExit(main())

@@ -43,8 +43,9 @@ import sys
 import time
 from typing import IO, Any
 
-from ._cli import positive_int
+from ._cli import add_model_args, load_model, positive_int
 from ._io import append_durable, cut_torn_tail
+from .common import top_choice
 
 try:
     from tqdm import tqdm
@@ -54,7 +55,6 @@ except ImportError:  # tqdm comes with mrrm[model]; without it a plain periodic 
 PROG = "mrrm.score"
 RESULT_FIELDS = ("scores", "best")
 PLAIN_PROGRESS_INTERVAL_S = 10.0
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CLIError(Exception):
@@ -69,21 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="\n".join(__doc__.splitlines()[4:]))
     ap.add_argument("--data", required=True, help="input JSONL, one sample per line")
     ap.add_argument("--out", required=True, help="output JSONL (appended to when resuming)")
-    ap.add_argument("--model", default=None,
-                    help="checkpoint directory (mrrm or the paper's layout); default: the built-in default model")
-    ap.add_argument("--mode", choices=("joint", "independent", "single"), default=None,
-                    help="scoring mode (default: the model's configured mode, joint for the paper's models)")
+    add_model_args(ap)
     ap.add_argument("--permutations", type=positive_int, default=1,
                     help="average each score over k cyclic orders of the responses (default 1)")
-    ap.add_argument("--max-batch-tokens", type=positive_int, default=None,
-                    help="token budget of one packed forward pass (default: the model's)")
     ap.add_argument("--batch-size", type=positive_int, default=64,
                     help="samples read, scored and written per chunk (default 64)")
     ap.add_argument("--media-dir", default=None,
                     help="base directory of relative image/video paths (default: the input file's directory)")
     ap.add_argument("--errors", default=None, help="errors JSONL (default: <out>.errors.jsonl)")
-    ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as loaded)")
     ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return ap
@@ -206,7 +199,7 @@ class _Progress:
 
 
 # -- scoring --------------------------------------------------------------------------------------
-def _reason(model, sample: dict, index: int) -> str:
+def _reason(model, sample: dict, index: int, media_dir: str) -> str:
     """Why model.score(errors='skip') skipped a sample: its encoder's complaint."""
     from .encoding import SampleError
 
@@ -214,7 +207,7 @@ def _reason(model, sample: dict, index: int) -> str:
     if encode is None:
         return "the model skipped this sample (it gives no reason)"
     try:
-        encode(sample, index)
+        encode(sample, index, media_dir=media_dir)
     except SampleError as e:
         return e.reason
     except Exception as e:  # noqa: BLE001 - reported per sample, never fatal
@@ -223,9 +216,9 @@ def _reason(model, sample: dict, index: int) -> str:
 
 
 class _Run:
-    def __init__(self, model, args, data_path: str, out_path: str, errors_path: str, progress: _Progress,
-                 out_f: IO[bytes], err_f: IO[bytes]):
-        self.model, self.args = model, args
+    def __init__(self, model, args, data_path: str, out_path: str, errors_path: str, media_dir: str,
+                 progress: _Progress, out_f: IO[bytes], err_f: IO[bytes]):
+        self.model, self.args, self.media_dir = model, args, media_dir
         self.data_path, self.out_path, self.errors_path = data_path, out_path, errors_path
         self.progress, self.out_f, self.err_f = progress, out_f, err_f
         self.scored = self.bad = 0
@@ -261,20 +254,21 @@ class _Run:
         if samples:
             scores = self.model.score([s for _, s in samples], mode=self.args.mode,
                                       max_batch_tokens=self.args.max_batch_tokens,
-                                      permutations=self.args.permutations, errors="skip")
+                                      permutations=self.args.permutations, errors="skip",
+                                      media_dir=self.media_dir)
             if len(scores) != len(samples):
                 raise RuntimeError(f"the model returned {len(scores)} results for {len(samples)} samples")
         out_lines = []
         for i, ((lineno, sample), s) in enumerate(zip(samples, scores)):
             sid = sample.get("id", sample.get("ID"))
             if s is None:
-                errors.append((lineno, sid, _reason(self.model, sample, i)))
+                errors.append((lineno, sid, _reason(self.model, sample, i, self.media_dir)))
             elif not all(math.isfinite(x) for x in s):
                 errors.append((lineno, sid, f"non-finite score(s) {s}"))
             else:
                 record = dict(sample)
                 record["scores"] = [float(x) for x in s]
-                record["best"] = max(range(len(s)), key=s.__getitem__)
+                record["best"] = top_choice(s, ties="first")
                 out_lines.append(_dumps(record))
         errors.sort(key=lambda e: e[0])
         for lineno, sid, reason in errors:
@@ -287,30 +281,11 @@ class _Run:
         self.lines_since_update = 0
 
 
-def _resolve_device(device: str | None):
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise CLIError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device!r}: CUDA is not available here (use --device cpu)")
-    return str(dev)
-
-
 def _load_model(args):
-    import torch
-
-    from .api import load
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    device = _resolve_device(args.device)
-    if args.model is not None and not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model!r} is not a directory (an mrrm checkpoint or the paper's layout)")
-    return load(args.model, device=device, dtype=dtype)
+    try:
+        return load_model(args.model, device=args.device, dtype=args.dtype, mode=args.mode)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _check_paths(args) -> tuple[str, str, str, str]:
@@ -361,10 +336,6 @@ def _main(args) -> int:
         open(out, "wb").close()
         done_errors = set()
 
-    encoder = getattr(model, "encoder", None)
-    old_media_dir = getattr(encoder, "media_base_dir", None)
-    if encoder is not None:
-        encoder.media_base_dir = media_dir  # the default model is shared (cached): restored below
     check = _ResumeCheck(out, data) if resuming else None
     progress = None
     run = None
@@ -400,7 +371,7 @@ def _main(args) -> int:
             initial = (first_todo[0] - 1) if first_todo is not None else lineno
             total = _count_lines(data) if not args.no_progress else 0
             progress = _Progress(total, initial, not args.no_progress)
-            run = _Run(model, args, data, out, errors_path, progress, out_f, err_f)
+            run = _Run(model, args, data, out, errors_path, media_dir, progress, out_f, err_f)
             t0 = time.perf_counter()
             if first_todo is not None:
                 run.add_line(*first_todo)
@@ -429,8 +400,6 @@ def _main(args) -> int:
     finally:
         if check is not None:
             check.close()
-        if encoder is not None:
-            encoder.media_base_dir = old_media_dir
     progress.close()
     seconds = time.perf_counter() - t0
     processed = run.scored + run.bad

@@ -43,8 +43,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-import mrrm
 from mrrm import media
+from mrrm._cli import add_model_args, load_model
+from mrrm.common import MODES, check_choice, check_int
 from mrrm.encoding import BatchError, SampleError
 from mrrm.grpo import fill_empty, group_sample, ungroup
 
@@ -381,14 +382,10 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel)."""
     mode = mode or model.config.mode
-    if mode not in ("joint", "independent", "single"):
-        raise ValueError(f"mode must be joint, independent or single, got {mode!r}")
-    for name, value in (("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
-                                         or max_batch_tokens < 1):
-        raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+    check_choice("mode", mode, MODES)
+    check_int("max_queue", max_queue)
+    check_int("max_body_bytes", max_body_bytes)
+    check_int("max_batch_tokens", max_batch_tokens, allow_none=True)
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     root = None
@@ -489,20 +486,15 @@ def _is_loopback(host: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mrrm.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in default model)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mode", default=None, choices=("joint", "independent", "single"),
-                   help="scoring mode (default: the model's, joint)")
     p.add_argument("--media-root", default=None, help="directory media paths must lie under (default: paths refused)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"bearer token required on /score and /get_reward (default: ${TOKEN_ENV})")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed pass")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting before 429")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request before 504")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--device", default=None, help="e.g. cuda (default: the model's, CPU)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     return p
 
 
@@ -516,8 +508,10 @@ def main(argv=None) -> None:
         log.warning("serving on %s without a token: anyone who can reach it can use it (set --token)", args.host)
     logging.basicConfig(level=logging.INFO)
     t0 = time.perf_counter()
-    model = mrrm.load(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                      mode=args.mode or "joint")
+    try:
+        model = load_model(args.model, device=args.device, dtype=args.dtype, mode=args.mode)
+    except ValueError as e:
+        raise SystemExit(f"python -m mrrm.serve: error: {e}") from None
     log.info("model loaded in %.1f s", time.perf_counter() - t0)
     app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
                      max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,

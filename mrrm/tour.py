@@ -14,6 +14,7 @@ import math
 import torch
 
 from . import ops
+from .common import MODES
 from .ops._dispatch import choose_backend
 from .packing import SampleLayout, pack, split_scores
 
@@ -64,7 +65,7 @@ def main(argv=None):
     print("backends (auto, CPU tensors):",
           {op: choose_backend(op, torch.device("cpu")) for op in ("varlen_attention", "gather_value_head", "listwise_ce")})
     results = {}
-    for mode in ("joint", "independent", "single"):
+    for mode in MODES:
         batch = pack(layouts, mode)
         with torch.no_grad():
             results[mode] = split_scores(model(batch), batch.group_offsets)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .common import TRAIN_MODES, is_correct
+
 LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
 # layout every response is read at its separator's newlines (the same token for all of them), which
@@ -116,8 +118,8 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**values)
     if cfg.loss is not None and cfg.loss not in LOSSES:
         ap.error(f"--loss must be one of {LOSSES}")
-    if cfg.mode not in ("joint", "independent"):
-        ap.error("--mode must be joint or independent")
+    if cfg.mode not in TRAIN_MODES:
+        ap.error(f"--mode must be one of {TRAIN_MODES} (training packs the N responses into one pass)")
     if cfg.data_weights is not None and len(cfg.data_weights) != len(cfg.data):
         ap.error(f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} data files")
     return cfg
@@ -200,7 +202,7 @@ def prepare(model, paths, media_dir, *, skip_bad, log=print, drop_media=False):
     for path in paths:
         records, wheres, parse_bad = load_records(path)
         bad += parse_bad
-        model.encoder.media_base_dir = media_dir or os.path.dirname(os.path.abspath(path))
+        base_dir = media_dir or os.path.dirname(os.path.abspath(path))
         good = []
         for rec, where in zip(records, wheres):
             if drop_media:
@@ -209,7 +211,7 @@ def prepare(model, paths, media_dir, *, skip_bad, log=print, drop_media=False):
             reason = check_rankings(rec)
             if reason is None:
                 try:
-                    enc = model.encoder.encode(rec, len(good))
+                    enc = model.encoder.encode(rec, len(good), media_dir=base_dir)
                 except SampleError as e:
                     reason = e.reason
             if reason is not None:
@@ -280,7 +282,8 @@ def listwise_loss(scores, group_offsets, rankings, loss):
 
 @torch.no_grad()
 def evaluate(model, samples, mode, max_batch_tokens):
-    """Best-of-N accuracy (the top-scored response has human rank 1), overall and per family."""
+    """Best-of-N accuracy (mrrm.common.is_correct: a unique top score on a rank-1 response), overall
+    and per family."""
     was = model.training
     model.eval()
     hits, per_family = [], {}
@@ -291,8 +294,7 @@ def evaluate(model, samples, mode, max_batch_tokens):
             offs = pb.group_offsets.tolist()
             for b, idx in enumerate(pb.sample_indices):
                 s = samples[idx]
-                top = int(scores[offs[b]:offs[b + 1]].argmax())
-                hit = s.rankings[top] == min(s.rankings)
+                hit = is_correct(scores[offs[b]:offs[b + 1]].tolist(), s.rankings)
                 hits.append(hit)
                 per_family.setdefault(s.family or "all", []).append(hit)
     finally:
@@ -466,10 +468,8 @@ def train(cfg: TrainConfig) -> dict:
                 loss = per_group.sum() * world / len(batch_keys)
                 accel.backward(loss)
             loss_sum += per_group.detach().sum()
-            offs = inputs.packed.group_offsets.tolist()
-            for b, ranks in enumerate(rk):
-                top = int(scores[offs[b]:offs[b + 1]].detach().argmax())
-                hits += float(ranks[top] == min(ranks))
+            offs, flat = inputs.packed.group_offsets.tolist(), scores.detach().float().tolist()
+            hits += sum(is_correct(flat[offs[b]:offs[b + 1]], ranks) for b, ranks in enumerate(rk))
             tokens_seen += inputs.packed.num_tokens
         if not micro and world > 1:  # a rank with no sample still joins the gradient all-reduce
             accel.backward(sum(p.sum() * 0 for p in params))

@@ -1,12 +1,15 @@
 """The one command-line entry: `mrrm <command>` / `python -m mrrm <command>` (mrrm.cli)."""
 import importlib
+import inspect
+import pickle
 import subprocess
 import sys
 from importlib import metadata
 
 import pytest
 
-from mrrm import cli, demo
+import mrrm
+from mrrm import api, cli, demo
 
 
 def test_every_command_is_a_module_main():
@@ -46,3 +49,14 @@ def test_python_m_mrrm_runs_a_command():
     assert done.returncode == 0, done.stderr
     assert "max |independent - single|" in done.stdout
     assert subprocess.run([sys.executable, "-m", "mrrm"], capture_output=True, text=True).returncode == 2
+
+
+def test_mrrm_score_is_only_the_function():
+    """`mrrm.score` stays the function whatever is imported: `import mrrm.score` is refused (the
+    command is mrrm.score_cli), so the signature, the docstring and pickling are the function's."""
+    with pytest.raises(ImportError, match="mrrm.score_cli"):
+        importlib.import_module("mrrm.score")
+    assert mrrm.score is api.score
+    assert list(inspect.signature(mrrm.score).parameters)[:2] == ["batch", "model"]
+    assert pickle.loads(pickle.dumps(mrrm.score)) is api.score
+    assert cli.COMMANDS["score"] == "mrrm.score_cli"

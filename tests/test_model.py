@@ -32,7 +32,7 @@ from model_fixtures import (
 
 import mrrm
 from mrrm import tiny
-from mrrm.encoding import RESP_SEP, BatchError, collate
+from mrrm.encoding import RESP_SEP, BatchError
 from mrrm.model import RewardModel, RewardModelConfig
 
 ATOL = 1e-5          # packed / reference, independent / single, permutation averages (fp32)
@@ -172,7 +172,7 @@ def test_single_sample_dict_and_mp4_read_through_media(qwen2, mixed_batch):
     enc = qwen2.model.encoder.encode(mp4_sample)
     t, h, w = enc.video_grid_thw[0].tolist()
     assert t == 2 and h * w > 0  # 4 sampled frames / temporal patch 2
-    inputs = collate([enc], qwen2.model.encoder, "joint")
+    inputs = next(qwen2.model.micro_batches([enc], "joint", None))
     video_slots = inputs.packed.input_ids == qwen2.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert int(video_slots.sum()) == t * h * w // 4  # merge 2x2
     assert inputs.mm_token_type_ids[video_slots].eq(2).all() and inputs.mm_token_type_ids[~video_slots].eq(0).all()
@@ -257,7 +257,7 @@ def test_separator_and_media_token_injection(qwen2, tokenizer):
     for name, sample in (("clean", clean), ("injected", injected)):
         enc = model.encoder.encode(sample, 0)
         assert len(enc.layout.response_ids) == n
-        inputs = collate([enc], model.encoder, "joint")
+        inputs = next(model.micro_batches([enc], "joint", None))
         ids = inputs.packed.input_ids.tolist()
         pos = inputs.packed.score_positions.tolist()
         assert len(pos) == n

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from mrrm import tiny
-from mrrm.encoding import collate
 from mrrm.model import RewardModel, RewardModelConfig
 
 TOL = dict(rtol=1e-5, atol=2e-5)  # fp32, different attention kernels and summation orders
@@ -57,7 +56,7 @@ def test_text_lm_packed_equals_padded_and_eager(tok):
     eager = _text_lm(tok, "eager").eval()
     got = packed.score(TEXT_SAMPLES)
     for i, s in enumerate(TEXT_SAMPLES):
-        inp = collate([packed.encoder.encode(s, i)], packed.encoder, "joint")
+        (inp,) = packed.micro_batches([packed.encoder.encode(s, i)], "joint", None)
         with torch.no_grad():
             h = eager(input_ids=inp.packed.input_ids[None]).last_hidden_state[0]
             ref = packed.value_head(h[inp.packed.score_positions]).squeeze(-1) * packed.head_scale

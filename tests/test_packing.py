@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mrrm import ops, reference
-from mrrm.packing import MODES, PackedBatch, SampleLayout, merge_scores, pack, pack_micro_batches, sample_num_tokens, split_scores
+from mrrm.packing import MODES, PackedBatch, SampleLayout, pack, pack_micro_batches, sample_num_tokens, split_scores
 
 FAST = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.data_too_large])
@@ -474,10 +474,11 @@ def test_micro_batches(case, max_tokens, oversize):
     per_batch = [torch.tensor([_score_of(b.sample_indices[s], r)
                                for s, r in zip(b.score_sample.tolist(), b.score_response.tolist())])
                  for b in batches]
-    merged = merge_scores(batches, per_batch)
+    merged = [[None] * len(lay.response_ids) for lay in layouts]
+    for b, s in zip(batches, per_batch):  # as RewardModel.score_encoded puts them back
+        for m, (si, r) in enumerate(zip(b.score_sample.tolist(), b.score_response.tolist())):
+            merged[b.sample_indices[si]][r] = float(s[m])
     assert merged == [[_score_of(i, r) for r in range(len(l.response_ids))] for i, l in enumerate(layouts)]
-    # already split per batch works too
-    assert merge_scores(batches, [split_scores(s, b.group_offsets) for b, s in zip(batches, per_batch)]) == merged
 
 
 def test_micro_batch_policy_examples():
@@ -498,19 +499,7 @@ def test_micro_batch_policy_examples():
         pack_micro_batches([l3], "joint", 8, oversize="drop")
 
 
-def test_merge_scores_errors():
-    l = SampleLayout([1], [[2], [3]], [4])
-    batches = pack_micro_batches([l, l, l], "joint", 4)
-    scores = [torch.zeros(2)] * 3
-    assert merge_scores(batches, scores) == [[0.0, 0.0]] * 3
-    with pytest.raises(ValueError, match=r"no scores for samples \[3\]"):
-        merge_scores(batches, scores, num_samples=4)
-    with pytest.raises(ValueError, match="more than one batch"):
-        merge_scores(batches + batches[:1], scores + scores[:1])
-    with pytest.raises(ValueError, match="number of scores"):
-        merge_scores(batches, [torch.zeros(3)] * 3)
-    with pytest.raises(ValueError, match="3 batches but 2"):
-        merge_scores(batches, scores[:2])
+def test_split_scores_errors():
     with pytest.raises(ValueError, match="group_offsets"):
         split_scores(torch.zeros(3), torch.tensor([0, 2]))
 

@@ -3,8 +3,7 @@ resume after an interruption without duplicates or losses.
 
 Uses the built-in default model (a random tiny Qwen2-VL, fast on CPU) with images written by PIL
 and one tiny video written by PyAV. Tests run main() in-process (on the same cached model as
-mrrm.load(device="cpu")) except one end-to-end subprocess run. Never `import mrrm.score` here: it
-would shadow the function mrrm.score within the package namespace for other tests.
+mrrm.load(device="cpu")) except one end-to-end subprocess run.
 """
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ import torch
 from conftest import requires_cuda
 
 from mrrm import ops, reference
+from mrrm.common import ACTIVATIONS
 from mrrm.ops._dispatch import OP_BACKENDS, load_C
 
-ACTIVATIONS = reference.ACTIVATIONS
 CPU_BACKENDS = ("reference", "cpu")
 needs_C = pytest.mark.skipif(load_C() is None, reason="mrrm._C is not built")
 
@@ -316,3 +316,24 @@ def test_cuda_bf16_vs_fp32_reference(activation):
         for name, g, r in zip(NAMES, grads, ref_grads):
             assert g.dtype == torch.bfloat16
             assert_close(g, r, 2e-2, f"{backend} {name}")
+
+
+def test_one_activation_list_across_python_cpp_and_triton():
+    """mrrm.common.ACTIVATIONS is the one list: the C++ kernel's name table, the Triton kernel's
+    branches and the model's modules implement exactly these names."""
+    import re
+    from pathlib import Path
+
+    from mrrm.model import ACTIVATION_MODULES
+    root = Path(__file__).resolve().parents[1]
+    cpp = re.findall(r'name == "(\w+)"', (root / "csrc" / "value_head.cpp").read_text())
+    triton_src = (root / "kernels" / "value_head.py").read_text()
+    triton_names = re.findall(r'ACTIVATION == "(\w+)"', triton_src)
+    assert tuple(cpp) == ACTIVATIONS
+    # the forward and the derivative each branch on every name but the last, which is their `else`
+    assert set(triton_names) == set(ACTIVATIONS[:-1]) and len(triton_names) == 2 * (len(ACTIVATIONS) - 1)
+    assert tuple(ACTIVATION_MODULES) == ACTIVATIONS
+    assert reference.ACTIVATIONS is ACTIVATIONS
+    x = torch.linspace(-2, 2, 9)
+    for name in ACTIVATIONS:  # the reference has each, and it is the model module's function
+        torch.testing.assert_close(reference.activation_fn(name)(x), ACTIVATION_MODULES[name]()(x))

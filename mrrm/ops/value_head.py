@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..common import ACTIVATIONS, check_choice
 from ._dispatch import C_or_raise, choose_backend
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -36,8 +37,7 @@ def _validate(hidden, positions, w1, b1, w2, b2, activation, scale):
         if lo < 0 or hi >= T:
             bad = lo if lo < 0 else hi
             raise ValueError(f"positions must index rows of hidden (0 <= p < T={T}), got {bad}")
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+    check_choice("activation", activation, ACTIVATIONS)
     if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
