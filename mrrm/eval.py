@@ -606,82 +606,18 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     out_dir = opts["out"]
     name = _scorer_name(scorer, opts)
     items, skipped, rows = load_items(bench, data, opts)  # bad data fails here, before DIR is touched
-    cache_path = None
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        cache_path = os.path.join(out_dir, CACHE_FILE)
-        meta = {"benchmark": bench.name, "data": os.path.abspath(data) if os.path.exists(data) else data,
-                "scorer": name, "mode": opts["mode"], "seed": opts["seed"]}
-        meta_path = os.path.join(out_dir, META_FILE)
-        if opts["overwrite"]:
-            for p in (cache_path, meta_path):
-                if os.path.exists(p):
-                    os.remove(p)
-        if os.path.exists(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                old = json.load(f)
-            diff = [k for k in ("benchmark", "data", "scorer", "mode", "seed") if old.get(k) != meta[k]]
-            if diff:
-                raise ValueError(f"{out_dir} holds a cache of another run (differs in {diff}: "
-                                 f"{ {k: old.get(k) for k in diff} } vs { {k: meta[k] for k in diff} }); "
-                                 "use another out directory or overwrite=True (--overwrite)")
-        else:
-            with open(meta_path, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-
-    cache = ScoreCache(cache_path)
-    resumed = len(cache.entries)
-    try:
-        variants = {}
-        for it in items:
-            n = len(it.responses)
-            orders = order_variants(n) if opts["order_sensitivity"] else {"original": tuple(range(n))}
-            variants[it.key] = orders
-        # every pass the run needs, in row order, deduplicated
-        needed, seen = [], set()
-        for it in items:
-            for order in variants[it.key].values():
-                for p in passes_for(protocol, order, opts["permutations"]):
-                    ck = _cache_key(it.key, protocol, p)
-                    if ck not in seen:
-                        seen.add(ck)
-                        needed.append((it, p))
-        todo = [(it, p) for it, p in needed if cache.get(it.key, protocol, p) is None]
-        from_cache = len(needed) - len(todo)
-        if todo and scorer is None:
-            scorer = _default_scorer(opts)
-        scored = _run_passes(scorer, todo, protocol, opts, cache, total=len(needed), initial=from_cache)
-    finally:
-        cache.close()
-
-    # per-sample results
-    failed: dict[str, str] = {}
-    for it, p in needed:
-        rec = cache.get(it.key, protocol, p)
-        if rec is not None and "error" in rec and it.key not in failed:
-            failed[it.key] = rec["error"]
-    evaluated = [it for it in items if it.key not in failed]
-    for it in items:
-        if it.key in failed:
-            skipped.append({"id": _jsonable(it.sample_id), "where": it.where, "reason": failed[it.key]})
-    per_variant: dict[str, list[dict]] = {}
-    for it in evaluated:
-        for vname, order in variants[it.key].items():
-            scores = {p: cache.get(it.key, protocol, p)["scores"]
-                      for p in passes_for(protocol, order, opts["permutations"])}
-            keys = preference_keys(protocol, len(it.responses), order, opts["permutations"], scores)
-            m = sample_metrics(keys, it.ranks)
-            m["keys"] = keys
-            per_variant.setdefault(vname, []).append(m)
+    cache_path = _open_out_dir(out_dir, bench, data, name, opts)
+    variants = _order_plan(items, opts["order_sensitivity"])
+    cache, needed, passes = _score_items(items, variants, scorer, protocol, opts, cache_path)
+    evaluated = _drop_failed(items, skipped, _failed_items(needed, cache, protocol))
+    per_variant = _sample_results(evaluated, variants, cache, protocol, opts["permutations"])
     per_sample = per_variant.get("original", [])
     head, categories = aggregate(bench, evaluated, per_sample)
     result = {
         "benchmark": bench.name, "data": data, "scorer": name, "protocol": protocol, "mode": opts["mode"],
         "permutations": opts["permutations"], "seed": opts["seed"], "primary_metric": bench.primary,
         "rows": rows, "evaluated": len(evaluated), "skipped": len(skipped), "skipped_rows": skipped,
-        "metrics": head, "categories": categories,
-        "passes": {"needed": len(needed), "scored_now": scored, "from_cache": len(needed) - len(todo),
-                   "cache_entries_at_start": resumed},
+        "metrics": head, "categories": categories, "passes": passes,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if opts["order_sensitivity"]:
@@ -689,6 +625,108 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     if out_dir is not None:
         _write_outputs(out_dir, result, bench, evaluated, per_sample)
     return result
+
+
+def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, opts: dict) -> str | None:
+    """Create DIR and claim it for this run (cache_meta.json); the cache's path, None without DIR.
+    A DIR whose cache belongs to another run is refused, unless overwrite drops that cache."""
+    if out_dir is None:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    cache_path = os.path.join(out_dir, CACHE_FILE)
+    meta = {"benchmark": bench.name, "data": os.path.abspath(data) if os.path.exists(data) else data,
+            "scorer": name, "mode": opts["mode"], "seed": opts["seed"]}
+    meta_path = os.path.join(out_dir, META_FILE)
+    if opts["overwrite"]:
+        for p in (cache_path, meta_path):
+            if os.path.exists(p):
+                os.remove(p)
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = [k for k in ("benchmark", "data", "scorer", "mode", "seed") if old.get(k) != meta[k]]
+        if diff:
+            raise ValueError(f"{out_dir} holds a cache of another run (differs in {diff}: "
+                             f"{ {k: old.get(k) for k in diff} } vs { {k: meta[k] for k in diff} }); "
+                             "use another out directory or overwrite=True (--overwrite)")
+    else:
+        with open(meta_path, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+    return cache_path
+
+
+def _order_plan(items: Sequence[Item], order_sensitivity: bool) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per item key, the response orders it is evaluated in (name -> order): the original order, and
+    with order_sensitivity also the reversed and cyclic ones (order_variants)."""
+    variants = {}
+    for it in items:
+        n = len(it.responses)
+        variants[it.key] = order_variants(n) if order_sensitivity else {"original": tuple(range(n))}
+    return variants
+
+
+def _needed_passes(items: Sequence[Item], variants: dict, protocol: str, permutations: int) -> list[tuple[Item, tuple]]:
+    """Every pass the run needs, in row order, deduplicated."""
+    needed, seen = [], set()
+    for it in items:
+        for order in variants[it.key].values():
+            for p in passes_for(protocol, order, permutations):
+                ck = _cache_key(it.key, protocol, p)
+                if ck not in seen:
+                    seen.add(ck)
+                    needed.append((it, p))
+    return needed
+
+
+def _score_items(items, variants, scorer, protocol, opts, cache_path) -> tuple[ScoreCache, list, dict]:
+    """Score the passes the cache lacks (the model is loaded only when there are some); returns the
+    closed cache (its entries stay readable), the needed passes, and the "passes" counts of the result."""
+    cache = ScoreCache(cache_path)
+    resumed = len(cache.entries)
+    try:
+        needed = _needed_passes(items, variants, protocol, opts["permutations"])
+        todo = [(it, p) for it, p in needed if cache.get(it.key, protocol, p) is None]
+        from_cache = len(needed) - len(todo)
+        if todo and scorer is None:
+            scorer = _default_scorer(opts)
+        scored = _run_passes(scorer, todo, protocol, opts, cache, total=len(needed), initial=from_cache)
+    finally:
+        cache.close()
+    passes = {"needed": len(needed), "scored_now": scored, "from_cache": from_cache, "cache_entries_at_start": resumed}
+    return cache, needed, passes
+
+
+def _failed_items(needed: Sequence[tuple[Item, tuple]], cache: ScoreCache, protocol: str) -> dict[str, str]:
+    """item key -> the reason of its first pass the scorer rejected."""
+    failed: dict[str, str] = {}
+    for it, p in needed:
+        rec = cache.get(it.key, protocol, p)
+        if rec is not None and "error" in rec and it.key not in failed:
+            failed[it.key] = rec["error"]
+    return failed
+
+
+def _drop_failed(items: Sequence[Item], skipped: list[dict], failed: dict[str, str]) -> list[Item]:
+    """The items every pass of which was scored; the others are appended to `skipped` with their reason."""
+    evaluated = [it for it in items if it.key not in failed]
+    for it in items:
+        if it.key in failed:
+            skipped.append({"id": _jsonable(it.sample_id), "where": it.where, "reason": failed[it.key]})
+    return evaluated
+
+
+def _sample_results(evaluated: Sequence[Item], variants: dict, cache: ScoreCache, protocol: str,
+                    permutations: int) -> dict[str, list[dict]]:
+    """order name -> the sample_metrics (plus the preference "keys") of every evaluated item, in item order."""
+    per_variant: dict[str, list[dict]] = {}
+    for it in evaluated:
+        for vname, order in variants[it.key].items():
+            scores = {p: cache.get(it.key, protocol, p)["scores"] for p in passes_for(protocol, order, permutations)}
+            keys = preference_keys(protocol, len(it.responses), order, permutations, scores)
+            m = sample_metrics(keys, it.ranks)
+            m["keys"] = keys
+            per_variant.setdefault(vname, []).append(m)
+    return per_variant
 
 
 def _run_passes(scorer, todo, protocol, opts, cache: ScoreCache, total: int, initial: int) -> int:
