@@ -41,7 +41,8 @@ import math
 import os
 import sys
 import time
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO, Any, NamedTuple
 
 from ._cli import add_model_args, load_model, positive_int
 from ._io import append_durable, cut_torn_tail
@@ -223,6 +224,7 @@ class _Run:
         self.progress, self.out_f, self.err_f = progress, out_f, err_f
         self.scored = self.bad = 0
         self.lines_since_update = 0
+        self.chunk_start: int | None = None  # the first line of the chunk being scored
         # the chunk being filled: valid samples, and the bad lines read meanwhile
         self.samples: list[tuple[int, dict]] = []
         self.errors: list[tuple[int, Any, str]] = []
@@ -250,6 +252,8 @@ class _Run:
         if not samples and not errors and not self.lines_since_update:
             return
         self.samples, self.errors = [], []
+        # the chunk's first line, for the "failed (chunk starting at line N)" hint until it is written
+        self.chunk_start = min([ln for ln, _ in samples] + [e[0] for e in errors], default=None)
         scores = []
         if samples:
             scores = self.model.score([s for _, s in samples], mode=self.args.mode,
@@ -279,6 +283,7 @@ class _Run:
         self.bad += len(errors)
         self.progress.update(self.lines_since_update, self.scored, self.bad)
         self.lines_since_update = 0
+        self.chunk_start = None
 
 
 def _load_model(args):
@@ -288,7 +293,14 @@ def _load_model(args):
         raise CLIError(str(e)) from None
 
 
-def _check_paths(args) -> tuple[str, str, str, str]:
+class _Paths(NamedTuple):
+    data: str
+    out: str
+    errors: str
+    media_dir: str
+
+
+def _check_paths(args) -> _Paths:
     data = os.path.abspath(args.data)
     out = os.path.abspath(args.out)
     errors = os.path.abspath(args.errors) if args.errors else out + ".errors.jsonl"
@@ -304,7 +316,7 @@ def _check_paths(args) -> tuple[str, str, str, str]:
             raise CLIError(f"{name} is the input file {args.data!r}; write the results elsewhere")
     if out == errors:
         raise CLIError("--out and --errors name the same file")
-    return data, out, errors, media_dir
+    return _Paths(data, out, errors, media_dir)
 
 
 def main(argv=None) -> int:
@@ -316,103 +328,145 @@ def main(argv=None) -> int:
         return 2
 
 
+# -- the run --------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    """What the pass over the input leaves for the interruption messages and the summary."""
+    progress: _Progress | None = None
+    run: _Run | None = None
+    resumed_scored: int = 0
+    resumed_bad: int = 0
+    t0: float = 0.0  # when scoring started (after the done lines), for the rate
+
+
 def _main(args) -> int:
-    data, out, errors_path, media_dir = _check_paths(args)
+    paths = _check_paths(args)
     t_load = time.perf_counter()
     model = _load_model(args)
     load_s = time.perf_counter() - t_load
 
-    for path in (out, errors_path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    resuming = os.path.exists(out) and not args.overwrite
-    if resuming:
-        cut = cut_torn_tail(out)
-        if cut:
-            _log(f"dropped a torn last line ({cut} bytes) of {out}: a write cut short; its sample is scored again")
-        done_errors = _read_error_lines(errors_path)
-    else:
-        # errors first: an --out that exists always comes with its own errors file, never a stale one
-        open(errors_path, "wb").close()
-        open(out, "wb").close()
-        done_errors = set()
-
-    check = _ResumeCheck(out, data) if resuming else None
-    progress = None
-    run = None
-    t0 = time.perf_counter()
-    resumed_bad = 0
+    resuming, done_errors = _prepare_outputs(args, paths.out, paths.errors)
+    check = _ResumeCheck(paths.out, paths.data) if resuming else None
+    state = _State()
     try:
-        with open(data, "rb") as data_f, open(out, "ab") as out_f, open(errors_path, "ab") as err_f:
-            # the lines already done: verified, counted, not rescored
-            lineno = 0
-            first_todo = None
-            for lineno, raw in enumerate(data_f, 1):
-                if not raw.strip():
-                    continue
-                if lineno in done_errors:
-                    resumed_bad += 1
-                elif check is not None and check.pending:
-                    check.consume(lineno, raw)
-                else:
-                    first_todo = (lineno, raw)
-                    break
-            if check is not None:
-                if check.pending:
-                    raise CLIError(f"{out} has more lines than {data} has samples (a different input?); "
-                                   "pass --overwrite to start over or use another --out")
-                resumed_scored = check.count
-                check.close()
-                check = None
-                if resumed_scored or resumed_bad:
-                    where = f"continuing at line {first_todo[0]}" if first_todo is not None else "nothing left to do"
-                    _log(f"resuming {out}: {resumed_scored} scored and {resumed_bad} bad samples already done; {where}")
-            else:
-                resumed_scored = 0
-            initial = (first_todo[0] - 1) if first_todo is not None else lineno
-            total = _count_lines(data) if not args.no_progress else 0
-            progress = _Progress(total, initial, not args.no_progress)
-            run = _Run(model, args, data, out, errors_path, media_dir, progress, out_f, err_f)
-            t0 = time.perf_counter()
-            if first_todo is not None:
-                run.add_line(*first_todo)
-                for lineno, raw in enumerate(data_f, first_todo[0] + 1):
-                    if not raw.strip():
-                        run.skip_line()
-                    elif lineno in done_errors:  # recorded by the interrupted chunk before its scores
-                        resumed_bad += 1
-                        run.skip_line()
-                    else:
-                        run.add_line(lineno, raw)
-            run.flush()
+        _score_file(model, args, paths, done_errors, check, state)
     except KeyboardInterrupt:
-        if progress is not None:
-            progress.close()
-        _log(f"interrupted; every finished chunk is saved in {out}: rerun the same command to resume")
+        if state.progress is not None:
+            state.progress.close()
+        _log(f"interrupted; every finished chunk is saved in {paths.out}: rerun the same command to resume")
         return 130
     except CLIError:
         raise
     except BaseException:
-        if progress is not None:
-            progress.close()
-        at = f" (chunk starting at line {run.samples[0][0]})" if run is not None and run.samples else ""
-        _log(f"failed{at}; every finished chunk is saved in {out}: rerun the same command to resume")
+        if state.progress is not None:
+            state.progress.close()
+        run = state.run
+        start = None if run is None else run.chunk_start or (run.samples[0][0] if run.samples else None)
+        at = f" (chunk starting at line {start})" if start is not None else ""
+        _log(f"failed{at}; every finished chunk is saved in {paths.out}: rerun the same command to resume")
         raise
     finally:
         if check is not None:
             check.close()
-    progress.close()
-    seconds = time.perf_counter() - t0
+    state.progress.close()
+    seconds = time.perf_counter() - state.t0
+    if state.run.bad + state.resumed_bad == 0 and os.path.exists(paths.errors) and os.path.getsize(paths.errors) == 0:
+        os.remove(paths.errors)
+    print(f"{PROG}: {_summary(state, paths, seconds, load_s)}", flush=True)
+    return 0
+
+
+def _prepare_outputs(args, out: str, errors_path: str) -> tuple[bool, set[int]]:
+    """Create the output directories, then either resume (an --out exists and no --overwrite: cut a torn
+    last line) or start over with empty files. Returns (resuming, the input lines in the errors file)."""
+    for path in (out, errors_path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(out) and not args.overwrite:
+        cut = cut_torn_tail(out)
+        if cut:
+            _log(f"dropped a torn last line ({cut} bytes) of {out}: a write cut short; its sample is scored again")
+        return True, _read_error_lines(errors_path)
+    # errors first: an --out that exists always comes with its own errors file, never a stale one
+    open(errors_path, "wb").close()
+    open(out, "wb").close()
+    return False, set()
+
+
+def _score_file(model, args, paths: _Paths, done_errors: set[int], check: _ResumeCheck | None, state: _State) -> None:
+    """Pass the lines already done, then score the rest in chunks, appending to --out and the errors file."""
+    with open(paths.data, "rb") as data_f, open(paths.out, "ab") as out_f, open(paths.errors, "ab") as err_f:
+        # the lines already done: verified, counted, not rescored
+        initial, first_todo, state.resumed_bad = _skip_done_lines(data_f, done_errors, check)
+        if check is not None:
+            state.resumed_scored = _end_resume_check(check, paths, first_todo, state.resumed_bad)
+        total = _count_lines(paths.data) if not args.no_progress else 0
+        state.progress = _Progress(total, initial, not args.no_progress)
+        state.run = _Run(model, args, paths.data, paths.out, paths.errors, paths.media_dir, state.progress, out_f, err_f)
+        state.t0 = time.perf_counter()
+        if first_todo is not None:
+            state.resumed_bad += _score_rest(state.run, data_f, first_todo, done_errors)
+        state.run.flush()
+
+
+def _skip_done_lines(data_f, done_errors: set[int], check: _ResumeCheck | None
+                     ) -> tuple[int, tuple[int, bytes] | None, int]:
+    """Read past the input lines a previous run finished: blank lines, lines in the errors file, and one
+    line per line already in --out (each checked against it by `check`). Returns the number of input
+    lines passed, the first line still to score as (lineno, raw) or None at the end of the input, and
+    the number of error lines passed."""
+    lineno = bad = 0
+    for lineno, raw in enumerate(data_f, 1):
+        if not raw.strip():
+            continue
+        if lineno in done_errors:
+            bad += 1
+        elif check is not None and check.pending:
+            check.consume(lineno, raw)
+        else:
+            return lineno - 1, (lineno, raw), bad
+    return lineno, None, bad
+
+
+def _end_resume_check(check: _ResumeCheck, paths: _Paths, first_todo: tuple[int, bytes] | None, resumed_bad: int) -> int:
+    """After the done lines: refuse an --out longer than the input, say where the run continues.
+    Returns the number of samples already scored."""
+    if check.pending:
+        raise CLIError(f"{paths.out} has more lines than {paths.data} has samples (a different input?); "
+                       "pass --overwrite to start over or use another --out")
+    check.close()
+    if check.count or resumed_bad:
+        where = f"continuing at line {first_todo[0]}" if first_todo is not None else "nothing left to do"
+        _log(f"resuming {paths.out}: {check.count} scored and {resumed_bad} bad samples already done; {where}")
+    return check.count
+
+
+def _score_rest(run: _Run, data_f, first_todo: tuple[int, bytes], done_errors: set[int]) -> int:
+    """Score from the first line not done to the end of the input (the last chunk is left to flush).
+    Returns the number of lines passed because the errors file already holds them."""
+    resumed_bad = 0
+    run.add_line(*first_todo)
+    for lineno, raw in enumerate(data_f, first_todo[0] + 1):
+        if not raw.strip():
+            run.skip_line()
+        elif lineno in done_errors:  # recorded by the interrupted chunk before its scores
+            resumed_bad += 1
+            run.skip_line()
+        else:
+            run.add_line(lineno, raw)
+    return resumed_bad
+
+
+def _summary(state: _State, paths: _Paths, seconds: float, load_s: float) -> str:
+    """The closing report: this run's counts and rate, the earlier runs' counts, where the results are."""
+    run, resumed_scored, resumed_bad = state.run, state.resumed_scored, state.resumed_bad
     processed = run.scored + run.bad
     total_bad = run.bad + resumed_bad
-    if total_bad == 0 and os.path.exists(errors_path) and os.path.getsize(errors_path) == 0:
-        os.remove(errors_path)
     rate = processed / seconds if seconds > 0 else 0.0
     summary = (f"done: {run.scored} scored, {run.bad} bad in {seconds:.1f} s ({rate:.1f} samples/s; "
                f"model load {load_s:.1f} s)")
     if resumed_scored or resumed_bad:
         summary += f"; {resumed_scored} scored and {resumed_bad} bad earlier"
-    summary += f"\n  scores: {out}"
+    summary += f"\n  scores: {paths.out}"
     if total_bad:
-        summary += f"\n  bad samples ({total_bad}, by input line): {errors_path}"
-    print(f"{PROG}: {summary}", flush=True)
-    return 0
+        summary += f"\n  bad samples ({total_bad}, by input line): {paths.errors}"
+    return summary

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import os
 import re
 import time
@@ -306,7 +307,7 @@ class Batcher:
 
 
 class Guard:
-    """ASGI middleware: bearer token (except GET /health) and the request body size limit. The body
+    """ASGI middleware: bearer token (except on /health, where only GET is routed) and the request body size limit. The body
     is read here (at most max_body_bytes + one chunk) and replayed to the app."""
 
     def __init__(self, app, *, token: str | None, max_body_bytes: int):
@@ -377,25 +378,115 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
     return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
 
 
-def create_app(model, *, mode: str | None = None, media_root=None, token: str | None = None,
-               max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel)."""
+def _validate_options(model, mode: str | None, *, max_queue: int, max_body_bytes: int, max_batch_tokens: int | None,
+                      timeout: float) -> str:
+    """Check create_app's arguments (ValueError on a bad one); returns the mode to serve in."""
     mode = mode or model.config.mode
     check_choice("mode", mode, MODES)
     check_int("max_queue", max_queue)
     check_int("max_body_bytes", max_body_bytes)
     check_int("max_batch_tokens", max_batch_tokens, allow_none=True)
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
+    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    root = None
-    if media_root is not None:
-        root = Path(media_root).resolve(strict=True)
-        if not root.is_dir():
-            raise ValueError(f"media_root {str(media_root)!r} is not a directory")
-    batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
-                      max_queue=max_queue)
+    return mode
 
+
+def _resolve_media_root(media_root) -> Path | None:
+    """The media root, resolved (FileNotFoundError when missing), or None: media paths are refused."""
+    if media_root is None:
+        return None
+    root = Path(media_root).resolve(strict=True)
+    if not root.is_dir():
+        raise ValueError(f"media_root {str(media_root)!r} is not a directory")
+    return root
+
+
+class _ServerState:
+    """What the routes share: the batcher (queue, worker, model thread), the mode, the limits and the media root."""
+
+    def __init__(self, batcher: Batcher, *, mode: str, root: Path | None, max_queue: int, timeout: float):
+        self.batcher, self.mode, self.root, self.max_queue, self.timeout = batcher, mode, root, max_queue, timeout
+
+    async def prepare(self, samples: list[SampleIn]) -> list[dict]:
+        """Request samples -> mrrm samples (media decoded / paths checked); a refused medium is an HTTP error."""
+        try:  # file reads and image decoding off the event loop
+            return await asyncio.to_thread(lambda: [prepare_sample(s, i, self.root) for i, s in enumerate(samples)])
+        except MediaRejected as e:
+            raise HTTPException(e.status, str(e)) from None
+
+    async def run_job(self, samples: list[dict]) -> list[list[float]]:
+        """Score samples through the batcher: 429 when the queue is full, 504 on timeout, 422 on bad samples."""
+        try:
+            fut = self.batcher.submit(samples)
+        except QueueFull:
+            raise HTTPException(429, f"the scoring queue is full ({self.max_queue} requests waiting); retry later",
+                                headers={"Retry-After": "1"}) from None
+        try:
+            return await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            self.batcher.counters["timeouts"] += 1
+            raise HTTPException(504, f"scoring did not finish within {self.timeout:g} s (server --timeout)") from None
+        except (BatchError, SampleError) as e:
+            raise HTTPException(422, str(e)) from None
+
+    def health(self) -> dict:
+        batcher = self.batcher
+        return {"status": "ok", "mode": self.mode, "max_batch_tokens": batcher.max_batch_tokens,
+                "queue": batcher.queue.qsize() if batcher.queue is not None else 0, "max_queue": self.max_queue,
+                **batcher.counters}
+
+
+def _group_queries(body: RewardRequest) -> list[dict]:
+    """Check a /get_reward body and split each query into prompt + response; the queries that share a
+    prompt form one group {"prompt", "responses", "rows" (their indices in the request)}, in first-seen order."""
+    n = len(body.query)
+    if len(body.prompts) != n:
+        raise HTTPException(422, f"'prompts' has {len(body.prompts)} entries but 'query' has {n}")
+    if body.labels is not None and len(body.labels) != n:
+        raise HTTPException(422, f"'labels' has {len(body.labels)} entries but 'query' has {n}")
+    groups: dict[str, dict] = {}
+    for i, (q, p) in enumerate(zip(body.query, body.prompts)):
+        if not p:
+            raise HTTPException(422, f"prompts[{i}] is empty")
+        if not q.startswith(p):
+            raise HTTPException(422, f"query[{i}] does not start with prompts[{i}] (a query is prompt + response)")
+        g = groups.setdefault(p, {"prompt": p, "responses": [], "rows": []})
+        g["responses"].append(q[len(p):])
+        g["rows"].append(i)
+    return list(groups.values())
+
+
+async def _get_reward(state: _ServerState, body: RewardRequest) -> dict:
+    """OpenRLHF's remote reward protocol: one score per query, each group of queries scored in one pass."""
+    n = len(body.query)
+    plans = [(g, group_sample(g)) for g in _group_queries(body)]
+    samples = [s for _, s in plans if s is not None]
+    scores = iter(await state.run_job(samples) if samples else [])
+    rewards, sizes = [0.0] * n, [0] * n
+    for g, s in plans:
+        values = fill_empty(ungroup(g["responses"], s, next(scores) if s is not None else None))
+        for i, v in zip(g["rows"], values):
+            rewards[i], sizes[i] = float(v), len(g["rows"])
+    return {"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}}
+
+
+def _add_routes(app: FastAPI, state: _ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        return state.health()
+
+    @app.post("/score")
+    async def score(body: ScoreRequest):
+        samples = await state.prepare(body.samples)
+        return {"scores": await state.run_job(samples)}
+
+    @app.post("/get_reward")
+    async def get_reward(body: RewardRequest):
+        return await _get_reward(state, body)
+
+
+def _lifespan(batcher: Batcher):
+    """The app's lifespan: the batcher's worker runs while the server does."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await batcher.start()
@@ -404,67 +495,22 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="mrrm reward server", lifespan=lifespan)
+    return lifespan
+
+
+def create_app(model, *, mode: str | None = None, media_root=None, token: str | None = None,
+               max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel)."""
+    mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                             max_batch_tokens=max_batch_tokens, timeout=timeout)
+    root = _resolve_media_root(media_root)
+    batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
+                      max_queue=max_queue)
+    app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
     app.state.batcher = batcher
     app.add_exception_handler(RequestValidationError, _validation_response)
-
-    async def run_job(samples: list[dict]) -> list[list[float]]:
-        try:
-            fut = batcher.submit(samples)
-        except QueueFull:
-            raise HTTPException(429, f"the scoring queue is full ({max_queue} requests waiting); retry later",
-                                headers={"Retry-After": "1"}) from None
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            batcher.counters["timeouts"] += 1
-            raise HTTPException(504, f"scoring did not finish within {timeout:g} s (server --timeout)") from None
-        except (BatchError, SampleError) as e:
-            raise HTTPException(422, str(e)) from None
-
-    async def prepare(samples: list[SampleIn]) -> list[dict]:
-        try:  # file reads and image decoding off the event loop
-            return await asyncio.to_thread(lambda: [prepare_sample(s, i, root) for i, s in enumerate(samples)])
-        except MediaRejected as e:
-            raise HTTPException(e.status, str(e)) from None
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "mode": mode, "max_batch_tokens": batcher.max_batch_tokens,
-                "queue": batcher.queue.qsize() if batcher.queue is not None else 0, "max_queue": max_queue,
-                **batcher.counters}
-
-    @app.post("/score")
-    async def score(body: ScoreRequest):
-        samples = await prepare(body.samples)
-        return {"scores": await run_job(samples)}
-
-    @app.post("/get_reward")
-    async def get_reward(body: RewardRequest):
-        n = len(body.query)
-        if len(body.prompts) != n:
-            raise HTTPException(422, f"'prompts' has {len(body.prompts)} entries but 'query' has {n}")
-        if body.labels is not None and len(body.labels) != n:
-            raise HTTPException(422, f"'labels' has {len(body.labels)} entries but 'query' has {n}")
-        groups: dict[str, dict] = {}
-        for i, (q, p) in enumerate(zip(body.query, body.prompts)):
-            if not p:
-                raise HTTPException(422, f"prompts[{i}] is empty")
-            if not q.startswith(p):
-                raise HTTPException(422, f"query[{i}] does not start with prompts[{i}] (a query is prompt + response)")
-            g = groups.setdefault(p, {"prompt": p, "responses": [], "rows": []})
-            g["responses"].append(q[len(p):])
-            g["rows"].append(i)
-        plans = [(g, group_sample(g)) for g in groups.values()]
-        samples = [s for _, s in plans if s is not None]
-        scores = iter(await run_job(samples) if samples else [])
-        rewards, sizes = [0.0] * n, [0] * n
-        for g, s in plans:
-            values = fill_empty(ungroup(g["responses"], s, next(scores) if s is not None else None))
-            for i, v in zip(g["rows"], values):
-                rewards[i], sizes[i] = float(v), len(g["rows"])
-        return {"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}}
-
+    _add_routes(app, _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout))
     return Guard(app, token=token, max_body_bytes=max_body_bytes)
 
 

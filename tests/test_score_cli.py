@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,7 +202,7 @@ def test_bad_lines_reported_by_line_number_rest_scored(model, media, tmp_path, c
     assert f"{len(good)} scored, {len(expected_bad)} bad" in captured.out
 
 
-def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch):
+def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch, capsys):
     root, video = media
     lines = mixed_lines(video)
     data = write_jsonl(root / "crash.jsonl", [content for content, _ in lines])
@@ -219,8 +220,14 @@ def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch):
 
     out = tmp_path / "scored.jsonl"
     monkeypatch.setattr(model, "score", crash_after_first_chunk)
+    capsys.readouterr()
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(data, out)
+    # the message names the chunk that failed: the line after the first chunk's lines
+    said = capsys.readouterr()
+    m = re.search(r"failed \(chunk starting at line (\d+)\); every finished chunk is saved", said.err + said.out)
+    assert m is not None, said
+    assert int(m.group(1)) > 1
     first_chunk = read_jsonl(out)
     assert 0 < len(first_chunk) < len(read_jsonl(reference))
 

@@ -286,8 +286,11 @@ def test_get_reward_groups_queries_by_prompt(model):
 def test_bad_server_arguments(model, tmp_path):
     with pytest.raises(ValueError, match="max_queue"):
         create_app(model, max_queue=0)
-    with pytest.raises(ValueError, match="timeout"):
-        create_app(model, timeout=0)
+    for bad in (0, True, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            create_app(model, timeout=bad)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        create_app(model, max_batch_tokens=0)
     with pytest.raises(ValueError, match="mode"):
         create_app(model, mode="pairs")
     with pytest.raises(FileNotFoundError):
