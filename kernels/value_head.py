@@ -36,7 +36,6 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ..common import ACTIVATIONS  # the kernel below implements each of these by name
 
@@ -325,6 +324,38 @@ def _dot_precision() -> str:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+def flatten_config(config: ValueHeadConfig | None) -> list[int] | None:
+    """A ValueHeadConfig as the flat int list the custom op carries; None stays None (the table)."""
+    return None if config is None else list(dataclasses.astuple(config))
+
+
+def unflatten_config(flat: list[int] | None, M: int) -> ValueHeadConfig:
+    return choose_config(M) if not flat else ValueHeadConfig(*flat)
+
+
+def forward(hidden, positions, w1, b1, w2, b2, activation, scale, cfg, *, store_z, detect_repeats):
+    """Forward launcher -> (out [M], z [M, D] fp32 ([0, D] unless store_z), repeats int32 [1])."""
+    M, D = positions.shape[0], w1.shape[0]
+    if M == 0:
+        return (hidden.new_empty(0, dtype=torch.promote_types(hidden.dtype, w1.dtype)),
+                hidden.new_empty((0, D), dtype=torch.float32), hidden.new_zeros(1, dtype=torch.int32))
+    out, z, repeats = _forward(hidden, positions, w1, b1, w2, b2, activation, scale, cfg, store_z, detect_repeats)
+    if not detect_repeats:
+        repeats.fill_(1)  # unknown: a backward must assume repeated positions (atomic adds)
+    return out, (z if store_z else hidden.new_empty((0, D), dtype=torch.float32)), repeats
+
+
+def backward(grad_out, hidden, positions, w1, b1, w2, b2, z, repeats, activation, scale, cfg, need_hidden):
+    """Backward launcher -> (g_hidden or None, g_w1, g_b1, g_w2, g_b2), each in its input's dtype."""
+    if positions.shape[0] == 0:  # nothing gathered: every gradient is zero
+        T, H = hidden.shape
+        D = w1.shape[0]
+        return (hidden.new_zeros(T, H) if need_hidden else None, w1.new_zeros(D, H), b1.new_zeros(D),
+                w2.new_zeros(1, D), b2.new_zeros(1))
+    return _backward(grad_out, hidden, positions, w1, w2, z, repeats, activation, scale, cfg, need_hidden, True,
+                     b1.dtype, b2.dtype)
+
+
 def _forward(hidden, positions, w1, b1, w2, b2, activation, scale, cfg, store_z, detect_repeats):
     T, H = hidden.shape
     M = positions.shape[0]
@@ -377,45 +408,6 @@ def _backward(grad_out, hidden, positions, w1, w2, z, repeats, activation, scale
     return g_hidden, g_w1, g_b1, g_w2, g_b2
 
 
-class TritonGatherValueHead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, positions, w1, b1, w2, b2, activation, scale, config, grad_enabled):
-        # forward() runs with grad mode off; the caller's mode says whether a backward can follow.
-        need_hidden = grad_enabled and ctx.needs_input_grad[0]
-        need_weights = grad_enabled and any(ctx.needs_input_grad[2:6])
-        M = positions.shape[0]
-        cfg = config or choose_config(M)
-        if M == 0:
-            out, z, repeats = hidden.new_empty(0, dtype=torch.promote_types(hidden.dtype, w1.dtype)), None, None
-        else:
-            out, z, repeats = _forward(hidden, positions, w1, b1, w2, b2, activation, scale, cfg,
-                                       store_z=need_hidden or need_weights, detect_repeats=need_hidden)
-        ctx.save_for_backward(hidden, positions, w1, w2, z, repeats)
-        ctx.activation, ctx.scale, ctx.cfg = activation, scale, cfg
-        ctx.b1_dtype, ctx.b2_dtype = b1.dtype, b2.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        hidden, positions, w1, w2, z, repeats = ctx.saved_tensors
-        need_hidden = ctx.needs_input_grad[0]
-        need_weights = any(ctx.needs_input_grad[2:6])
-        if positions.shape[0] == 0:  # nothing gathered: every gradient is zero
-            T, H = hidden.shape
-            D = w1.shape[0]
-            g = (hidden.new_zeros(T, H) if need_hidden else None,
-                 w1.new_zeros(D, H), w1.new_zeros(D, dtype=ctx.b1_dtype), w2.new_zeros(1, D),
-                 w1.new_zeros(1, dtype=ctx.b2_dtype))
-        else:
-            g = _backward(grad_out.contiguous(), hidden, positions, w1, w2, z, repeats, ctx.activation,
-                          ctx.scale, ctx.cfg, need_hidden, need_weights, ctx.b1_dtype, ctx.b2_dtype)
-        g_hidden, g_w1, g_b1, g_w2, g_b2 = g
-        n = ctx.needs_input_grad
-        return (g_hidden if n[0] else None, None, g_w1 if n[2] else None, g_b1 if n[3] else None,
-                g_w2 if n[4] else None, g_b2 if n[5] else None, None, None, None, None)
-
-
 def gather_value_head_triton(hidden, positions, w1, b1, w2, b2, *, activation="silu", scale=1.0,
                              config: ValueHeadConfig | None = None):
     """scale * (act(hidden[positions] @ w1.T + b1) @ w2.T + b2) -> [M] with Triton kernels.
@@ -424,19 +416,16 @@ def gather_value_head_triton(hidden, positions, w1, b1, w2, b2, *, activation="s
     checked (that would cost a host sync): out-of-range positions read and write out of bounds.
     Repeated positions are allowed (their hidden-state gradients add up, with atomic adds, so
     not bitwise reproducible; with unique positions every result is deterministic).
-    `config` overrides the block sizes (tests use small blocks in the interpreter).
+    `config` overrides the block sizes (tests use small blocks in the interpreter). fp32, fp16 and
+    bf16 only: float64 goes to the reference by the dispatch's rule (mrrm.ops._dispatch).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if torch.float64 in (hidden.dtype, w1.dtype):
-        # The kernels accumulate in fp32; fp64 callers want fp64 accuracy, which the reference has.
-        from ..reference import gather_value_head as _reference
-        return _reference(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
-    if hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    return TritonGatherValueHead.apply(
-        hidden, positions.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(),
-        activation, float(scale), config, torch.is_grad_enabled())
+        raise ValueError("gather_value_head (triton) accumulates in fp32 and takes float16, bfloat16 and float32; "
+                         "use backend='reference' (or mrrm.ops.gather_value_head, whose 'auto' picks it) for float64")
+    from ..ops.value_head import call_compiled  # the autograd lives with the op
+    return call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, "triton", flatten_config(config))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -631,6 +631,31 @@ def uniform_configs(block_m: int, block_n: int | None = None, num_warps: int = 4
             "dq": KernelConfig(block_m, block_n, num_warps, num_stages)}
 
 
+_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def flatten_configs(configs: dict | None) -> list[int] | None:
+    """A `configs` dict as the flat int list the custom op carries (4 ints per kernel, zeros for a
+    kernel left to the table); None stays None."""
+    if not configs:
+        return None
+    unknown = set(configs) - set(_KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernel {sorted(unknown)[0]!r} in configs; expected fwd, dkdv, dq")
+    flat = []
+    for key in _KERNELS:
+        cfg = configs.get(key)
+        cfg = cfg if cfg is None or isinstance(cfg, KernelConfig) else KernelConfig(*cfg)
+        flat += [0, 0, 0, 0] if cfg is None else [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages]
+    return flat
+
+
+def unflatten_configs(flat: list[int] | None) -> dict | None:
+    if not flat:
+        return None
+    return {key: KernelConfig(*flat[4 * i: 4 * i + 4]) for i, key in enumerate(_KERNELS) if flat[4 * i]}
+
+
 def _resolve_configs(head_dim, dtype, configs):
     out = dict(choose_configs(head_dim, dtype))
     for override in (CONFIG_OVERRIDE, configs):
@@ -891,34 +916,6 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
     return dq, dk, dv, counts
 
 
-class VarlenAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, configs, block_ids=None):
-        meta = cached_shared_prefix_metadata(cu_seqlens, segment_ids) if mask == "shared_prefix" else None
-        block_meta = cached_block_metadata(cu_seqlens, block_ids) if _check_blocks(mask, block_ids) else None
-        out, lse, _ = attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, block_ids=block_ids,
-                                        softmax_scale=softmax_scale, configs=configs, meta=meta,
-                                        block_meta=block_meta)
-        if meta is None:
-            meta = (None, None, None)
-        if block_meta is None:
-            block_meta = (None, None)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, *meta, block_ids, *block_meta)
-        ctx.max_seqlen, ctx.mask, ctx.softmax_scale, ctx.configs = max_seqlen, mask, softmax_scale, configs
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        (q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, key_end, block_ids, blk_start,
-         blk_end) = ctx.saved_tensors
-        meta = (prefix_end, seg_start, key_end) if ctx.mask == "shared_prefix" else None
-        block_meta = (blk_start, blk_end) if block_ids is not None else None
-        dq, dk, dv, _ = attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, mask=ctx.mask,
-                                           block_ids=block_ids, softmax_scale=ctx.softmax_scale,
-                                           configs=ctx.configs, meta=meta, block_meta=block_meta)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, block_ids=None,
                             softmax_scale=None, deterministic=False, configs=None):
     """Triton flash attention over a packed stream; see the module docstring. Inputs are assumed
@@ -937,8 +934,9 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", s
     _check_dtype(q)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), mask, segment_ids,
-                                         float(softmax_scale), configs, block_ids)
+    from ..ops.varlen_attention import varlen_attention_fwd  # the autograd lives with the op
+    return varlen_attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), mask, segment_ids, block_ids,
+                                float(softmax_scale), "triton", flatten_configs(configs))[0]
 
 
 # --------------------------------------------------------------------------------------------

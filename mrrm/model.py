@@ -133,8 +133,11 @@ _LAST_VISION_META = None  # (weakref cu_seqlens, version, VarlenMeta)
 def _vision_meta(cu: torch.Tensor, max_len) -> VarlenMeta:
     """The vision tower's packing metadata, built once per forward: every block passes the same
     cu_seqlens tensor, and reading its longest sequence is a host sync that would otherwise stall
-    the GPU queue once per block."""
+    the GPU queue once per block. Under torch.compile the graph holds it once anyway: no cache, and
+    the longest sequence is left to the op (its CPU kernel does not need it)."""
     global _LAST_VISION_META
+    if torch.compiler.is_compiling():
+        return VarlenMeta(cu.to(torch.int32), max_len if isinstance(max_len, int) else None, "bidirectional")
     last = _LAST_VISION_META
     version = tensor_version(cu)
     if last is not None and last[0]() is cu and last[1] == version:

@@ -12,6 +12,7 @@ flash-attention's own tests are of that order).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -21,8 +22,10 @@ import torch
 
 import mrrm.kernels.varlen_attention as va
 from mrrm import reference
-from mrrm.ops import attention as attention_ops
 from mrrm.ops import varlen_attention
+
+# the op module (the package attribute of the same name is the function, as for listwise_ce)
+attention_ops = importlib.import_module("mrrm.ops.varlen_attention")
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -5,8 +5,8 @@
     listwise_ce(scores, group_offsets, targets, *, loss, reduction)
 """
 from ._dispatch import BACKENDS, OP_BACKENDS, choose_backend
-from .attention import varlen_attention
 from .listwise_ce import listwise_ce
 from .value_head import gather_value_head
+from .varlen_attention import varlen_attention
 
 __all__ = ["varlen_attention", "gather_value_head", "listwise_ce", "choose_backend", "BACKENDS", "OP_BACKENDS"]

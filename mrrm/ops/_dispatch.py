@@ -11,8 +11,13 @@ Selection, first match wins:
    comma-separated list of `op=name` pairs (`MRRM_OPS=varlen_attention=triton,listwise_ce=cpu`).
    A single name that an op does not have (e.g. `triton` for listwise_ce, whose GPU kernel is
    CUDA C++) leaves that op on `auto`;
-3. `auto`: CUDA tensors -> the op's GPU kernel, CPU tensors -> the op's CPU backend.
-A backend that cannot serve a call raises a RuntimeError that says why.
+3. `auto`: CUDA tensors -> the op's GPU kernel, CPU tensors -> the op's CPU backend; float64 on the
+   GPU -> `reference` for the Triton ops (the kernels accumulate in fp32; fp64 callers want fp64).
+A backend that cannot serve a call raises a RuntimeError that says why. Every fallback rule lives
+here: the backends themselves never switch to another one.
+
+The compiled backends run as torch.library custom ops (`torch.ops.mrrm.*`, registered by each op's
+module next to its public function), so torch.compile keeps them in one graph.
 """
 from __future__ import annotations
 
@@ -75,8 +80,8 @@ def _env_choice(op: str) -> str:
     return "auto"
 
 
-def choose_backend(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Resolve the backend for one call of `op` on tensors living on `device`."""
+def choose_backend(op: str, device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """Resolve the backend for one call of `op` on tensors living on `device` (of `dtype`)."""
     spec = OP_BACKENDS[op]
     choice = backend if backend is not None else _env_choice(op)
     if choice not in BACKENDS:
@@ -85,7 +90,7 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None) ->
         choice = spec.get(device.type)
         if choice is None:
             return "reference"  # e.g. mps / meta devices: only the reference is portable
-        if choice == "triton" and device.type == "cuda" and not _triton_available():
+        if choice == "triton" and device.type == "cuda" and (dtype == torch.float64 or not _triton_available()):
             return "reference"
         return choice
     if choice not in spec["have"]:
@@ -101,6 +106,9 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None) ->
     if choice == "triton":
         if not _triton_available():
             raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not installed")
+        if dtype == torch.float64:
+            raise RuntimeError(f"{op}: backend 'triton' accumulates in fp32 and takes float16, bfloat16 and float32; "
+                               "use backend='reference' (or 'auto') for float64")
         if device.type == "cpu" and not triton_interpret():
             raise RuntimeError(f"{op}: backend 'triton' got CPU tensors; set TRITON_INTERPRET=1 to run the "
                                "Triton kernels in the interpreter, or use MRRM_OPS=cpu")

@@ -7,6 +7,7 @@ saved gradient by the upstream gradient of the group.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .. import reference
 from ._dispatch import C_or_raise, choose_backend
@@ -67,31 +68,35 @@ def _validate(scores, group_offsets, targets, loss, reduction):
 LOSS_CODES = {"best": 0, "plackett_luce": 1, "soft": 2}
 
 
-class _FusedListwiseCE(torch.autograd.Function):
-    """mrrm._C listwise_ce_fwd_bwd (CPU or CUDA): per-group loss + per-score gradient in one pass."""
+@torch.library.custom_op("mrrm::listwise_ce_fwd_bwd", mutates_args=())
+def listwise_ce_fwd_bwd(scores: Tensor, group_offsets: Tensor, targets: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """mrrm._C (CPU or CUDA): per-group loss [B] and the gradient of each group's loss with respect
+    to its scores [M] (fp32), in one pass."""
+    return C_or_raise("listwise_ce").listwise_ce_fwd_bwd(scores.contiguous(), group_offsets.contiguous(),
+                                                         targets.contiguous(), LOSS_CODES[loss])
 
-    @staticmethod
-    def forward(ctx, scores, group_offsets, targets, loss, reduction):
-        C = C_or_raise("listwise_ce")
-        per_group, unit_grad = C.listwise_ce_fwd_bwd(scores.contiguous(), group_offsets.contiguous(),
-                                                     targets.contiguous(), LOSS_CODES[loss])
-        ctx.save_for_backward(unit_grad, group_offsets)
-        ctx.reduction, ctx.B = reduction, per_group.shape[0]
-        if reduction == "none":
-            return per_group.to(scores.dtype)
-        total = per_group.sum()
-        return (total / ctx.B if reduction == "mean" else total).to(scores.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        unit_grad, group_offsets = ctx.saved_tensors
-        g = grad_out.float()
-        if ctx.reduction == "none":
-            sizes = group_offsets[1:] - group_offsets[:-1]
-            g = torch.repeat_interleave(g, sizes, output_size=unit_grad.shape[0])
-        elif ctx.reduction == "mean":
-            g = g / ctx.B
-        return (unit_grad * g).to(grad_out.dtype), None, None, None, None
+@listwise_ce_fwd_bwd.register_fake
+def _(scores, group_offsets, targets, loss):
+    return (scores.new_empty(group_offsets.shape[0] - 1, dtype=torch.float32),
+            scores.new_empty(scores.shape[0], dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    scores, group_offsets, _, _ = inputs
+    ctx.save_for_backward(output[1], group_offsets)
+    ctx.scores_dtype = scores.dtype
+
+
+def _backward(ctx, grad_per_group, _grad_unit):
+    """The saved per-score gradient scaled by its group's upstream gradient."""
+    unit_grad, group_offsets = ctx.saved_tensors
+    sizes = group_offsets[1:] - group_offsets[:-1]
+    g = torch.repeat_interleave(grad_per_group.float(), sizes, output_size=unit_grad.shape[0])
+    return (unit_grad * g).to(ctx.scores_dtype), None, None, None
+
+
+listwise_ce_fwd_bwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def listwise_ce(scores, group_offsets, targets, *, loss="best", reduction="mean", backend=None, check_inputs=True):
@@ -104,10 +109,16 @@ def listwise_ce(scores, group_offsets, targets, *, loss="best", reduction="mean"
     loss='soft': targets float [M], a probability distribution per group (sums to 1).
     reduction: 'mean' over the B groups (a group of one response counts, with loss 0), 'sum', or
     'none' ([B]). Differentiable in scores only.
+    Backends (mrrm.ops._dispatch): reference (mrrm.reference), cpu and cuda (the custom op
+    mrrm::listwise_ce_fwd_bwd above: mrrm._C's C++ / CUDA C++).
     """
     if check_inputs:
         _validate(scores, group_offsets, targets, loss, reduction)
-    which = choose_backend("listwise_ce", scores.device, backend)
+    which = choose_backend("listwise_ce", scores.device, backend, scores.dtype)
     if which == "reference":
         return reference.listwise_ce(scores, group_offsets, targets, loss=loss, reduction=reduction)
-    return _FusedListwiseCE.apply(scores, group_offsets, targets, loss, reduction)
+    per_group = listwise_ce_fwd_bwd(scores, group_offsets, targets, loss)[0]  # cpu / cuda: one kernel each
+    if reduction == "none":
+        return per_group.to(scores.dtype)
+    total = per_group.sum()
+    return (total / per_group.shape[0] if reduction == "mean" else total).to(scores.dtype)

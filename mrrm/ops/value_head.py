@@ -6,7 +6,10 @@ M rows of the hidden-state gradient.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import reference
 from ..common import ACTIVATIONS, check_choice
@@ -42,25 +45,79 @@ def _validate(hidden, positions, w1, b1, w2, b2, activation, scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
-class _CpuGatherValueHead(torch.autograd.Function):
-    """mrrm._C forward and backward (C++, fp32 accumulation, bf16/fp32 inputs)."""
+# ------------------------------------------------------------------------------------------------
+# The compiled backends as torch.library custom ops (see mrrm.ops._dispatch): "cpu" = mrrm._C
+# (csrc/value_head.cpp), "triton" = mrrm.kernels.value_head. The forward keeps z = rows @ w1.T + b1
+# (fp32 [M, D]) for the backward when `store_z`; `repeats` (int32 [1], Triton only) says whether
+# positions repeat, which the Triton backward needs to pick atomic adds. Both flags are hints: without
+# them the backward recomputes z and assumes repeats, so every call is correct. `config` is the Triton
+# block table flattened (kernels.value_head.flatten_config), or None.
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mrrm::gather_value_head_fwd", mutates_args=())
+def gather_value_head_fwd(hidden: Tensor, positions: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                          activation: str, scale: float, store_z: bool, detect_repeats: bool, backend: str,
+                          config: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    out_dtype = torch.promote_types(hidden.dtype, w1.dtype)
+    if backend == "cpu":
+        out, z = C_or_raise("gather_value_head").gather_value_head_fwd(hidden, positions, w1, b1, w2, b2, activation,
+                                                                       scale)
+        return out.to(out_dtype), (z if store_z else z.new_empty(0, w1.shape[0])), positions.new_zeros(1, dtype=torch.int32)
+    from ..kernels import value_head as kvh
+    return kvh.forward(hidden, positions, w1, b1, w2, b2, activation, scale, kvh.unflatten_config(config, positions.shape[0]),
+                       store_z=store_z, detect_repeats=detect_repeats)
 
-    @staticmethod
-    def forward(ctx, hidden, positions, w1, b1, w2, b2, activation, scale):
-        C = C_or_raise("gather_value_head")
-        out, z = C.gather_value_head_fwd(hidden, positions, w1, b1, w2, b2, activation, float(scale))
-        ctx.save_for_backward(hidden, positions, w1, w2, z)
-        ctx.activation, ctx.scale = activation, float(scale)
-        return out.to(torch.promote_types(hidden.dtype, w1.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, positions, w1, w2, z = ctx.saved_tensors
-        C = C_or_raise("gather_value_head")
-        g_hidden, g_w1, g_b1, g_w2, g_b2 = C.gather_value_head_bwd(
-            grad_out.contiguous(), hidden, positions, w1, w2, z, ctx.activation, ctx.scale,
-            bool(ctx.needs_input_grad[0]))
-        return (g_hidden if ctx.needs_input_grad[0] else None, None, g_w1, g_b1, g_w2, g_b2, None, None)
+@gather_value_head_fwd.register_fake
+def _(hidden, positions, w1, b1, w2, b2, activation, scale, store_z, detect_repeats, backend, config=None):
+    M, D = positions.shape[0], w1.shape[0]
+    return (hidden.new_empty(M, dtype=torch.promote_types(hidden.dtype, w1.dtype)),
+            hidden.new_empty((M if store_z else 0, D), dtype=torch.float32), hidden.new_empty(1, dtype=torch.int32))
+
+
+@torch.library.custom_op("mrrm::gather_value_head_bwd", mutates_args=())
+def gather_value_head_bwd(grad_out: Tensor, hidden: Tensor, positions: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                          b2: Tensor, z: Tensor, repeats: Tensor, activation: str, scale: float, need_hidden: bool,
+                          backend: str, config: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(g_hidden ([0, H] when not need_hidden), g_w1, g_b1, g_w2, g_b2)."""
+    if z.shape[0] != positions.shape[0]:  # the forward was told no backward would follow: recompute z
+        z = hidden.index_select(0, positions).float() @ w1.float().T + b1.float()
+    if backend == "cpu":
+        g = C_or_raise("gather_value_head").gather_value_head_bwd(grad_out, hidden, positions, w1, w2, z, activation,
+                                                                  scale, need_hidden)
+    else:
+        from ..kernels import value_head as kvh
+        g = kvh.backward(grad_out, hidden, positions, w1, b1, w2, b2, z, repeats, activation, scale,
+                         kvh.unflatten_config(config, positions.shape[0]), need_hidden)
+    g_hidden, g_w1, g_b1, g_w2, g_b2 = g
+    if g_hidden is None:
+        g_hidden = hidden.new_empty(0, hidden.shape[1])
+    return g_hidden, g_w1, g_b1.to(b1.dtype), g_w2, g_b2.to(b2.dtype)
+
+
+@gather_value_head_bwd.register_fake
+def _(grad_out, hidden, positions, w1, b1, w2, b2, z, repeats, activation, scale, need_hidden, backend, config=None):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0, hidden.shape[1])), torch.empty_like(w1),
+            torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, positions, w1, b1, w2, b2, activation, scale, store_z, detect_repeats, backend, config = inputs
+    _, z, repeats = output
+    ctx.save_for_backward(hidden, positions, w1, b1, w2, b2, z, repeats)
+    ctx.args = (activation, scale, backend, config)
+
+
+def _backward(ctx, grad_out, _gz, _grepeats):
+    hidden, positions, w1, b1, w2, b2, z, repeats = ctx.saved_tensors
+    activation, scale, backend, config = ctx.args
+    need = ctx.needs_input_grad
+    g_hidden, g_w1, g_b1, g_w2, g_b2 = gather_value_head_bwd(grad_out.contiguous(), hidden, positions, w1, b1, w2, b2,
+                                                             z, repeats, activation, scale, need[0], backend, config)
+    return (g_hidden if need[0] else None, None, g_w1 if need[2] else None, g_b1 if need[3] else None,
+            g_w2 if need[4] else None, g_b2 if need[5] else None, None, None, None, None, None, None)
+
+
+gather_value_head_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gather_value_head(hidden, positions, w1, b1, w2, b2, *, activation="silu", scale=1.0, backend=None,
@@ -70,15 +127,25 @@ def gather_value_head(hidden, positions, w1, b1, w2, b2, *, activation="silu", s
     hidden [T, H]; positions int64 [M] (repeats allowed; their gradients add up); w1 [D, H], b1 [D],
     w2 [1, D], b2 [1] in nn.Linear layouts; activation in silu, gelu (erf), relu, selu, tanh.
     The result has the promoted dtype of hidden and w1; accumulation is fp32.
+    Backends (mrrm.ops._dispatch): reference (mrrm.reference), cpu and triton (the custom ops
+    mrrm::gather_value_head_fwd / _bwd above).
     """
     if check_inputs:
         _validate(hidden, positions, w1, b1, w2, b2, activation, scale)
-    which = choose_backend("gather_value_head", hidden.device, backend)
+    which = choose_backend("gather_value_head", hidden.device, backend, torch.promote_types(hidden.dtype, w1.dtype))
     if which == "reference":
         return reference.gather_value_head(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
-    if which == "cpu":
-        # hidden as is: the C++ reads the M rows through its strides (no [T, H] copy)
-        return _CpuGatherValueHead.apply(hidden, positions.contiguous(), w1.contiguous(),
-                                         b1.contiguous(), w2.contiguous(), b2.contiguous(), activation, scale)
-    from ..kernels.value_head import gather_value_head_triton
-    return gather_value_head_triton(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
+    return call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, which, None)
+
+
+def call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, backend, config):
+    """The custom op for a resolved compiled backend. Whether a backward can follow decides what the
+    forward keeps (z) and detects (repeated positions): known here, before the call."""
+    grad = torch.is_grad_enabled()
+    need_hidden = grad and hidden.requires_grad
+    store_z = need_hidden or (grad and any(t.requires_grad for t in (w1, b1, w2, b2)))
+    if backend == "triton" and hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    # hidden as is on the CPU: the C++ reads the M rows through its strides (no [T, H] copy)
+    return gather_value_head_fwd(hidden, positions.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(),
+                                 b2.contiguous(), activation, float(scale), store_z, need_hidden, backend, config)[0]

@@ -8,9 +8,10 @@ each other both ways, as Molmo2's image / video tokens do (transformers' `block_
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from .. import reference
 from ._dispatch import choose_backend
@@ -102,21 +103,11 @@ def _length_buckets(lengths):
     return buckets
 
 
-def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
-    """torch's own attention kernels (autograd through SDPA), one call per bucket of similar-length
-    sequences padded at the end (one call per sequence cost ~100 us of overhead each, forward and
-    backward, for the hundreds of short image and text sequences of a training step). Right padding
-    needs no mask under `causal` (a real query never sees a later key); `bidirectional` masks the
-    padded keys; `shared_prefix` and sequences holding bidirectional blocks get a dense boolean
-    mask. Padding rows gather token 0 and are dropped; no real query sees a padded key (causal:
-    they come after it; otherwise masked), and a padded query row of a dense mask attends its
-    sequence's first key only, so no row is fully masked."""
-    T, Hq, D = q.shape
+def _bucket_layout(bounds, T):
+    """The padded buckets of one call: per bucket (G, L, idx [G, L] token gathered per slot (0 for
+    padding), valid [G, L], spans). Deterministic in `bounds`, so the backward rebuilds the forward's."""
     seqs = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    if not seqs:
-        return q.new_zeros(q.shape)
-    gqa = Hq != k.shape[1]
-    outs, rows = [], []
+    out = []
     for bucket in _length_buckets([hi - lo for lo, hi in seqs]):
         spans = [seqs[i] for i in bucket]
         L = spans[0][1] - spans[0][0]
@@ -124,38 +115,143 @@ def _sdpa_cpu(q, k, v, bounds, mask, segment_ids, scale, block_ids=None):
         pos = torch.arange(L)
         valid = pos[None, :] < lens[:, None]                                   # [G, L]
         idx = torch.where(valid, torch.tensor([lo for lo, _ in spans])[:, None] + pos[None, :], 0)
-        # index_select, not x[idx]: its backward is an index_add, where advanced indexing's is a
-        # much slower accumulating index_put
-        flat = idx.reshape(-1).to(q.device)
-        qs, ks, vs = (x.index_select(0, flat).view(len(spans), L, x.shape[1], D).transpose(1, 2) for x in (q, k, v))
-        padded = bool((lens < L).any())
-        dense = mask == "shared_prefix" or (block_ids is not None and any(
-            bool((block_ids[lo:hi] >= 0).any()) for lo, hi in spans))
-        attn_mask, causal = None, False
-        if dense:
-            m = torch.zeros(len(spans), L, L, dtype=torch.bool)
-            for g, (lo, hi) in enumerate(spans):
-                m[g, :hi - lo, :hi - lo] = reference.attention_mask_dense(lo, hi, mask, segment_ids, block_ids)
-                m[g, hi - lo:, 0] = True
-            attn_mask = m[:, None].to(q.device)
-        elif mask == "bidirectional" and padded:
-            attn_mask = valid[:, None, None, :].to(q.device)
-        else:
-            causal = mask == "causal"
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=causal, scale=scale,
-                                           enable_gqa=gqa)
-        o = o.transpose(1, 2).reshape(-1, Hq, D)                               # [G * L, Hq, D]
-        outs.append(o.index_select(0, valid.reshape(-1).nonzero()[:, 0].to(q.device)) if padded else o)
-        rows.append(idx[valid])
-    # cu_seqlens cover every token (validated: cu_seqlens[-1] == T), so `rows` is a permutation of
-    # 0..T-1: the identity when the buckets come out in stream order
-    rows = torch.cat(rows)
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    if bool((rows == torch.arange(T)).all()):
-        return out
-    inverse = torch.empty_like(rows)
-    inverse[rows] = torch.arange(T)
-    return out.index_select(0, inverse.to(q.device))
+        out.append((len(spans), L, idx, valid, spans))
+    return out
+
+
+def _bucket_mask(spans, L, valid, mask, segment_ids, block_ids, dtype, device):
+    """(additive float mask [G, 1, L, L] or None, is_causal) of one bucket. Right padding needs no mask
+    under `causal` (a real query never sees a later key); `bidirectional` masks the padded keys;
+    `shared_prefix` and sequences holding bidirectional blocks get a dense mask, where a padded
+    query row attends its sequence's first key only, so no row is fully masked."""
+    dense = mask == "shared_prefix" or (block_ids is not None and any(
+        bool((block_ids[lo:hi] >= 0).any()) for lo, hi in spans))
+    if dense:
+        m = torch.zeros(len(spans), L, L, dtype=torch.bool)
+        for g, (lo, hi) in enumerate(spans):
+            m[g, :hi - lo, :hi - lo] = reference.attention_mask_dense(lo, hi, mask, segment_ids, block_ids).cpu()
+            m[g, hi - lo:, 0] = True
+        keep = m[:, None]
+    elif mask == "bidirectional" and not bool(valid.all()):
+        keep = valid[:, None, None, :].expand(-1, 1, L, -1)
+    else:
+        return None, mask == "causal"
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf")).to(device), False
+
+
+def _gather(x, idx, G, L):
+    """Packed [T, H, D] -> padded [G, H, L, D] (index_select: its backward would be an index_add)."""
+    return x.index_select(0, idx.reshape(-1).to(x.device)).view(G, L, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def _cpu_forward(q, k, v, bounds, mask, segment_ids, block_ids, scale):
+    """torch's CPU flash-attention kernel, one call per bucket of similar-length sequences padded at
+    the end (one call per sequence cost ~100 us of overhead each, forward and backward, for the
+    hundreds of short image and text sequences of a training step). Returns (out [T, Hq, D],
+    lse [Hq, T]: the natural-log softmax normaliser of each query row, which the backward reuses)."""
+    T, Hq, D = q.shape
+    out = q.new_zeros(q.shape)
+    lse = q.new_zeros((Hq, T), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for G, L, idx, valid, spans in _bucket_layout(bounds, T):
+        attn_mask, causal = _bucket_mask(spans, L, valid, mask, segment_ids, block_ids, q.dtype, q.device)
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _gather(q, idx, G, L), _gather(k, idx, G, L), _gather(v, idx, G, L), 0.0, causal,
+            attn_mask=attn_mask, scale=scale)
+        rows = idx[valid].to(q.device)
+        keep = valid.reshape(-1).nonzero()[:, 0].to(q.device)
+        out.index_copy_(0, rows, o.transpose(1, 2).reshape(G * L, Hq, D).index_select(0, keep))
+        lse.index_copy_(1, rows, l.permute(1, 0, 2).reshape(Hq, G * L).index_select(1, keep).to(lse.dtype))
+    return out, lse
+
+
+def _cpu_backward(dout, q, k, v, out, lse, bounds, mask, segment_ids, block_ids, scale):
+    """The buckets of `_cpu_forward` again, through torch's CPU flash-attention backward. Padded query
+    rows get a zero output gradient and an infinite lse (probabilities exp(s - lse) = 0), so they add
+    nothing to the key and value gradients; padded key slots hold token 0's gradients and are dropped."""
+    T, Hq, D = q.shape
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for G, L, idx, valid, spans in _bucket_layout(bounds, T):
+        attn_mask, causal = _bucket_mask(spans, L, valid, mask, segment_ids, block_ids, q.dtype, q.device)
+        pad = (~valid).to(q.device)
+        do_b = _gather(dout, idx, G, L).masked_fill(pad[:, None, :, None], 0)
+        lse_b = lse.index_select(1, idx.reshape(-1).to(q.device)).view(Hq, G, L).transpose(0, 1)
+        lse_b = lse_b.masked_fill(pad[:, None, :], float("inf"))
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do_b.contiguous(), _gather(q, idx, G, L), _gather(k, idx, G, L), _gather(v, idx, G, L),
+            _gather(out, idx, G, L), lse_b.contiguous(), 0.0, causal, attn_mask=attn_mask, scale=scale)
+        rows = idx[valid].to(q.device)
+        keep = valid.reshape(-1).nonzero()[:, 0].to(q.device)
+        for dst, g in zip((dq, dk, dv), grads):
+            dst.index_copy_(0, rows, g.transpose(1, 2).reshape(G * L, g.shape[1], D).index_select(0, keep))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled backends as torch.library custom ops: opaque to torch.compile (no graph break), with
+# fake (meta) implementations for tracing and autograd through a backward op. `backend` is what
+# the dispatch resolved ("cpu": the kernels above; "triton": mrrm.kernels.varlen_attention);
+# `configs` is the Triton block table flattened (kernels.varlen_attention.flatten_configs), or None.
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mrrm::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, mask: str,
+                         segment_ids: Optional[Tensor], block_ids: Optional[Tensor], scale: float, backend: str,
+                         configs: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
+    if backend == "cpu":
+        return _cpu_forward(q, k, v, cu_seqlens.tolist(), mask, segment_ids, block_ids, scale)
+    from ..kernels import varlen_attention as va
+    out, lse, _ = va.attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, block_ids=block_ids,
+                                       softmax_scale=scale, configs=va.unflatten_configs(configs),
+                                       meta=va.cached_shared_prefix_metadata(cu_seqlens, segment_ids)
+                                       if mask == "shared_prefix" else None,
+                                       block_meta=va.cached_block_metadata(cu_seqlens, block_ids)
+                                       if block_ids is not None else None)
+    return out, lse
+
+
+@varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, block_ids, scale, backend, configs=None):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
+@torch.library.custom_op("mrrm::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                         max_seqlen: int, mask: str, segment_ids: Optional[Tensor], block_ids: Optional[Tensor],
+                         scale: float, backend: str, configs: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cpu":
+        return _cpu_backward(dout, q, k, v, out, lse, cu_seqlens.tolist(), mask, segment_ids, block_ids, scale)
+    from ..kernels import varlen_attention as va
+    dq, dk, dv, _ = va.attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, mask=mask,
+                                          block_ids=block_ids, softmax_scale=scale,
+                                          configs=va.unflatten_configs(configs),
+                                          meta=va.cached_shared_prefix_metadata(cu_seqlens, segment_ids)
+                                          if mask == "shared_prefix" else None,
+                                          block_meta=va.cached_block_metadata(cu_seqlens, block_ids)
+                                          if block_ids is not None else None)
+    return dq, dk, dv
+
+
+@varlen_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, mask, segment_ids, block_ids, scale, backend, configs=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, block_ids, scale, backend, configs = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, segment_ids, block_ids)
+    ctx.args = (max_seqlen, mask, scale, backend, configs)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens, segment_ids, block_ids = ctx.saved_tensors
+    max_seqlen, mask, scale, backend, configs = ctx.args
+    dq, dk, dv = varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, mask,
+                                      segment_ids, block_ids, scale, backend, configs)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None, block_ids=None,
@@ -178,22 +274,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
     `deterministic`: the Triton backward never uses atomics, so it is always deterministic; the
     flag is kept for flash-attn's signature. `check_inputs=False` skips the validation (which
     syncs with the device) for callers that built the metadata themselves, e.g. the model.
+    Backends (mrrm.ops._dispatch): reference (mrrm.reference), cpu and triton (the custom ops
+    mrrm::varlen_attention_fwd / _bwd above), flash (flash-attn's own op).
     """
     if check_inputs:
-        max_seqlen, bounds = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale,
-                                       block_ids)
-    else:
-        bounds = None
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        max_seqlen, _ = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, block_ids)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    which = choose_backend("varlen_attention", q.device, backend)
+    which = choose_backend("varlen_attention", q.device, backend, q.dtype)
     if which == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, mask=mask, segment_ids=segment_ids,
                                           block_ids=block_ids, softmax_scale=scale)
-    if which == "cpu":
-        return _sdpa_cpu(q, k, v, bounds if bounds is not None else cu_seqlens.tolist(), mask, segment_ids, scale,
-                         block_ids)
     if which == "flash":
         if block_ids is not None:
             raise RuntimeError("varlen_attention: backend 'flash' cannot express bidirectional blocks (block_ids); "
@@ -202,8 +292,18 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
             raise RuntimeError("varlen_attention: backend 'flash' serves causal and bidirectional masks only; "
                                "shared_prefix needs the Triton kernel")
         from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                      softmax_scale=scale, causal=(mask == "causal"), deterministic=deterministic)
-    from ..kernels.varlen_attention import varlen_attention_triton
-    return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, mask=mask, segment_ids=segment_ids,
-                                   block_ids=block_ids, softmax_scale=scale, deterministic=deterministic)
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, _max_seqlen(cu_seqlens, max_seqlen),
+                                      _max_seqlen(cu_seqlens, max_seqlen), softmax_scale=scale,
+                                      causal=(mask == "causal"), deterministic=deterministic)
+    if which == "triton" and mask == "shared_prefix" and segment_ids is None:
+        raise ValueError("mask='shared_prefix' needs segment_ids")
+    # the CPU kernel reads the lengths from cu_seqlens itself; only Triton's grid needs max_seqlen
+    max_seqlen = _max_seqlen(cu_seqlens, max_seqlen) if which == "triton" else 0
+    return varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, block_ids, scale, which)[0]
+
+
+def _max_seqlen(cu_seqlens, max_seqlen):
+    """max_seqlen as given, or read from cu_seqlens (a device sync) when the caller left it None."""
+    if max_seqlen is not None:
+        return int(max_seqlen)
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
