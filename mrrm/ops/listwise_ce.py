@@ -1,5 +1,9 @@
 """listwise_ce: segmented softmax cross-entropy over ragged groups of scores.
 
+Where it lives: reference `mrrm.reference.listwise_ce`; CPU `csrc/listwise_ce.cpp`; GPU
+`csrc/cuda/listwise_ce.cu` (both in mrrm._C); backend choice `mrrm.ops._dispatch`; tests
+`tests/test_listwise_ce.py`, `tests/test_custom_ops.py`.
+
 The compiled kernels (C++ on the CPU, CUDA C++ on the GPU) compute each group's loss AND the
 gradient of that loss with respect to the group's scores in one pass; the backward only scales the
 saved gradient by the upstream gradient of the group.

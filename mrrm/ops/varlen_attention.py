@@ -1,5 +1,9 @@
 """varlen_attention: attention over a packed stream of sequences (no padding).
 
+Where it lives: reference `mrrm.reference.varlen_attention`; CPU: torch's flash-attention kernels per
+bucket (below); GPU: `kernels/varlen_attention.py` (Triton); flash-attn's function (`backend="flash"`);
+backend choice `mrrm.ops._dispatch`; tests `tests/test_varlen_attention.py`, `tests/test_custom_ops.py`.
+
 Masks: `causal` (joint scoring), `bidirectional` (vision encoders), `shared_prefix` (independent
 scoring: each response sees the shared prefix and itself only). `causal` and `shared_prefix` take
 optional bidirectional blocks (`block_ids`): tokens sharing a block id >= 0 in one sequence see
