@@ -361,23 +361,67 @@ def make_scheduler(optimizer, cfg, total_steps):
 
 
 # ---------------------------------------------------------------------------------------------
-# the loop
+# the loop, in the manner of torchtune's recipes: train() = setup -> one train_step per global
+# batch (with its logging, evaluation and checkpoint) -> finish, the pieces sharing a TrainState
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What setup builds and the loop advances."""
+    cfg: TrainConfig                 # resolved (_resolve_config): no None left among lr, loss, resp_repr_mode
+    accel: object                    # accelerate.Accelerator
+    model: object                    # the bare RewardModel: encoder, checkpoints, evaluation, save_pretrained
+    ddp_model: object                # the model as accel.prepare wrapped it: the training forward and backward
+    optimizer: object
+    scheduler: object
+    params: list                     # the trainable parameters
+    per_file: list                   # training samples per data file (prepare)
+    eval_samples: list
+    total_steps: int
+    step: int = 0
+    position: dict = field(default_factory=lambda: {"epoch": 0, "offset": 0})  # next sample in the epoch order
+    order: list = field(default_factory=list)   # the current epoch's (file, index) order (epoch_order)
+    tb: object = None                # TensorBoard writer: main process, when installed
+    bar: object = None               # tqdm progress bar
+    t0: float = 0.0
+    tokens_seen: int = 0             # this rank's tokens since t0
+
+    @property
+    def log_path(self):
+        return os.path.join(self.cfg.output_dir, "log.jsonl")
+
+
 def train(cfg: TrainConfig) -> dict:
+    accel = _setup_accelerator(cfg)
+    cfg = _resolve_config(cfg)
+    data_paths, eval_path = _data_paths(cfg, accel)
+    st = _setup(cfg, accel, data_paths, eval_path)
+    while st.step < st.total_steps:
+        metrics = train_step(st, _next_batch(st))
+        _log_metrics(st, metrics)
+        _maybe_evaluate(st)
+        _maybe_save(st)
+    return _finish(st)
+
+
+def _setup_accelerator(cfg):
+    """The accelerator (one process, or one of a data-parallel group), the seeds, the output dir."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     accel = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    log = accel.print
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    return accel
 
+
+def _resolve_config(cfg):
+    """The defaults that depend on other fields: the learning rate by backbone, the demo's recipe on the
+    built-in demo data, and the paper's loss and response representation otherwise."""
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=SCRATCH_LR if cfg.base_model is None else LORA_LR)
-    data_paths, eval_path = list(cfg.data), cfg.eval_data
-    if data_paths == ["demo"]:
+    if list(cfg.data) == ["demo"]:
         if cfg.max_steps is None:
             cfg = dataclasses.replace(cfg, max_steps=DEMO_STEPS)
         if cfg.loss is None:
@@ -386,23 +430,54 @@ def train(cfg: TrainConfig) -> dict:
             cfg = dataclasses.replace(cfg, resp_repr_mode=DEMO_RESP_REPR)
         if cfg.video_fps is None and cfg.base_model is None:
             cfg = dataclasses.replace(cfg, video_fps=DEMO_VIDEO_FPS)
-        from . import demo
-
-        data_dir = os.path.join(cfg.output_dir, "data")
-        if accel.is_main_process:
-            # in a fresh interpreter: generated in this process, a clip now and then came out
-            # encoded differently run to run (demo.generate_in_subprocess)
-            demo.generate_in_subprocess(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
-            demo.generate_in_subprocess(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
-        accel.wait_for_everyone()
-        data_paths = [os.path.join(data_dir, "train", "data.jsonl")]
-        eval_path = eval_path or os.path.join(data_dir, "eval", "data.jsonl")
     if cfg.loss is None:
         cfg = dataclasses.replace(cfg, loss="best")
     if cfg.resp_repr_mode is None:
         cfg = dataclasses.replace(cfg, resp_repr_mode="last")
+    return cfg
 
+
+def _data_paths(cfg, accel):
+    """(training files, held-out file or None); the demo's are generated into output_dir/data."""
+    if list(cfg.data) != ["demo"]:
+        return list(cfg.data), cfg.eval_data
+    from . import demo
+
+    data_dir = os.path.join(cfg.output_dir, "data")
+    if accel.is_main_process:
+        # in a fresh interpreter: generated in this process, a clip now and then came out
+        # encoded differently run to run (demo.generate_in_subprocess)
+        demo.generate_in_subprocess(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
+        demo.generate_in_subprocess(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
+    accel.wait_for_everyone()
+    return [os.path.join(data_dir, "train", "data.jsonl")], cfg.eval_data or os.path.join(data_dir, "eval", "data.jsonl")
+
+
+def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
+    """Model -> data -> optimizer and scheduler -> resume -> accelerate's wrapping -> logging."""
     model = build_model(cfg)
+    per_file, eval_samples, total_steps = _setup_data(cfg, model, data_paths, eval_path, accel.print)
+    params, optimizer, scheduler = _setup_optim(cfg, model, total_steps)
+    step, position = _maybe_resume(cfg, model, optimizer, scheduler, accel.print)
+    ddp_model, optimizer = accel.prepare(model, optimizer)
+    st = TrainState(cfg, accel, model, ddp_model, optimizer, scheduler, params, per_file, eval_samples, total_steps,
+                    step=step, position=position)
+    if accel.is_main_process:
+        try:  # TensorBoard when it is installed; the JSONL log always
+            from torch.utils.tensorboard import SummaryWriter
+            st.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        except ImportError:
+            st.tb = None
+    from tqdm.auto import tqdm
+
+    st.bar = tqdm(total=total_steps, initial=step, disable=not accel.is_main_process, desc="train")
+    st.t0, st.tokens_seen = time.time(), 0
+    st.order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
+    return st
+
+
+def _setup_data(cfg, model, data_paths, eval_path, log):
+    """(training samples per file, held-out samples, total steps), every sample validated."""
     per_file, _ = prepare(model, data_paths, cfg.media_dir, skip_bad=cfg.skip_bad, log=log, drop_media=cfg.drop_media)
     eval_samples = prepare(model, [eval_path], cfg.media_dir, skip_bad=True, log=log,
                            drop_media=cfg.drop_media)[0][0] if eval_path else []
@@ -411,108 +486,141 @@ def train(cfg: TrainConfig) -> dict:
         raise SystemExit("mrrm.train: no usable training sample")
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))  # weighted files resample to the same total
     total_steps = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+    return per_file, eval_samples, total_steps
 
+
+def _setup_optim(cfg, model, total_steps):
+    """(trainable parameters, AdamW over them, the LR schedule)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    step, position = 0, {"epoch": 0, "offset": 0}
+    return params, optimizer, scheduler
+
+
+def _maybe_resume(cfg, model, optimizer, scheduler, log):
+    """(step, position) of the latest checkpoint in output_dir, its state loaded; (0, the start) without one."""
     resume = latest_checkpoint(cfg.output_dir)
-    if resume:
-        state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, position = state["step"], state["position"]
-        set_rng_state(state["rng"])
-        log(f"resumed from {resume} (step {step})")
-    ddp_model, optimizer = accel.prepare(model, optimizer)
-    world, rank = accel.num_processes, accel.process_index
+    if not resume:
+        return 0, {"epoch": 0, "offset": 0}
+    state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step, position = state["step"], state["position"]
+    set_rng_state(state["rng"])
+    log(f"resumed from {resume} (step {step})")
+    return step, position
 
-    log_path = os.path.join(cfg.output_dir, "log.jsonl")
-    tb = None
-    if accel.is_main_process:
-        try:  # TensorBoard when it is installed; the JSONL log always
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-        except ImportError:
-            tb = None
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not accel.is_main_process, desc="train")
-    t0, tokens_seen = time.time(), 0
-    order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
-    while step < total_steps:
-        if position["offset"] >= len(order):
-            position = {"epoch": position["epoch"] + 1, "offset": 0}
-            order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
-        batch_keys = order[position["offset"]: position["offset"] + cfg.batch_size]
-        position = {"epoch": position["epoch"], "offset": position["offset"] + cfg.batch_size}
-        mine = batch_keys[rank::world]
-        units, ranks_of = [], []
-        for f, i in mine:
-            s = per_file[f][i]
-            enc, rk = shuffled(model.encoder, s, cfg.seed, position["epoch"], f"{f}:{i}") if cfg.shuffle_responses \
-                else (s.encoded, s.rankings)
-            units.append(enc)
-            ranks_of.append(rk)
-        micro = list(model.micro_batches(units, cfg.mode, cfg.max_batch_tokens)) if units else []
-        loss_sum = torch.zeros((), device=accel.device)
-        hits = torch.zeros((), device=accel.device)
-        for k, inputs in enumerate(micro):
-            rk = [ranks_of[j] for j in inputs.packed.sample_indices]
-            sync = k == len(micro) - 1
-            with (accel.no_sync(ddp_model) if not sync and world > 1 else contextlib.nullcontext()):
-                scores = ddp_model(inputs.to(accel.device, model.dtype))
-                per_group = listwise_loss(scores.float(), inputs.packed.group_offsets.to(accel.device), rk, cfg.loss)
-                # normalised by the GLOBAL batch: the mean over ranks DDP takes then gives sum / batch
-                loss = per_group.sum() * world / len(batch_keys)
-                accel.backward(loss)
-            loss_sum += per_group.detach().sum()
-            offs, flat = inputs.packed.group_offsets.tolist(), scores.detach().float().tolist()
-            hits += sum(is_correct(flat[offs[b]:offs[b + 1]], ranks) for b, ranks in enumerate(rk))
-            tokens_seen += inputs.packed.num_tokens
-        if not micro and world > 1:  # a rank with no sample still joins the gradient all-reduce
-            accel.backward(sum(p.sum() * 0 for p in params))
-        if cfg.max_grad_norm:
-            accel.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
-        metrics = {"step": step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen * world / (time.time() - t0)}
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if accel.is_main_process and (step % cfg.log_every == 0 or step == total_steps):
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
-            if tb is not None:
-                for k in ("loss", "acc", "lr", "tokens_per_s"):
-                    tb.add_scalar(f"train/{k}", metrics[k], step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and eval_samples and accel.is_main_process:
-            ev = evaluate(model, eval_samples, cfg.mode, cfg.max_batch_tokens)
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": step, "eval": ev}) + "\n")
-            if tb is not None:
-                tb.add_scalar("eval/best_of_n", ev["best_of_n"], step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            if accel.is_main_process:
-                save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler, position, cfg.keep_last)
-            accel.wait_for_everyone()
-    bar.close()
-    if tb is not None:
-        tb.close()
-    summary = {"steps": step, "seconds": round(time.time() - t0, 1)}
+def _next_batch(st: TrainState):
+    """The (file, index) keys of the next global batch; a new epoch's order when this one is used up."""
+    if st.position["offset"] >= len(st.order):
+        st.position = {"epoch": st.position["epoch"] + 1, "offset": 0}
+        st.order = epoch_order(st.per_file, st.cfg.data_weights, st.position["epoch"], st.cfg.seed)
+    batch_keys = st.order[st.position["offset"]: st.position["offset"] + st.cfg.batch_size]
+    st.position = {"epoch": st.position["epoch"], "offset": st.position["offset"] + st.cfg.batch_size}
+    return batch_keys
+
+
+def _my_micro_batches(st: TrainState, batch_keys):
+    """(packed micro-batches of this rank's share of the batch, the rankings of its samples), each
+    sample's responses shuffled unless --no-shuffle-responses."""
+    cfg, world, rank = st.cfg, st.accel.num_processes, st.accel.process_index
+    units, ranks_of = [], []
+    for f, i in batch_keys[rank::world]:
+        s = st.per_file[f][i]
+        enc, rk = shuffled(st.model.encoder, s, cfg.seed, st.position["epoch"], f"{f}:{i}") if cfg.shuffle_responses \
+            else (s.encoded, s.rankings)
+        units.append(enc)
+        ranks_of.append(rk)
+    micro = list(st.model.micro_batches(units, cfg.mode, cfg.max_batch_tokens)) if units else []
+    return micro, ranks_of
+
+
+def train_step(st: TrainState, batch_keys) -> dict:
+    """One optimizer step over the micro-batches of one global batch (gradients accumulated, synced
+    on the last micro-batch); returns the step's metrics, the loss and accuracy over all ranks."""
+    cfg, accel, world = st.cfg, st.accel, st.accel.num_processes
+    micro, ranks_of = _my_micro_batches(st, batch_keys)
+    loss_sum = torch.zeros((), device=accel.device)
+    hits = torch.zeros((), device=accel.device)
+    for k, inputs in enumerate(micro):
+        rk = [ranks_of[j] for j in inputs.packed.sample_indices]
+        sync = k == len(micro) - 1
+        with (accel.no_sync(st.ddp_model) if not sync and world > 1 else contextlib.nullcontext()):
+            scores = st.ddp_model(inputs.to(accel.device, st.model.dtype))
+            per_group = listwise_loss(scores.float(), inputs.packed.group_offsets.to(accel.device), rk, cfg.loss)
+            # normalised by the GLOBAL batch: the mean over ranks DDP takes then gives sum / batch
+            loss = per_group.sum() * world / len(batch_keys)
+            accel.backward(loss)
+        loss_sum += per_group.detach().sum()
+        offs, flat = inputs.packed.group_offsets.tolist(), scores.detach().float().tolist()
+        hits += sum(is_correct(flat[offs[b]:offs[b + 1]], ranks) for b, ranks in enumerate(rk))
+        st.tokens_seen += inputs.packed.num_tokens
+    if not micro and world > 1:  # a rank with no sample still joins the gradient all-reduce
+        accel.backward(sum(p.sum() * 0 for p in st.params))
+    if cfg.max_grad_norm:
+        accel.clip_grad_norm_(st.params, cfg.max_grad_norm)
+    st.optimizer.step()
+    st.scheduler.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
+    return {"step": st.step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
+            "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0)}
+
+
+def _append_jsonl(path, record):
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _log_metrics(st: TrainState, metrics):
+    """The progress bar every step; log.jsonl and TensorBoard every log_every steps and at the last."""
+    st.bar.update(1)
+    st.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    if st.accel.is_main_process and (st.step % st.cfg.log_every == 0 or st.step == st.total_steps):
+        _append_jsonl(st.log_path, metrics)
+        if st.tb is not None:
+            for k in ("loss", "acc", "lr", "tokens_per_s"):
+                st.tb.add_scalar(f"train/{k}", metrics[k], st.step)
+
+
+def _maybe_evaluate(st: TrainState):
+    """Held-out best-of-N every eval_every steps (main process)."""
+    cfg = st.cfg
+    if cfg.eval_every and st.step % cfg.eval_every == 0 and st.eval_samples and st.accel.is_main_process:
+        ev = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
+        _append_jsonl(st.log_path, {"step": st.step, "eval": ev})
+        if st.tb is not None:
+            st.tb.add_scalar("eval/best_of_n", ev["best_of_n"], st.step)
+
+
+def _maybe_save(st: TrainState):
+    """A checkpoint every save_every steps but the last (_finish saves that one)."""
+    cfg = st.cfg
+    if cfg.save_every and st.step % cfg.save_every == 0 and st.step < st.total_steps:
+        if st.accel.is_main_process:
+            save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last)
+        st.accel.wait_for_everyone()
+
+
+def _finish(st: TrainState) -> dict:
+    """The final checkpoint, model/, the final evaluation and summary.json; returns the summary."""
+    cfg, accel = st.cfg, st.accel
+    st.bar.close()
+    if st.tb is not None:
+        st.tb.close()
+    summary = {"steps": st.step, "seconds": round(time.time() - st.t0, 1)}
     if accel.is_main_process:
-        save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler, position, cfg.keep_last)
-        model.save_pretrained(os.path.join(cfg.output_dir, "model"))
-        if eval_samples:
-            summary["eval"] = evaluate(model, eval_samples, cfg.mode, cfg.max_batch_tokens)
+        save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last)
+        st.model.save_pretrained(os.path.join(cfg.output_dir, "model"))
+        if st.eval_samples:
+            summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
-        log(f"done: {step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
+        accel.print(f"done: {st.step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
     accel.wait_for_everyone()
     # tear the process group down before exit: gloo's threads otherwise abort the interpreter at exit
     # ("terminate called without an active exception") and torchrun reports a failed rank

@@ -14,7 +14,21 @@ import torch
 from PIL import Image
 
 from mrrm import tiny
-from mrrm.train import DEMO_LOSS, DEMO_RESP_REPR, TrainConfig, build_model, listwise_loss, parse_args, prepare, train
+from mrrm.train import (
+    DEMO_LOSS,
+    DEMO_RESP_REPR,
+    DEMO_STEPS,
+    DEMO_VIDEO_FPS,
+    LORA_LR,
+    SCRATCH_LR,
+    TrainConfig,
+    _resolve_config,
+    build_model,
+    listwise_loss,
+    parse_args,
+    prepare,
+    train,
+)
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (230, 230, 30)}
 SMALL = ["--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "0"]
@@ -67,6 +81,16 @@ def test_each_loss_decreases_and_model_loads(colour_data, tmp_path, loss):
     img = Image.new("RGB", (64, 64), COLOURS["blue"])
     scores = model.score({"prompt": "What colour is the image?", "image": img, "responses": list(COLOURS)})[0]
     assert len(scores) == 4 and all(np.isfinite(scores))
+
+
+def test_resolve_config_fills_the_defaults_that_depend_on_other_fields():
+    demo = _resolve_config(TrainConfig())
+    assert (demo.lr, demo.max_steps, demo.loss, demo.resp_repr_mode, demo.video_fps) == \
+        (SCRATCH_LR, DEMO_STEPS, DEMO_LOSS, DEMO_RESP_REPR, DEMO_VIDEO_FPS)
+    own = _resolve_config(TrainConfig(base_model="some/model", data=["a.jsonl"]))
+    assert (own.lr, own.max_steps, own.loss, own.resp_repr_mode, own.video_fps) == (LORA_LR, None, "best", "last", None)
+    given = TrainConfig(lr=1e-3, max_steps=7, loss="bradley_terry", resp_repr_mode="last", video_fps=1.0)
+    assert _resolve_config(given) == given
 
 
 def test_gradients_reach_lora_and_head_only(tmp_path, colour_data):
