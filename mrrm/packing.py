@@ -2,7 +2,7 @@
 
 One sample is a prompt (the *prefix*: chat template, user turn with media placeholders, assistant
 header) and N >= 1 candidate responses. A layout holds the sample's tokens twice over, because
-the three modes need different streams (see /work/shared/ARCHITECTURE.md):
+the three modes need different streams:
 
 - ``joint`` (the paper, the authors' layout): ``prefix + joint_ids``, one causal sequence with
   consecutive positions. ``joint_ids`` is the whole assistant turn as the checkpoint's chat template

@@ -60,3 +60,35 @@ def test_mrrm_score_is_only_the_function():
     assert list(inspect.signature(mrrm.score).parameters)[:2] == ["batch", "model"]
     assert pickle.loads(pickle.dumps(mrrm.score)) is api.score
     assert cli.COMMANDS["score"] == "mrrm.score_cli"
+
+
+def test_one_set_of_model_flags_and_one_device_default():
+    """score, eval and serve take --model/--mode/--max-batch-tokens/--device/--dtype from one place
+    (mrrm._cli.add_model_args): the same defaults, choices and help; one device rule."""
+    import torch
+
+    from mrrm import _cli, score_cli, serve
+    from mrrm import eval as mev
+    from mrrm.common import MODES
+
+    flags = ("--model", "--mode", "--max-batch-tokens", "--device", "--dtype")
+
+    def spec(parser):
+        acts = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+        return {f: (acts[f].default, acts[f].choices, acts[f].help, acts[f].type) for f in flags}
+
+    specs = [spec(m.build_parser()) for m in (score_cli, mev, serve)]
+    assert specs[0] == specs[1] == specs[2]
+    assert specs[0]["--mode"][1] == MODES and specs[0]["--device"][0] is None
+    assert _cli.resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert _cli.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        _cli.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            _cli.resolve_device("cuda:0")
+    assert _cli.resolve_dtype("bfloat16") is torch.bfloat16 and _cli.resolve_dtype(None) is None
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        _cli.resolve_dtype("float128")
+    with pytest.raises(ValueError, match="not a directory"):
+        _cli.load_model("/no/such/checkpoint")

@@ -136,7 +136,7 @@ def test_named_architectures():
             q25.vision.fullatt_block_indexes, q25.vision.out_hidden_size, q25.vision.num_full_blocks) == \
         (32, 1280, 3420, 112, (7, 15, 23, 31), 2048, 4)
     # one Qwen3-VL-4B text layer on an L-token sequence, as measured with FlopCounterMode on the meta
-    # device (shared/ENVIRONMENT.md): 201,850,880 * L + 16,384 * L^2
+    # device: 201,850,880 * L + 16,384 * L^2
     widths = {"hidden_size": 2560, "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
               "head_dim": 128, "intermediate_size": 9728}
     for L in (1, 777, 4096):

@@ -37,7 +37,6 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale,
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     bounds = check_offsets("cu_seqlens", cu_seqlens, T, allow_empty_groups=True, what="tokens")
     longest = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
-    bounds = bounds.tolist()
     if max_seqlen is None:
         max_seqlen = longest
     elif int(max_seqlen) < longest:
@@ -87,7 +86,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale,
                                  f"segment_ids={int(segment_ids[i])}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0 and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    return int(max_seqlen), bounds
+    return int(max_seqlen)
 
 
 # A bucket of sequences padded to its longest one: a new bucket starts where a sequence is shorter
@@ -282,7 +281,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
     mrrm::varlen_attention_fwd / _bwd above), flash (flash-attn's own op).
     """
     if check_inputs:
-        max_seqlen, _ = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, block_ids)
+        max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, block_ids)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     which = choose_backend("varlen_attention", q.device, backend, q.dtype)
     if which == "reference":
