@@ -309,6 +309,9 @@ class RewardFunction:
 # --------------------------------------------------------------------------------------------------
 
 
+_VERL_KWARGS = ("model", "mode", "max_batch_tokens", "device", "dtype", "media_root", "empty_reward")
+
+
 def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwargs) -> list[float]:
     """veRL batch reward function (reward_model.reward_manager=batch).
 
@@ -323,7 +326,23 @@ def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwa
     media_root (base directory of relative media paths), empty_reward (see fill_empty).
     Returns one float per row, in input order.
     """
-    unknown = set(kwargs) - {"model", "mode", "max_batch_tokens", "device", "dtype", "media_root", "empty_reward"}
+    mode, max_batch_tokens, empty_reward = _verl_options(kwargs)
+    solution_strs, extra_infos = list(solution_strs), list(extra_infos)
+    n = len(solution_strs)
+    _check_verl_lengths(n, (("data_sources", data_sources), ("ground_truths", ground_truths),
+                            ("extra_infos", extra_infos)))
+    if n == 0:
+        return []
+    # every row is checked (and media under media_root read) before a model is loaded
+    groups = _verl_groups(solution_strs, extra_infos, kwargs.get("media_root"))
+    model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
+    scored = score_groups(model, groups, mode=mode, max_batch_tokens=max_batch_tokens)
+    return _verl_rewards(groups, scored, n, empty_reward)
+
+
+def _verl_options(kwargs: dict) -> tuple[str, int | None, float | None]:
+    """compute_score's reward_kwargs, checked: (mode, max_batch_tokens, empty_reward)."""
+    unknown = set(kwargs) - set(_VERL_KWARGS)
     if unknown:
         raise TypeError(f"compute_score: unknown keyword argument(s) {sorted(unknown)}")
     mode = kwargs.get("mode", "joint")
@@ -333,48 +352,69 @@ def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwa
     empty_reward = kwargs.get("empty_reward")
     if empty_reward is not None and not (isinstance(empty_reward, (int, float)) and math.isfinite(empty_reward)):
         raise ValueError(f"empty_reward must be a finite number or None, got {empty_reward!r}")
-    solution_strs, extra_infos = list(solution_strs), list(extra_infos)
-    n = len(solution_strs)
-    for name, seq in (("data_sources", data_sources), ("ground_truths", ground_truths), ("extra_infos", extra_infos)):
+    return mode, max_batch_tokens, empty_reward
+
+
+def _check_verl_lengths(n: int, columns: Sequence[tuple[str, Any]]) -> None:
+    """Every (name, column) that is not None has one entry per solution string."""
+    for name, seq in columns:
         if seq is not None and len(seq) != n:
             raise ValueError(f"compute_score: {name} has {len(seq)} entries but solution_strs has {n}")
-    if n == 0:
-        return []
-    root = kwargs.get("media_root")
-    order: dict[Any, dict] = {}
+
+
+def _verl_groups(solution_strs: list, extra_infos: list, root) -> list[dict]:
+    """The rows grouped by uid, in order of first appearance: one score_groups group per uid
+    {"prompt", "images", "videos", "id", "rows" (row indices), "responses"}; media from its first row."""
+    by_uid: dict[Any, dict] = {}
     for i, (sol, info) in enumerate(zip(solution_strs, extra_infos)):
-        if not isinstance(sol, str):
-            raise TypeError(f"compute_score: solution_strs[{i}] is a {type(sol).__name__}, not a string")
-        if not isinstance(info, dict) or "uid" not in info or "prompt" not in info:
-            raise ValueError(f"compute_score: extra_infos[{i}] must be a dict with 'uid' and 'prompt' "
-                             f"(add them in your dataset preprocessing), got "
-                             f"{sorted(info) if isinstance(info, dict) else type(info).__name__}")
-        uid = info["uid"]
-        try:
-            hash(uid)
-        except TypeError:
-            raise ValueError(f"compute_score: extra_infos[{i}]['uid'] must be hashable, "
-                             f"got {type(uid).__name__}") from None
-        text = prompt_text(info["prompt"], f"extra_infos[{i}]['prompt']")
-        g = order.get(uid)
+        uid, text = _verl_row(i, sol, info)
+        g = by_uid.get(uid)
         if g is None:
-            images = _media_list(info.get("images", info.get("image")))
-            if root is not None:  # relative paths are read under media_root
-                images = [media.load_image(im, base_dir=root) for im in images]
-            videos = _media_list(info.get("videos", info.get("video")))
-            if root is not None:
-                videos = [os.path.join(root, v) if isinstance(v, str) and not os.path.isabs(v) else v for v in videos]
-            order[uid] = g = {"prompt": text, "images": images, "videos": videos, "id": str(uid), "rows": []}
+            images, videos = _verl_media(info, root)
+            by_uid[uid] = g = {"prompt": text, "images": images, "videos": videos, "id": str(uid), "rows": []}
         elif g["prompt"] != text:
             first = g["rows"][0]
             raise ValueError(f"compute_score: uid {uid!r} has two different prompts (rows {first} and {i}); "
                              "a uid must name one prompt")
         g["rows"].append(i)
-    model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
-    groups = list(order.values())
+    groups = list(by_uid.values())
     for g in groups:
         g["responses"] = [solution_strs[i] for i in g["rows"]]
-    scored = score_groups(model, groups, mode=mode, max_batch_tokens=max_batch_tokens)
+    return groups
+
+
+def _verl_row(i: int, sol: Any, info: Any) -> tuple[Any, str]:
+    """Row i checked: (its uid, its prompt text)."""
+    if not isinstance(sol, str):
+        raise TypeError(f"compute_score: solution_strs[{i}] is a {type(sol).__name__}, not a string")
+    if not isinstance(info, dict) or "uid" not in info or "prompt" not in info:
+        raise ValueError(f"compute_score: extra_infos[{i}] must be a dict with 'uid' and 'prompt' "
+                         f"(add them in your dataset preprocessing), got "
+                         f"{sorted(info) if isinstance(info, dict) else type(info).__name__}")
+    uid = info["uid"]
+    try:
+        hash(uid)
+    except TypeError:
+        raise ValueError(f"compute_score: extra_infos[{i}]['uid'] must be hashable, "
+                         f"got {type(uid).__name__}") from None
+    return uid, prompt_text(info["prompt"], f"extra_infos[{i}]['prompt']")
+
+
+def _verl_media(info: dict, root) -> tuple[list, list]:
+    """A row's (images, videos). With media_root, images are decoded now and relative video paths
+    are joined to it."""
+    images = _media_list(info.get("images", info.get("image")))
+    if root is not None:  # relative paths are read under media_root
+        images = [media.load_image(im, base_dir=root) for im in images]
+    videos = _media_list(info.get("videos", info.get("video")))
+    if root is not None:
+        videos = [os.path.join(root, v) if isinstance(v, str) and not os.path.isabs(v) else v for v in videos]
+    return images, videos
+
+
+def _verl_rewards(groups: list[dict], scored: list[list[float | None]], n: int,
+                  empty_reward: float | None) -> list[float]:
+    """One float per row, in input order, from each group's scores (empty responses: fill_empty)."""
     out = [0.0] * n
     for g, s in zip(groups, scored):
         for i, v in zip(g["rows"], fill_empty(s, empty_reward)):

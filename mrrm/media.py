@@ -68,7 +68,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -305,9 +305,23 @@ def _plan_indices(total_frames: int, source_fps: float, fps: float, min_frames: 
         nframes = total_frames
     # torch.linspace (float32) and round-half-to-even, exactly as qwen-vl-utils' decord reader.
     indices = torch.linspace(0, total_frames - 1, nframes).round().long().tolist()
-    sampled = len(indices)
-    indices += indices[-1:] * (-sampled % f)  # repeat the last frame up to a multiple of f
-    return indices, sampled
+    return _pad_indices(indices, f), len(indices)
+
+
+def _thin_indices(total_frames: int, max_frames: int, f: int) -> tuple[list[int], int]:
+    """(indices, number kept before padding) of a frame list: all of it, or floor_f(max_frames)
+    evenly spaced frames when longer; padded to a multiple of f."""
+    keep = math.floor(max_frames / f) * f
+    if total_frames > keep:
+        indices = torch.linspace(0, total_frames - 1, keep).round().long().tolist()
+    else:
+        indices = list(range(total_frames))
+    return _pad_indices(indices, f), len(indices)
+
+
+def _pad_indices(indices: list[int], f: int) -> list[int]:
+    """`indices` with the last one repeated up to a multiple of f entries."""
+    return indices + indices[-1:] * (-len(indices) % f)
 
 
 def sample_frame_indices(total_frames: int, source_fps: float, *, fps: float = 2.0, min_frames: int = 4,
@@ -556,6 +570,72 @@ def _frames_from_list(frames: Sequence[Any], base_dir) -> np.ndarray:
     return np.stack(arrays)
 
 
+class _SampledFrames(NamedTuple):
+    """The frames load_video kept from a source, and how they were chosen."""
+
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    indices: list[int]  # index in the source of each frame, padding included
+    num_sampled: int  # frames chosen before padding
+    total_frames: int  # frames in the source
+    source_fps: float
+    path: str | None  # the resolved file path, None for a frame list
+    backend: str  # "decord", "pyav" or "frames"
+
+
+def _sample_frame_list(src: Sequence[Any] | np.ndarray, base_dir, max_frames: int, f: int,
+                       frames_fps: float) -> _SampledFrames:
+    """A frame list or [F, H, W, 3] array at frames_fps, thinned evenly to floor_f(max_frames) frames."""
+    if not (frames_fps > 0 and math.isfinite(frames_fps)):
+        raise ValueError(f"frames_fps must be a positive number, got {frames_fps!r}")
+    if isinstance(src, np.ndarray) and (src.dtype != np.uint8 or src.shape[-1] != 3):
+        raise MediaError(f"frame array: must be uint8 [F, H, W, 3], got {src.dtype} {tuple(src.shape)}")
+    if len(src) == 0:
+        raise MediaError("frame list: zero frames")
+    total = len(src)
+    indices, sampled = _thin_indices(total, max_frames, f)
+    if isinstance(src, np.ndarray):
+        frames = src[indices]
+    else:
+        chosen = sorted(set(indices))  # decode only the frames kept
+        decoded = dict(zip(chosen, _frames_from_list([src[i] for i in chosen], base_dir)))
+        frames = np.stack([decoded[i] for i in indices])
+    return _SampledFrames(frames, indices, sampled, total, float(frames_fps), None, "frames")
+
+
+def _sample_video_file(src: str | os.PathLike, base_dir, fps: float, min_frames: int, max_frames: int, f: int,
+                       backend: str | None) -> _SampledFrames:
+    """A video file decoded by a backend, sampled with _plan_indices (as sample_frame_indices)."""
+    if isinstance(src, str) and (src[:5].lower() == "data:" or _URL_SCHEME.match(src)):
+        raise MediaError(f"video source {src[:100]!r}: URLs and data URLs are not supported; give a file path")
+    resolved = _resolve_path(src, base_dir)
+    last_plan: list[tuple[list[int], int]] = []  # the plan of the read that succeeded
+
+    def plan(total: int, source_fps: float) -> list[int]:
+        last_plan[:] = [_plan_indices(total, source_fps, fps, min_frames, max_frames, f)]
+        return last_plan[0][0]
+
+    frames, total_frames, source_fps, name = _load_video_file(resolved, plan, backend)
+    indices, sampled = last_plan[0]
+    return _SampledFrames(frames, indices, sampled, total_frames, source_fps, str(resolved), name)
+
+
+def _clip(s: _SampledFrames) -> VideoClip:
+    """The VideoClip of sampled frames: [F, H, W, 3] arrays become one [F, 3, H, W] tensor."""
+    if s.frames.shape[0] != len(s.indices):  # a backend returned the wrong count
+        raise MediaError(f"video {s.path or 'frame list'}: got {s.frames.shape[0]} frames for {len(s.indices)} indices")
+    tensor = torch.from_numpy(np.ascontiguousarray(s.frames)).permute(0, 3, 1, 2).contiguous()
+    return VideoClip(
+        frames=tensor,
+        sample_fps=s.source_fps * s.num_sampled / s.total_frames,
+        source_fps=s.source_fps,
+        frame_indices=tuple(int(i) for i in s.indices),
+        duration_s=s.total_frames / s.source_fps,
+        path=s.path,
+        source_num_frames=int(s.total_frames),
+        backend=s.backend,
+    )
+
+
 def load_video(
     src: Any,
     *,
@@ -576,59 +656,13 @@ def load_video(
     padded by repeating its last frame to a multiple of ``frame_factor``.
     """
     _check_sampling_args(fps, min_frames, max_frames, frame_factor)
-    f = frame_factor
-
     if isinstance(src, (list, tuple)) or (isinstance(src, np.ndarray) and src.ndim == 4):
-        if not (frames_fps > 0 and math.isfinite(frames_fps)):
-            raise ValueError(f"frames_fps must be a positive number, got {frames_fps!r}")
-        if isinstance(src, np.ndarray) and (src.dtype != np.uint8 or src.shape[-1] != 3):
-            raise MediaError(f"frame array: must be uint8 [F, H, W, 3], got {src.dtype} {tuple(src.shape)}")
-        if len(src) == 0:
-            raise MediaError("frame list: zero frames")
-        total = len(src)
-        keep = math.floor(max_frames / f) * f
-        if total > keep:
-            indices = torch.linspace(0, total - 1, keep).round().long().tolist()
-        else:
-            indices = list(range(total))
-        sampled = len(indices)
-        indices += indices[-1:] * (-sampled % f)
-        if isinstance(src, np.ndarray):
-            frames = src[indices]
-        else:
-            chosen = sorted(set(indices))  # decode only the frames kept
-            decoded = dict(zip(chosen, _frames_from_list([src[i] for i in chosen], base_dir)))
-            frames = np.stack([decoded[i] for i in indices])
-        source_fps, path, total_frames, name = float(frames_fps), None, total, "frames"
+        sampled = _sample_frame_list(src, base_dir, max_frames, frame_factor, frames_fps)
     elif isinstance(src, (str, os.PathLike)):
-        if isinstance(src, str) and (src[:5].lower() == "data:" or _URL_SCHEME.match(src)):
-            raise MediaError(f"video source {src[:100]!r}: URLs and data URLs are not supported; give a file path")
-        resolved = _resolve_path(src, base_dir)
-        last_plan: list[tuple[list[int], int]] = []  # the plan of the read that succeeded
-
-        def plan(total: int, source_fps: float) -> list[int]:
-            last_plan[:] = [_plan_indices(total, source_fps, fps, min_frames, max_frames, f)]
-            return last_plan[0][0]
-
-        frames, total_frames, source_fps, name = _load_video_file(resolved, plan, backend)
-        indices, sampled = last_plan[0]
-        path = str(resolved)
+        sampled = _sample_video_file(src, base_dir, fps, min_frames, max_frames, frame_factor, backend)
     else:
         raise MediaError(f"video source: unsupported type {type(src).__name__}")
-
-    if frames.shape[0] != len(indices):  # a backend returned the wrong count
-        raise MediaError(f"video {path or 'frame list'}: got {frames.shape[0]} frames for {len(indices)} indices")
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
-    return VideoClip(
-        frames=tensor,
-        sample_fps=source_fps * sampled / total_frames,
-        source_fps=source_fps,
-        frame_indices=tuple(int(i) for i in indices),
-        duration_s=total_frames / source_fps,
-        path=path,
-        source_num_frames=int(total_frames),
-        backend=name,
-    )
+    return _clip(sampled)
 
 
 # --------------------------------------------------------------------------------------------------
