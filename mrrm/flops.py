@@ -428,8 +428,7 @@ def _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at):
     n = check_int("n", n)
     prompt_tokens = check_int("prompt_tokens", prompt_tokens, minimum=0)
     separator_tokens = check_int("separator_tokens", separator_tokens, minimum=0)
-    if score_at not in SCORE_AT:
-        raise ValueError(f"score_at must be one of {SCORE_AT}, got {score_at!r}")
+    check_choice("score_at", score_at, SCORE_AT)
     if isinstance(response_tokens, (list, tuple)):
         if len(response_tokens) != n:
             raise ValueError(f"response_tokens has {len(response_tokens)} lengths for n={n} responses")
@@ -471,8 +470,7 @@ def scoring_flops(config, mode: str, n: int, *, prompt_tokens: int, response_tok
     counts (text_tokens, sequences, prefix_tokens) plus the arguments.
     """
     check_choice("mode", mode, MODES)
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    check_choice("convention", convention, CONVENTIONS)
     spec = backbone_spec(config)
     grids = _vision_grids(vision, vision_tokens, spec)
     n, P, responses, sep = _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at)
@@ -675,18 +673,8 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
     Attention is charged dense (the "dense" convention of scoring_flops).
     Returns vision, vision_attention, text, text_attention, text_linear, value_head, total.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from . import ops
-    from .model import VarlenMeta, build_value_head
-    from .packing import SampleLayout, pack
-
     check_choice("mode", mode, MODES)
-    if isinstance(config, str):
-        config = backbone_config(config)
-    if not hasattr(config, "to_dict") or getattr(config, "model_type", None) is None:
-        raise ValueError("count_flops needs a transformers config (or an ARCHITECTURES name) to build the model")
+    config = _buildable_config(config)
     spec = backbone_spec(config)
     grids = _vision_grids(vision, vision_tokens, spec)
     n, P, responses, sep = _check_shape(n, prompt_tokens, response_tokens, separator_tokens, score_at)
@@ -699,48 +687,93 @@ def count_flops(config, mode: str, n: int, *, prompt_tokens: int, response_token
         out.update(_count_vision(reduced, grids, n if mode == "single" else 1))
 
     V = vision_flops(spec, grids)["vision_tokens"] if grids else 0
+    pb = _synthetic_batch(mode, V + P, responses, sep, score_at)
+    hidden, text = _count_text(reduced, pb)
+    out.update(text)
+    out["value_head"] = _count_value_head(hidden, pb, spec.text.hidden_size, head_hidden)
+    out["total"] = out["vision"] + out["text"] + out["value_head"]
+    out.update(arch=spec.name, mode=mode, n=n, text_tokens=pb.num_tokens, sequences=pb.num_sequences)
+    return out
+
+
+def _buildable_config(config):
+    """The transformers config count_flops builds its model from (an ARCHITECTURES name is built)."""
+    if isinstance(config, str):
+        config = backbone_config(config)
+    if not hasattr(config, "to_dict") or getattr(config, "model_type", None) is None:
+        raise ValueError("count_flops needs a transformers config (or an ARCHITECTURES name) to build the model")
+    return config
+
+
+def _synthetic_batch(mode: str, prefix_tokens: int, responses: list[int], sep: int, score_at: str):
+    """mrrm's packing of one sample of these lengths in `mode` (token ids are irrelevant to FLOPs)."""
+    from .packing import SampleLayout, pack
+
+    n = len(responses)
     if score_at == "separator":  # every response followed by its separator, alone and joined
         alone = [[1] * r + [2] * sep for r in responses]
         ends = [sum(len(a) for a in alone[:i + 1]) - 1 for i in range(n)]
-        layout = SampleLayout(prefix_ids=[0] * (V + P), response_ids=alone, joint_ids=sum(alone, []),
+        layout = SampleLayout(prefix_ids=[0] * prefix_tokens, response_ids=alone, joint_ids=sum(alone, []),
                               joint_score_offsets=ends)
     else:
-        layout = SampleLayout(prefix_ids=[0] * (V + P), response_ids=[[1] * r for r in responses],
+        layout = SampleLayout(prefix_ids=[0] * prefix_tokens, response_ids=[[1] * r for r in responses],
                               separator_ids=[2] * sep)
-    pb = pack([layout], mode)
+    return pack([layout], mode)
+
+
+def _count_text(reduced: _Reduced, pb):
+    """(last hidden state [T, H] on meta, counted text FLOPs) of the language model over the packed
+    batch `pb`, the one built layer's count scaled to the real depth."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .model import VarlenMeta
+
     meta = torch.device("meta")
-    H = spec.text.hidden_size
     T = pb.num_tokens
     # cu_seqlens stay on the CPU (the reference attention loops over them); segment ids go to meta in
     # every mode so the reference builds its [L, L] masks on meta (masks are 0 FLOPs either way).
     varlen = VarlenMeta(pb.cu_seqlens, pb.max_seqlen, pb.mask, pb.segment_ids.to(meta))
-    embeds = torch.empty(1, T, H, device=meta)
+    embeds = torch.empty(1, T, reduced.spec.text.hidden_size, device=meta)
     positions = torch.zeros(3, 1, T, dtype=torch.int64, device=meta)
     lm = reduced.model.language_model if hasattr(reduced.model, "language_model") else reduced.model
-    with torch.device("meta"):
-        head = build_value_head(H, "mlp", head_hidden)
-    if spec.vision is not None:
-        lm_kwargs = dict(position_ids=positions, attention_mask=None)
-    else:
-        # A text LM detects packed sequences from its 1-D position ids before asking for a mask, which
-        # needs values; hand it the (empty) per-layer-type mask mapping mrrm's mask function would
-        # produce anyway (mrrm attention reads the packing from mrrm_varlen, never a mask).
-        lm_kwargs = dict(position_ids=positions[0], attention_mask={"full_attention": None, "sliding_attention": None})
+    lm_kwargs = _lm_kwargs(reduced.spec, positions)
     with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         hidden = lm(inputs_embeds=embeds, use_cache=False, mrrm_varlen=varlen, **lm_kwargs).last_hidden_state[0]
     text_total, text_bmm = _global(counter)
     layer_total, layer_bmm = _module_flops(counter, ".layers.0")
     L = reduced.text_layers_real
-    out["text"] = text_total + (L - 1) * layer_total
-    out["text_attention"] = text_bmm + (L - 1) * layer_bmm
+    out = {"text": text_total + (L - 1) * layer_total, "text_attention": text_bmm + (L - 1) * layer_bmm}
     out["text_linear"] = out["text"] - out["text_attention"]
+    return hidden, out
+
+
+def _lm_kwargs(spec: BackboneSpec, positions) -> dict:
+    """Position ids and mask arguments of the language model call; positions: [3, 1, T] (mrope)."""
+    if spec.vision is not None:
+        return dict(position_ids=positions, attention_mask=None)
+    # A text LM detects packed sequences from its 1-D position ids before asking for a mask, which
+    # needs values; hand it the (empty) per-layer-type mask mapping mrrm's mask function would
+    # produce anyway (mrrm attention reads the packing from mrrm_varlen, never a mask).
+    return dict(position_ids=positions[0], attention_mask={"full_attention": None, "sliding_attention": None})
+
+
+def _count_value_head(hidden, pb, H: int, head_hidden: int) -> int:
+    """Counted FLOPs of mrrm's value head, Linear(H, head_hidden) -> SiLU -> Linear(head_hidden, 1),
+    on the score positions of `pb` in `hidden` [T, H]."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import ops
+    from .model import build_value_head
+
+    meta = torch.device("meta")
+    with meta:
+        head = build_value_head(H, "mlp", head_hidden)
     with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         ops.gather_value_head(hidden, pb.score_positions.to(meta), head[0].weight, head[0].bias, head[2].weight,
                               head[2].bias, scale=1.0 / math.sqrt(H), backend="reference", check_inputs=False)
-    out["value_head"] = _global(counter)[0]
-    out["total"] = out["vision"] + out["text"] + out["value_head"]
-    out.update(arch=spec.name, mode=mode, n=n, text_tokens=T, sequences=pb.num_sequences)
-    return out
+    return _global(counter)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -756,6 +789,23 @@ def _fmt(x: float) -> str:
 
 
 def main(argv=None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    config = _cli_config(p, a.config)
+    try:
+        vision = _cli_vision(a, config)
+        rows, counted = _cli_flops(a, config, vision)
+    except ValueError as e:
+        p.error(str(e))
+    if a.json:
+        print(json.dumps({"analytic": rows, "counted": counted}, indent=2))
+        return 0
+    _print_table(a, config, vision, rows, counted)
+    _print_ratios(rows, counted)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mrrm.flops", description=(
         "FLOPs of one scoring pass (single / joint / independent) from mrrm's analytic model; "
         "--count also counts them with torch's FlopCounterMode on the meta device."))
@@ -774,32 +824,44 @@ def main(argv=None) -> int:
     p.add_argument("--head-hidden", type=int, default=VALUE_HEAD_HIDDEN)
     p.add_argument("--count", action="store_true", help="also count with FlopCounterMode (meta device)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
-    a = p.parse_args(argv)
-    config = a.config
-    if config not in ARCHITECTURES:
-        if not os.path.exists(config):
-            p.error(f"--config {config!r}: not one of {sorted(ARCHITECTURES)} and not a file")
-        with open(config) as f:
-            config = _transformers_config(json.load(f), config)
-    else:
-        config = backbone_config(config)
+    return p
+
+
+def _cli_config(p: argparse.ArgumentParser, config: str):
+    """--config: an ARCHITECTURES name or a config.json path -> a transformers config."""
+    if config in ARCHITECTURES:
+        return backbone_config(config)
+    if not os.path.exists(config):
+        p.error(f"--config {config!r}: not one of {sorted(ARCHITECTURES)} and not a file")
     try:
-        vision = None
-        if a.image:
-            vision = [image_grid(a.vision_tokens, config)]
-        elif a.video:
-            vision = [video_grid(a.frames, a.tokens_per_frame, config)]
-        shape = dict(prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens, vision=vision,
-                     separator_tokens=a.separator_tokens, head_hidden=a.head_hidden)
-        rows = {}
-        for conv in CONVENTIONS:
-            rows[conv] = {m: scoring_flops(config, m, a.n, convention=conv, **shape) for m in MODES}
-        counted = {m: count_flops(config, m, a.n, **shape) for m in MODES} if a.count else None
-    except ValueError as e:
-        p.error(str(e))
-    if a.json:
-        print(json.dumps({"analytic": rows, "counted": counted}, indent=2))
-        return 0
+        with open(config) as f:
+            return _transformers_config(json.load(f), config)
+    except (ValueError, KeyError, OSError) as e:  # bad JSON, no or unknown model_type, unreadable
+        p.error(f"--config {config!r}: not a usable transformers config.json ({type(e).__name__}: {str(e)[:200]})")
+
+
+def _cli_vision(a: argparse.Namespace, config):
+    """The prompt's media as scoring_flops' `vision`: [one image grid], [one video grid] or None."""
+    if a.image:
+        return [image_grid(a.vision_tokens, config)]
+    if a.video:
+        return [video_grid(a.frames, a.tokens_per_frame, config)]
+    return None
+
+
+def _cli_flops(a: argparse.Namespace, config, vision):
+    """(analytic results {convention: {mode: dict}}, counted results {mode: dict} or None without --count)."""
+    shape = dict(prompt_tokens=a.prompt_tokens, response_tokens=a.response_tokens, vision=vision,
+                 separator_tokens=a.separator_tokens, head_hidden=a.head_hidden)
+    rows = {}
+    for conv in CONVENTIONS:
+        rows[conv] = {m: scoring_flops(config, m, a.n, convention=conv, **shape) for m in MODES}
+    counted = {m: count_flops(config, m, a.n, **shape) for m in MODES} if a.count else None
+    return rows, counted
+
+
+def _print_table(a: argparse.Namespace, config, vision, rows: dict, counted: dict | None) -> None:
+    """One line on the shapes, then one row per mode: tokens and FLOPs by component."""
     d = rows["dense"]
     print(f"{backbone_spec(config).name}: N={a.n}, vision grids {vision or 'none'} "
           f"({d['joint']['vision_tokens']} vision tokens), P={a.prompt_tokens}, R={a.response_tokens}")
@@ -814,6 +876,10 @@ def main(argv=None) -> int:
         if counted:
             line += f" {_fmt(counted[m]['total']):>13}"
         print(line)
+
+
+def _print_ratios(rows: dict, counted: dict | None) -> None:
+    """single/joint and single/independent total FLOPs, per convention and counted."""
     for conv in CONVENTIONS:
         r = rows[conv]
         print(f"ratio single/joint ({conv}): {r['single']['total'] / r['joint']['total']:.3f}   "
@@ -821,7 +887,6 @@ def main(argv=None) -> int:
     if counted:
         print(f"ratio single/joint (counted): {counted['single']['total'] / counted['joint']['total']:.3f}   "
               f"single/independent (counted): {counted['single']['total'] / counted['independent']['total']:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

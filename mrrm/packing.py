@@ -253,13 +253,30 @@ def _joint_from_separators(responses, separator, response_starts):
 
 
 def _validate(layout: SampleLayout, index: int | None) -> _Sample:
-    sample_id = getattr(layout, "sample_id", None)
-    where = _where(index, sample_id)
+    """Check one layout and normalise it to tensors; every ValueError names the sample (`_where`)."""
+    where = _where(index, getattr(layout, "sample_id", None))
     if not isinstance(layout, SampleLayout):
         raise ValueError(f"{where}: expected a SampleLayout, got {type(layout).__name__}")
-
     prefix = _as_ids(layout.prefix_ids, "prefix_ids", where)
-    raw_responses = layout.response_ids
+    responses = _validate_responses(layout.response_ids, where)
+    N = len(responses)
+    lengths = [r.numel() for r in responses]
+    starts = (torch.zeros(N, dtype=torch.int64) if layout.response_starts is None
+              else _as_offsets(layout.response_starts, "response_starts", where, N, lengths))
+    if layout.joint_ids is None:
+        joint, joint_scores, joint_starts = _validate_separated_joint(layout, responses, starts, where)
+    else:
+        joint, joint_scores, joint_starts = _validate_given_joint(layout, N, where)
+    if bool((starts > torch.tensor(lengths) - 1).any()):  # defensive: _as_offsets bounds them already
+        raise ValueError(f"{where}: a response start lies past its last token")
+    P = prefix.numel()
+    positions, multirow = _validate_prefix_positions(layout.prefix_positions, P, where)
+    response_start = int(positions.max()) + 1 if P else 0
+    return _Sample(prefix, responses, starts, joint, joint_scores, joint_starts, positions, multirow, response_start)
+
+
+def _validate_responses(raw_responses, where: str) -> list[torch.Tensor]:
+    """response_ids -> N >= 1 non-empty int64 tensors."""
     if isinstance(raw_responses, (str, bytes, torch.Tensor)) or not isinstance(raw_responses, Sequence):
         raise ValueError(f"{where}: response_ids must be a list of responses (lists of token ids), "
                          f"got {type(raw_responses).__name__}")
@@ -272,63 +289,65 @@ def _validate(layout: SampleLayout, index: int | None) -> _Sample:
             raise ValueError(f"{where}: response {i} is empty; every response needs at least one token "
                              f"(its last token is where it is scored)")
         responses.append(t)
+    return responses
+
+
+def _validate_separated_joint(layout: SampleLayout, responses, starts, where: str):
+    """(joint, score offsets, start offsets) of a layout without joint_ids: the responses joined by
+    separator_ids."""
+    if layout.joint_score_offsets is not None or layout.joint_starts is not None:
+        raise ValueError(f"{where}: joint_score_offsets / joint_starts are given without joint_ids")
+    separator = _as_ids(layout.separator_ids, "separator_ids", where)
     N = len(responses)
-    lengths = [r.numel() for r in responses]
-    starts = (torch.zeros(N, dtype=torch.int64) if layout.response_starts is None
-              else _as_offsets(layout.response_starts, "response_starts", where, N, lengths))
+    if N > 1 and separator.numel() == 0:
+        raise ValueError(f"{where}: separator_ids is empty, but {N} responses must be separated "
+                         "(or give joint_ids)")
+    return _joint_from_separators(responses, separator, starts)
 
-    if layout.joint_ids is None:
-        if layout.joint_score_offsets is not None or layout.joint_starts is not None:
-            raise ValueError(f"{where}: joint_score_offsets / joint_starts are given without joint_ids")
-        separator = _as_ids(layout.separator_ids, "separator_ids", where)
-        if N > 1 and separator.numel() == 0:
-            raise ValueError(f"{where}: separator_ids is empty, but {N} responses must be separated "
-                             "(or give joint_ids)")
-        joint, joint_scores, joint_starts = _joint_from_separators(responses, separator, starts)
+
+def _validate_given_joint(layout: SampleLayout, N: int, where: str):
+    """(joint, score offsets, start offsets) of a layout that gives joint_ids: N strictly increasing
+    score offsets, each response starting at or before its score offset."""
+    joint = _as_ids(layout.joint_ids, "joint_ids", where)
+    if layout.joint_score_offsets is None:
+        raise ValueError(f"{where}: joint_ids needs joint_score_offsets (where each response is scored)")
+    J = joint.numel()
+    joint_scores = _as_offsets(layout.joint_score_offsets, "joint_score_offsets", where, N, [J] * N)
+    if N > 1 and bool((joint_scores[1:] <= joint_scores[:-1]).any()):
+        raise ValueError(f"{where}: joint_score_offsets must be strictly increasing, got {joint_scores.tolist()}")
+    if layout.joint_starts is None:  # the first response starts the body, each other one follows the previous score
+        joint_starts = torch.cat([joint_scores.new_zeros(1), joint_scores[:-1] + 1])
     else:
-        joint = _as_ids(layout.joint_ids, "joint_ids", where)
-        if layout.joint_score_offsets is None:
-            raise ValueError(f"{where}: joint_ids needs joint_score_offsets (where each response is scored)")
-        joint_scores = _as_offsets(layout.joint_score_offsets, "joint_score_offsets", where, N, [joint.numel()] * N)
-        if N > 1 and bool((joint_scores[1:] <= joint_scores[:-1]).any()):
-            raise ValueError(f"{where}: joint_score_offsets must be strictly increasing, got {joint_scores.tolist()}")
-        if layout.joint_starts is None:
-            joint_starts = torch.cat([joint_scores.new_zeros(1), joint_scores[:-1] + 1])
-        else:
-            joint_starts = _as_offsets(layout.joint_starts, "joint_starts", where, N, [joint.numel()] * N)
-        if bool((joint_starts > joint_scores).any()):
-            i = int((joint_starts > joint_scores).nonzero()[0])
-            raise ValueError(f"{where}: response {i} starts at joint offset {int(joint_starts[i])}, after its score "
-                             f"offset {int(joint_scores[i])}")
-    if bool((starts > torch.tensor(lengths) - 1).any()):  # defensive: _as_offsets bounds them already
-        raise ValueError(f"{where}: a response start lies past its last token")
+        joint_starts = _as_offsets(layout.joint_starts, "joint_starts", where, N, [J] * N)
+    if bool((joint_starts > joint_scores).any()):
+        i = int((joint_starts > joint_scores).nonzero()[0])
+        raise ValueError(f"{where}: response {i} starts at joint offset {int(joint_starts[i])}, after its score "
+                         f"offset {int(joint_scores[i])}")
+    return joint, joint_scores, joint_starts
 
-    P = prefix.numel()
-    pp = layout.prefix_positions
-    multirow = False
+
+def _validate_prefix_positions(pp, P: int, where: str) -> tuple[torch.Tensor, bool]:
+    """prefix_positions (None, [P] or [K, P] integers) -> (int64 [K0, P] on the CPU, whether given as
+    [K, P]); None gives arange(P) as one row."""
     if pp is None:
-        positions = torch.arange(P, dtype=torch.int64)[None]
-    else:
-        if not isinstance(pp, torch.Tensor):
-            try:
-                pp = torch.as_tensor(pp)
-            except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"{where}: prefix_positions must be an integer tensor [P] or [K, P], "
-                                 f"got {type(layout.prefix_positions).__name__}") from None
-        if pp.dtype == torch.bool or pp.is_floating_point() or pp.is_complex():
-            raise ValueError(f"{where}: prefix_positions must hold integers, got dtype {pp.dtype}")
-        if pp.dim() not in (1, 2) or (pp.dim() == 2 and pp.shape[0] == 0):
-            raise ValueError(f"{where}: prefix_positions must be [P] or [K, P] with K >= 1, "
-                             f"got shape {tuple(pp.shape)}")
-        if pp.shape[-1] != P:
-            raise ValueError(f"{where}: prefix_positions has {pp.shape[-1]} positions but the prefix has "
-                             f"{P} tokens (shape {tuple(pp.shape)})")
-        multirow = pp.dim() == 2
-        positions = pp.detach().to("cpu", torch.int64)
-        if not multirow:
-            positions = positions[None]
-    response_start = int(positions.max()) + 1 if P else 0
-    return _Sample(prefix, responses, starts, joint, joint_scores, joint_starts, positions, multirow, response_start)
+        return torch.arange(P, dtype=torch.int64)[None], False
+    if not isinstance(pp, torch.Tensor):
+        try:
+            pp = torch.as_tensor(pp)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{where}: prefix_positions must be an integer tensor [P] or [K, P], "
+                             f"got {type(pp).__name__}") from None
+    if pp.dtype == torch.bool or pp.is_floating_point() or pp.is_complex():
+        raise ValueError(f"{where}: prefix_positions must hold integers, got dtype {pp.dtype}")
+    if pp.dim() not in (1, 2) or (pp.dim() == 2 and pp.shape[0] == 0):
+        raise ValueError(f"{where}: prefix_positions must be [P] or [K, P] with K >= 1, "
+                         f"got shape {tuple(pp.shape)}")
+    if pp.shape[-1] != P:
+        raise ValueError(f"{where}: prefix_positions has {pp.shape[-1]} positions but the prefix has "
+                         f"{P} tokens (shape {tuple(pp.shape)})")
+    multirow = pp.dim() == 2
+    positions = pp.detach().to("cpu", torch.int64)
+    return (positions if multirow else positions[None]), multirow
 
 
 def _num_tokens(s: _Sample, mode: str) -> int:
@@ -403,7 +422,31 @@ def _pack_sample(s: _Sample, mode: str, K: int):
 
 
 def _pack_validated(samples: list[_Sample], mode: str, sample_indices: list[int]) -> PackedBatch:
-    B = len(samples)
+    """One PackedBatch of validated samples: their chunks concatenated, offsets made batch-wide."""
+    K, multirow = _position_rows(samples, sample_indices)
+    chunks = _pack_chunks(samples, mode, K)
+    T = sum(t.numel() for t in chunks.ids)
+    if T > _INT32_MAX:
+        raise ValueError(f"the batch has {T} tokens, more than cu_seqlens (int32) can address; "
+                         f"split it with pack_micro_batches")
+    position_ids = torch.cat(chunks.positions, 1)
+    if not multirow:
+        position_ids = position_ids[0]
+    return PackedBatch(
+        input_ids=torch.cat(chunks.ids),
+        position_ids=position_ids.contiguous(),
+        segment_ids=torch.cat(chunks.segments),
+        mask="shared_prefix" if mode == "independent" else "causal",
+        mode=mode,
+        sample_indices=list(sample_indices),
+        **_sequence_fields(samples, chunks),
+        **_score_fields(samples, chunks),
+    )
+
+
+def _position_rows(samples: list[_Sample], sample_indices: list[int]) -> tuple[int, bool]:
+    """(K, whether any sample brought [K, P] positions): the batch's number of position rows; samples
+    with 1-row positions are repeated in every row. Samples with different K cannot share a batch."""
     multirow = [s.prefix_positions.shape[0] for s in samples if s.multirow]
     if len(set(multirow)) > 1:
         first = next(i for i, s in enumerate(samples) if s.multirow)
@@ -411,55 +454,66 @@ def _pack_validated(samples: list[_Sample], mode: str, sample_indices: list[int]
         raise ValueError(f"prefix_positions of sample {sample_indices[first]} has {multirow[0]} rows but "
                          f"sample {sample_indices[other]} has {samples[other].prefix_positions.shape[0]}; "
                          f"one batch needs one number of position rows")
-    K = multirow[0] if multirow else 1
+    return (multirow[0] if multirow else 1), bool(multirow)
 
-    ids, pos, seg, seq_lens, scores, starts, chunk_lens = [], [], [], [], [], [], []
-    seq_counts = []
+
+@dataclass
+class _Chunks:
+    """Each sample's chunk of the stream (`_pack_sample`), samples in order, offsets local to each chunk."""
+
+    ids: list = field(default_factory=list)         # [L_b] each
+    positions: list = field(default_factory=list)   # [K, L_b] each
+    segments: list = field(default_factory=list)    # [L_b] each
+    scores: list = field(default_factory=list)      # [N_b] each
+    starts: list = field(default_factory=list)      # [N_b] each
+    seq_lens: list = field(default_factory=list)    # the length of every sequence of the batch
+    seq_counts: list = field(default_factory=list)  # the number of sequences of each sample
+
+
+def _pack_chunks(samples: list[_Sample], mode: str, K: int) -> _Chunks:
+    """`_pack_sample` of every sample, collected."""
+    chunks = _Chunks()
     for s in samples:
-        i_, p_, g_, l_, sc_, st_ = _pack_sample(s, mode, K)
-        ids.append(i_), pos.append(p_), seg.append(g_), scores.append(sc_), starts.append(st_)
-        seq_lens += l_
-        seq_counts.append(len(l_))
-        chunk_lens.append(i_.numel())
-    T = sum(chunk_lens)
-    if T > _INT32_MAX:
-        raise ValueError(f"the batch has {T} tokens, more than cu_seqlens (int32) can address; "
-                         f"split it with pack_micro_batches")
-    chunk_len_t = torch.tensor(chunk_lens, dtype=torch.int64)
+        ids, positions, segments, seq_lens, scores, starts = _pack_sample(s, mode, K)
+        chunks.ids.append(ids)
+        chunks.positions.append(positions)
+        chunks.segments.append(segments)
+        chunks.scores.append(scores)
+        chunks.starts.append(starts)
+        chunks.seq_lens += seq_lens
+        chunks.seq_counts.append(len(seq_lens))
+    return chunks
+
+
+def _sequence_fields(samples: list[_Sample], chunks: _Chunks) -> dict:
+    """The PackedBatch fields that describe its sequences: cu_seqlens, max_seqlen, sequence_sample,
+    prefix_lengths."""
+    seq_len_t = torch.tensor(chunks.seq_lens, dtype=torch.int64)
+    cu_seqlens = torch.zeros(len(chunks.seq_lens) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(seq_len_t, 0).to(torch.int32)
+    seq_count_t = torch.tensor(chunks.seq_counts, dtype=torch.int64)
+    sequence_sample = torch.repeat_interleave(torch.arange(len(samples), dtype=torch.int64), seq_count_t)
+    prefix_lengths = torch.tensor([s.prefix.numel() for s in samples], dtype=torch.int64).repeat_interleave(seq_count_t)
+    return dict(cu_seqlens=cu_seqlens, max_seqlen=int(seq_len_t.max()), sequence_sample=sequence_sample,
+                prefix_lengths=prefix_lengths)
+
+
+def _score_fields(samples: list[_Sample], chunks: _Chunks) -> dict:
+    """The PackedBatch fields that describe its M scores: score_positions and start_positions (each
+    chunk's local offsets shifted to where the chunk starts in the stream), group_offsets,
+    score_sample, score_response."""
+    B = len(samples)
+    chunk_len_t = torch.tensor([t.numel() for t in chunks.ids], dtype=torch.int64)
     chunk_start = torch.cumsum(chunk_len_t, 0) - chunk_len_t
     N_t = torch.tensor([s.num_responses for s in samples], dtype=torch.int64)
     M = int(N_t.sum())
-    seq_len_t = torch.tensor(seq_lens, dtype=torch.int64)
-    cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.cumsum(seq_len_t, 0).to(torch.int32)
     group_offsets = torch.zeros(B + 1, dtype=torch.int64)
     group_offsets[1:] = torch.cumsum(N_t, 0)
     score_sample = torch.repeat_interleave(torch.arange(B, dtype=torch.int64), N_t, output_size=M)
     score_response = torch.arange(M, dtype=torch.int64) - group_offsets[:-1].repeat_interleave(N_t, output_size=M)
     shift = chunk_start.repeat_interleave(N_t, output_size=M)
-    seq_count_t = torch.tensor(seq_counts, dtype=torch.int64)
-    sequence_sample = torch.repeat_interleave(torch.arange(B, dtype=torch.int64), seq_count_t)
-    prefix_lengths = torch.tensor([s.prefix.numel() for s in samples], dtype=torch.int64).repeat_interleave(seq_count_t)
-    position_ids = torch.cat(pos, 1)
-    if not multirow:
-        position_ids = position_ids[0]
-    return PackedBatch(
-        input_ids=torch.cat(ids),
-        position_ids=position_ids.contiguous(),
-        cu_seqlens=cu_seqlens,
-        max_seqlen=int(seq_len_t.max()),
-        segment_ids=torch.cat(seg),
-        mask="shared_prefix" if mode == "independent" else "causal",
-        mode=mode,
-        score_positions=torch.cat(scores) + shift,
-        start_positions=torch.cat(starts) + shift,
-        group_offsets=group_offsets,
-        score_sample=score_sample,
-        score_response=score_response,
-        sequence_sample=sequence_sample,
-        prefix_lengths=prefix_lengths,
-        sample_indices=list(sample_indices),
-    )
+    return dict(score_positions=torch.cat(chunks.scores) + shift, start_positions=torch.cat(chunks.starts) + shift,
+                group_offsets=group_offsets, score_sample=score_sample, score_response=score_response)
 
 
 def _check_sample_indices(sample_indices, B: int) -> list[int]:

@@ -290,3 +290,13 @@ def test_cli_prints_the_table(capsys):
         flops.main(["--config", "nope"])
     with pytest.raises(SystemExit):
         flops.main(["--config", "qwen3_vl_4b", "--video", "--frames", "15"])
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"hidden_size": 8}', '{"model_type": "no_such_model"}'])
+def test_cli_bad_config_file_is_a_usage_error(tmp_path, capsys, content):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        flops.main(["--config", str(path)])
+    assert e.value.code == 2
+    assert "not a usable transformers config.json" in capsys.readouterr().err
