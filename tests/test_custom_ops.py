@@ -67,7 +67,8 @@ def test_opcheck_listwise_ce(loss):
     scores = torch.randn(8, requires_grad=True)
     targets = {"best": torch.tensor([2, 0, 1]), "plackett_luce": torch.tensor([2, 1, 1, 1, 4, 1, 3, 2]),
                "soft": torch.tensor([0.2, 0.8, 0.0, 1.0, 0.25, 0.25, 0.25, 0.25])}[loss]
-    torch.library.opcheck(torch.ops.mrrm.listwise_ce_fwd_bwd.default, (scores, offsets, targets, loss))
+    for reduction in ("mean", "sum", "none"):
+        torch.library.opcheck(torch.ops.mrrm.listwise_ce_fwd_bwd.default, (scores, offsets, targets, loss, reduction))
 
 
 def test_ops_train_step_compiles_and_matches_eager():

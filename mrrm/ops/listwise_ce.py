@@ -73,31 +73,42 @@ LOSS_CODES = {"best": 0, "plackett_luce": 1, "soft": 2}
 
 
 @torch.library.custom_op("mrrm::listwise_ce_fwd_bwd", mutates_args=())
-def listwise_ce_fwd_bwd(scores: Tensor, group_offsets: Tensor, targets: Tensor, loss: str) -> tuple[Tensor, Tensor]:
-    """mrrm._C (CPU or CUDA): per-group loss [B] and the gradient of each group's loss with respect
-    to its scores [M] (fp32), in one pass."""
-    return C_or_raise("listwise_ce").listwise_ce_fwd_bwd(scores.contiguous(), group_offsets.contiguous(),
-                                                         targets.contiguous(), LOSS_CODES[loss])
+def listwise_ce_fwd_bwd(scores: Tensor, group_offsets: Tensor, targets: Tensor, loss: str,
+                        reduction: str) -> tuple[Tensor, Tensor]:
+    """mrrm._C (CPU or CUDA): the reduced loss (per group [B] for 'none', else a scalar; scores' dtype)
+    and the gradient of each group's loss with respect to its scores [M] (fp32), in one pass. The
+    reduction is done here, not by autograd, so fwd + bwd is two dispatcher calls."""
+    per_group, unit_grad = C_or_raise("listwise_ce").listwise_ce_fwd_bwd(scores.contiguous(), group_offsets.contiguous(),
+                                                                         targets.contiguous(), LOSS_CODES[loss])
+    if reduction == "none":
+        return per_group.to(scores.dtype), unit_grad
+    total = per_group.sum()
+    return (total / per_group.shape[0] if reduction == "mean" else total).to(scores.dtype), unit_grad
 
 
 @listwise_ce_fwd_bwd.register_fake
-def _(scores, group_offsets, targets, loss):
-    return (scores.new_empty(group_offsets.shape[0] - 1, dtype=torch.float32),
+def _(scores, group_offsets, targets, loss, reduction):
+    B = group_offsets.shape[0] - 1
+    return (scores.new_empty((B,) if reduction == "none" else ()),
             scores.new_empty(scores.shape[0], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    scores, group_offsets, _, _ = inputs
+    scores, group_offsets, _, _, reduction = inputs
     ctx.save_for_backward(output[1], group_offsets)
-    ctx.scores_dtype = scores.dtype
+    ctx.scores_dtype, ctx.reduction = scores.dtype, reduction
 
 
-def _backward(ctx, grad_per_group, _grad_unit):
+def _backward(ctx, grad_out, _grad_unit):
     """The saved per-score gradient scaled by its group's upstream gradient."""
     unit_grad, group_offsets = ctx.saved_tensors
-    sizes = group_offsets[1:] - group_offsets[:-1]
-    g = torch.repeat_interleave(grad_per_group.float(), sizes, output_size=unit_grad.shape[0])
-    return (unit_grad * g).to(ctx.scores_dtype), None, None, None
+    g = grad_out.float()
+    if ctx.reduction == "none":
+        sizes = group_offsets[1:] - group_offsets[:-1]
+        g = torch.repeat_interleave(g, sizes, output_size=unit_grad.shape[0])
+    elif ctx.reduction == "mean":
+        g = g / (group_offsets.shape[0] - 1)
+    return (unit_grad * g).to(ctx.scores_dtype), None, None, None, None
 
 
 listwise_ce_fwd_bwd.register_autograd(_backward, setup_context=_setup_context)
@@ -121,8 +132,4 @@ def listwise_ce(scores, group_offsets, targets, *, loss="best", reduction="mean"
     which = choose_backend("listwise_ce", scores.device, backend, scores.dtype)
     if which == "reference":
         return reference.listwise_ce(scores, group_offsets, targets, loss=loss, reduction=reduction)
-    per_group = listwise_ce_fwd_bwd(scores, group_offsets, targets, loss)[0]  # cpu / cuda: one kernel each
-    if reduction == "none":
-        return per_group.to(scores.dtype)
-    total = per_group.sum()
-    return (total / per_group.shape[0] if reduction == "mean" else total).to(scores.dtype)
+    return listwise_ce_fwd_bwd(scores, group_offsets, targets, loss, reduction)[0]
