@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -45,10 +46,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mrrm import media
-from mrrm._cli import add_model_args, load_model
+from mrrm._cli import add_model_args, load_model, positive_int
 from mrrm.common import MODES, check_choice, check_int
 from mrrm.encoding import BatchError, SampleError
 from mrrm.grpo import fill_empty, group_sample, ungroup
+from mrrm.queries import DEFAULT_STOP_TEXTS, QueryError, response_of, template_frame, user_turn
 
 log = logging.getLogger("mrrm.serve")
 
@@ -56,6 +58,8 @@ TOKEN_ENV = "MRRM_SERVE_TOKEN"
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_GROUP_TIMEOUT = 60.0   # seconds a prompt's first response waits for the rest of its group
+DEFAULT_MAX_PENDING = 65536    # responses held for their groups at most (then 429)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}")
 MIN_BASE64_CHARS = 64  # shorter strings are paths (no image encodes to fewer than 64 base64 characters)
 
@@ -237,6 +241,14 @@ class Batcher:
         self.counters["requests"] += 1
         return fut
 
+    async def submit_wait(self, samples: list[dict]) -> list[list[float]]:
+        """Queue a job, waiting for room instead of refusing (the group assembler's groups: waiting for
+        a group is not overload), and return its scores."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(samples, fut))
+        self.counters["requests"] += 1
+        return await fut
+
     # -- the worker -------------------------------------------------------------------------------
     async def _encode(self, job: _Job) -> bool:
         """Encode a job's samples on the model thread; a bad job gets its error and is dropped."""
@@ -302,13 +314,113 @@ class Batcher:
 
 
 # --------------------------------------------------------------------------------------------------
+# Group assembly: one rollout per request (OpenRLHF), one pass per prompt group
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    base: dict                     # the sample without responses: prompt, images / videos
+    future: asyncio.Future         # the group's rewards, one per response in arrival order
+    responses: list = field(default_factory=list)
+    closed: bool = False
+    timer: Any = None
+    task: Any = None
+
+
+class GroupAssembler:
+    """Holds the responses of one prompt across requests until `group_size` of them arrived (the
+    trainer's samples per prompt) or `group_timeout` seconds passed since the first, then scores them
+    as one group in one pass (mrrm.grpo.group_sample: distinct responses in a canonical order, so a
+    reward never depends on arrival order). Waiting is not overload: a closed group enters the
+    batcher's queue by waiting for room; only more than `max_pending` held responses get 429."""
+
+    def __init__(self, batcher: Batcher, *, group_size: int, group_timeout: float, max_pending: int, prepare=None):
+        self.batcher, self.group_size, self.group_timeout, self.max_pending = batcher, group_size, group_timeout, max_pending
+        self.prepare = prepare  # base sample -> sample with media decoded (runs in a worker thread), or None
+        self.open: dict[str, _Group] = {}
+        self.pending = 0
+        self.counters = {"groups": 0, "groups_timed_out": 0}
+
+    async def add(self, key: str, base: dict, responses: list[str]) -> tuple[list[float], int]:
+        """Add one request's responses of one prompt; returns (their rewards, the group's size) once the
+        group is scored."""
+        if self.pending + len(responses) > self.max_pending:
+            self.batcher.counters["rejected"] += 1
+            raise QueueFull()
+        g = self.open.get(key)
+        if g is None:
+            g = self.open[key] = _Group(base, asyncio.get_running_loop().create_future())
+            g.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+            g.timer = asyncio.get_running_loop().call_later(self.group_timeout, self._close, key, g, True)
+        lo = len(g.responses)
+        g.responses.extend(responses)
+        self.pending += len(responses)
+        if len(g.responses) >= self.group_size:
+            self._close(key, g, False)
+        rewards = await asyncio.shield(g.future)
+        return rewards[lo:lo + len(responses)], len(rewards)
+
+    def _close(self, key: str, g: _Group, timed_out: bool) -> None:
+        if self.open.get(key) is g:
+            del self.open[key]
+        if g.closed:
+            return
+        g.closed = True
+        g.timer.cancel()
+        self.counters["groups"] += 1
+        self.counters["groups_timed_out"] += int(timed_out)
+        g.task = asyncio.get_running_loop().create_task(self._score(g))
+
+    async def _score(self, g: _Group) -> None:
+        try:
+            base = await asyncio.to_thread(self.prepare, g.base) if self.prepare is not None else g.base
+            sample = group_sample({**base, "responses": g.responses})
+            scores = (await self.batcher.submit_wait([sample]))[0] if sample is not None else None
+            g.future.set_result(fill_empty(ungroup(g.responses, sample, scores)))
+        except Exception as e:  # noqa: BLE001 - handed to every request of the group
+            g.future.set_exception(e)
+        finally:
+            self.pending -= len(g.responses)
+
+
+# --------------------------------------------------------------------------------------------------
 # Guard: token and body size, before the body is parsed
 # --------------------------------------------------------------------------------------------------
 
 
+def _strip_path_token(scope):
+    """A request to /t/<token>/rest -> (the scope with path /rest, the token bytes); else (scope, None)."""
+    path = scope.get("path", "")
+    if not path.startswith("/t/"):
+        return scope, None
+    token, _, rest = path[3:].partition("/")
+    scope = dict(scope, path="/" + rest, raw_path=("/" + rest).encode("latin-1"))
+    return scope, token.encode("utf-8")
+
+
+def _header_token(auth: bytes) -> bytes:
+    """The token of an Authorization header: Bearer <token>, or Basic base64(user:<token>)."""
+    kind, _, value = auth.partition(b" ")
+    if kind.lower() == b"bearer":
+        return value.strip()
+    if kind.lower() == b"basic":
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
+            return b""
+    return b""
+
+
 class Guard:
-    """ASGI middleware: bearer token (except on /health, where only GET is routed) and the request body size limit. The body
-    is read here (at most max_body_bytes + one chunk) and replayed to the app."""
+    """ASGI middleware: the token (except on /health, where only GET is routed) and the request body
+    size limit. The token is accepted as `Authorization: Bearer <token>`, as the password of HTTP Basic
+    auth (`http://user:<token>@host/...`), or as a path prefix `/t/<token>/...` (for clients that can
+    only be given a URL, e.g. OpenRLHF's `--reward.remote_url`), always compared in constant time. The
+    body is read here (at most max_body_bytes + one chunk) and replayed to the app."""
 
     def __init__(self, app, *, token: str | None, max_body_bytes: int):
         self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
@@ -319,11 +431,12 @@ class Guard:
         headers = {}
         for k, v in scope.get("headers", []):
             headers.setdefault(k.decode("latin-1").lower(), v)
+        scope, path_token = _strip_path_token(scope)
         if self.token and scope.get("path") != "/health":
-            auth = headers.get("authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            given = path_token if path_token is not None else _header_token(headers.get("authorization", b""))
             if not hmac.compare_digest(given, self.token.encode("utf-8")):
-                msg = "wrong bearer token" if given else "missing bearer token (Authorization: Bearer <token>)"
+                msg = ("wrong token in the URL" if path_token is not None else "wrong bearer token" if given
+                       else "missing bearer token (Authorization: Bearer <token>, or the URL prefix /t/<token>/)")
                 return await JSONResponse({"detail": msg}, status_code=401,
                                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         too_big = JSONResponse({"detail": f"request body larger than the limit of {self.max_body_bytes} bytes "
@@ -404,8 +517,21 @@ def _resolve_media_root(media_root) -> Path | None:
 class _ServerState:
     """What the routes share: the batcher (queue, worker, model thread), the mode, the limits and the media root."""
 
-    def __init__(self, batcher: Batcher, *, mode: str, root: Path | None, max_queue: int, timeout: float):
+    def __init__(self, batcher: Batcher, *, mode: str, root: Path | None, max_queue: int, timeout: float,
+                 assembler: GroupAssembler, stop_texts=DEFAULT_STOP_TEXTS, frame=None):
         self.batcher, self.mode, self.root, self.max_queue, self.timeout = batcher, mode, root, max_queue, timeout
+        self.assembler, self.stop_texts, self.frame = assembler, tuple(stop_texts), frame
+        # how long a /get_reward request may wait for the rest of its group before scoring starts
+        self.group_wait = assembler.group_timeout if assembler.group_size > 1 else 0.0
+
+    def load_media(self, base: dict) -> dict:
+        """A group's sample base with its label media decoded / checked under the media root (thread)."""
+        out = dict(base)
+        if base.get("images"):
+            out["images"] = [load_image_field(v, self.root, f"label image {k}") for k, v in enumerate(base["images"])]
+        if base.get("videos"):
+            out["videos"] = [load_video_field(v, self.root, f"label video {k}") for k, v in enumerate(base["videos"])]
+        return out
 
     async def prepare(self, samples: list[SampleIn]) -> list[dict]:
         """Request samples -> mrrm samples (media decoded / paths checked); a refused medium is an HTTP error."""
@@ -436,37 +562,93 @@ class _ServerState:
                 **batcher.counters}
 
 
-def _group_queries(body: RewardRequest) -> list[dict]:
-    """Check a /get_reward body and split each query into prompt + response; the queries that share a
-    prompt form one group {"prompt", "responses", "rows" (their indices in the request)}, in first-seen order."""
+def _label_media(label, i: int) -> dict:
+    """Media references a query's label carries: a dict (or its JSON text) with image / images /
+    video / videos, as a dataset field passed through OpenRLHF's --data.label_key. Anything else
+    (a ground-truth string, None) carries no media."""
+    if isinstance(label, str) and label[:1] == "{":
+        try:
+            label = json.loads(label)
+        except ValueError:
+            return {}
+    if not isinstance(label, dict):
+        return {}
+    out = {}
+    for one, many in (("image", "images"), ("video", "videos")):
+        if label.get(one) is not None and label.get(many) is not None:
+            raise HTTPException(422, f"labels[{i}]: give '{one}' or '{many}', not both")
+        refs = [label[one]] if label.get(one) is not None else label.get(many) or []
+        if not isinstance(refs, list) or not all(isinstance(r, (str, list)) for r in refs):
+            raise HTTPException(422, f"labels[{i}]: '{many}' must be a list of paths / base64 strings")
+        if refs:
+            out[many] = refs
+    return out
+
+
+@dataclass
+class _Query:
+    key: str         # the group: the prompt text as sent, and the label's media
+    base: dict       # the sample without responses: the user's message under mrrm's own template, media refs
+    response: str
+
+
+def _parse_queries(state: "_ServerState", body: RewardRequest) -> list[_Query]:
+    """Each query -> (group key, sample base, response): the policy's template and stop tokens stripped
+    (mrrm.queries), the prompt possibly left-truncated in the query, media from the label."""
     n = len(body.query)
     if len(body.prompts) != n:
         raise HTTPException(422, f"'prompts' has {len(body.prompts)} entries but 'query' has {n}")
     if body.labels is not None and len(body.labels) != n:
         raise HTTPException(422, f"'labels' has {len(body.labels)} entries but 'query' has {n}")
-    groups: dict[str, dict] = {}
+    out = []
     for i, (q, p) in enumerate(zip(body.query, body.prompts)):
         if not p:
             raise HTTPException(422, f"prompts[{i}] is empty")
-        if not q.startswith(p):
-            raise HTTPException(422, f"query[{i}] does not start with prompts[{i}] (a query is prompt + response)")
-        g = groups.setdefault(p, {"prompt": p, "responses": [], "rows": []})
-        g["responses"].append(q[len(p):])
-        g["rows"].append(i)
-    return list(groups.values())
+        try:
+            response = response_of(q, p, state.stop_texts)
+        except QueryError as e:
+            raise HTTPException(422, f"query[{i}]: {e}") from None
+        turn = user_turn(p, state.frame)
+        if not turn.text:
+            raise HTTPException(422, f"prompts[{i}]: the user's message is empty")
+        media_refs = _label_media(body.labels[i] if body.labels is not None else None, i)
+        given = (len(media_refs.get("images", [])), len(media_refs.get("videos", [])))
+        if (turn.images or turn.videos) and given != (turn.images, turn.videos):
+            raise HTTPException(422, f"prompts[{i}] holds {turn.images} image and {turn.videos} video placeholder(s) "
+                                     f"but labels[{i}] gives {given[0]} image(s) and {given[1]} video(s); send the "
+                                     "media as the label {\"images\": [...], \"videos\": [...]} (paths under "
+                                     "--media-root, or base64 images)")
+        key = p + "\x00" + json.dumps(media_refs, sort_keys=True)
+        out.append(_Query(key, {"prompt": turn.text, **media_refs}, response))
+    return out
 
 
-async def _get_reward(state: _ServerState, body: RewardRequest) -> dict:
-    """OpenRLHF's remote reward protocol: one score per query, each group of queries scored in one pass."""
-    n = len(body.query)
-    plans = [(g, group_sample(g)) for g in _group_queries(body)]
-    samples = [s for _, s in plans if s is not None]
-    scores = iter(await state.run_job(samples) if samples else [])
-    rewards, sizes = [0.0] * n, [0] * n
-    for g, s in plans:
-        values = fill_empty(ungroup(g["responses"], s, next(scores) if s is not None else None))
-        for i, v in zip(g["rows"], values):
-            rewards[i], sizes[i] = float(v), len(g["rows"])
+async def _get_reward(state: "_ServerState", body: RewardRequest) -> dict:
+    """OpenRLHF's remote reward protocol: one reward per query. The queries of a prompt are scored
+    together as one group: those of this request, and with --group-size N, those of other requests
+    too (GroupAssembler), as OpenRLHF sends one rollout per request."""
+    by_key: dict[str, tuple[dict, list[int]]] = {}
+    queries = _parse_queries(state, body)
+    for i, q in enumerate(queries):
+        by_key.setdefault(q.key, (q.base, []))[1].append(i)
+    try:
+        parts = await asyncio.wait_for(asyncio.gather(*(
+            state.assembler.add(key, base, [queries[i].response for i in rows]) for key, (base, rows) in by_key.items())),
+            state.group_wait + state.timeout)
+    except QueueFull:
+        raise HTTPException(429, f"{state.assembler.max_pending} responses are waiting for their groups; retry later",
+                            headers={"Retry-After": "1"}) from None
+    except asyncio.TimeoutError:
+        state.batcher.counters["timeouts"] += 1
+        raise HTTPException(504, f"the group was not scored within {state.group_wait + state.timeout:g} s") from None
+    except MediaRejected as e:
+        raise HTTPException(e.status, str(e)) from None
+    except (BatchError, SampleError) as e:
+        raise HTTPException(422, str(e)) from None
+    rewards, sizes = [0.0] * len(queries), [0] * len(queries)
+    for (_, rows), (values, size) in zip(by_key.values(), parts):
+        for i, v in zip(rows, values):
+            rewards[i], sizes[i] = float(v), size
     return {"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}}
 
 
@@ -500,18 +682,48 @@ def _lifespan(batcher: Batcher):
 
 def create_app(model, *, mode: str | None = None, media_root=None, token: str | None = None,
                max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel)."""
+               timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT,
+               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None):
+    """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
+
+    group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
+    requests until that many arrived (or group_timeout seconds passed), then scores them in one pass.
+    1 (the default): a group is what one request carries. max_pending: responses held at most before
+    429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template and stop tokens are
+    stripped from OpenRLHF's prompts and queries (the common templates are known without it)."""
     mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
+    check_int("group_size", group_size)
+    check_int("max_pending", max_pending)
+    if isinstance(group_timeout, bool) or not (isinstance(group_timeout, (int, float)) and 0 < group_timeout < math.inf):
+        raise ValueError(f"group_timeout must be a positive number of seconds, got {group_timeout!r}")
     root = _resolve_media_root(media_root)
     batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
                       max_queue=max_queue)
+    stop_texts, frame = _policy_conventions(policy_tokenizer)
+    assembler = GroupAssembler(batcher, group_size=group_size, group_timeout=float(group_timeout),
+                               max_pending=max_pending)
+    state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, assembler=assembler,
+                         stop_texts=stop_texts, frame=frame)
+    assembler.prepare = state.load_media
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
-    app.state.batcher = batcher
+    app.state.batcher, app.state.assembler = batcher, assembler
     app.add_exception_handler(RequestValidationError, _validation_response)
-    _add_routes(app, _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout))
+    _add_routes(app, state)
     return Guard(app, token=token, max_body_bytes=max_body_bytes)
+
+
+def _policy_conventions(policy_tokenizer):
+    """(stop texts, template frame) from the policy's tokenizer (an object or a path), or the defaults."""
+    if policy_tokenizer is None:
+        return DEFAULT_STOP_TEXTS, None
+    if isinstance(policy_tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        policy_tokenizer = AutoTokenizer.from_pretrained(os.fspath(policy_tokenizer))
+    own = [t for t in (policy_tokenizer.eos_token, policy_tokenizer.pad_token) if isinstance(t, str) and t]
+    return tuple(own) + DEFAULT_STOP_TEXTS, template_frame(policy_tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,6 +753,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting before 429")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request before 504")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--group-size", type=positive_int, default=1,
+                   help="samples per prompt of the trainer: /get_reward holds a prompt's responses across requests "
+                        "until this many arrived, then scores them in one pass (default 1: per request)")
+    p.add_argument("--group-timeout", type=float, default=DEFAULT_GROUP_TIMEOUT,
+                   help="seconds a group waits for its remaining responses before it is scored as it is")
+    p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING,
+                   help="responses held for their groups at most (then 429)")
+    p.add_argument("--policy-tokenizer", default=None,
+                   help="the policy's tokenizer (path): its chat template and stop tokens are stripped from "
+                        "OpenRLHF's prompts and queries (ChatML/Qwen, Llama 3, Gemma and Mistral are known without it)")
     return p
 
 
@@ -561,7 +783,9 @@ def main(argv=None) -> None:
     log.info("model loaded in %.1f s", time.perf_counter() - t0)
     app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
                      max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, group_size=args.group_size,
+                     group_timeout=args.group_timeout, max_pending=args.max_pending,
+                     policy_tokenizer=args.policy_tokenizer)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

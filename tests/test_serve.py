@@ -17,13 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from model_fixtures import build_family, rgb_image
+from serving import running
 
 import mrrm
 from mrrm.grpo import canonical_order
@@ -38,24 +37,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def model():
     return build_family("qwen2_vl").model
-
-
-@contextmanager
-def running(app):
-    """Serve `app` on a free loopback port in a background thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def batcher_of(app):
@@ -269,13 +250,14 @@ def test_get_reward_groups_queries_by_prompt(model):
         assert r.status_code == 200, r.text
         body = r.json()
         bad = httpx.post(f"{url}/get_reward", json={"query": ["abc"], "prompts": ["xyz"]})
-        assert bad.status_code == 422 and "does not start with prompts[0]" in bad.json()["detail"]
+        assert bad.status_code == 422 and "query[0]: the query neither starts with its prompt" in bad.json()["detail"]
         bad = httpx.post(f"{url}/get_reward", json={"query": ["abc"], "prompts": []})
         assert bad.status_code == 422 and "'prompts' has 0 entries" in bad.json()["detail"]
     want = {}
-    for p, rs in zip(prompts, responses):
+    for p, rs in zip(prompts, responses):  # the user's message, not the policy's template, is scored
         distinct = canonical_order(rs)
-        want[p] = dict(zip(distinct, mrrm.score({"prompt": p, "responses": distinct}, model)[0]))
+        user = p.split("user\n")[1].split("<|im_end|>")[0]
+        want[p] = dict(zip(distinct, mrrm.score({"prompt": user, "responses": distinct}, model)[0]))
     for (p, s), got in zip(rows[:-1], body["rewards"][:-1]):
         assert got == pytest.approx(want[p][s], **TOL)
     assert body["rewards"][-1] == pytest.approx(min(want[prompts[1]].values()), **TOL)  # empty response
@@ -332,3 +314,154 @@ def test_command_serves_default_model(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------------
+# Group assembly across requests, query parsing, the token in the URL
+# --------------------------------------------------------------------------------------------------
+QWEN_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _one_query_requests(url, rows, headers=None):
+    """One request per (templated prompt, response + EOS), all in flight at once (OpenRLHF's shape)."""
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(c.post(url, headers=headers or {}, json={
+                "query": [p + r + "<|im_end|>"], "prompts": [p], "labels": [lab]}) for p, r, lab in rows))
+    return asyncio.run(go())
+
+
+def test_group_assembly_scores_a_prompts_requests_together(model):
+    """--group-size 4: four one-query requests per prompt (interleaved, concurrent) get the rewards of
+    joint scoring of the four together, whatever their arrival order; one pass per group."""
+    questions = ["What is shown?", "How many dots?"]
+    answers = [["a cat", "a dog", "a red car", "a cat"], ["three", "five", "", "nine dots"]]
+    rows = [(QWEN_PROMPT.format(q), a, None) for q, rs in zip(questions, answers) for a in rs]
+    want = {}
+    for q, rs in zip(questions, answers):
+        distinct = canonical_order([r for r in rs if r])
+        scores = dict(zip(distinct, mrrm.score({"prompt": q, "responses": distinct}, model)[0]))
+        want[q] = {r: scores.get(r, min(scores.values())) for r in rs}  # the empty response: the group's lowest
+    app = create_app(model, group_size=4, group_timeout=30)
+    with running(app) as url:
+        for order in ([0, 4, 1, 5, 2, 6, 3, 7], [7, 6, 5, 4, 3, 2, 1, 0]):
+            got = _one_query_requests(f"{url}/get_reward", [rows[i] for i in order])
+            for i, r in zip(order, got):
+                assert r.status_code == 200, r.text
+                body = r.json()
+                q = questions[i // 4]
+                assert body["rewards"] == [pytest.approx(want[q][answers[i // 4][i % 4]], **TOL)]
+                assert body["extra_logs"]["group_size"] == [4]
+        assembler = app.app.state.assembler
+        assert assembler.counters == {"groups": 4, "groups_timed_out": 0}
+        assert not assembler.open and assembler.pending == 0
+
+
+def test_incomplete_group_is_scored_after_the_timeout(model):
+    app = create_app(model, group_size=8, group_timeout=0.5)
+    p = QWEN_PROMPT.format("What is shown?")
+    with running(app) as url:
+        t0 = time.monotonic()
+        got = _one_query_requests(f"{url}/get_reward", [(p, "a cat", None), (p, "a dog", None)])
+        assert time.monotonic() - t0 >= 0.5
+    want = mrrm.score({"prompt": "What is shown?", "responses": canonical_order(["a cat", "a dog"])}, model)[0]
+    by = dict(zip(canonical_order(["a cat", "a dog"]), want))
+    assert [r.json()["rewards"][0] for r in got] == [pytest.approx(by["a cat"], **TOL), pytest.approx(by["a dog"], **TOL)]
+    assert app.app.state.assembler.counters["groups_timed_out"] == 1
+
+
+def test_truncated_prompt_and_stop_tokens(model):
+    """A query holding only the end of its prompt (OpenRLHF's left truncation) and EOS / pad text
+    after the response is scored as the whole prompt with the bare response."""
+    q = "Describe the picture in detail, please. " * 3
+    p = QWEN_PROMPT.format(q)
+    app = create_app(model)
+    with running(app) as url:
+        whole = httpx.post(f"{url}/get_reward", json={"query": [p + "a cat<|im_end|><|endoftext|>"], "prompts": [p]})
+        cut = httpx.post(f"{url}/get_reward", json={"query": [p[60:] + "a cat<|im_end|>"], "prompts": [p]})
+        lost = httpx.post(f"{url}/get_reward", json={"query": ["a cat<|im_end|>"], "prompts": [p]})
+    want = mrrm.score({"prompt": q.strip(), "responses": ["a cat"]}, model)[0][0]
+    assert whole.json()["rewards"] == [pytest.approx(want, **TOL)]
+    assert cut.json()["rewards"] == [pytest.approx(want, **TOL)]
+    assert lost.status_code == 422 and "neither starts with its prompt nor with the end of it" in lost.json()["detail"]
+
+
+def test_image_prompt_with_media_in_the_label(model, tmp_path):
+    """A Qwen-VL prompt's expanded image pads are recognised; its image comes from the label (a path
+    under --media-root); without one the request is refused with what to send."""
+    img = rgb_image(7)
+    img.save(tmp_path / "cat.png")
+    p = QWEN_PROMPT.format("<|vision_start|><|image_pad|><|vision_end|>What is shown?")
+    query = p.replace("<|image_pad|>", "<|image_pad|>" * 16) + "a cat<|im_end|>"
+    app = create_app(model, media_root=tmp_path)
+    with running(app) as url:
+        ok = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": [p], "labels": [{"images": ["cat.png"]}]})
+        as_text = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": [p],
+                                                        "labels": ['{"image": "cat.png"}']})
+        missing = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": [p], "labels": ["4"]})
+        outside = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": [p], "labels": [{"image": "../x.png"}]})
+    want = mrrm.score({"prompt": "What is shown?", "image": img, "responses": ["a cat"]}, model)[0][0]
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["rewards"] == [pytest.approx(want, **TOL)] == as_text.json()["rewards"]
+    assert missing.status_code == 422 and "holds 1 image and 0 video placeholder(s)" in missing.json()["detail"]
+    assert outside.status_code == 403 and "not allowed in media paths" in outside.text
+
+
+def test_token_in_the_url_and_basic_auth(model):
+    app = create_app(model, token=TOKEN)
+    p = "What is shown?"
+    body = {"query": [p + "a cat"], "prompts": [p]}
+    with running(app) as url:
+        host = url.split("//")[1]
+        assert httpx.post(f"{url}/t/{TOKEN}/get_reward", json=body).status_code == 200
+        assert httpx.post(f"http://rl:{TOKEN}@{host}/get_reward", json=body).status_code == 200
+        assert httpx.post(f"{url}/get_reward", json=body, headers=AUTH).status_code == 200
+        wrong = httpx.post(f"{url}/t/nope/get_reward", json=body)
+        assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong token in the URL"
+        assert httpx.post(f"http://rl:nope@{host}/get_reward", json=body).status_code == 401
+        assert httpx.post(f"{url}/get_reward", json=body).status_code == 401
+
+
+def test_lone_surrogate_is_a_4xx(model):
+    app = create_app(model)
+    with running(app) as url:
+        for body, path in ((b'{"query": ["Hi\\ud800 a cat"], "prompts": ["Hi\\ud800"]}', "get_reward"),
+                           (b'{"samples": [{"prompt": "Hi", "responses": ["a \\ud800"]}]}', "score")):
+            r = httpx.post(f"{url}/{path}", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (path, r.status_code, r.text)
+            assert "not valid Unicode" in r.text
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_load_2048_one_query_requests_group_size_8(model):
+    """A rollout of 256 prompts x 8 samples, every request in flight at once (OpenRLHF's shape): all
+    answered 200, none refused (waiting for a group is not overload), every reward present and equal
+    to its group's joint score."""
+    import asyncio
+
+    prompts = [QWEN_PROMPT.format(f"Question {k}: how many dots?") for k in range(256)]
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    rows = [(p, f"{words[j]} dots", None) for j in range(8) for p in prompts]  # a prompt's samples spread out
+    app = create_app(model, group_size=8, group_timeout=120, timeout=300, max_batch_tokens=8192)
+
+    async def go(url):
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+            return await asyncio.gather(*(c.post(f"{url}/get_reward", json={
+                "query": [p + r + "<|im_end|>"], "prompts": [p], "labels": [None]}) for p, r, _ in rows))
+
+    with running(app) as url:
+        got = asyncio.run(go(url))
+        health = httpx.get(f"{url}/health").json()
+    assert [r.status_code for r in got].count(200) == len(rows), {r.status_code for r in got}
+    assert health["rejected"] == 0 and health["timeouts"] == 0
+    assert app.app.state.assembler.counters == {"groups": 256, "groups_timed_out": 0}
+    rewards = {(p, r): resp.json()["rewards"][0] for (p, r, _), resp in zip(rows, got)}
+    for k in (0, 97, 255):  # spot-check groups against direct joint scoring
+        distinct = canonical_order([f"{w} dots" for w in words])
+        want = mrrm.score({"prompt": f"Question {k}: how many dots?", "responses": distinct}, model)[0]
+        for resp, w in zip(distinct, want):
+            assert rewards[(prompts[k], resp)] == pytest.approx(w, **TOL)
