@@ -1,4 +1,4 @@
-"""GRPO reward scoring: a TRL reward function and a veRL batch reward adapter.
+"""GRPO reward scoring: a TRL reward function and veRL reward functions (per row for 0.9, batch for <= 0.6).
 
 GRPO samples G completions per prompt and normalises rewards within each group. That group is
 exactly what a multi-response reward model scores in one pass, so both adapters regroup the flat
@@ -34,12 +34,13 @@ import functools
 import hashlib
 import math
 import os
+import weakref
 from typing import Any, Sequence
 
 from mrrm import media
 from mrrm.common import MODES, check_choice, check_int
 
-__all__ = ["RewardFunction", "compute_score", "canonical_order", "prompt_text", "completion_text", "group_sample",
+__all__ = ["RewardFunction", "compute_score", "compute_score_row", "canonical_order", "prompt_text", "completion_text", "group_sample",
            "ungroup", "score_groups", "fill_empty"]
 
 
@@ -313,7 +314,8 @@ _VERL_KWARGS = ("model", "mode", "max_batch_tokens", "device", "dtype", "media_r
 
 
 def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwargs) -> list[float]:
-    """veRL batch reward function (reward_model.reward_manager=batch).
+    """veRL batch reward function (veRL <= 0.6: reward_model.reward_manager=batch; veRL 0.9 calls a
+    function per row: compute_score_row).
 
     Each row's extra_info (a dict set by your dataset preprocessing) must hold "uid" (one value per
     prompt, shared by its rollouts) and "prompt" (a string or a chat); optional "image"/"images"/
@@ -420,3 +422,114 @@ def _verl_rewards(groups: list[dict], scored: list[list[float | None]], n: int,
         for i, v in zip(g["rows"], fill_empty(s, empty_reward)):
             out[i] = float(v)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# veRL 0.9: one call per row (the reward loop), groups assembled in the worker's event loop
+# --------------------------------------------------------------------------------------------------
+
+_ROW_KWARGS = _VERL_KWARGS + ("group_size", "group_timeout")
+DEFAULT_GROUP_TIMEOUT = 120.0
+
+
+class _RowGroup:
+    def __init__(self, base: dict, future):
+        self.base, self.future, self.responses, self.closed, self.timer = base, future, [], False, None
+
+
+class _RowAssembler:
+    """The rows of one prompt (one uid) held until `group_size` arrived or `group_timeout` passed, then
+    scored together in one pass, off the event loop on one model thread. One per event loop: veRL's
+    reward loop awaits every row of a worker in one loop."""
+
+    def __init__(self):
+        import concurrent.futures
+
+        self.open: dict = {}
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-verl")
+        self.counters = {"groups": 0, "groups_timed_out": 0}
+
+    async def add(self, key, base: dict, response: str, *, group_size: int, timeout: float, score) -> tuple[float, int]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        g = self.open.get(key)
+        if g is None:
+            g = self.open[key] = _RowGroup(base, loop.create_future())
+            g.timer = loop.call_later(timeout, self._close, key, g, score, True)
+        index = len(g.responses)
+        g.responses.append(response)
+        if len(g.responses) >= group_size:
+            self._close(key, g, score, False)
+        rewards = await asyncio.shield(g.future)
+        return rewards[index], len(rewards)
+
+    def _close(self, key, g: _RowGroup, score, timed_out: bool) -> None:
+        import asyncio
+
+        if self.open.get(key) is g:
+            del self.open[key]
+        if g.closed:
+            return
+        g.closed = True
+        g.timer.cancel()
+        self.counters["groups"] += 1
+        self.counters["groups_timed_out"] += int(timed_out)
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.model_thread, score, {**g.base, "responses": list(g.responses)})
+
+        def done(f):
+            if f.exception() is not None:
+                g.future.set_exception(f.exception())
+            else:
+                g.future.set_result(f.result())
+        work.add_done_callback(done)
+
+
+_ROW_ASSEMBLERS = weakref.WeakKeyDictionary()  # event loop -> _RowAssembler
+
+
+async def compute_score_row(data_source=None, solution_str=None, ground_truth=None, extra_info=None, **kwargs):
+    """veRL 0.9 reward function: veRL's reward loop calls it once per rollout (naive / dapo / gdpo /
+    rate_limited managers, awaited in the worker's event loop). The rows of one prompt are held until
+    `group_size` (= actor_rollout_ref.rollout.n) of them arrived, or `group_timeout` seconds passed,
+    and scored together in one pass; each row gets its own reward. Returns {"score": reward,
+    "mrrm_group_size": size of the group scored}.
+
+    extra_info (set by your dataset preprocessing, as for compute_score): "prompt" (string or chat),
+    optional "uid" (rows are grouped by it, else by prompt text and media), "image"/"images"/"video"/
+    "videos". reward_kwargs: group_size (required), group_timeout (default 120 s), and compute_score's
+    model, mode, max_batch_tokens, device, dtype, media_root, empty_reward. Set reward.num_workers=1:
+    veRL sends each rollout to a random reward worker, and a group is assembled within one worker.
+    """
+    unknown = set(kwargs) - set(_ROW_KWARGS) - {"reward_router_address", "reward_model_tokenizer"}
+    if unknown:
+        raise TypeError(f"compute_score_row: unknown keyword argument(s) {sorted(unknown)}")
+    group_size = check_int("group_size", kwargs.get("group_size"))
+    timeout = kwargs.get("group_timeout", DEFAULT_GROUP_TIMEOUT)
+    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        raise ValueError(f"group_timeout must be a positive number of seconds, got {timeout!r}")
+    mode, max_batch_tokens, empty_reward = _verl_options({k: v for k, v in kwargs.items() if k in _VERL_KWARGS})
+    info = dict(extra_info) if isinstance(extra_info, dict) else extra_info
+    if isinstance(info, dict) and "uid" not in info and "prompt" in info:
+        info["uid"] = None  # grouped by prompt text and media below
+    uid, text = _verl_row(0, solution_str, info)
+    images, videos = _verl_media(info, kwargs.get("media_root"))
+    fp = _Fingerprints()
+    key = (uid, text, fp(images), fp(videos)) if uid is None else (uid,)
+    model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
+
+    def score(group: dict) -> list[float]:
+        (values,) = score_groups(model, [group], mode=mode, max_batch_tokens=max_batch_tokens)
+        return fill_empty(values, empty_reward)
+
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    assembler = _ROW_ASSEMBLERS.get(loop)
+    if assembler is None:
+        assembler = _ROW_ASSEMBLERS[loop] = _RowAssembler()
+    base = {"prompt": text, "images": images, "videos": videos, "id": str(uid if uid is not None else text)}
+    reward, size = await assembler.add(key, base, solution_str, group_size=group_size, timeout=float(timeout),
+                                       score=score)
+    return {"score": float(reward), "mrrm_group_size": size}

@@ -357,3 +357,33 @@ def test_verl_bad_batches(reward_model):
         compute_score(**verl_batch(rows, uids), model=reward_model, temperature=1.0)
     with pytest.raises(ValueError, match="mode"):
         compute_score(**verl_batch(rows, uids), model=reward_model, mode="best")
+
+
+def test_compute_score_row_groups_rows_and_times_out(reward_model):
+    """veRL 0.9's per-row function without veRL: rows awaited concurrently in one loop are scored as
+    one group; a group short of group_size is scored as it is after group_timeout; bad kwargs refused."""
+    import asyncio
+
+    from mrrm.grpo import compute_score_row
+
+    info = {"prompt": "Name a colour."}
+
+    async def rows(answers, **kw):
+        return await asyncio.gather(*(compute_score_row("src", a, "", dict(info), model=reward_model, **kw)
+                                      for a in answers))
+
+    full = asyncio.run(rows(["red", "blue", "green"], group_size=3))
+    short = asyncio.run(rows(["red", "blue"], group_size=3, group_timeout=0.3))
+    distinct = canonical_order(["red", "blue", "green"])
+    want = dict(zip(distinct, mrrm.score({"prompt": "Name a colour.", "responses": distinct}, reward_model)[0]))
+    assert [r["score"] for r in full] == [pytest.approx(want[a], rel=1e-5) for a in ("red", "blue", "green")]
+    assert {r["mrrm_group_size"] for r in full} == {3} and {r["mrrm_group_size"] for r in short} == {2}
+    two = canonical_order(["red", "blue"])
+    want2 = dict(zip(two, mrrm.score({"prompt": "Name a colour.", "responses": two}, reward_model)[0]))
+    assert [r["score"] for r in short] == [pytest.approx(want2[a], rel=1e-5) for a in ("red", "blue")]
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        asyncio.run(rows(["red"]))
+    with pytest.raises(TypeError, match="unknown keyword"):
+        asyncio.run(rows(["red"], group_size=1, groupsize=2))
+    with pytest.raises(ValueError, match="'uid' and 'prompt'"):
+        asyncio.run(compute_score_row("src", "red", "", {"question": "x"}, group_size=1, model=reward_model))

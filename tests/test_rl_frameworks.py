@@ -1,11 +1,16 @@
-"""RL frameworks driving mrrm.serve through their OWN client code, as released (installed --no-deps in
-the test setup; only ray and vllm, which a CPU test cannot start, are stubbed: tests/rl_stubs.py).
+"""RL frameworks driving mrrm through their OWN code, as released (installed --no-deps in the test
+setup: requirements-rl-nodeps.txt; only ray and vllm, which a CPU test cannot start, are stubbed:
+tests/rl_stubs.py).
 
 OpenRLHF 0.11: `RolloutRayActor.generate_responses` gathers `num_samples` rollouts of one prompt,
 each through `SingleTurnAgentExecutor.execute`, which posts ONE query per request to
 `--reward.remote_url`. With `mrrm.serve --group-size 4` the four requests of a prompt are scored
 together: their rewards equal mrrm's joint scoring of the four (canonical order), also with the token
 in the URL, a left-truncated prompt and an image prompt whose image comes from the label.
+
+veRL 0.9: its `RewardLoopWorker`, built from its own Hydra config with the README's lines, calls
+`mrrm.grpo.compute_score_row` once per rollout; the rows of a prompt are scored together, and the
+rewards equal joint scoring of each group, whatever the order of the batch.
 """
 import asyncio
 import importlib
@@ -20,7 +25,9 @@ import mrrm
 from mrrm.grpo import canonical_order
 from mrrm.serve import create_app
 
-openrlhf = pytest.importorskip("openrlhf", reason="OpenRLHF is installed by .ci/run (pip install --no-deps openrlhf)")
+rl_stubs.install(["ray", "vllm"])  # before any framework import: both import ray at the top
+openrlhf = pytest.importorskip("openrlhf", reason="installed by .ci/run: pip install --no-deps -r requirements-rl-nodeps.txt")
+verl = pytest.importorskip("verl", reason="installed by .ci/run: pip install --no-deps -r requirements-rl-nodeps.txt")
 TOL = dict(rel=1e-4, abs=1e-6)
 TOKEN = "rl-token"
 
@@ -33,7 +40,6 @@ def family():
 @pytest.fixture(scope="module")
 def openrlhf_rollout():
     """OpenRLHF's rollout actor class (ray / vllm stubbed) and its single-turn executor."""
-    rl_stubs.install(["ray", "vllm"])
     vllm_engine = importlib.import_module("openrlhf.trainer.ray.vllm_engine")
     agent = importlib.import_module("openrlhf.utils.agent")
     return rl_stubs.actor_class(vllm_engine.RolloutRayActor), agent.SingleTurnAgentExecutor
@@ -133,3 +139,82 @@ def test_openrlhf_image_prompt_with_the_image_in_the_label(family, openrlhf_roll
         got = rollout(openrlhf_rollout, f"{url}/get_reward", tok, prompt, answers, label={"images": ["cat.png"]},
                       images=[str(tmp_path / "cat.png")], hf_tokenizer=model.processor)
     assert got == [[pytest.approx(w, **TOL)] for w in joint_rewards(model, "What is shown?", answers, image=img)]
+
+
+# --------------------------------------------------------------------------------------------------
+# veRL 0.9.1
+# --------------------------------------------------------------------------------------------------
+VERL_QUESTIONS = ["What is 2+2?", "Name a colour."]
+VERL_ANSWERS = [["4", "four", "It is 4", "5"], ["red", "blue", "a colour", "red"]]
+
+
+def verl_worker(tmp_path, model, n):
+    """veRL's RewardLoopWorker from its own Hydra config with the README's reward lines."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+    model.save_pretrained(tmp_path / "rm")
+    model.tokenizer.save_pretrained(tmp_path / "policy")
+    overrides = [f"actor_rollout_ref.model.path={tmp_path / 'policy'}", f"actor_rollout_ref.rollout.n={n}",
+                 "reward.num_workers=1",
+                 "reward.custom_reward_function.path=pkg://mrrm.grpo",
+                 "reward.custom_reward_function.name=compute_score_row",
+                 f"+reward.custom_reward_function.reward_kwargs.model={tmp_path / 'rm'}",
+                 "+reward.custom_reward_function.reward_kwargs.device=cpu",
+                 f"+reward.custom_reward_function.reward_kwargs.group_size={n}"]
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)
+    return RewardLoopWorker(config)
+
+
+def verl_batch(tok, rows):
+    """A batch as veRL's agent loop hands it over: [prompt | response + EOS, right-padded], one row per
+    rollout; the dataset's extra_info carries the prompt (README: veRL)."""
+    import numpy as np
+    import torch
+    from tensordict import TensorDict
+    from verl import DataProto
+
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+               for q, _ in rows]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    resp = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in rows]
+    P, R, n = max(map(len, prompt_ids)), max(map(len, resp)), len(rows)
+    prompt_t = torch.full((n, P), tok.pad_token_id)
+    responses = torch.full((n, R), tok.pad_token_id)
+    attn = torch.zeros(n, P + R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, resp)):
+        prompt_t[i, P - len(p):] = torch.tensor(p)  # prompts are left-padded, responses right-padded
+        responses[i, :len(r)] = torch.tensor(r)
+        attn[i, P - len(p):P + len(r)] = 1
+    batch = TensorDict({"prompts": prompt_t, "responses": responses, "attention_mask": attn,
+                        "input_ids": torch.cat([prompt_t, responses], 1)}, batch_size=n)
+
+    def column(values):
+        out = np.empty(n, dtype=object)
+        out[:] = values
+        return out
+    return DataProto(batch=batch, non_tensor_batch={
+        "data_source": column(["mrrm_demo"] * n),
+        "reward_model": column([{"ground_truth": "", "style": "model"} for _ in rows]),
+        "extra_info": column([{"prompt": q, "uid": f"q{VERL_QUESTIONS.index(q)}"} for q, _ in rows]),
+        "uid": column([f"uid-{VERL_QUESTIONS.index(q)}" for q, _ in rows]),
+        "raw_prompt": column([[{"role": "user", "content": q}] for q, _ in rows])})
+
+
+def test_verl_reward_loop_scores_each_prompts_rollouts_together(family, tmp_path):
+    model, tok = family.model, family.model.tokenizer
+    worker = verl_worker(tmp_path, model, n=4)
+    rows = [(q, a) for j in range(4) for q, answers in zip(VERL_QUESTIONS, VERL_ANSWERS) for a in [answers[j]]]
+    want = {q: dict(zip(answers, joint_rewards(model, q, answers))) for q, answers in zip(VERL_QUESTIONS, VERL_ANSWERS)}
+    for order in (list(range(8)), [7, 2, 5, 0, 3, 6, 1, 4]):
+        batch = [rows[i] for i in order]
+        outs = worker.loop.run_until_complete(worker.compute_score_batch(verl_batch(tok, batch)))
+        for (q, a), out in zip(batch, outs):
+            assert out["reward_score"] == pytest.approx(want[q][a], **TOL), (q, a)
+            assert out["reward_extra_info"]["mrrm_group_size"] == 4
+    from mrrm.grpo import _ROW_ASSEMBLERS
+    assert _ROW_ASSEMBLERS[worker.loop].counters == {"groups": 4, "groups_timed_out": 0}  # 2 batches x 2 prompts
