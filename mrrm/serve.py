@@ -10,11 +10,13 @@ Endpoints (FastAPI):
     GET  /health      {"status": "ok", ...counters}  (never needs the token)
 
 Dynamic batching: every request becomes a job on a bounded asyncio queue (--max-queue; a full
-queue answers 429). One worker task drains the queue: it takes the jobs waiting at that moment
-until their tokens reach --max-batch-tokens and scores them together in packed passes under that
-budget (a request larger than the budget still runs, in passes of its own). All tokenizer and
-model work runs on one dedicated thread, never on the event loop. A request that is not answered
-within --timeout seconds gets 504 (its job is dropped if it has not started).
+queue answers 429). One worker task goes round-robin over the active jobs: each round, every job
+either encodes its next 256 samples or contributes about --max-batch-tokens / (active jobs) tokens
+to one packed scoring call, so a huge request shares the model with later ones instead of holding
+it. A job's samples are all validated before any of them is scored. All tokenizer and model work
+runs on one dedicated thread, never on the event loop. A request that is not answered within
+--timeout seconds gets 504, and its job stops being worked on. /get_reward groups (--group-size)
+wait for room in the queue instead of getting 429.
 
 Safety: loopback by default; optional bearer token (--token or MRRM_SERVE_TOKEN); bodies over
 --max-body-bytes get 413 before they are parsed. Media: a string is an image if it is a data URL
@@ -199,11 +201,16 @@ class QueueFull(Exception):
 class _Job:
     samples: list[dict]
     future: asyncio.Future
-    encoded: list = field(default_factory=list)
+    encoded: list = field(default_factory=list)    # filled ENCODE_CHUNK samples at a time
+    errors: list = field(default_factory=list)     # SampleErrors, global sample indices
+    scores: list = field(default_factory=list)     # results of the samples scored so far, in order
 
     @property
-    def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.encoded)
+    def fully_encoded(self) -> bool:
+        return len(self.encoded) == len(self.samples)
+
+
+ENCODE_CHUNK = 256  # samples encoded per unit of work: a huge request never holds the model thread long
 
 
 class Batcher:
@@ -250,56 +257,86 @@ class Batcher:
         return await fut
 
     # -- the worker -------------------------------------------------------------------------------
-    async def _encode(self, job: _Job) -> bool:
-        """Encode a job's samples on the model thread; a bad job gets its error and is dropped."""
-        if job.future.done():  # timed out while queued
-            return False
-        loop = asyncio.get_running_loop()
+    async def _encode_chunk(self, job: _Job) -> bool:
+        """Encode the job's next ENCODE_CHUNK samples on the model thread. False when the job is over:
+        a bad sample (BatchError listing every bad one, once all are encoded, before any compute) or
+        an unexpected failure."""
+        lo = len(job.encoded)
+        hi = min(len(job.samples), lo + ENCODE_CHUNK)
+
+        def encode():
+            out, errors = [], []
+            for i in range(lo, hi):
+                try:
+                    out.append(self.model.encoder.encode(job.samples[i], i))
+                except SampleError as e:
+                    errors.append(e)
+                    out.append(None)
+            return out, errors
+
         try:
-            job.encoded, _ = await loop.run_in_executor(self.executor, self.model.encoder.encode_all, job.samples)
-        except Exception as e:  # BatchError (bad samples) or an unexpected failure
+            out, errors = await asyncio.get_running_loop().run_in_executor(self.executor, encode)
+        except Exception as e:  # noqa: BLE001 - an unexpected failure ends this job only
             if not job.future.done():
                 job.future.set_exception(e)
+            return False
+        job.encoded += out
+        job.errors += errors
+        if job.fully_encoded and job.errors:
+            if not job.future.done():
+                job.future.set_exception(BatchError(job.errors))
             return False
         return True
 
     async def _run(self) -> None:
-        carried: _Job | None = None
+        """Round-robin over the active jobs: each round, every job either encodes its next chunk or
+        contributes a slice of about max_batch_tokens / (active jobs) tokens to one packed scoring
+        call; a job is answered once all its samples are scored. A huge request therefore shares
+        the model thread with the requests that arrive after it instead of holding it, and a job
+        whose request gave up (timeout) stops being worked on."""
+        active: list[_Job] = []
         while True:
-            if carried is None:
-                job = await self.queue.get()
-                if not await self._encode(job):
-                    continue
-                carried = job
-            batch, tokens, carried = [carried], carried.num_tokens, None
-            while tokens < self.max_batch_tokens and not self.queue.empty():
-                job = self.queue.get_nowait()
-                if not await self._encode(job):
-                    continue
-                if tokens + job.num_tokens > self.max_batch_tokens:
-                    carried = job  # starts the next round
-                    break
-                batch.append(job)
-                tokens += job.num_tokens
-            live = [j for j in batch if not j.future.done()]
-            if not live:
+            if not active:
+                active.append(await self.queue.get())
+            while not self.queue.empty():
+                active.append(self.queue.get_nowait())
+            active = [j for j in active if not j.future.done()]
+            if not active:
                 continue
-            self.counters["rounds"] += 1
-            encoded = [e for j in live for e in j.encoded]
-            try:
-                scores = await asyncio.get_running_loop().run_in_executor(self.executor, self._score, encoded)
-            except Exception as e:
-                log.exception("scoring failed")
-                for j in live:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                continue
-            start = 0
-            for j in live:
-                part = scores[start:start + len(j.encoded)]
-                start += len(j.encoded)
-                if not j.future.done():
-                    j.future.set_result(part)
+            share = max(1, self.max_batch_tokens // len(active))
+            parts = []
+            for job in list(active):
+                if not job.fully_encoded and (not await self._encode_chunk(job) or not job.fully_encoded):
+                    continue
+                lo = hi = len(job.scores)
+                tokens = 0
+                while hi < len(job.encoded) and (hi == lo or tokens + job.encoded[hi].num_tokens <= share):
+                    tokens += job.encoded[hi].num_tokens
+                    hi += 1
+                parts.append((job, lo, hi))
+            active = [j for j in active if not j.future.done()]
+            if parts:
+                await self._score_round(parts)
+                active = [j for j in active if not j.future.done()]
+
+    async def _score_round(self, parts: list) -> None:
+        """Score the slices (job, lo, hi) of one round in packed passes; finished jobs get their scores."""
+        self.counters["rounds"] += 1
+        encoded = [e for job, lo, hi in parts for e in job.encoded[lo:hi]]
+        try:
+            scores = await asyncio.get_running_loop().run_in_executor(self.executor, self._score, encoded)
+        except Exception as e:  # noqa: BLE001 - every job of the round gets the error
+            log.exception("scoring failed")
+            for job, _, _ in parts:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        start = 0
+        for job, lo, hi in parts:
+            job.scores += scores[start:start + hi - lo]
+            start += hi - lo
+            if len(job.scores) == len(job.samples) and not job.future.done():
+                job.future.set_result(job.scores)
 
     @torch.inference_mode()
     def _score(self, encoded: list) -> list[list[float]]:

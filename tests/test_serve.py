@@ -465,3 +465,42 @@ def test_load_2048_one_query_requests_group_size_8(model):
         want = mrrm.score({"prompt": f"Question {k}: how many dots?", "responses": distinct}, model)[0]
         for resp, w in zip(distinct, want):
             assert rewards[(prompts[k], resp)] == pytest.approx(w, **TOL)
+
+
+@pytest.mark.slow
+def test_a_huge_request_does_not_stall_the_others(model):
+    """One /score request of 3,000 samples, then a one-sample request: the small one is answered long
+    before the huge one (the worker goes round-robin over the active jobs, in encode chunks and token
+    slices), and both get their scores; a huge request that times out stops being worked on."""
+    import asyncio
+
+    huge = {"samples": [{"prompt": f"Question {i}: what is shown?", "responses": ["a cat", "a dog"]} for i in range(3000)]}
+    small = {"samples": [{"prompt": "What is shown?", "responses": ["a cat", "a dog"]}]}
+    app = create_app(model, timeout=600, max_batch_tokens=2048)
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=600) as c:
+            async def timed(body, delay):
+                await asyncio.sleep(delay)
+                r = await c.post(f"{url}/score", json=body)
+                return r, time.monotonic()
+            t0 = time.monotonic()
+            (big, t_big), (little, t_little) = await asyncio.gather(timed(huge, 0), timed(small, 0.5))
+            return big, little, t_big - t0, t_little - t0
+
+    with running(app) as url:
+        big, little, t_big, t_little = asyncio.run(go(url))
+    assert big.status_code == little.status_code == 200
+    assert len(big.json()["scores"]) == 3000
+    # sent 0.5 s in, answered within a round or two; before, it waited for all 3,000 (t_little ~ t_big)
+    assert t_little < 0.5 * t_big and t_little - 0.5 < 0.5, (t_little, t_big)
+    assert little.json()["scores"] == [pytest.approx(s, **TOL) for s in mrrm.score(small["samples"], model)]
+
+    app = create_app(model, timeout=1, max_batch_tokens=2048)
+    with running(app) as url:
+        r = httpx.post(f"{url}/score", json=huge, timeout=60)
+        time.sleep(1.5)
+        done = batcher_of(app).counters["samples"]
+        time.sleep(1.0)
+        assert batcher_of(app).counters["samples"] == done  # nothing more scored after the 504
+    assert r.status_code == 504 and done < 3000
