@@ -596,7 +596,8 @@ class _ServerState:
         batcher = self.batcher
         return {"status": "ok", "mode": self.mode, "max_batch_tokens": batcher.max_batch_tokens,
                 "queue": batcher.queue.qsize() if batcher.queue is not None else 0, "max_queue": self.max_queue,
-                **batcher.counters}
+                **batcher.counters, "group_size": self.assembler.group_size, "pending": self.assembler.pending,
+                **self.assembler.counters}
 
 
 def _label_media(label, i: int) -> dict:

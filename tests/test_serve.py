@@ -25,6 +25,7 @@ from model_fixtures import build_family, rgb_image
 from serving import running
 
 import mrrm
+from mrrm import tiny
 from mrrm.grpo import canonical_order
 from mrrm.serve import create_app
 
@@ -504,3 +505,20 @@ def test_a_huge_request_does_not_stall_the_others(model):
         time.sleep(1.0)
         assert batcher_of(app).counters["samples"] == done  # nothing more scored after the 504
     assert r.status_code == 504 and done < 3000
+
+
+def test_policy_tokenizer_template_and_stop_token(model, tmp_path):
+    """--policy-tokenizer PATH: a chat template mrrm does not know and a custom EOS are stripped."""
+    tok = tiny.build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    tok.save_pretrained(tmp_path / "policy")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Count the dots."}], tokenize=False,
+                                     add_generation_prompt=True)
+    app = create_app(model, policy_tokenizer=str(tmp_path / "policy"))
+    with running(app) as url:
+        r = httpx.post(f"{url}/get_reward", json={"query": [prompt + "three" + tok.eos_token], "prompts": [prompt]})
+        health = httpx.get(f"{url}/health").json()
+    want = mrrm.score({"prompt": "Count the dots.", "responses": ["three"]}, model)[0][0]
+    assert r.json()["rewards"] == [pytest.approx(want, **TOL)]
+    assert health["group_size"] == 1 and health["groups"] == 1 and health["pending"] == 0
