@@ -47,8 +47,9 @@ def check_rankings(sample: dict) -> str | None:
     if not isinstance(responses, (list, tuple)) or len(rankings) != len(responses):
         n = len(responses) if isinstance(responses, (list, tuple)) else "no"
         return f"{len(rankings)} rankings for {n} responses"
-    if any(r < 1 for r in rankings):
-        return f"rankings must be >= 1 (1 = best), got {list(rankings)}"
+    if any(r < 1 or r > len(rankings) for r in rankings):
+        shown = [r if abs(r) < 10**6 else f"{r:.3g}" for r in rankings]
+        return f"rankings must be integers 1..{len(rankings)} (1 = best, one per response), got {shown}"
     if len(set(rankings)) == 1 and len(rankings) > 1:
         return "all responses tied: nothing to learn from this sample"
     return None

@@ -339,8 +339,33 @@ class _State:
     t0: float = 0.0  # when scoring started (after the done lines), for the rate
 
 
+def _lock_output(out: str):
+    """An exclusive lock on `<out>.lock` for the whole run: two score commands writing one --out would
+    interleave and duplicate lines. Returns the held file; refuses (CLIError) when another holds it."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    lock = open(out + ".lock", "a+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise CLIError(f"--out {out!r} is being written by another running score command (lock {out}.lock); "
+                       "wait for it or choose another --out") from None
+    return lock
+
+
 def _main(args) -> int:
     paths = _check_paths(args)
+    lock = _lock_output(paths.out)
+    try:
+        return _run_locked(args, paths)
+    finally:
+        os.unlink(lock.name)  # still ours: released just below, never before
+        lock.close()
+
+
+def _run_locked(args, paths) -> int:
     t_load = time.perf_counter()
     model = _load_model(args)
     load_s = time.perf_counter() - t_load

@@ -255,7 +255,7 @@ def test_mr2bench_image_metrics_by_hand(tmp_path):
     assert m["pairwise_accuracy"] == pytest.approx((1 + 0.4) / 2)
     assert res["categories"]["shape"]["kendall_tau"] == pytest.approx(tau2)
     bad = skipped_ids(res)
-    assert "rankings must be >= 1" in bad["m3"] and "3 rankings for 2 responses" in bad["m4"]
+    assert "rankings must be integers 1..2" in bad["m3"] and "3 rankings for 2 responses" in bad["m4"]
 
 
 def test_kendall_tau_b_hand_computed():

@@ -367,3 +367,36 @@ def test_subprocess_end_to_end(model, media, tmp_path):
     for record, scores in zip(got, want):
         assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
     assert read_jsonl(str(out) + ".errors.jsonl")[0]["line"] == 2
+
+
+def test_a_second_writer_of_the_same_out_is_refused(model, tmp_path, capsys):
+    """Two score commands on one --out would interleave and duplicate lines: while one holds the
+    output's lock, another is refused (exit 2, nothing written); the lock file goes with the run."""
+    import fcntl
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a colour.", "responses": ["red", "blue"]}])
+    out = tmp_path / "scored.jsonl"
+    with open(str(out) + ".lock", "a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's run, in effect
+        assert run(data, out) == 2
+        assert "is being written by another running score command" in capsys.readouterr().err
+        assert not out.exists()
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    assert run(data, out) == 0
+    assert len(read_jsonl(out)) == 1 and not os.path.exists(str(out) + ".lock")
+
+
+def test_lone_surrogate_is_a_per_sample_error(model, tmp_path):
+    """A lone surrogate ("\\ud800", valid JSON) in a prompt or response: that line is a bad sample, the
+    rest of the file is scored (exit 0); mrrm.score(errors="skip") gives None in its place."""
+    good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"prompt": "Hi \\ud800", "responses": ["a"]}\n'
+                    + '{"prompt": "Hi", "responses": ["a \\udfff b"]}\n' + json.dumps(good) + "\n")
+    out = tmp_path / "scored.jsonl"
+    assert run(path, out) == 0
+    assert len(read_jsonl(out)) == 2
+    errors = read_jsonl(str(out) + ".errors.jsonl")
+    assert [e["line"] for e in errors] == [2, 3] and all("not valid Unicode" in e["error"] for e in errors)
+    got = mrrm.score([good, {"prompt": "Hi \ud800", "responses": ["a"]}], model, errors="skip")
+    assert got[1] is None and len(got[0]) == 2

@@ -1,0 +1,32 @@
+"""mrrm.data: rankings are validated as integers 1..N wherever preference data is read (training,
+evaluation), so a huge or out-of-range rank is a per-sample error, never a crash later."""
+import json
+
+import pytest
+
+from mrrm import train
+from mrrm.api import build_default_model
+from mrrm.data import check_rankings
+
+
+@pytest.mark.parametrize("rankings,reason", [
+    ([1, 2], None), ([2, 1, 1], None), ([1, 3, 2], None),
+    ([1, 2**63], "rankings must be integers 1..2"), ([10**30, 1], "rankings must be integers 1..2"),
+    ([0, 1], "rankings must be integers 1..2"), ([1, 3], "rankings must be integers 1..2"),
+    ([1, 1], "all responses tied"), ([1, True], "must be a list of integers"), ([1.0, 2], "must be a list of integers"),
+    ([1], "1 rankings for 2 responses"), (None, "missing 'rankings'"),
+])
+def test_check_rankings(rankings, reason):
+    got = check_rankings({"responses": ["a", "b"] + (["c"] if rankings is not None and len(rankings) == 3 else []),
+                          "rankings": rankings})
+    assert got is None if reason is None else reason in got, got
+
+
+def test_training_data_with_a_huge_rank_is_a_bad_sample(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "Name a colour.", "responses": ["red", "blue"], "rankings": [1, 2], "id": "ok"},
+            {"prompt": "Name a colour.", "responses": ["red", "blue"], "rankings": [1, 2**63], "id": "huge"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    per_file, bad = train.prepare(build_default_model(), [str(path)], None, skip_bad=True, log=lambda *a: None)
+    assert len(per_file[0]) == 1 and len(bad) == 1
+    assert "rankings must be integers 1..2" in str(bad[0]) and "huge" in str(bad[0])
