@@ -459,8 +459,8 @@ class Guard:
     only be given a URL, e.g. OpenRLHF's `--reward.remote_url`), always compared in constant time. The
     body is read here (at most max_body_bytes + one chunk) and replayed to the app."""
 
-    def __init__(self, app, *, token: str | None, max_body_bytes: int):
-        self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
+    def __init__(self, app, *, token: str | None, max_body_bytes: int, body_timeout: float = 30.0):
+        self.app, self.token, self.max_body_bytes, self.body_timeout = app, token, max_body_bytes, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -487,8 +487,14 @@ class Guard:
                 bad = JSONResponse({"detail": "bad Content-Length header"}, status_code=400)
                 return await bad(scope, receive, send)
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.body_timeout
         while more:
-            message = await receive()
+            try:  # a client dribbling its body, or sending less than its Content-Length, is cut off
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                slow = JSONResponse({"detail": f"request body not received within {self.body_timeout:g} s"},
+                                    status_code=408, headers={"Connection": "close"})
+                return await slow(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -722,18 +728,21 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT,
-               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None):
+               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, body_timeout: float = 30.0):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
 
     group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
     requests until that many arrived (or group_timeout seconds passed), then scores them in one pass.
     1 (the default): a group is what one request carries. max_pending: responses held at most before
     429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template and stop tokens are
-    stripped from OpenRLHF's prompts and queries (the common templates are known without it)."""
+    stripped from OpenRLHF's prompts and queries (the common templates are known without it).
+    body_timeout: seconds a request's body may take to arrive (408 after; slow or lying clients)."""
     mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
     check_int("group_size", group_size)
     check_int("max_pending", max_pending)
+    if isinstance(body_timeout, bool) or not (isinstance(body_timeout, (int, float)) and 0 < body_timeout < math.inf):
+        raise ValueError(f"body_timeout must be a positive number of seconds, got {body_timeout!r}")
     if isinstance(group_timeout, bool) or not (isinstance(group_timeout, (int, float)) and 0 < group_timeout < math.inf):
         raise ValueError(f"group_timeout must be a positive number of seconds, got {group_timeout!r}")
     root = _resolve_media_root(media_root)
@@ -749,7 +758,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     app.state.batcher, app.state.assembler = batcher, assembler
     app.add_exception_handler(RequestValidationError, _validation_response)
     _add_routes(app, state)
-    return Guard(app, token=token, max_body_bytes=max_body_bytes)
+    return Guard(app, token=token, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
 
 
 def _policy_conventions(policy_tokenizer):
@@ -798,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a group waits for its remaining responses before it is scored as it is")
     p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING,
                    help="responses held for their groups at most (then 429)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive before 408 (slow or lying clients)")
     p.add_argument("--policy-tokenizer", default=None,
                    help="the policy's tokenizer (path): its chat template and stop tokens are stripped from "
                         "OpenRLHF's prompts and queries (ChatML/Qwen, Llama 3, Gemma and Mistral are known without it)")
@@ -823,7 +834,7 @@ def main(argv=None) -> None:
                      max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
                      max_body_bytes=args.max_body_bytes, group_size=args.group_size,
                      group_timeout=args.group_timeout, max_pending=args.max_pending,
-                     policy_tokenizer=args.policy_tokenizer)
+                     policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

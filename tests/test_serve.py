@@ -522,3 +522,22 @@ def test_policy_tokenizer_template_and_stop_token(model, tmp_path):
     want = mrrm.score({"prompt": "Count the dots.", "responses": ["three"]}, model)[0][0]
     assert r.json()["rewards"] == [pytest.approx(want, **TOL)]
     assert health["group_size"] == 1 and health["groups"] == 1 and health["pending"] == 0
+
+
+def test_slow_or_lying_body_gets_408(model):
+    """A client that sends less than its Content-Length (or dribbles its body) is answered 408 after
+    body_timeout and the connection is closed; the server keeps serving."""
+    import socket
+
+    app = create_app(model, body_timeout=1.0)
+    with running(app) as url:
+        host, port = url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"sa")
+            t0 = time.monotonic()
+            reply = s.recv(4096)
+            assert b"408" in reply.split(b"\r\n")[0] and b"not received within 1 s" in reply
+            assert 0.5 < time.monotonic() - t0 < 5
+        assert httpx.get(f"{url}/health").status_code == 200
+    with pytest.raises(ValueError, match="body_timeout"):
+        create_app(model, body_timeout=0)
