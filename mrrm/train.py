@@ -89,6 +89,7 @@ class TrainConfig:
     skip_bad: bool = False
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
+    force_resume: bool = False           # resume even when the data or batch settings changed
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -318,8 +319,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last):
-    """Atomically: write into a temp dir, then rename; keep the last `keep_last` checkpoints."""
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_signature(cfg, data_paths) -> dict:
+    """What a resumed run must share with the run that wrote its checkpoint: the training files'
+    content and the settings that decide which samples each step sees and how they are packed."""
+    return {"data": [_sha256(p) for p in data_paths], "data_weights": cfg.data_weights, "batch_size": cfg.batch_size,
+            "seed": cfg.seed, "shuffle_responses": cfg.shuffle_responses, "mode": cfg.mode, "loss": cfg.loss}
+
+
+def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last, signature=None):
+    """Atomically: write into a temp dir (state.pt and its SHA-256 in state.sha256), then rename; keep
+    the last `keep_last` checkpoints. `signature` (run_signature) is kept to check a resume against."""
     ckpt_root = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"step-{step:08d}")
@@ -328,8 +347,13 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_l
     os.makedirs(tmp)
     trainable = {k: v for k, v in model.state_dict().items()}
     torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "position": position, "step": step}, os.path.join(tmp, "state.pt"))
+                "rng": rng_state(), "position": position, "step": step, "signature": signature},
+               os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "state.pt"), "rb") as fh:
+        os.fsync(fh.fileno())
+    with open(os.path.join(tmp, "state.sha256"), "w") as fh:
+        fh.write(_sha256(os.path.join(tmp, "state.pt")) + "\n")
+        fh.flush()
         os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -339,13 +363,44 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_l
     return final
 
 
-def latest_checkpoint(out_dir):
+def checkpoints_newest_first(out_dir) -> list[str]:
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")
-                  and os.path.exists(os.path.join(root, d, "state.pt")))
-    return os.path.join(root, done[-1]) if done else None
+        return []
+    done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+    return [os.path.join(root, d) for d in reversed(done)]
+
+
+def latest_checkpoint(out_dir):
+    done = [d for d in checkpoints_newest_first(out_dir) if os.path.exists(os.path.join(d, "state.pt"))]
+    return done[0] if done else None
+
+
+def load_intact_checkpoint(out_dir, log=print):
+    """(path, state) of the newest checkpoint whose state.pt matches its recorded SHA-256 (when it has
+    one) and loads; every checkpoint skipped is named with the reason. (None, None) when there are
+    none; SystemExit when there are some but none is intact (training would otherwise restart silently)."""
+    bad = []
+    for path in checkpoints_newest_first(out_dir):
+        state_file = os.path.join(path, "state.pt")
+        reason = None
+        if not os.path.exists(state_file):
+            reason = "no state.pt"
+        elif os.path.exists(os.path.join(path, "state.sha256")):
+            with open(os.path.join(path, "state.sha256")) as fh:
+                if fh.read().strip() != _sha256(state_file):
+                    reason = "state.pt does not match its SHA-256 (state.sha256): the file is damaged"
+        if reason is None:
+            try:
+                return path, torch.load(state_file, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001 - truncated / empty / not a checkpoint: try the previous one
+                reason = f"state.pt does not load ({type(e).__name__}: {str(e)[:200]})"
+        log(f"checkpoint {path} skipped: {reason}")
+        bad.append(f"{path} ({reason})")
+    if bad:
+        raise SystemExit("mrrm.train: no intact checkpoint to resume from: " + "; ".join(bad)
+                         + ". Delete them (or use a new --output-dir) to start over.")
+    return None, None
 
 
 def make_scheduler(optimizer, cfg, total_steps):
@@ -384,6 +439,7 @@ class TrainState:
     bar: object = None               # tqdm progress bar
     t0: float = 0.0
     tokens_seen: int = 0             # this rank's tokens since t0
+    signature: dict | None = None    # run_signature, saved with every checkpoint
 
     @property
     def log_path(self):
@@ -458,10 +514,13 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     model = build_model(cfg)
     per_file, eval_samples, total_steps = _setup_data(cfg, model, data_paths, eval_path, accel.print)
     params, optimizer, scheduler = _setup_optim(cfg, model, total_steps)
-    step, position = _maybe_resume(cfg, model, optimizer, scheduler, accel.print)
+    signature = run_signature(cfg, data_paths)
+    step, position = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
     ddp_model, optimizer = accel.prepare(model, optimizer)
     st = TrainState(cfg, accel, model, ddp_model, optimizer, scheduler, params, per_file, eval_samples, total_steps,
-                    step=step, position=position)
+                    step=step, position=position, signature=signature)
+    if accel.is_main_process:
+        _drop_log_after(st.log_path, step)
     if accel.is_main_process:
         try:  # TensorBoard when it is installed; the JSONL log always
             from torch.utils.tensorboard import SummaryWriter
@@ -497,12 +556,21 @@ def _setup_optim(cfg, model, total_steps):
     return params, optimizer, scheduler
 
 
-def _maybe_resume(cfg, model, optimizer, scheduler, log):
-    """(step, position) of the latest checkpoint in output_dir, its state loaded; (0, the start) without one."""
-    resume = latest_checkpoint(cfg.output_dir)
-    if not resume:
+def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
+    """(step, position) of the newest intact checkpoint in output_dir, its state loaded; (0, the start)
+    without one. A checkpoint written with other data or batch settings is refused unless
+    --force-resume (the steps it already took would not be the steps of this run)."""
+    resume, state = load_intact_checkpoint(cfg.output_dir, log)
+    if resume is None:
         return 0, {"epoch": 0, "offset": 0}
-    state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False)
+    saved = state.get("signature")
+    if signature is not None and saved is not None and saved != signature:
+        changed = sorted(k for k in signature if saved.get(k) != signature.get(k))
+        if not cfg.force_resume:
+            raise SystemExit(f"mrrm.train: {resume} was written by a run with other {', '.join(changed)}; resuming "
+                             "would not continue that run. Use a new --output-dir, or --force-resume to continue "
+                             "anyway.")
+        log(f"resuming despite changed {', '.join(changed)} (--force-resume)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -510,6 +578,28 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log):
     set_rng_state(state["rng"])
     log(f"resumed from {resume} (step {step})")
     return step, position
+
+
+def _drop_log_after(log_path, step):
+    """On a resume at `step`: log.jsonl's records of later steps (written before the interruption, and
+    about to be written again) are dropped, atomically, so no step is logged twice."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as fh:
+        lines = fh.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except ValueError:
+            continue  # a line torn by the interruption
+        keep.append(line)
+    if len(keep) != len(lines):
+        tmp = log_path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, log_path)
 
 
 def _next_batch(st: TrainState):
@@ -601,7 +691,8 @@ def _maybe_save(st: TrainState):
     cfg = st.cfg
     if cfg.save_every and st.step % cfg.save_every == 0 and st.step < st.total_steps:
         if st.accel.is_main_process:
-            save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last)
+            save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
+                            signature=st.signature)
         st.accel.wait_for_everyone()
 
 
@@ -613,7 +704,8 @@ def _finish(st: TrainState) -> dict:
         st.tb.close()
     summary = {"steps": st.step, "seconds": round(time.time() - st.t0, 1)}
     if accel.is_main_process:
-        save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last)
+        save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
+                            signature=st.signature)
         st.model.save_pretrained(os.path.join(cfg.output_dir, "model"))
         if st.eval_samples:
             summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)

@@ -250,3 +250,47 @@ def test_parquet_data_trains_and_bad_parquet_is_reported(tmp_path, colour_data, 
     per_file, bad = prepare(model, [str(broken), path], None, skip_bad=True)
     assert len(bad) == 1 and "broken.parquet" in str(bad[0]) and "unreadable parquet" in bad[0].reason
     assert len(per_file[1]) == len(rows)
+
+
+def _steps(out):
+    return [r["step"] for r in _log(out) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_checkpoint_refuses_changed_settings_and_logs_each_step_once(tmp_path, colour_data, capsys):
+    out = str(tmp_path / "run")
+    common = ["--data", colour_data, "--save-every", "2", "--keep-last", "5", "--log-every", "1",
+              "--output-dir", out] + SMALL
+    train(parse_args(common + ["--max-steps", "6"]))
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts == ["step-00000002", "step-00000004", "step-00000006"]
+    assert all(os.path.exists(os.path.join(out, "checkpoints", c, "state.sha256")) for c in ckpts)
+    # flip 64 bytes in the newest checkpoint, empty the one before: resume falls back to step 2, naming both
+    newest = os.path.join(out, "checkpoints", "step-00000006", "state.pt")
+    raw = bytearray(open(newest, "rb").read())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 64])
+    open(newest, "wb").write(bytes(raw))
+    open(os.path.join(out, "checkpoints", "step-00000004", "state.pt"), "wb").close()
+    shutil.rmtree(os.path.join(out, "model"))
+    capsys.readouterr()
+    train(parse_args(common + ["--max-steps", "8"]))
+    said = capsys.readouterr().out
+    assert "step-00000006 skipped: state.pt does not match its SHA-256" in said
+    assert "step-00000004 skipped" in said and "resumed from" in said and "step-00000002 (step 2)" in said
+    assert _steps(out) == list(range(1, 9))  # steps 3-6 redone, each logged once
+    # a different batch size is refused (the checkpoint's steps would not be this run's), unless forced
+    with pytest.raises(SystemExit, match="other batch_size"):
+        train(parse_args(common + ["--max-steps", "10", "--batch-size", "8"]))
+    train(parse_args(common + ["--max-steps", "10", "--batch-size", "8", "--force-resume"]))
+    assert _steps(out)[-1] == 10 and len(_steps(out)) == len(set(_steps(out)))
+
+
+def test_no_intact_checkpoint_is_an_error_naming_them(tmp_path):
+    from mrrm.train import load_intact_checkpoint
+
+    d = tmp_path / "checkpoints" / "step-00000003"
+    d.mkdir(parents=True)
+    (d / "state.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(state.pt does not load"):
+        load_intact_checkpoint(str(tmp_path), log=lambda *a: None)
+    assert load_intact_checkpoint(str(tmp_path / "elsewhere")) == (None, None)
