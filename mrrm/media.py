@@ -74,6 +74,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+# The most pixels one image may have, checked from its header BEFORE decoding: a few hundred bytes of
+# PNG can declare 81 megapixels (243 MB of RGB, more in the processor). 50 MP (150 MB RGB) passes any
+# camera photo; Qwen-VL processors resize to <= 12.8 MP anyway. Raise it for larger scans.
+MAX_IMAGE_PIXELS = 50_000_000
+
 __all__ = [
     "MediaError",
     "VideoClip",
@@ -205,8 +210,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _decode_image(fp: Path | io.BytesIO, label: str) -> Image.Image:
     try:
         with Image.open(fp) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
+                raise MediaError(f"{label}: {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} "
+                                 f"megapixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} (mrrm.media.MAX_IMAGE_PIXELS)")
             image.load()  # decode everything now: truncated files fail here, not later
             return _to_rgb(image)
+    except MediaError:
+        raise
     except FileNotFoundError as e:
         raise MediaError(f"{label}: file not found") from e
     except UnidentifiedImageError as e:

@@ -508,3 +508,23 @@ def test_fingerprint_of_pixels_and_lists(png, pixels):
         media_fingerprint(png.parent / "missing.mp4")
     with pytest.raises(MediaError, match="unsupported type"):
         media_fingerprint(1.5)
+
+
+def test_image_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
+    """A tiny PNG declaring 81 megapixels is refused from its header (nothing decoded); the limit is
+    mrrm.media.MAX_IMAGE_PIXELS."""
+    from PIL import Image as PILImage
+    from PIL import ImageFile
+
+    from mrrm import media as m
+    path = tmp_path / "huge.png"
+    PILImage.new("L", (9000, 9000)).save(path, optimize=True)  # 81 MP of black: a few hundred KB
+    assert path.stat().st_size < 1_000_000
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    with pytest.raises(m.MediaError, match=r"9000x9000 = 81.0 megapixels, over the limit of 50"):
+        m.load_image(path)
+    assert decoded == []  # refused from the header: the pixels were never decoded
+    monkeypatch.setattr(m, "MAX_IMAGE_PIXELS", 100_000_000)
+    assert m.load_image(path).size == (9000, 9000) and decoded  # the spy sees a real decode
