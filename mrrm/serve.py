@@ -757,8 +757,27 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
     app.state.batcher, app.state.assembler = batcher, assembler
     app.add_exception_handler(RequestValidationError, _validation_response)
+    app.add_exception_handler(HTTPException, _http_error_handler(root))
     _add_routes(app, state)
     return Guard(app, token=token, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+
+
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def public_detail(detail: str, root: Path | None) -> str:
+    """An error message as clients may see it: paths under the media root made relative to it, any
+    other absolute path (server directories, decoder sources) hidden."""
+    if root is not None:
+        detail = detail.replace(str(root) + os.sep, "")
+    return _ABS_PATH.sub("<server path>", detail)
+
+
+def _http_error_handler(root: Path | None):
+    async def handler(request, exc: HTTPException):
+        detail = public_detail(exc.detail, root) if isinstance(exc.detail, str) else exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return handler
 
 
 def _policy_conventions(policy_tokenizer):

@@ -541,3 +541,22 @@ def test_slow_or_lying_body_gets_408(model):
         assert httpx.get(f"{url}/health").status_code == 200
     with pytest.raises(ValueError, match="body_timeout"):
         create_app(model, body_timeout=0)
+
+
+def test_error_details_hide_server_paths(model, tmp_path):
+    """Media errors name the file relative to --media-root; other absolute paths (server directories,
+    decoder sources) are hidden."""
+    from mrrm.serve import public_detail
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rgb_image(3).save(tmp_path / "ok.png")
+    app = create_app(model, media_root=tmp_path)
+    with running(app) as url:
+        image = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "image": "bad.png"}]})
+        video = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "video": "ok.png"}]})
+    assert image.status_code == 400 and "'bad.png'" in image.text
+    assert video.status_code == 422 and "'ok.png'" in video.text
+    for r in (image, video):
+        assert str(tmp_path) not in r.text and "/src/" not in r.text
+    assert public_detail("x /usr/lib/a.so: y", None) == "x <server path>: y"
+    assert public_detail(f"file '{tmp_path}/sub/a.png'", tmp_path) == "file 'sub/a.png'"
