@@ -78,6 +78,11 @@ from PIL import Image, UnidentifiedImageError
 # PNG can declare 81 megapixels (243 MB of RGB, more in the processor). 50 MP (150 MB RGB) passes any
 # camera photo; Qwen-VL processors resize to <= 12.8 MP anyway. Raise it for larger scans.
 MAX_IMAGE_PIXELS = 50_000_000
+# Videos, checked from the container's header and the frames sampled, BEFORE decoding: a 31 KB mp4
+# can declare 64 frames of 3072x3072 (1.8 GB of RGB; decord aborts the process when that allocation
+# fails). Per frame: 4K UHD. Per video: the sampled frames' pixels, 2**29 (~1.6 GB RGB, 64 4K frames).
+MAX_VIDEO_FRAME_PIXELS = 3840 * 2160
+MAX_VIDEO_DECODED_PIXELS = 2**29
 
 __all__ = [
     "MediaError",
@@ -542,15 +547,54 @@ def _require_av() -> None:
         raise ImportError("reading video files needs PyAV or decord: pip install av (or decord)") from e
 
 
+def _probe_frame_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the first video stream from the container's header (PyAV, nothing decoded);
+    None when PyAV is missing or cannot tell (the readers then report what is wrong)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            ctx = container.streams.video[0].codec_context
+            return (int(ctx.width), int(ctx.height)) if ctx.width and ctx.height else None
+    except Exception:  # noqa: BLE001 - not readable by PyAV: the readers say why
+        return None
+
+
+def _budgeted(plan: _Chooser, size: tuple[int, int] | None, label: str) -> _Chooser:
+    """`plan` checking, before any frame is decoded, that the frames it picks fit the budgets."""
+    if size is None:
+        return plan
+    w, h = size
+    if w * h > MAX_VIDEO_FRAME_PIXELS:
+        raise MediaError(f"{label}: frames of {w}x{h} are over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
+                         "(mrrm.media.MAX_VIDEO_FRAME_PIXELS)")
+
+    def choose(total, source_fps):
+        indices = plan(total, source_fps)
+        if len(indices) * w * h > MAX_VIDEO_DECODED_PIXELS:
+            raise MediaError(f"{label}: {len(indices)} frames of {w}x{h} would decode to {len(indices) * w * h / 1e6:.0f} "
+                             f"megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
+                             "(mrrm.media.MAX_VIDEO_DECODED_PIXELS)")
+        return indices
+    return choose
+
+
 def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[np.ndarray, int, float, str]:
     label = f"video file {str(path)!r}"
     _check_file(path, label)
     if path.stat().st_size == 0:
         raise MediaError(f"{label}: empty file")
+    plan = _budgeted(plan, _probe_frame_size(path), label)
     failures = []
     for name in _backends_to_try(backend, path):
         try:
             frames, total, source_fps = _READERS[name](str(path), plan)
+        except MediaError:
+            raise  # over a budget: no other reader would do better
         except _ReadFailure as e:
             failures.append(f"{name}: {e}")
         except Exception as e:  # decord raises RuntimeError / DECORDError with little detail

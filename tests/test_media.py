@@ -528,3 +528,59 @@ def test_image_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
     assert decoded == []  # refused from the header: the pixels were never decoded
     monkeypatch.setattr(m, "MAX_IMAGE_PIXELS", 100_000_000)
     assert m.load_image(path).size == (9000, 9000) and decoded  # the spy sees a real decode
+
+
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_video_budgets_are_checked_before_decoding(tmp_path, monkeypatch, backend):
+    """Frame size from the container's header, and the sampled frames' pixels, against
+    MAX_VIDEO_FRAME_PIXELS / MAX_VIDEO_DECODED_PIXELS before any reader decodes a frame."""
+    from mrrm import media as m
+
+    path = write_video(tmp_path / "v.mp4", num_frames=24, size=32)
+    calls = []
+    for name, reader in list(m._READERS.items()):
+        monkeypatch.setitem(m._READERS, name, lambda p, choose, _r=reader, _n=name: calls.append(_n) or _r(p, choose))
+    monkeypatch.setattr(m, "MAX_VIDEO_FRAME_PIXELS", 32 * 32 - 1)
+    with pytest.raises(m.MediaError, match=r"frames of 32x32 are over the limit of 1023 pixels"):
+        m.load_video(path, backend=backend)
+    assert calls == []  # refused from the header: no reader ran
+    monkeypatch.setattr(m, "MAX_VIDEO_FRAME_PIXELS", 3840 * 2160)
+    monkeypatch.setattr(m, "MAX_VIDEO_DECODED_PIXELS", 4 * 32 * 32 - 1)  # 2 s at 2 fps: 4 frames sampled
+    with pytest.raises(m.MediaError, match=r"frames of 32x32 would decode to .* over the limit"):
+        m.load_video(path, backend=backend, fps=2.0, max_frames=8)
+    assert len(calls) == 1  # the first reader stopped at its frame choice; no fallback to another
+    monkeypatch.setattr(m, "MAX_VIDEO_DECODED_PIXELS", 2**29)
+    assert m.load_video(path, backend=backend, fps=2.0, max_frames=8).frames.shape[-2:] == (32, 32)
+
+
+@pytest.mark.slow
+def test_a_small_file_of_huge_frames_is_refused_not_a_crash(tmp_path):
+    """The 31 KB mp4 of 64 black 3072x3072 frames that made decord abort the interpreter (std::bad_alloc)
+    under a 6 GB address-space limit: refused from its header, in a child process held to that limit."""
+    import subprocess
+    import sys
+
+    av = pytest.importorskip("av")
+    path = tmp_path / "big.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 3072
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        black = np.zeros((3072, 3072, 3), np.uint8)
+        for _ in range(64):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(black, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert path.stat().st_size < 100_000
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+            "from mrrm import media\n"
+            "try:\n"
+            f"    media.load_video({str(path)!r})\n"
+            "except media.MediaError as e:\n"
+            "    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "frames of 3072x3072 are over the limit" in done.stdout
