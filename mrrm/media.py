@@ -668,9 +668,16 @@ def _sample_video_file(src: str | os.PathLike, base_dir, fps: float, min_frames:
         last_plan[:] = [_plan_indices(total, source_fps, fps, min_frames, max_frames, f)]
         return last_plan[0][0]
 
-    frames, total_frames, source_fps, name = _load_video_file(resolved, plan, backend)
+    # a caller's own name for an opened file (e.g. the reward server's /proc/self/fd path): `media_label`
+    display = getattr(src, "media_label", None) or str(resolved)
+    try:
+        frames, total_frames, source_fps, name = _load_video_file(resolved, plan, backend)
+    except MediaError as e:
+        if display == str(resolved):
+            raise
+        raise MediaError(str(e).replace(str(resolved), display)) from None
     indices, sampled = last_plan[0]
-    return _SampledFrames(frames, indices, sampled, total_frames, source_fps, str(resolved), name)
+    return _SampledFrames(frames, indices, sampled, total_frames, source_fps, display, name)
 
 
 def _clip(s: _SampledFrames) -> VideoClip:

@@ -22,7 +22,9 @@ Safety: loopback by default; optional bearer token (--token or MRRM_SERVE_TOKEN)
 --max-body-bytes get 413 before they are parsed. Media: a string is an image if it is a data URL
 or a base64 string (64+ base64 characters) of an image; otherwise it is a path, which must lie
 under --media-root after resolving symlinks (no "..", no absolute path outside the root, no
-symlink escape). The check runs before any file is opened; without --media-root paths are refused.
+symlink escape). The check runs before any file is opened; the file is then opened once, the opened
+file checked again, and decoded through that descriptor (race-free against a swapped name);
+without --media-root paths are refused.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import logging
 import math
 import os
 import re
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,10 +82,58 @@ class MediaRejected(Exception):
         self.status = status
 
 
+class ConfinedFile(os.PathLike):
+    """A media file opened ONCE after the confinement checks, and read through its descriptor
+    (`/proc/self/fd/N`): swapping the name for a symlink to a file outside the root after the check
+    changes nothing, for images decoded now and videos decoded later on the model thread alike.
+    The descriptor is closed when the object is collected (or by close())."""
+
+    def __init__(self, fd: int, name: str):
+        self.fd, self.name = fd, name
+        self.media_label = name  # how mrrm.media names it in messages
+
+    def __fspath__(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def __repr__(self) -> str:
+        return f"ConfinedFile({self.name!r})"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def open_confined(value: str, root: Path | None, where: str) -> ConfinedFile:
+    """`value` checked (safe_media_path), opened once, and the OPENED file verified: a regular file
+    whose real path lies under the root. What is read later is what was checked."""
+    path = safe_media_path(value, root, where)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MediaRejected(f"{where}: cannot open ({type(e).__name__})") from None
+    opened = ConfinedFile(fd, value)
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not real.is_relative_to(root):
+            raise MediaRejected(f"{where}: resolves (through a symlink) to a file outside the media root", 403)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MediaRejected(f"{where}: not a regular file")
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
 def safe_media_path(value: str, root: Path | None, where: str) -> Path:
     """The resolved path of `value` if it names a regular file under `root` (itself resolved).
     Refused: no root configured, '..' components, NUL bytes, absolute paths outside the root, and
-    paths that leave the root through a symlink. Only the root's own tree is touched."""
+    paths that leave the root through a symlink. Only the root's own tree is touched. The name may
+    change after this check: read media through open_confined."""
     if root is None:
         raise MediaRejected(f"{where}: file paths are refused (the server has no --media-root); send base64", 403)
     if "\x00" in value or not value:
@@ -121,25 +172,28 @@ def load_image_field(value: str, root: Path | None, where: str):
         except media.MediaError as e:
             b64_error = str(e).replace("data URL", "base64 string")
     try:
-        path = safe_media_path(value, root, where)
+        path = open_confined(value, root, where)
     except MediaRejected:
         if b64_error is not None:
             raise MediaRejected(f"{where}: invalid base64 image ({b64_error}), and not a file under the media root",
                                 400) from None
         raise
     try:
-        return media.load_image(path)  # a Path: never reinterpreted as base64
+        return media.load_image(path)  # a path: never reinterpreted as base64
     except media.MediaError as e:
-        raise MediaRejected(f"{where}: {e}") from None
+        raise MediaRejected(f"{where}: {str(e).replace(os.fspath(path), value)}") from None
+    finally:
+        path.close()
 
 
 def load_video_field(value, root: Path | None, where: str):
-    """A request's video: a path under the root (checked, returned resolved) or a list of frame images."""
+    """A request's video: a file under the root (checked and opened: a ConfinedFile, decoded later on
+    the model thread through its descriptor) or a list of frame images."""
     if isinstance(value, list):
         if not value:
             raise MediaRejected(f"{where}: an empty frame list")
         return [load_image_field(f, root, f"{where} frame {k}") for k, f in enumerate(value)]
-    return safe_media_path(value, root, where)
+    return open_confined(value, root, where)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import socket
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from model_fixtures import build_family, rgb_image
 from serving import running
@@ -560,3 +562,75 @@ def test_error_details_hide_server_paths(model, tmp_path):
         assert str(tmp_path) not in r.text and "/src/" not in r.text
     assert public_detail("x /usr/lib/a.so: y", None) == "x <server path>: y"
     assert public_detail(f"file '{tmp_path}/sub/a.png'", tmp_path) == "file 'sub/a.png'"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_confinement_holds_while_the_file_is_swapped_for_a_symlink(model, tmp_path, kind):
+    """A writer inside --media-root keeps swapping media/x between a regular file and a symlink to a
+    file outside the root while requests name it: every request is either refused (403) or scored on
+    the inside file, never on the outside one (the file is opened once and the opened file checked)."""
+    import asyncio
+    import shutil as sh
+    import threading as th
+
+    av = pytest.importorskip("av") if kind == "video" else None
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    ext = "png" if kind == "image" else "mp4"
+
+    def write(path, seed):
+        if kind == "image":
+            rgb_image(seed).save(path)
+            return
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=4)
+            s.width = s.height = 32
+            s.pix_fmt = "yuv420p"
+            for _ in range(8):
+                for p in s.encode(av.VideoFrame.from_ndarray(np.asarray(rgb_image(seed).resize((32, 32))), format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+
+    write(root / f"inside.{ext}", 1)
+    write(outside / f"secret.{ext}", 2)
+    name = f"x.{ext}"
+    sh.copy(root / f"inside.{ext}", root / name)
+    sample = {"prompt": "What is shown?", "responses": ["a cat", "a dog"], kind: name}
+    inside = mrrm.score({**sample, kind: str(root / f"inside.{ext}")}, model)[0]
+    secret = mrrm.score({**sample, kind: str(outside / f"secret.{ext}")}, model)[0]
+    assert inside != pytest.approx(secret, **TOL)
+    stop = th.Event()
+
+    def swap():
+        while not stop.is_set():
+            link = root / "tmp-link"
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(outside / f"secret.{ext}")
+            os.replace(link, root / name)
+            sh.copy(root / f"inside.{ext}", root / "tmp-copy")
+            os.replace(root / "tmp-copy", root / name)
+
+    app = create_app(model, media_root=root, timeout=120)
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(c.post(f"{url}/score", json={"samples": [sample]}) for _ in range(150)))
+
+    writer = th.Thread(target=swap, daemon=True)
+    with running(app) as url:
+        writer.start()
+        try:
+            got = asyncio.run(go(url))
+        finally:
+            stop.set()
+            writer.join(timeout=10)
+    statuses = [r.status_code for r in got]
+    assert set(statuses) <= {200, 400, 403, 422}, set(statuses)
+    scored = [r.json()["scores"][0] for r in got if r.status_code == 200]
+    assert scored, statuses
+    for s in scored:
+        assert s == pytest.approx(inside, **TOL)  # never the outside file's scores
