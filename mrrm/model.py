@@ -558,12 +558,31 @@ def ensure_embedding_rows(backbone, tokenizer) -> int:
     return needed - old
 
 
+def _named_load(path, load):
+    """load(path), with a damaged or truncated file reported by name (safetensors says only
+    'incomplete metadata')."""
+    try:
+        return load(path)
+    except (FileNotFoundError, OSError, ValueError, RuntimeError) as e:
+        if path in str(e):
+            raise
+        raise ValueError(f"{path}: cannot load it: a missing, damaged or truncated checkpoint file "
+                         f"({type(e).__name__}: {str(e)[:300]})") from e
+    except Exception as e:  # safetensors' own SafetensorError and friends
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: cannot load it: a damaged or truncated safetensors file ({e})") from e
+
+
 def _load_mrrm(cls, path, base_model, media_base_dir):
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        raw = json.load(f)
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            raw = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{os.path.join(path, CONFIG_FILE)}: not valid JSON ({e})") from None
     if raw.get("resp_repr_mode") == "separator":
         raise ValueError(f"{path}: resp_repr_mode 'separator' (mrrm before the authors' layout) is no longer "
                          "supported; retrain the checkpoint")
@@ -577,10 +596,10 @@ def _load_mrrm(cls, path, base_model, media_base_dir):
             raise ValueError(f"{path}: a LoRA checkpoint needs its base model (config.base_model or base_model=)")
         base = AutoModel.from_pretrained(base_path)
         ensure_embedding_rows(base, tokenizer)  # a base model without the <|resp_sep|> row
-        backbone = PeftModel.from_pretrained(base, os.path.join(path, "adapter"))
+        backbone = _named_load(os.path.join(path, "adapter"), lambda p: PeftModel.from_pretrained(base, p))
     else:
-        backbone = AutoModel.from_pretrained(os.path.join(path, "backbone"))
-    state = load_file(os.path.join(path, "value_head.safetensors"))
+        backbone = _named_load(os.path.join(path, "backbone"), AutoModel.from_pretrained)
+    state = _named_load(os.path.join(path, "value_head.safetensors"), load_file)
     H = text_hidden_size(backbone)
     head = build_value_head(head_input_dim(H, config.resp_repr_mode), config.value_head_type,
                             config.value_head_hidden_dim, config.value_head_activation)

@@ -344,8 +344,11 @@ def _lock_output(out: str):
     interleave and duplicate lines. Returns the held file; refuses (CLIError) when another holds it."""
     import fcntl
 
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    lock = open(out + ".lock", "a+b")
+    try:  # before the model loads: a read-only or missing output directory fails here, by name
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        lock = open(out + ".lock", "a+b")
+    except OSError as e:
+        raise CLIError(f"--out {out!r}: cannot write there ({e.strerror or type(e).__name__})") from None
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

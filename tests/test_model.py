@@ -579,3 +579,14 @@ def test_cuda_scores_match_cpu(qwen2):
     for m in ("joint", "independent"):
         # Triton's fp32 dots may use TF32: a looser bound than the CPU-only comparisons
         assert_close(gpu.score(batch, mode=m), want[m], 2e-3, f"cuda {m}")
+
+
+@pytest.mark.parametrize("damaged", ["value_head.safetensors", "backbone/model.safetensors", "mrrm_config.json"])
+def test_damaged_checkpoint_file_is_named(tmp_path, damaged):
+    from mrrm.api import build_default_model
+
+    build_default_model().save_pretrained(tmp_path)
+    f = tmp_path / damaged
+    f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)])
+    with pytest.raises(ValueError, match=str(f if damaged != "backbone/model.safetensors" else tmp_path / "backbone")):
+        RewardModel.from_pretrained(str(tmp_path))

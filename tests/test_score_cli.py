@@ -400,3 +400,15 @@ def test_lone_surrogate_is_a_per_sample_error(model, tmp_path):
     assert [e["line"] for e in errors] == [2, 3] and all("not valid Unicode" in e["error"] for e in errors)
     got = mrrm.score([good, {"prompt": "Hi \ud800", "responses": ["a"]}], model, errors="skip")
     assert got[1] is None and len(got[0]) == 2
+
+
+def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """An --out whose directory cannot be made (here: below a regular file) exits 2 naming it, before
+    any model is loaded."""
+    import mrrm.score_cli as sc
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a colour.", "responses": ["red", "blue"]}])
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(sc, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    assert run(data, tmp_path / "afile" / "out.jsonl") == 2
+    assert "cannot write there" in capsys.readouterr().err
