@@ -126,8 +126,10 @@ def _read_error_lines(path: str) -> set[int]:
 class _ResumeCheck:
     """Walks the lines already in --out alongside the input, checking each against its input line."""
 
-    def __init__(self, out_path: str, data_path: str):
+    def __init__(self, out_path: str, data_path: str, errors_path: str | None = None):
         self.out_path, self.data_path = out_path, data_path
+        # a resume without the errors file: the bad lines it listed now look unscored
+        self.missing_errors = errors_path if errors_path is not None and not os.path.exists(errors_path) else None
         self.f = open(out_path, "rb")
         self.count = 0
         self._next = self.f.readline()
@@ -140,6 +142,9 @@ class _ResumeCheck:
         k = self.count + 1
         where = f"{self.out_path}:{k} does not match {self.data_path}:{lineno}"
         hint = "(a different input, or another tool wrote to it); pass --overwrite to start over or use another --out"
+        if self.missing_errors:
+            hint += (f". The errors file {self.missing_errors} is missing: if it was deleted, the bad lines it listed "
+                     "now look unscored; restore it, or pass --overwrite")
         try:
             out = json.loads(self._next)
         except ValueError:
@@ -374,7 +379,7 @@ def _run_locked(args, paths) -> int:
     load_s = time.perf_counter() - t_load
 
     resuming, done_errors = _prepare_outputs(args, paths.out, paths.errors)
-    check = _ResumeCheck(paths.out, paths.data) if resuming else None
+    check = _ResumeCheck(paths.out, paths.data, paths.errors) if resuming else None
     state = _State()
     try:
         _score_file(model, args, paths, done_errors, check, state)

@@ -412,3 +412,15 @@ def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, capsys, monk
     monkeypatch.setattr(sc, "_load_model", lambda args: pytest.fail("the model was loaded"))
     assert run(data, tmp_path / "afile" / "out.jsonl") == 2
     assert "cannot write there" in capsys.readouterr().err
+
+
+def test_resume_without_its_errors_file_says_so(model, tmp_path, capsys):
+    good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "", "responses": ["x"]}, good, good])
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0
+    os.remove(str(out) + ".errors.jsonl")  # the record of line 1's error is gone
+    capsys.readouterr()
+    assert run(data, out) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "errors file" in err and "is missing" in err
