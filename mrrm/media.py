@@ -334,6 +334,12 @@ def _thin_indices(total_frames: int, max_frames: int, f: int) -> tuple[list[int]
     return _pad_indices(indices, f), len(indices)
 
 
+def thin_frame_list(total_frames: int, max_frames: int, frame_factor: int = 2) -> list[int]:
+    """The indices of a frame list of `total_frames` that load_video keeps (with its padding): a caller
+    may decode only these frames and hand load_video the shorter list, for the same clip."""
+    return _thin_indices(total_frames, max_frames, frame_factor)[0]
+
+
 def _pad_indices(indices: list[int], f: int) -> list[int]:
     """`indices` with the last one repeated up to a multiple of f entries."""
     return indices + indices[-1:] * (-len(indices) % f)

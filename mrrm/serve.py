@@ -186,13 +186,16 @@ def load_image_field(value: str, root: Path | None, where: str):
         path.close()
 
 
-def load_video_field(value, root: Path | None, where: str):
+def load_video_field(value, root: Path | None, where: str, max_frames: int = 64):
     """A request's video: a file under the root (checked and opened: a ConfinedFile, decoded later on
-    the model thread through its descriptor) or a list of frame images."""
+    the model thread through its descriptor) or a list of frame images, of which only the frames the
+    model would keep (mrrm.media's evenly spaced thinning to `max_frames`) are decoded: a list of
+    2,000 large frames costs 64 decodes, not 2,000."""
     if isinstance(value, list):
         if not value:
             raise MediaRejected(f"{where}: an empty frame list")
-        return [load_image_field(f, root, f"{where} frame {k}") for k, f in enumerate(value)]
+        keep = sorted(set(media.thin_frame_list(len(value), max_frames)))
+        return [load_image_field(value[k], root, f"{where} frame {k}") for k in keep]
     return open_confined(value, root, where)
 
 
@@ -224,7 +227,7 @@ class RewardRequest(BaseModel):
     labels: Optional[list[Any]] = None
 
 
-def prepare_sample(s: SampleIn, index: int, root: Path | None) -> dict:
+def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64) -> dict:
     """A validated request sample -> an mrrm sample whose media are decoded images / checked paths."""
     if s.image is not None and s.images is not None:
         raise MediaRejected(f"sample {index}: give 'image' or 'images', not both")
@@ -238,7 +241,7 @@ def prepare_sample(s: SampleIn, index: int, root: Path | None) -> dict:
         out["images"] = [load_image_field(v, root, f"sample {index} image {k}") for k, v in enumerate(images)]
     videos = [s.video] if s.video is not None else (s.videos or [])
     if videos:
-        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}") for k, v in enumerate(videos)]
+        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames) for k, v in enumerate(videos)]
     return out
 
 
@@ -618,6 +621,7 @@ class _ServerState:
                  assembler: GroupAssembler, stop_texts=DEFAULT_STOP_TEXTS, frame=None):
         self.batcher, self.mode, self.root, self.max_queue, self.timeout = batcher, mode, root, max_queue, timeout
         self.assembler, self.stop_texts, self.frame = assembler, tuple(stop_texts), frame
+        self.max_frames = getattr(getattr(batcher.model, "encoder", None), "video_max_frames", 64)
         # how long a /get_reward request may wait for the rest of its group before scoring starts
         self.group_wait = assembler.group_timeout if assembler.group_size > 1 else 0.0
 
@@ -627,13 +631,15 @@ class _ServerState:
         if base.get("images"):
             out["images"] = [load_image_field(v, self.root, f"label image {k}") for k, v in enumerate(base["images"])]
         if base.get("videos"):
-            out["videos"] = [load_video_field(v, self.root, f"label video {k}") for k, v in enumerate(base["videos"])]
+            out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames)
+                             for k, v in enumerate(base["videos"])]
         return out
 
     async def prepare(self, samples: list[SampleIn]) -> list[dict]:
         """Request samples -> mrrm samples (media decoded / paths checked); a refused medium is an HTTP error."""
         try:  # file reads and image decoding off the event loop
-            return await asyncio.to_thread(lambda: [prepare_sample(s, i, self.root) for i, s in enumerate(samples)])
+            return await asyncio.to_thread(lambda: [prepare_sample(s, i, self.root, self.max_frames)
+                                                    for i, s in enumerate(samples)])
         except MediaRejected as e:
             raise HTTPException(e.status, str(e)) from None
 

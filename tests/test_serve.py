@@ -634,3 +634,22 @@ def test_confinement_holds_while_the_file_is_swapped_for_a_symlink(model, tmp_pa
     assert scored, statuses
     for s in scored:
         assert s == pytest.approx(inside, **TOL)  # never the outside file's scores
+
+
+def test_frame_list_is_thinned_before_decoding(model, monkeypatch):
+    """A video given as 300 frames: the server decodes only the frames the model keeps, and the
+    scores equal scoring the whole list directly."""
+    from mrrm import media
+
+    frames = [rgb_image(k % 7).resize((16, 16)) for k in range(300)]
+    sample = {"prompt": "What happens?", "responses": ["it moves", "nothing"]}
+    want = mrrm.score({**sample, "video": frames}, model)[0]
+    decoded = []
+    real = media.load_image
+    monkeypatch.setattr(media, "load_image", lambda src, **kw: decoded.append(1) or real(src, **kw))
+    app = create_app(model)
+    with running(app) as url:
+        r = httpx.post(f"{url}/score", json={"samples": [{**sample, "video": [png_b64(f) for f in frames]}]}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"][0] == [pytest.approx(s, **TOL) for s in want]
+    assert 0 < len(decoded) <= model.encoder.video_max_frames < 300
