@@ -310,6 +310,9 @@ class Encoder:
         prompt, responses = self._check_text(sample, index, sid)
         images = _as_list(sample.get("images", sample.get("image")))
         videos = _as_list(sample.get("videos", sample.get("video")), frames_ok=True)
+        too_many = media.check_media_counts(len(images), len(videos))
+        if too_many is not None:
+            raise SampleError(index, too_many, sid)
         if (images or videos) and self.processor is None:
             raise SampleError(index, "this backbone is text-only; the sample has an image or video", sid)
         if images and videos and self.one_media_kind:

@@ -83,6 +83,18 @@ MAX_IMAGE_PIXELS = 50_000_000
 # fails). Per frame: 4K UHD. Per video: the sampled frames' pixels, 2**29 (~1.6 GB RGB, 64 4K frames).
 MAX_VIDEO_FRAME_PIXELS = 3840 * 2160
 MAX_VIDEO_DECODED_PIXELS = 2**29
+# Media per sample (every prompt of the reward benchmarks has at most a few): refused before decoding.
+MAX_IMAGES_PER_SAMPLE = 32
+MAX_VIDEOS_PER_SAMPLE = 8
+
+
+def check_media_counts(images: int, videos: int) -> str | None:
+    """Why a sample with this many images / videos is refused (MAX_*_PER_SAMPLE), or None."""
+    if images > MAX_IMAGES_PER_SAMPLE:
+        return f"{images} images, over the limit of {MAX_IMAGES_PER_SAMPLE} per sample (mrrm.media.MAX_IMAGES_PER_SAMPLE)"
+    if videos > MAX_VIDEOS_PER_SAMPLE:
+        return f"{videos} videos, over the limit of {MAX_VIDEOS_PER_SAMPLE} per sample (mrrm.media.MAX_VIDEOS_PER_SAMPLE)"
+    return None
 
 __all__ = [
     "MediaError",

@@ -237,9 +237,12 @@ def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int =
     if s.id is not None:
         out["id"] = s.id
     images = [s.image] if s.image is not None else (s.images or [])
+    videos = [s.video] if s.video is not None else (s.videos or [])
+    too_many = media.check_media_counts(len(images), len(videos))
+    if too_many is not None:  # before anything is decoded
+        raise MediaRejected(f"sample {index}: {too_many}", 422)
     if images:
         out["images"] = [load_image_field(v, root, f"sample {index} image {k}") for k, v in enumerate(images)]
-    videos = [s.video] if s.video is not None else (s.videos or [])
     if videos:
         out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames) for k, v in enumerate(videos)]
     return out
@@ -686,6 +689,9 @@ def _label_media(label, i: int) -> dict:
             raise HTTPException(422, f"labels[{i}]: '{many}' must be a list of paths / base64 strings")
         if refs:
             out[many] = refs
+    too_many = media.check_media_counts(len(out.get("images", [])), len(out.get("videos", [])))
+    if too_many is not None:
+        raise HTTPException(422, f"labels[{i}]: {too_many}")
     return out
 
 

@@ -653,3 +653,21 @@ def test_frame_list_is_thinned_before_decoding(model, monkeypatch):
     assert r.status_code == 200, r.text
     assert r.json()["scores"][0] == [pytest.approx(s, **TOL) for s in want]
     assert 0 < len(decoded) <= model.encoder.video_max_frames < 300
+
+
+def test_too_many_images_per_sample_refused_before_decoding(model, monkeypatch):
+    from mrrm import media
+    from mrrm.encoding import SampleError
+
+    b64 = png_b64(rgb_image(1).resize((8, 8)))
+    decoded = []
+    real = media.load_image
+    monkeypatch.setattr(media, "load_image", lambda src, **kw: decoded.append(1) or real(src, **kw))
+    too_many = {"prompt": "p", "responses": ["a"], "images": [b64] * (media.MAX_IMAGES_PER_SAMPLE + 1)}
+    with pytest.raises(SampleError, match="33 images, over the limit of 32 per sample"):
+        model.encoder.encode(too_many, 0)
+    app = create_app(model)
+    with running(app) as url:
+        r = httpx.post(f"{url}/score", json={"samples": [too_many]})
+    assert r.status_code == 422 and "over the limit of 32 per sample" in r.text
+    assert decoded == []
