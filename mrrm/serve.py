@@ -65,6 +65,7 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_GROUP_TIMEOUT = 60.0   # seconds a prompt's first response waits for the rest of its group
 DEFAULT_MAX_PENDING = 65536    # responses held for their groups at most (then 429)
+DEFAULT_MAX_REQUEST_PIXELS = 256_000_000  # decoded image / frame pixels one /score request may hold (~770 MB RGB)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}")
 MIN_BASE64_CHARS = 64  # shorter strings are paths (no image encodes to fewer than 64 base64 characters)
 
@@ -157,8 +158,25 @@ def safe_media_path(value: str, root: Path | None, where: str) -> Path:
     return real
 
 
-def load_image_field(value: str, root: Path | None, where: str):
+class PixelBudget:
+    """The decoded pixels one request may hold (images and frame-list frames): exceeded -> 413. Checked
+    after each decode, so a request overshoots by at most one image (<= mrrm.media.MAX_IMAGE_PIXELS)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, image, where: str):
+        self.used += image.width * image.height
+        if self.used > self.limit:
+            raise MediaRejected(f"{where}: the request's images decode to over {self.limit / 1e6:g} megapixels "
+                                "(server --max-request-megapixels)", 413)
+        return image
+
+
+def load_image_field(value: str, root: Path | None, where: str, budget: PixelBudget | None = None):
     """A request's image string -> a decoded PIL image (data URL, base64, or a path under the root)."""
+    if budget is not None:
+        return budget.take(load_image_field(value, root, where), where)
     if value[:5].lower() == "data:":
         try:
             return media.load_image(value)  # a data URL is never read as a path
@@ -186,7 +204,7 @@ def load_image_field(value: str, root: Path | None, where: str):
         path.close()
 
 
-def load_video_field(value, root: Path | None, where: str, max_frames: int = 64):
+def load_video_field(value, root: Path | None, where: str, max_frames: int = 64, budget: PixelBudget | None = None):
     """A request's video: a file under the root (checked and opened: a ConfinedFile, decoded later on
     the model thread through its descriptor) or a list of frame images, of which only the frames the
     model would keep (mrrm.media's evenly spaced thinning to `max_frames`) are decoded: a list of
@@ -195,7 +213,7 @@ def load_video_field(value, root: Path | None, where: str, max_frames: int = 64)
         if not value:
             raise MediaRejected(f"{where}: an empty frame list")
         keep = sorted(set(media.thin_frame_list(len(value), max_frames)))
-        return [load_image_field(value[k], root, f"{where} frame {k}") for k in keep]
+        return [load_image_field(value[k], root, f"{where} frame {k}", budget) for k in keep]
     return open_confined(value, root, where)
 
 
@@ -227,7 +245,8 @@ class RewardRequest(BaseModel):
     labels: Optional[list[Any]] = None
 
 
-def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64) -> dict:
+def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64,
+                   budget: PixelBudget | None = None) -> dict:
     """A validated request sample -> an mrrm sample whose media are decoded images / checked paths."""
     if s.image is not None and s.images is not None:
         raise MediaRejected(f"sample {index}: give 'image' or 'images', not both")
@@ -242,9 +261,10 @@ def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int =
     if too_many is not None:  # before anything is decoded
         raise MediaRejected(f"sample {index}: {too_many}", 422)
     if images:
-        out["images"] = [load_image_field(v, root, f"sample {index} image {k}") for k, v in enumerate(images)]
+        out["images"] = [load_image_field(v, root, f"sample {index} image {k}", budget) for k, v in enumerate(images)]
     if videos:
-        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames) for k, v in enumerate(videos)]
+        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames, budget)
+                         for k, v in enumerate(videos)]
     return out
 
 
@@ -625,23 +645,26 @@ class _ServerState:
         self.batcher, self.mode, self.root, self.max_queue, self.timeout = batcher, mode, root, max_queue, timeout
         self.assembler, self.stop_texts, self.frame = assembler, tuple(stop_texts), frame
         self.max_frames = getattr(getattr(batcher.model, "encoder", None), "video_max_frames", 64)
+        self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
         # how long a /get_reward request may wait for the rest of its group before scoring starts
         self.group_wait = assembler.group_timeout if assembler.group_size > 1 else 0.0
 
     def load_media(self, base: dict) -> dict:
         """A group's sample base with its label media decoded / checked under the media root (thread)."""
-        out = dict(base)
+        out, budget = dict(base), PixelBudget(self.max_request_pixels)
         if base.get("images"):
-            out["images"] = [load_image_field(v, self.root, f"label image {k}") for k, v in enumerate(base["images"])]
+            out["images"] = [load_image_field(v, self.root, f"label image {k}", budget)
+                             for k, v in enumerate(base["images"])]
         if base.get("videos"):
-            out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames)
+            out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames, budget)
                              for k, v in enumerate(base["videos"])]
         return out
 
     async def prepare(self, samples: list[SampleIn]) -> list[dict]:
         """Request samples -> mrrm samples (media decoded / paths checked); a refused medium is an HTTP error."""
         try:  # file reads and image decoding off the event loop
-            return await asyncio.to_thread(lambda: [prepare_sample(s, i, self.root, self.max_frames)
+            budget = PixelBudget(self.max_request_pixels)
+            return await asyncio.to_thread(lambda: [prepare_sample(s, i, self.root, self.max_frames, budget)
                                                     for i, s in enumerate(samples)])
         except MediaRejected as e:
             raise HTTPException(e.status, str(e)) from None
@@ -794,7 +817,8 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT,
-               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, body_timeout: float = 30.0):
+               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, body_timeout: float = 30.0,
+               max_request_megapixels: float = DEFAULT_MAX_REQUEST_PIXELS / 1e6):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
 
     group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
@@ -802,13 +826,17 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     1 (the default): a group is what one request carries. max_pending: responses held at most before
     429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template and stop tokens are
     stripped from OpenRLHF's prompts and queries (the common templates are known without it).
-    body_timeout: seconds a request's body may take to arrive (408 after; slow or lying clients)."""
+    body_timeout: seconds a request's body may take to arrive (408 after; slow or lying clients).
+    max_request_megapixels: decoded image / frame pixels one request may hold (413 after)."""
     mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
     check_int("group_size", group_size)
     check_int("max_pending", max_pending)
     if isinstance(body_timeout, bool) or not (isinstance(body_timeout, (int, float)) and 0 < body_timeout < math.inf):
         raise ValueError(f"body_timeout must be a positive number of seconds, got {body_timeout!r}")
+    if isinstance(max_request_megapixels, bool) or not (isinstance(max_request_megapixels, (int, float))
+                                                        and 0 < max_request_megapixels < math.inf):
+        raise ValueError(f"max_request_megapixels must be a positive number, got {max_request_megapixels!r}")
     if isinstance(group_timeout, bool) or not (isinstance(group_timeout, (int, float)) and 0 < group_timeout < math.inf):
         raise ValueError(f"group_timeout must be a positive number of seconds, got {group_timeout!r}")
     root = _resolve_media_root(media_root)
@@ -819,6 +847,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                                max_pending=max_pending)
     state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, assembler=assembler,
                          stop_texts=stop_texts, frame=frame)
+    state.max_request_pixels = int(max_request_megapixels * 1e6)
     assembler.prepare = state.load_media
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
     app.state.batcher, app.state.assembler = batcher, assembler
@@ -892,6 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a group waits for its remaining responses before it is scored as it is")
     p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING,
                    help="responses held for their groups at most (then 429)")
+    p.add_argument("--max-request-megapixels", type=float, default=DEFAULT_MAX_REQUEST_PIXELS / 1e6,
+                   help="decoded image / frame pixels one request may hold, in megapixels (413 after)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive before 408 (slow or lying clients)")
     p.add_argument("--policy-tokenizer", default=None,
@@ -919,7 +950,8 @@ def main(argv=None) -> None:
                      max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
                      max_body_bytes=args.max_body_bytes, group_size=args.group_size,
                      group_timeout=args.group_timeout, max_pending=args.max_pending,
-                     policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout)
+                     policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout,
+                     max_request_megapixels=args.max_request_megapixels)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

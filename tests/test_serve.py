@@ -671,3 +671,14 @@ def test_too_many_images_per_sample_refused_before_decoding(model, monkeypatch):
         r = httpx.post(f"{url}/score", json={"samples": [too_many]})
     assert r.status_code == 422 and "over the limit of 32 per sample" in r.text
     assert decoded == []
+
+
+def test_request_pixel_budget(model):
+    """The decoded pixels one request may hold: over --max-request-megapixels -> 413, the server fine."""
+    b64 = png_b64(rgb_image(1).resize((100, 100)))  # 0.01 MP each
+    app = create_app(model, max_request_megapixels=0.05)
+    with running(app) as url:
+        ok = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "images": [b64] * 4}]})
+        over = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "images": [b64] * 3}] * 2})
+    assert ok.status_code == 200, ok.text
+    assert over.status_code == 413 and "decode to over 0.05 megapixels" in over.text
