@@ -66,6 +66,7 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_GROUP_TIMEOUT = 60.0   # seconds a prompt's first response waits for the rest of its group
 DEFAULT_MAX_PENDING = 65536    # responses held for their groups at most (then 429)
 DEFAULT_MAX_REQUEST_PIXELS = 256_000_000  # decoded image / frame pixels one /score request may hold (~770 MB RGB)
+DEFAULT_MAX_SAMPLES = 10_000   # samples (or /get_reward queries) in one request
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}")
 MIN_BASE64_CHARS = 64  # shorter strings are paths (no image encodes to fewer than 64 base64 characters)
 
@@ -646,6 +647,7 @@ class _ServerState:
         self.assembler, self.stop_texts, self.frame = assembler, tuple(stop_texts), frame
         self.max_frames = getattr(getattr(batcher.model, "encoder", None), "video_max_frames", 64)
         self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
+        self.max_samples = DEFAULT_MAX_SAMPLES
         # how long a /get_reward request may wait for the rest of its group before scoring starts
         self.group_wait = assembler.group_timeout if assembler.group_size > 1 else 0.0
 
@@ -792,11 +794,17 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
 
     @app.post("/score")
     async def score(body: ScoreRequest):
+        if len(body.samples) > state.max_samples:
+            raise HTTPException(413, f"{len(body.samples)} samples in one request, over the limit of {state.max_samples} "
+                                     "(server --max-samples-per-request); split the request")
         samples = await state.prepare(body.samples)
         return {"scores": await state.run_job(samples)}
 
     @app.post("/get_reward")
     async def get_reward(body: RewardRequest):
+        if len(body.query) > state.max_samples:
+            raise HTTPException(413, f"{len(body.query)} queries in one request, over the limit of {state.max_samples} "
+                                     "(server --max-samples-per-request); split the request")
         return await _get_reward(state, body)
 
 
@@ -818,7 +826,8 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT,
                max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, body_timeout: float = 30.0,
-               max_request_megapixels: float = DEFAULT_MAX_REQUEST_PIXELS / 1e6):
+               max_request_megapixels: float = DEFAULT_MAX_REQUEST_PIXELS / 1e6,
+               max_samples_per_request: int = DEFAULT_MAX_SAMPLES):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
 
     group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
@@ -827,7 +836,8 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template and stop tokens are
     stripped from OpenRLHF's prompts and queries (the common templates are known without it).
     body_timeout: seconds a request's body may take to arrive (408 after; slow or lying clients).
-    max_request_megapixels: decoded image / frame pixels one request may hold (413 after)."""
+    max_request_megapixels: decoded image / frame pixels one request may hold (413 after).
+    max_samples_per_request: samples of a /score request or queries of a /get_reward one (413 after)."""
     mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
     check_int("group_size", group_size)
@@ -848,6 +858,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, assembler=assembler,
                          stop_texts=stop_texts, frame=frame)
     state.max_request_pixels = int(max_request_megapixels * 1e6)
+    state.max_samples = check_int("max_samples_per_request", max_samples_per_request)
     assembler.prepare = state.load_media
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
     app.state.batcher, app.state.assembler = batcher, assembler
@@ -923,6 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="responses held for their groups at most (then 429)")
     p.add_argument("--max-request-megapixels", type=float, default=DEFAULT_MAX_REQUEST_PIXELS / 1e6,
                    help="decoded image / frame pixels one request may hold, in megapixels (413 after)")
+    p.add_argument("--max-samples-per-request", type=positive_int, default=DEFAULT_MAX_SAMPLES,
+                   help="samples of a /score request (queries of a /get_reward one) at most (413 after)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive before 408 (slow or lying clients)")
     p.add_argument("--policy-tokenizer", default=None,
@@ -951,7 +964,8 @@ def main(argv=None) -> None:
                      max_body_bytes=args.max_body_bytes, group_size=args.group_size,
                      group_timeout=args.group_timeout, max_pending=args.max_pending,
                      policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout,
-                     max_request_megapixels=args.max_request_megapixels)
+                     max_request_megapixels=args.max_request_megapixels,
+                     max_samples_per_request=args.max_samples_per_request)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -682,3 +682,14 @@ def test_request_pixel_budget(model):
         over = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "images": [b64] * 3}] * 2})
     assert ok.status_code == 200, ok.text
     assert over.status_code == 413 and "decode to over 0.05 megapixels" in over.text
+
+
+def test_samples_per_request_limit(model):
+    app = create_app(model, max_samples_per_request=3)
+    s = {"prompt": "p", "responses": ["a"]}
+    with running(app) as url:
+        assert httpx.post(f"{url}/score", json={"samples": [s] * 3}).status_code == 200
+        over = httpx.post(f"{url}/score", json={"samples": [s] * 4})
+        q = httpx.post(f"{url}/get_reward", json={"query": ["pa"] * 4, "prompts": ["p"] * 4})
+    assert over.status_code == 413 and "4 samples in one request, over the limit of 3" in over.text
+    assert q.status_code == 413 and "4 queries" in q.text
