@@ -13,8 +13,9 @@ Dynamic batching: every request becomes a job on a bounded asyncio queue (--max-
 queue answers 429). One worker task goes round-robin over the active jobs: each round, every job
 either encodes its next 256 samples or contributes about --max-batch-tokens / (active jobs) tokens
 to one packed scoring call, so a huge request shares the model with later ones instead of holding
-it. A job's samples are all validated before any of them is scored. All tokenizer and model work
-runs on one dedicated thread, never on the event loop. A request that is not answered within
+it. A job's samples are all validated before any of them is scored. Model work runs on one
+dedicated thread and encoding (tokenizer, media preprocessing) on another, overlapping it; neither on
+the event loop. A request that is not answered within
 --timeout seconds gets 504, and its job stops being worked on. /get_reward groups (--group-size)
 wait for room in the queue instead of getting 429.
 
@@ -295,7 +296,8 @@ ENCODE_CHUNK = 256  # samples encoded per unit of work: a huge request never hol
 
 
 class Batcher:
-    """Bounded queue + one worker task; all model and tokenizer work on one thread.
+    """Bounded queue + one worker task; model work on one thread, encoding (tokenizer, media
+    preprocessing) on another, overlapping it.
 
     Counters (read by /health and the tests): requests (jobs accepted), rejected (429), rounds
     (worker drains), passes (model forward passes), samples (scored), timeouts."""
@@ -303,6 +305,8 @@ class Batcher:
     def __init__(self, model, *, mode: str, max_batch_tokens: int, max_queue: int):
         self.model, self.mode, self.max_batch_tokens, self.max_queue = model, mode, max_batch_tokens, max_queue
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-model")
+        # tokenizing and media preprocessing run here, beside the model thread, never on it
+        self.encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-encode")
         self.counters = {"requests": 0, "rejected": 0, "rounds": 0, "passes": 0, "samples": 0, "timeouts": 0}
         self.queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
@@ -317,6 +321,7 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.encode_executor.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, samples: list[dict]) -> asyncio.Future:
         """Queue a job; raises QueueFull when the queue holds max_queue jobs."""
@@ -356,7 +361,7 @@ class Batcher:
             return out, errors
 
         try:
-            out, errors = await asyncio.get_running_loop().run_in_executor(self.executor, encode)
+            out, errors = await asyncio.get_running_loop().run_in_executor(self.encode_executor, encode)
         except Exception as e:  # noqa: BLE001 - an unexpected failure ends this job only
             if not job.future.done():
                 job.future.set_exception(e)
@@ -386,8 +391,8 @@ class Batcher:
                 continue
             share = max(1, self.max_batch_tokens // len(active))
             parts = []
-            for job in list(active):
-                if not job.fully_encoded and (not await self._encode_chunk(job) or not job.fully_encoded):
+            for job in active:
+                if not job.fully_encoded:
                     continue
                 lo = hi = len(job.scores)
                 tokens = 0
@@ -395,10 +400,12 @@ class Batcher:
                     tokens += job.encoded[hi].num_tokens
                     hi += 1
                 parts.append((job, lo, hi))
-            active = [j for j in active if not j.future.done()]
+            # encoding (its own thread) overlaps the scoring round (the model thread)
+            work = [self._encode_chunk(j) for j in active if not j.fully_encoded]
             if parts:
-                await self._score_round(parts)
-                active = [j for j in active if not j.future.done()]
+                work.append(self._score_round(parts))
+            await asyncio.gather(*work)
+            active = [j for j in active if not j.future.done()]
 
     async def _score_round(self, parts: list) -> None:
         """Score the slices (job, lo, hi) of one round in packed passes; finished jobs get their scores."""
