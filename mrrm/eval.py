@@ -632,7 +632,10 @@ def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, o
     A DIR whose cache belongs to another run is refused, unless overwrite drops that cache."""
     if out_dir is None:
         return None
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out_dir!r}: cannot write there ({e.strerror or type(e).__name__})") from None
     cache_path = os.path.join(out_dir, CACHE_FILE)
     meta = {"benchmark": bench.name, "data": os.path.abspath(data) if os.path.exists(data) else data,
             "scorer": name, "mode": opts["mode"], "seed": opts["seed"]}

@@ -468,7 +468,14 @@ def _setup_accelerator(cfg):
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    try:  # before any model or data is loaded: an unwritable output directory fails here, by name
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(cfg.output_dir, ".write-test"))
+    except OSError as e:
+        raise SystemExit(f"mrrm.train: --output-dir {cfg.output_dir!r}: cannot write there "
+                         f"({e.strerror or type(e).__name__})") from None
     return accel
 
 

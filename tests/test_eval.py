@@ -451,3 +451,12 @@ def test_python_m_entry_point_and_empty_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mrrm.eval", "--benchmark", "mr2bench-image", "--data",
                           str(tmp_path / "nope.csv"), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown data format" in bad.stderr
+
+
+def test_unwritable_out_dir_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2]}) + "\n")
+    assert mev.main(["--benchmark", "mr2bench-image", "--data", str(data), "--out", str(tmp_path / "afile" / "o"),
+                     "--device", "cpu", "--no-progress"]) == 2
+    assert "cannot write there" in capsys.readouterr().err

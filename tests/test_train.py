@@ -294,3 +294,9 @@ def test_no_intact_checkpoint_is_an_error_naming_them(tmp_path):
     with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(state.pt does not load"):
         load_intact_checkpoint(str(tmp_path), log=lambda *a: None)
     assert load_intact_checkpoint(str(tmp_path / "elsewhere")) == (None, None)
+
+
+def test_unwritable_output_dir_is_named_before_anything_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match=r"--output-dir .*afile/out.*: cannot write there"):
+        train(parse_args(["--output-dir", str(tmp_path / "afile" / "out"), "--max-steps", "1"]))
