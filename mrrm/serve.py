@@ -910,6 +910,51 @@ def _policy_conventions(policy_tokenizer):
 # --------------------------------------------------------------------------------------------------
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that sends
+    nothing, or dribbles its request line and headers, is closed after `seconds` (uvicorn itself
+    times out only idle keep-alive connections, after a response). Pass as uvicorn's `http=`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self):
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+                self._disarm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -943,6 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoded image / frame pixels one request may hold, in megapixels (413 after)")
     p.add_argument("--max-samples-per-request", type=positive_int, default=DEFAULT_MAX_SAMPLES,
                    help="samples of a /score request (queries of a /get_reward one) at most (413 after)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive before 408 (slow or lying clients)")
     p.add_argument("--policy-tokenizer", default=None,
@@ -973,7 +1020,9 @@ def main(argv=None) -> None:
                      policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout,
                      max_request_megapixels=args.max_request_megapixels,
                      max_samples_per_request=args.max_samples_per_request)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if not (0 < args.header_timeout < math.inf):
+        raise SystemExit(f"--header-timeout must be a positive number of seconds, got {args.header_timeout}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=header_timeout_protocol(args.header_timeout))
 
 
 if __name__ == "__main__":

@@ -693,3 +693,30 @@ def test_samples_per_request_limit(model):
         q = httpx.post(f"{url}/get_reward", json={"query": ["pa"] * 4, "prompts": ["p"] * 4})
     assert over.status_code == 413 and "4 samples in one request, over the limit of 3" in over.text
     assert q.status_code == 413 and "4 queries" in q.text
+
+
+def test_slow_headers_are_cut_off(model):
+    """A connection that sends nothing, or dribbles its headers, is closed after --header-timeout; a
+    normal request on the same server is answered, and keep-alive requests keep working."""
+    import socket
+
+    from mrrm.serve import header_timeout_protocol
+
+    app = create_app(model)
+    with running(app, http=header_timeout_protocol(1.0)) as url:
+        host, port = url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as idle, \
+                socket.create_connection((host, int(port)), timeout=10) as dribble:
+            t0 = time.monotonic()
+            dribble.sendall(b"POST /score HTTP/1.1\r\n")
+            for _ in range(3):
+                time.sleep(0.4)
+                with contextlib.suppress(OSError):
+                    dribble.sendall(b"X-Slow: 1\r\n")
+            assert idle.recv(100) == b""  # closed by the server
+            assert dribble.recv(100) == b""
+            assert 0.8 < time.monotonic() - t0 < 5
+        with httpx.Client() as c:  # one keep-alive connection, two requests
+            assert c.get(f"{url}/health").status_code == 200
+            time.sleep(0.3)
+            assert c.get(f"{url}/health").status_code == 200
