@@ -470,9 +470,10 @@ def _setup_accelerator(cfg):
     random.seed(cfg.seed)
     try:  # before any model or data is loaded: an unwritable output directory fails here, by name
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, ".write-test"), "w"):
+        probe = os.path.join(cfg.output_dir, f".write-test-{os.getpid()}")  # one per process: ranks share the dir
+        with open(probe, "w"):
             pass
-        os.remove(os.path.join(cfg.output_dir, ".write-test"))
+        os.remove(probe)
     except OSError as e:
         raise SystemExit(f"mrrm.train: --output-dir {cfg.output_dir!r}: cannot write there "
                          f"({e.strerror or type(e).__name__})") from None
