@@ -69,3 +69,40 @@ def load_model(model=None, *, device=None, dtype=None, mode=None):
         raise ValueError(f"model {os.fspath(model)!r} is not a directory (an mrrm checkpoint or the paper's layout)")
     return load(None if model is None else os.fspath(model), device=resolve_device(device),
                 dtype=resolve_dtype(dtype), mode=mode or "joint")
+
+
+# flag -> (mrrm.media constant, the flag's unit in that constant's units)
+MEDIA_BUDGETS = {
+    "max_image_megapixels": ("MAX_IMAGE_PIXELS", 1e6),
+    "max_video_frame_megapixels": ("MAX_VIDEO_FRAME_PIXELS", 1e6),
+    "max_video_megapixels": ("MAX_VIDEO_DECODED_PIXELS", 1e6),
+    "max_images_per_sample": ("MAX_IMAGES_PER_SAMPLE", 1),
+    "max_videos_per_sample": ("MAX_VIDEOS_PER_SAMPLE", 1),
+}
+
+
+def add_media_budget_args(ap: argparse.ArgumentParser) -> None:
+    """--max-image-megapixels ... --max-videos-per-sample: the media budgets of mrrm.media (checked
+    before decoding), the same flags in every command that reads media."""
+    from . import media
+
+    for flag, (const, unit) in MEDIA_BUDGETS.items():
+        default = getattr(media, const) / unit
+        ap.add_argument("--" + flag.replace("_", "-"), type=float, default=None,
+                        help=f"media budget, checked before decoding (default {default:g})")
+
+
+def apply_media_budgets(values) -> None:
+    """Set mrrm.media's budgets from parsed flags (a dict or argparse namespace; None = keep)."""
+    from . import media
+
+    values = vars(values) if isinstance(values, argparse.Namespace) else values
+    for flag, (const, unit) in MEDIA_BUDGETS.items():
+        v = values.get(flag)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v!r}")
+        if unit == 1 and v != int(v):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a whole number, got {v!r}")
+        setattr(media, const, int(v * unit))

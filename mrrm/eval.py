@@ -68,7 +68,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from ._cli import add_model_args, load_model, positive_int
+from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
 from .common import MODES, check_choice, is_correct, top_choice
 from .data import check_rankings, iter_records
 
@@ -887,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True,
                     help="benchmark file or folder (parquet/JSON/JSONL) or hub id org/name:split")
     add_model_args(ap)
+    add_media_budget_args(ap)
     ap.add_argument("--protocol", choices=PROTOCOLS, default="direct")
     ap.add_argument("--permutations", type=positive_int, default=1)
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first n rows only")
@@ -904,6 +905,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 0:
         print(f"{PROG}: error: --limit must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        apply_media_budgets(args)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     try:
         result = run(args.benchmark, args.data, protocol=args.protocol, model=args.model, mode=args.mode,

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
-from ._cli import add_model_args, load_model, positive_int
+from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
 from ._io import append_durable, cut_torn_tail
 from .common import top_choice
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, help="input JSONL, one sample per line")
     ap.add_argument("--out", required=True, help="output JSONL (appended to when resuming)")
     add_model_args(ap)
+    add_media_budget_args(ap)
     ap.add_argument("--permutations", type=positive_int, default=1,
                     help="average each score over k cyclic orders of the responses (default 1)")
     ap.add_argument("--batch-size", type=positive_int, default=64,
@@ -326,6 +327,11 @@ def _check_paths(args) -> _Paths:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        apply_media_budgets(args)
+    except ValueError as e:
+        _log(f"error: {e}")
+        return 2
     try:
         return _main(args)
     except CLIError as e:

@@ -52,7 +52,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mrrm import media
-from mrrm._cli import add_model_args, load_model, positive_int
+from mrrm._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
 from mrrm.common import MODES, check_choice, check_int
 from mrrm.encoding import BatchError, SampleError
 from mrrm.grpo import fill_empty, group_sample, ungroup
@@ -969,6 +969,7 @@ def _is_loopback(host: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mrrm.serve", description=__doc__.split("\n\n")[0])
     add_model_args(p)
+    add_media_budget_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--media-root", default=None, help="directory media paths must lie under (default: paths refused)")
@@ -1002,6 +1003,10 @@ def main(argv=None) -> None:
     import uvicorn
 
     args = build_parser().parse_args(argv)
+    try:
+        apply_media_budgets(args)
+    except ValueError as e:
+        raise SystemExit(f"python -m mrrm.serve: error: {e}") from None
     if not (1 <= args.port <= 65535):
         raise SystemExit(f"--port must be in 1..65535, got {args.port}")
     if not _is_loopback(args.host) and not args.token:

@@ -90,6 +90,12 @@ class TrainConfig:
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
     force_resume: bool = False           # resume even when the data or batch settings changed
+    # media budgets (mrrm.media, checked before decoding); None keeps mrrm.media's defaults
+    max_image_megapixels: float | None = None
+    max_video_frame_megapixels: float | None = None
+    max_video_megapixels: float | None = None
+    max_images_per_sample: float | None = None
+    max_videos_per_sample: float | None = None
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -447,6 +453,12 @@ class TrainState:
 
 
 def train(cfg: TrainConfig) -> dict:
+    from ._cli import apply_media_budgets
+
+    try:
+        apply_media_budgets(dataclasses.asdict(cfg))
+    except ValueError as e:
+        raise SystemExit(f"mrrm.train: {e}") from None
     accel = _setup_accelerator(cfg)
     cfg = _resolve_config(cfg)
     data_paths, eval_path = _data_paths(cfg, accel)

@@ -1,4 +1,5 @@
 """The one command-line entry: `mrrm <command>` / `python -m mrrm <command>` (mrrm.cli)."""
+import dataclasses
 import importlib
 import inspect
 import pickle
@@ -92,3 +93,35 @@ def test_one_set_of_model_flags_and_one_device_default():
         _cli.resolve_dtype("float128")
     with pytest.raises(ValueError, match="not a directory"):
         _cli.load_model("/no/such/checkpoint")
+
+
+def test_media_budget_flags_in_every_command_that_reads_media(monkeypatch, tmp_path, capsys):
+    """--max-image-megapixels ... --max-videos-per-sample: the same flags in score, eval, serve and
+    train; they set mrrm.media's budgets (checked before decoding) for the run."""
+    import json
+
+    from PIL import Image
+
+    from mrrm import _cli, media, score_cli, serve, train
+    from mrrm import eval as mev
+
+    for const, _ in _cli.MEDIA_BUDGETS.values():  # restored after the test
+        monkeypatch.setattr(media, const, getattr(media, const))
+    flags = {"--" + f.replace("_", "-") for f in _cli.MEDIA_BUDGETS}
+    for parser in (score_cli.build_parser(), mev.build_parser(), serve.build_parser()):
+        assert flags <= {s for a in parser._actions for s in a.option_strings}
+    assert set(_cli.MEDIA_BUDGETS) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"prompt": "p", "responses": ["a", "b"], "images": ["a.png"]},
+            {"prompt": "p", "responses": ["a", "b"], "images": ["a.png", "a.png"]}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert score_cli.main(["--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress",
+                           "--max-images-per-sample", "1"]) == 0
+    assert media.MAX_IMAGES_PER_SAMPLE == 1
+    errors = [json.loads(x) for x in open(str(out) + ".errors.jsonl")]
+    assert [e["line"] for e in errors] == [2] and "2 images, over the limit of 1 per sample" in errors[0]["error"]
+    assert score_cli.main(["--data", str(data), "--out", str(tmp_path / "o2.jsonl"), "--max-image-megapixels", "-1"]) == 2
+    assert "--max-image-megapixels must be a positive number" in capsys.readouterr().err
