@@ -40,8 +40,8 @@ from typing import Any, Sequence
 from mrrm import media
 from mrrm.common import MODES, check_choice, check_int
 
-__all__ = ["RewardFunction", "compute_score", "compute_score_row", "canonical_order", "prompt_text", "completion_text", "group_sample",
-           "ungroup", "score_groups", "fill_empty"]
+__all__ = ["RewardFunction", "compute_score", "compute_score_row", "GroupAssembler", "canonical_order", "prompt_text",
+           "completion_text", "group_sample", "ungroup", "score_groups", "fill_empty"]
 
 
 
@@ -432,39 +432,51 @@ _ROW_KWARGS = _VERL_KWARGS + ("group_size", "group_timeout")
 DEFAULT_GROUP_TIMEOUT = 120.0
 
 
-class _RowGroup:
+class PendingFull(Exception):
+    """GroupAssembler.add would hold more than max_pending responses."""
+
+
+class _Group:
     def __init__(self, base: dict, future):
         self.base, self.future, self.responses, self.closed, self.timer = base, future, [], False, None
 
 
-class _RowAssembler:
-    """The rows of one prompt (one uid) held until `group_size` arrived or `group_timeout` passed, then
-    scored together in one pass, off the event loop on one model thread. One per event loop: veRL's
-    reward loop awaits every row of a worker in one loop."""
+class GroupAssembler:
+    """Holds the responses of one group (one prompt) across calls until `group_size` of them arrived
+    or `group_timeout` seconds passed since the first, then scores them ONCE as one group:
+    `await score({**base, "responses": [...]})` returns a reward per response. Used where a trainer
+    hands over one rollout at a time: the reward server's /get_reward (OpenRLHF) and
+    compute_score_row (veRL 0.9). `max_pending`: more held responses than that -> PendingFull.
+    Counters: groups, groups_timed_out; `pending` responses held now. One event loop per assembler."""
 
-    def __init__(self):
-        import concurrent.futures
-
+    def __init__(self, score, *, group_size: int, group_timeout: float, max_pending: int | None = None):
+        self.score, self.group_size, self.group_timeout, self.max_pending = score, group_size, group_timeout, max_pending
         self.open: dict = {}
-        self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-verl")
+        self.pending = 0
         self.counters = {"groups": 0, "groups_timed_out": 0}
 
-    async def add(self, key, base: dict, response: str, *, group_size: int, timeout: float, score) -> tuple[float, int]:
+    async def add(self, key, base: dict, responses: list[str]) -> tuple[list[float], int]:
+        """Add one call's responses of one group; returns (their rewards, the group's size) once the
+        group is scored."""
         import asyncio
 
+        if self.max_pending is not None and self.pending + len(responses) > self.max_pending:
+            raise PendingFull()
         loop = asyncio.get_running_loop()
         g = self.open.get(key)
         if g is None:
-            g = self.open[key] = _RowGroup(base, loop.create_future())
-            g.timer = loop.call_later(timeout, self._close, key, g, score, True)
-        index = len(g.responses)
-        g.responses.append(response)
-        if len(g.responses) >= group_size:
-            self._close(key, g, score, False)
+            g = self.open[key] = _Group(base, loop.create_future())
+            g.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+            g.timer = loop.call_later(self.group_timeout, self._close, key, g, True)
+        lo = len(g.responses)
+        g.responses.extend(responses)
+        self.pending += len(responses)
+        if len(g.responses) >= self.group_size:
+            self._close(key, g, False)
         rewards = await asyncio.shield(g.future)
-        return rewards[index], len(rewards)
+        return rewards[lo:lo + len(responses)], len(rewards)
 
-    def _close(self, key, g: _RowGroup, score, timed_out: bool) -> None:
+    def _close(self, key, g: _Group, timed_out: bool) -> None:
         import asyncio
 
         if self.open.get(key) is g:
@@ -475,18 +487,26 @@ class _RowAssembler:
         g.timer.cancel()
         self.counters["groups"] += 1
         self.counters["groups_timed_out"] += int(timed_out)
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self.model_thread, score, {**g.base, "responses": list(g.responses)})
+        g.task = asyncio.get_running_loop().create_task(self._run(g))
 
-        def done(f):
-            if f.exception() is not None:
-                g.future.set_exception(f.exception())
-            else:
-                g.future.set_result(f.result())
-        work.add_done_callback(done)
+    async def _run(self, g: _Group) -> None:
+        try:
+            g.future.set_result(list(await self.score({**g.base, "responses": list(g.responses)})))
+        except Exception as e:  # noqa: BLE001 - handed to every call of the group
+            g.future.set_exception(e)
+        finally:
+            self.pending -= len(g.responses)
 
 
-_ROW_ASSEMBLERS = weakref.WeakKeyDictionary()  # event loop -> _RowAssembler
+# event loop -> {the reward options -> its GroupAssembler}: veRL awaits a worker's rows in one loop
+_ROW_ASSEMBLERS = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=1)
+def _row_model_thread():
+    import concurrent.futures
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-verl")
 
 
 async def compute_score_row(data_source=None, solution_str=None, ground_truth=None, extra_info=None, **kwargs):
@@ -518,18 +538,20 @@ async def compute_score_row(data_source=None, solution_str=None, ground_truth=No
     fp = _Fingerprints()
     key = (uid, text, fp(images), fp(videos)) if uid is None else (uid,)
     model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
-
-    def score(group: dict) -> list[float]:
-        (values,) = score_groups(model, [group], mode=mode, max_batch_tokens=max_batch_tokens)
-        return fill_empty(values, empty_reward)
-
     import asyncio
 
     loop = asyncio.get_running_loop()
-    assembler = _ROW_ASSEMBLERS.get(loop)
-    if assembler is None:
-        assembler = _ROW_ASSEMBLERS[loop] = _RowAssembler()
+    options = (id(model), mode, max_batch_tokens, empty_reward, group_size, float(timeout))
+    assemblers = _ROW_ASSEMBLERS.setdefault(loop, {})
+    if options not in assemblers:
+        def score_one(group: dict) -> list[float]:
+            (values,) = score_groups(model, [group], mode=mode, max_batch_tokens=max_batch_tokens)
+            return fill_empty(values, empty_reward)
+
+        async def score(group: dict) -> list[float]:  # off the event loop, on one model thread
+            return await asyncio.get_running_loop().run_in_executor(_row_model_thread(), score_one, group)
+
+        assemblers[options] = GroupAssembler(score, group_size=group_size, group_timeout=float(timeout))
     base = {"prompt": text, "images": images, "videos": videos, "id": str(uid if uid is not None else text)}
-    reward, size = await assembler.add(key, base, solution_str, group_size=group_size, timeout=float(timeout),
-                                       score=score)
+    (reward,), size = await assemblers[options].add(key, base, [solution_str])
     return {"score": float(reward), "mrrm_group_size": size}

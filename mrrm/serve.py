@@ -55,7 +55,7 @@ from mrrm import media
 from mrrm._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
 from mrrm.common import MODES, check_choice, check_int
 from mrrm.encoding import BatchError, SampleError
-from mrrm.grpo import fill_empty, group_sample, ungroup
+from mrrm.grpo import GroupAssembler, PendingFull, fill_empty, group_sample, ungroup
 from mrrm.queries import DEFAULT_STOP_TEXTS, QueryError, response_of, template_frame, user_turn
 
 log = logging.getLogger("mrrm.serve")
@@ -439,77 +439,6 @@ class Batcher:
 
 
 # --------------------------------------------------------------------------------------------------
-# Group assembly: one rollout per request (OpenRLHF), one pass per prompt group
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Group:
-    base: dict                     # the sample without responses: prompt, images / videos
-    future: asyncio.Future         # the group's rewards, one per response in arrival order
-    responses: list = field(default_factory=list)
-    closed: bool = False
-    timer: Any = None
-    task: Any = None
-
-
-class GroupAssembler:
-    """Holds the responses of one prompt across requests until `group_size` of them arrived (the
-    trainer's samples per prompt) or `group_timeout` seconds passed since the first, then scores them
-    as one group in one pass (mrrm.grpo.group_sample: distinct responses in a canonical order, so a
-    reward never depends on arrival order). Waiting is not overload: a closed group enters the
-    batcher's queue by waiting for room; only more than `max_pending` held responses get 429."""
-
-    def __init__(self, batcher: Batcher, *, group_size: int, group_timeout: float, max_pending: int, prepare=None):
-        self.batcher, self.group_size, self.group_timeout, self.max_pending = batcher, group_size, group_timeout, max_pending
-        self.prepare = prepare  # base sample -> sample with media decoded (runs in a worker thread), or None
-        self.open: dict[str, _Group] = {}
-        self.pending = 0
-        self.counters = {"groups": 0, "groups_timed_out": 0}
-
-    async def add(self, key: str, base: dict, responses: list[str]) -> tuple[list[float], int]:
-        """Add one request's responses of one prompt; returns (their rewards, the group's size) once the
-        group is scored."""
-        if self.pending + len(responses) > self.max_pending:
-            self.batcher.counters["rejected"] += 1
-            raise QueueFull()
-        g = self.open.get(key)
-        if g is None:
-            g = self.open[key] = _Group(base, asyncio.get_running_loop().create_future())
-            g.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
-            g.timer = asyncio.get_running_loop().call_later(self.group_timeout, self._close, key, g, True)
-        lo = len(g.responses)
-        g.responses.extend(responses)
-        self.pending += len(responses)
-        if len(g.responses) >= self.group_size:
-            self._close(key, g, False)
-        rewards = await asyncio.shield(g.future)
-        return rewards[lo:lo + len(responses)], len(rewards)
-
-    def _close(self, key: str, g: _Group, timed_out: bool) -> None:
-        if self.open.get(key) is g:
-            del self.open[key]
-        if g.closed:
-            return
-        g.closed = True
-        g.timer.cancel()
-        self.counters["groups"] += 1
-        self.counters["groups_timed_out"] += int(timed_out)
-        g.task = asyncio.get_running_loop().create_task(self._score(g))
-
-    async def _score(self, g: _Group) -> None:
-        try:
-            base = await asyncio.to_thread(self.prepare, g.base) if self.prepare is not None else g.base
-            sample = group_sample({**base, "responses": g.responses})
-            scores = (await self.batcher.submit_wait([sample]))[0] if sample is not None else None
-            g.future.set_result(fill_empty(ungroup(g.responses, sample, scores)))
-        except Exception as e:  # noqa: BLE001 - handed to every request of the group
-            g.future.set_exception(e)
-        finally:
-            self.pending -= len(g.responses)
-
-
-# --------------------------------------------------------------------------------------------------
 # Guard: token and body size, before the body is parsed
 # --------------------------------------------------------------------------------------------------
 
@@ -649,14 +578,18 @@ class _ServerState:
     """What the routes share: the batcher (queue, worker, model thread), the mode, the limits and the media root."""
 
     def __init__(self, batcher: Batcher, *, mode: str, root: Path | None, max_queue: int, timeout: float,
-                 assembler: GroupAssembler, stop_texts=DEFAULT_STOP_TEXTS, frame=None):
+                 group_size: int, group_timeout: float, max_pending: int, stop_texts=DEFAULT_STOP_TEXTS, frame=None):
         self.batcher, self.mode, self.root, self.max_queue, self.timeout = batcher, mode, root, max_queue, timeout
-        self.assembler, self.stop_texts, self.frame = assembler, tuple(stop_texts), frame
+        self.stop_texts, self.frame = tuple(stop_texts), frame
+        # /get_reward's groups across requests: OpenRLHF posts one rollout per request (the same
+        # mrrm.grpo.GroupAssembler gathers veRL's per-row calls)
+        self.assembler = GroupAssembler(self.score_group, group_size=group_size, group_timeout=group_timeout,
+                                        max_pending=max_pending)
         self.max_frames = getattr(getattr(batcher.model, "encoder", None), "video_max_frames", 64)
         self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
         self.max_samples = DEFAULT_MAX_SAMPLES
         # how long a /get_reward request may wait for the rest of its group before scoring starts
-        self.group_wait = assembler.group_timeout if assembler.group_size > 1 else 0.0
+        self.group_wait = group_timeout if group_size > 1 else 0.0
 
     def load_media(self, base: dict) -> dict:
         """A group's sample base with its label media decoded / checked under the media root (thread)."""
@@ -668,6 +601,15 @@ class _ServerState:
             out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames, budget)
                              for k, v in enumerate(base["videos"])]
         return out
+
+    async def score_group(self, group: dict) -> list[float]:
+        """A closed /get_reward group -> a reward per response: its label media decoded (a worker
+        thread), its distinct responses scored as one sample through the batcher, which it waits to
+        enter (a group is never refused for a full queue)."""
+        group = await asyncio.to_thread(self.load_media, group)
+        sample = group_sample(group)
+        scores = (await self.batcher.submit_wait([sample]))[0] if sample is not None else None
+        return fill_empty(ungroup(group["responses"], sample, scores))
 
     async def prepare(self, samples: list[SampleIn]) -> list[dict]:
         """Request samples -> mrrm samples (media decoded / paths checked); a refused medium is an HTTP error."""
@@ -777,7 +719,8 @@ async def _get_reward(state: "_ServerState", body: RewardRequest) -> dict:
         parts = await asyncio.wait_for(asyncio.gather(*(
             state.assembler.add(key, base, [queries[i].response for i in rows]) for key, (base, rows) in by_key.items())),
             state.group_wait + state.timeout)
-    except QueueFull:
+    except PendingFull:
+        state.batcher.counters["rejected"] += 1
         raise HTTPException(429, f"{state.assembler.max_pending} responses are waiting for their groups; retry later",
                             headers={"Retry-After": "1"}) from None
     except asyncio.TimeoutError:
@@ -860,15 +803,12 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
                       max_queue=max_queue)
     stop_texts, frame = _policy_conventions(policy_tokenizer)
-    assembler = GroupAssembler(batcher, group_size=group_size, group_timeout=float(group_timeout),
-                               max_pending=max_pending)
-    state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, assembler=assembler,
-                         stop_texts=stop_texts, frame=frame)
+    state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, group_size=group_size,
+                         group_timeout=float(group_timeout), max_pending=max_pending, stop_texts=stop_texts, frame=frame)
     state.max_request_pixels = int(max_request_megapixels * 1e6)
     state.max_samples = check_int("max_samples_per_request", max_samples_per_request)
-    assembler.prepare = state.load_media
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
-    app.state.batcher, app.state.assembler = batcher, assembler
+    app.state.batcher, app.state.assembler = batcher, state.assembler
     app.add_exception_handler(RequestValidationError, _validation_response)
     app.add_exception_handler(HTTPException, _http_error_handler(root))
     _add_routes(app, state)

@@ -217,4 +217,5 @@ def test_verl_reward_loop_scores_each_prompts_rollouts_together(family, tmp_path
             assert out["reward_score"] == pytest.approx(want[q][a], **TOL), (q, a)
             assert out["reward_extra_info"]["mrrm_group_size"] == 4
     from mrrm.grpo import _ROW_ASSEMBLERS
-    assert _ROW_ASSEMBLERS[worker.loop].counters == {"groups": 4, "groups_timed_out": 0}  # 2 batches x 2 prompts
+    (assembler,) = _ROW_ASSEMBLERS[worker.loop].values()  # one set of reward options in this loop
+    assert assembler.counters == {"groups": 4, "groups_timed_out": 0}  # 2 batches x 2 prompts
