@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import MODES
+from .common import MODES, check_positive
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -101,8 +101,7 @@ def apply_media_budgets(values) -> None:
         v = values.get(flag)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {v!r}")
+        check_positive("--" + flag.replace("_", "-"), v)
         if unit == 1 and v != int(v):
             raise ValueError(f"--{flag.replace('_', '-')} must be a whole number, got {v!r}")
         setattr(media, const, int(v * unit))

@@ -29,6 +29,13 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
     return int(value)
 
 
+def check_positive(name: str, value, *, unit: str = "") -> float:
+    """`value` as a finite number > 0 (bools refused), else a ValueError naming it (and its unit)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < float("inf")):
+        raise ValueError(f"{name} must be a positive number{' of ' + unit if unit else ''}, got {value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -38,7 +38,7 @@ import weakref
 from typing import Any, Sequence
 
 from mrrm import media
-from mrrm.common import MODES, check_choice, check_int
+from mrrm.common import MODES, check_choice, check_int, check_positive
 
 __all__ = ["RewardFunction", "compute_score", "compute_score_row", "GroupAssembler", "canonical_order", "prompt_text",
            "completion_text", "group_sample", "ungroup", "score_groups", "fill_empty"]
@@ -526,9 +526,7 @@ async def compute_score_row(data_source=None, solution_str=None, ground_truth=No
     if unknown:
         raise TypeError(f"compute_score_row: unknown keyword argument(s) {sorted(unknown)}")
     group_size = check_int("group_size", kwargs.get("group_size"))
-    timeout = kwargs.get("group_timeout", DEFAULT_GROUP_TIMEOUT)
-    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
-        raise ValueError(f"group_timeout must be a positive number of seconds, got {timeout!r}")
+    timeout = check_positive("group_timeout", kwargs.get("group_timeout", DEFAULT_GROUP_TIMEOUT), unit="seconds")
     mode, max_batch_tokens, empty_reward = _verl_options({k: v for k, v in kwargs.items() if k in _VERL_KWARGS})
     info = dict(extra_info) if isinstance(extra_info, dict) else extra_info
     if isinstance(info, dict) and "uid" not in info and "prompt" in info:

@@ -35,7 +35,6 @@ import contextlib
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import stat
@@ -53,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mrrm import media
 from mrrm._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
-from mrrm.common import MODES, check_choice, check_int
+from mrrm.common import MODES, check_choice, check_int, check_positive
 from mrrm.encoding import BatchError, SampleError
 from mrrm.grpo import GroupAssembler, PendingFull, fill_empty, group_sample, ungroup
 from mrrm.queries import DEFAULT_STOP_TEXTS, QueryError, response_of, template_frame, user_turn
@@ -559,8 +558,7 @@ def _validate_options(model, mode: str | None, *, max_queue: int, max_body_bytes
     check_int("max_queue", max_queue)
     check_int("max_body_bytes", max_body_bytes)
     check_int("max_batch_tokens", max_batch_tokens, allow_none=True)
-    if isinstance(timeout, bool) or not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    check_positive("timeout", timeout, unit="seconds")
     return mode
 
 
@@ -792,13 +790,9 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
     check_int("group_size", group_size)
     check_int("max_pending", max_pending)
-    if isinstance(body_timeout, bool) or not (isinstance(body_timeout, (int, float)) and 0 < body_timeout < math.inf):
-        raise ValueError(f"body_timeout must be a positive number of seconds, got {body_timeout!r}")
-    if isinstance(max_request_megapixels, bool) or not (isinstance(max_request_megapixels, (int, float))
-                                                        and 0 < max_request_megapixels < math.inf):
-        raise ValueError(f"max_request_megapixels must be a positive number, got {max_request_megapixels!r}")
-    if isinstance(group_timeout, bool) or not (isinstance(group_timeout, (int, float)) and 0 < group_timeout < math.inf):
-        raise ValueError(f"group_timeout must be a positive number of seconds, got {group_timeout!r}")
+    check_positive("body_timeout", body_timeout, unit="seconds")
+    check_positive("max_request_megapixels", max_request_megapixels)
+    check_positive("group_timeout", group_timeout, unit="seconds")
     root = _resolve_media_root(media_root)
     batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
                       max_queue=max_queue)
@@ -965,8 +959,10 @@ def main(argv=None) -> None:
                      policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout,
                      max_request_megapixels=args.max_request_megapixels,
                      max_samples_per_request=args.max_samples_per_request)
-    if not (0 < args.header_timeout < math.inf):
-        raise SystemExit(f"--header-timeout must be a positive number of seconds, got {args.header_timeout}")
+    try:
+        check_positive("--header-timeout", args.header_timeout, unit="seconds")
+    except ValueError as e:
+        raise SystemExit(f"python -m mrrm.serve: error: {e}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=header_timeout_protocol(args.header_timeout))
 
 

@@ -5,7 +5,7 @@ import torch
 from mrrm import demo, train
 from mrrm import eval as mev
 from mrrm.api import build_default_model
-from mrrm.common import MODES, TRAIN_MODES, check_int, is_correct, top_choice
+from mrrm.common import MODES, TRAIN_MODES, check_int, check_positive, is_correct, top_choice
 
 
 def test_top_choice_and_its_tie_rule():
@@ -34,6 +34,10 @@ def test_check_int():
         with pytest.raises(ValueError, match="n must be an int >= 1"):
             check_int("n", bad)
     assert set(TRAIN_MODES) < set(MODES)
+    assert check_positive("t", 2) == 2.0 and check_positive("t", 0.5) == 0.5
+    for bad in (0, -1, True, float("inf"), float("nan"), "3", None):
+        with pytest.raises(ValueError, match="t must be a positive number of seconds"):
+            check_positive("t", bad, unit="seconds")
 
 
 def test_training_and_eval_count_a_tied_top_as_wrong(tmp_path):
