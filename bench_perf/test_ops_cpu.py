@@ -9,7 +9,8 @@ listwise_ce (B=4096 groups, N ragged in 2..8):
   - padded_log_softmax: scatter into a -inf padded [B, Nmax] tensor, log_softmax, pick targets
 varlen_attention (one training step of the demo: 32 samples, vision stream of 24 images x 64 patches
 and 8 videos x 256, text stream of 32 sequences of 40..120 tokens; Hq 4, Hkv 2, D 32):
-  - mrrm_cpu:          mrrm.ops.varlen_attention, backend="cpu" (similar lengths batched per SDPA call)
+  - mrrm_cpu:          mrrm.ops.varlen_attention, backend="cpu" (similar lengths batched per call of torch's CPU
+                       flash-attention kernel, forward and backward)
   - per_sequence_sdpa: one torch SDPA call per sequence (GQA expanded), what a varlen fallback loops
 All timings are forward + backward.
 """
