@@ -30,6 +30,7 @@ file, outside the mrrm package.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import math
@@ -458,8 +459,6 @@ class GroupAssembler:
     async def add(self, key, base: dict, responses: list[str]) -> tuple[list[float], int]:
         """Add one call's responses of one group; returns (their rewards, the group's size) once the
         group is scored."""
-        import asyncio
-
         if self.max_pending is not None and self.pending + len(responses) > self.max_pending:
             raise PendingFull()
         loop = asyncio.get_running_loop()
@@ -477,8 +476,6 @@ class GroupAssembler:
         return rewards[lo:lo + len(responses)], len(rewards)
 
     def _close(self, key, g: _Group, timed_out: bool) -> None:
-        import asyncio
-
         if self.open.get(key) is g:
             del self.open[key]
         if g.closed:
@@ -536,8 +533,6 @@ async def compute_score_row(data_source=None, solution_str=None, ground_truth=No
     fp = _Fingerprints()
     key = (uid, text, fp(images), fp(videos)) if uid is None else (uid,)
     model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
-    import asyncio
-
     loop = asyncio.get_running_loop()
     options = (id(model), mode, max_batch_tokens, empty_reward, group_size, float(timeout))
     assemblers = _ROW_ASSEMBLERS.setdefault(loop, {})
