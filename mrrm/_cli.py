@@ -78,6 +78,7 @@ MEDIA_BUDGETS = {
     "max_video_megapixels": ("MAX_VIDEO_DECODED_PIXELS", 1e6),
     "max_images_per_sample": ("MAX_IMAGES_PER_SAMPLE", 1),
     "max_videos_per_sample": ("MAX_VIDEOS_PER_SAMPLE", 1),
+    "max_sample_megapixels": ("MAX_SAMPLE_DECODED_PIXELS", 1e6),
 }
 
 

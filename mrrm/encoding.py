@@ -317,10 +317,19 @@ class Encoder:
             raise SampleError(index, "this backbone is text-only; the sample has an image or video", sid)
         if images and videos and self.one_media_kind:
             raise SampleError(index, "this backbone (Molmo2) takes images or a video in one sample, not both", sid)
-        pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
-        clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
-                                  max_frames=self.video_max_frames) for v in videos]
+        # every image and sampled frame of the sample together, from headers before decoding
+        budget = media.PixelBudget.nested(media.MAX_SAMPLE_DECODED_PIXELS,
+                                          "the sample's media (mrrm.media.MAX_SAMPLE_DECODED_PIXELS)")
+        try:
+            with budget:
+                pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
+                clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
+                                          max_frames=self.video_max_frames) for v in videos]
+            return self._encode_loaded(index, sid, prompt, responses, pil_images, clips)
+        finally:
+            budget.release()  # the decoded media are dropped with this call
 
+    def _encode_loaded(self, index, sid, prompt, responses, pil_images, clips):
         marked_prompt = self._mark(prompt)
         marked = [self._mark(r) for r in responses]
         with_sentinel = self._render(len(pil_images), len(clips), marked_prompt, _CONTENT_SENTINEL)

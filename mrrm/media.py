@@ -60,12 +60,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import functools
 import hashlib
 import io
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -86,6 +88,9 @@ MAX_VIDEO_DECODED_PIXELS = 2**29
 # Media per sample (every prompt of the reward benchmarks has at most a few): refused before decoding.
 MAX_IMAGES_PER_SAMPLE = 32
 MAX_VIDEOS_PER_SAMPLE = 8
+# All the images and video frames one sample decodes together (mrrm.encoding holds them at once and
+# the processor makes a copy): 2**29 pixels (~1.6 GB RGB, ~4-5 GB peak with the copies).
+MAX_SAMPLE_DECODED_PIXELS = 2**29
 
 
 def check_media_counts(images: int, videos: int) -> str | None:
@@ -98,6 +103,8 @@ def check_media_counts(images: int, videos: int) -> str | None:
 
 __all__ = [
     "MediaError",
+    "OverBudget",
+    "PixelBudget",
     "VideoClip",
     "load_image",
     "load_video",
@@ -114,6 +121,85 @@ _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 class MediaError(ValueError):
     """Media could not be read: the message says which (path, "image bytes", "frame 3 of the frame
     list", ...) and why (missing file, not an image, corrupt or truncated, not a video, ...)."""
+
+
+class OverBudget(MediaError):
+    """Decoding this medium would take a PixelBudget over its limit (nothing of it was decoded).
+    `budget` is the one exceeded; `temporary` is True for a budget shared by concurrent work (a
+    server's in-flight pool): retrying later may succeed."""
+
+    def __init__(self, message: str, budget: "PixelBudget"):
+        super().__init__(message)
+        self.budget = budget
+
+    @property
+    def temporary(self) -> bool:
+        return self.budget.shared
+
+
+_ACTIVE_BUDGET: contextvars.ContextVar["PixelBudget | None"] = contextvars.ContextVar("mrrm_pixel_budget",
+                                                                                   default=None)
+
+
+class PixelBudget:
+    """The decoded pixels (images and sampled video frames) a unit of work may hold, charged from
+    headers BEFORE anything is decoded; exceeding it raises OverBudget naming the medium.
+
+    Used as a context manager: every load_image / load_video inside the ``with`` (same thread or
+    context) is charged to it, and through `parent` to the budget that was active when it was made
+    (a sample inside a request inside a server's pool). `release()` returns what was charged (to
+    the parents too) once the decoded media are freed. Thread-safe. Media already in memory (PIL
+    images, arrays) are not charged.
+    """
+
+    def __init__(self, limit: int, name: str, *, parent: "PixelBudget | None" = None, shared: bool = False):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"a pixel budget's limit must be a positive int, got {limit!r}")
+        self.limit, self.name, self.parent, self.shared = limit, name, parent, shared
+        self.used = 0
+        self._lock = threading.Lock()
+        self._tokens: list = []
+
+    @classmethod
+    def nested(cls, limit: int, name: str) -> "PixelBudget":
+        """A budget whose parent is the one active here (if any)."""
+        return cls(limit, name, parent=_ACTIVE_BUDGET.get())
+
+    def charge(self, pixels: int, label: str) -> None:
+        with self._lock:
+            if self.used + pixels > self.limit:
+                raise OverBudget(f"{label}: decoding its {pixels / 1e6:.4g} megapixels would take {self.name} "
+                                 f"over its limit of {self.limit / 1e6:.4g} megapixels "
+                                 f"({self.used / 1e6:.4g} already held)", self)
+            if self.parent is not None:
+                self.parent.charge(pixels, label)  # raises before anything is charged here
+            self.used += pixels
+
+    def _give_back(self, pixels: int) -> None:
+        with self._lock:
+            self.used -= pixels
+        if self.parent is not None:
+            self.parent._give_back(pixels)
+
+    def release(self) -> None:
+        """Return everything charged so far (to the parents too)."""
+        with self._lock:
+            used, self.used = self.used, 0
+        if self.parent is not None and used:
+            self.parent._give_back(used)
+
+    def __enter__(self) -> "PixelBudget":
+        self._tokens.append(_ACTIVE_BUDGET.set(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE_BUDGET.reset(self._tokens.pop())
+
+
+def _charge(pixels: int, label: str) -> None:
+    budget = _ACTIVE_BUDGET.get()
+    if budget is not None:
+        budget.charge(pixels, label)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +316,7 @@ def _decode_image(fp: Path | io.BytesIO, label: str) -> Image.Image:
             if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
                 raise MediaError(f"{label}: {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} "
                                  f"megapixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} (mrrm.media.MAX_IMAGE_PIXELS)")
+            _charge(image.width * image.height, label)
             image.load()  # decode everything now: truncated files fail here, not later
             return _to_rgb(image)
     except MediaError:
@@ -242,6 +329,8 @@ def _decode_image(fp: Path | io.BytesIO, label: str) -> Image.Image:
         raise MediaError(f"{label}: too large to decode safely ({e})") from e
     except PermissionError as e:
         raise MediaError(f"{label}: permission denied") from e
+    except MemoryError:  # the machine, not the file: never reported as a corrupt image
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise MediaError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from e
 
@@ -591,12 +680,17 @@ def _budgeted(plan: _Chooser, size: tuple[int, int] | None, label: str) -> _Choo
         raise MediaError(f"{label}: frames of {w}x{h} are over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
                          "(mrrm.media.MAX_VIDEO_FRAME_PIXELS)")
 
+    charged = []  # a second reader (after the first failed) re-plans the same frames: charge once
+
     def choose(total, source_fps):
         indices = plan(total, source_fps)
         if len(indices) * w * h > MAX_VIDEO_DECODED_PIXELS:
             raise MediaError(f"{label}: {len(indices)} frames of {w}x{h} would decode to {len(indices) * w * h / 1e6:.0f} "
                              f"megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
                              "(mrrm.media.MAX_VIDEO_DECODED_PIXELS)")
+        if not charged:
+            _charge(len(indices) * w * h, label)
+            charged.append(True)
         return indices
     return choose
 
@@ -606,7 +700,8 @@ def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[n
     _check_file(path, label)
     if path.stat().st_size == 0:
         raise MediaError(f"{label}: empty file")
-    plan = _budgeted(plan, _probe_frame_size(path), label)
+    size = _probe_frame_size(path)
+    plan = _budgeted(plan, size, label)
     failures = []
     for name in _backends_to_try(backend, path):
         try:
@@ -621,6 +716,8 @@ def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[n
             if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
                 failures.append(f"{name}: unexpected frame array {frames.dtype} {tuple(frames.shape)}")
                 continue
+            if size is None:  # the header could not be read before decoding: charged now
+                _charge(frames.shape[0] * frames.shape[1] * frames.shape[2], label)
             return frames, total, source_fps, name
     raise MediaError(f"{label}: cannot read as a video ({'; '.join(failures)})")
 

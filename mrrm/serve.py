@@ -66,6 +66,7 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_GROUP_TIMEOUT = 60.0   # seconds a prompt's first response waits for the rest of its group
 DEFAULT_MAX_PENDING = 65536    # responses held for their groups at most (then 429)
 DEFAULT_MAX_REQUEST_PIXELS = 256_000_000  # decoded image / frame pixels one /score request may hold (~770 MB RGB)
+DEFAULT_MAX_INFLIGHT_PIXELS = 1_024_000_000  # ... all requests together, until scored (~3 GB RGB; then 503)
 DEFAULT_MAX_SAMPLES = 10_000   # samples (or /get_reward queries) in one request
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}")
 MIN_BASE64_CHARS = 64  # shorter strings are paths (no image encodes to fewer than 64 base64 characters)
@@ -82,6 +83,11 @@ class MediaRejected(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def _media_http_error(e: MediaRejected) -> HTTPException:
+    """The HTTP error of a refused medium; 503 (the in-flight pool is full) says when to retry."""
+    return HTTPException(e.status, str(e), headers={"Retry-After": "1"} if e.status == 503 else None)
 
 
 class ConfinedFile(os.PathLike):
@@ -159,28 +165,22 @@ def safe_media_path(value: str, root: Path | None, where: str) -> Path:
     return real
 
 
-class PixelBudget:
-    """The decoded pixels one request may hold (images and frame-list frames): exceeded -> 413. Checked
-    after each decode, so a request overshoots by at most one image (<= mrrm.media.MAX_IMAGE_PIXELS)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-
-    def take(self, image, where: str):
-        self.used += image.width * image.height
-        if self.used > self.limit:
-            raise MediaRejected(f"{where}: the request's images decode to over {self.limit / 1e6:g} megapixels "
-                                "(server --max-request-megapixels)", 413)
-        return image
+def load_image_field(value: str, root: Path | None, where: str):
+    """A request's image string -> a decoded PIL image (data URL, base64, or a path under the root),
+    charged (from its header, before decoding) to the active mrrm.media.PixelBudget: over the
+    request's budget -> 413, over the server's in-flight pool -> 503 (retry later)."""
+    try:
+        return _load_image_field(value, root, where)
+    except media.OverBudget as e:
+        raise MediaRejected(f"{where}: {str(e).split(': ', 1)[-1]}", 503 if e.temporary else 413) from None
 
 
-def load_image_field(value: str, root: Path | None, where: str, budget: PixelBudget | None = None):
-    """A request's image string -> a decoded PIL image (data URL, base64, or a path under the root)."""
-    if budget is not None:
-        return budget.take(load_image_field(value, root, where), where)
+def _load_image_field(value: str, root: Path | None, where: str):
     if value[:5].lower() == "data:":
         try:
             return media.load_image(value)  # a data URL is never read as a path
+        except media.OverBudget:
+            raise
         except media.MediaError as e:
             raise MediaRejected(f"{where}: {e}") from None
     compact = "".join(value.split())
@@ -188,6 +188,8 @@ def load_image_field(value: str, root: Path | None, where: str, budget: PixelBud
     if len(compact) >= MIN_BASE64_CHARS and _BASE64.fullmatch(compact):
         try:  # through mrrm.media's data-URL decoder: strict base64, then PIL
             return media.load_image("data:image;base64," + compact)
+        except media.OverBudget:
+            raise
         except media.MediaError as e:
             b64_error = str(e).replace("data URL", "base64 string")
     try:
@@ -199,13 +201,15 @@ def load_image_field(value: str, root: Path | None, where: str, budget: PixelBud
         raise
     try:
         return media.load_image(path)  # a path: never reinterpreted as base64
+    except media.OverBudget:
+        raise
     except media.MediaError as e:
         raise MediaRejected(f"{where}: {str(e).replace(os.fspath(path), value)}") from None
     finally:
         path.close()
 
 
-def load_video_field(value, root: Path | None, where: str, max_frames: int = 64, budget: PixelBudget | None = None):
+def load_video_field(value, root: Path | None, where: str, max_frames: int = 64):
     """A request's video: a file under the root (checked and opened: a ConfinedFile, decoded later on
     the model thread through its descriptor) or a list of frame images, of which only the frames the
     model would keep (mrrm.media's evenly spaced thinning to `max_frames`) are decoded: a list of
@@ -214,7 +218,7 @@ def load_video_field(value, root: Path | None, where: str, max_frames: int = 64,
         if not value:
             raise MediaRejected(f"{where}: an empty frame list")
         keep = sorted(set(media.thin_frame_list(len(value), max_frames)))
-        return [load_image_field(value[k], root, f"{where} frame {k}", budget) for k in keep]
+        return [load_image_field(value[k], root, f"{where} frame {k}") for k in keep]
     return open_confined(value, root, where)
 
 
@@ -246,8 +250,7 @@ class RewardRequest(BaseModel):
     labels: Optional[list[Any]] = None
 
 
-def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64,
-                   budget: PixelBudget | None = None) -> dict:
+def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64) -> dict:
     """A validated request sample -> an mrrm sample whose media are decoded images / checked paths."""
     if s.image is not None and s.images is not None:
         raise MediaRejected(f"sample {index}: give 'image' or 'images', not both")
@@ -262,9 +265,9 @@ def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int =
     if too_many is not None:  # before anything is decoded
         raise MediaRejected(f"sample {index}: {too_many}", 422)
     if images:
-        out["images"] = [load_image_field(v, root, f"sample {index} image {k}", budget) for k, v in enumerate(images)]
+        out["images"] = [load_image_field(v, root, f"sample {index} image {k}") for k, v in enumerate(images)]
     if videos:
-        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames, budget)
+        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames)
                          for k, v in enumerate(videos)]
     return out
 
@@ -585,38 +588,57 @@ class _ServerState:
                                         max_pending=max_pending)
         self.max_frames = getattr(getattr(batcher.model, "encoder", None), "video_max_frames", 64)
         self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
+        self.pool = media.PixelBudget(DEFAULT_MAX_INFLIGHT_PIXELS, "the server's in-flight media "
+                                      "(--max-inflight-megapixels)", shared=True)
         self.max_samples = DEFAULT_MAX_SAMPLES
         # how long a /get_reward request may wait for the rest of its group before scoring starts
         self.group_wait = group_timeout if group_size > 1 else 0.0
 
-    def load_media(self, base: dict) -> dict:
+    def request_budget(self) -> media.PixelBudget:
+        """The decoded pixels one request (or /get_reward group) may hold, drawn from the server's
+        in-flight pool; released when its scores are out. Video FILES are decoded later, one sample
+        at a time on the encoding thread, under --max-sample-megapixels."""
+        return media.PixelBudget(self.max_request_pixels, "the request's media (--max-request-megapixels)",
+                                 parent=self.pool)
+
+    def load_media(self, base: dict, budget: media.PixelBudget) -> dict:
         """A group's sample base with its label media decoded / checked under the media root (thread)."""
-        out, budget = dict(base), PixelBudget(self.max_request_pixels)
-        if base.get("images"):
-            out["images"] = [load_image_field(v, self.root, f"label image {k}", budget)
-                             for k, v in enumerate(base["images"])]
-        if base.get("videos"):
-            out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames, budget)
-                             for k, v in enumerate(base["videos"])]
+        out = dict(base)
+        with budget:
+            if base.get("images"):
+                out["images"] = [load_image_field(v, self.root, f"label image {k}")
+                                 for k, v in enumerate(base["images"])]
+            if base.get("videos"):
+                out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames)
+                                 for k, v in enumerate(base["videos"])]
         return out
 
     async def score_group(self, group: dict) -> list[float]:
         """A closed /get_reward group -> a reward per response: its label media decoded (a worker
         thread), its distinct responses scored as one sample through the batcher, which it waits to
         enter (a group is never refused for a full queue)."""
-        group = await asyncio.to_thread(self.load_media, group)
-        sample = group_sample(group)
-        scores = (await self.batcher.submit_wait([sample]))[0] if sample is not None else None
-        return fill_empty(ungroup(group["responses"], sample, scores))
+        budget = self.request_budget()
+        try:
+            group = await asyncio.to_thread(self.load_media, group, budget)
+            sample = group_sample(group)
+            scores = (await self.batcher.submit_wait([sample]))[0] if sample is not None else None
+            return fill_empty(ungroup(group["responses"], sample, scores))
+        finally:
+            budget.release()
 
-    async def prepare(self, samples: list[SampleIn]) -> list[dict]:
-        """Request samples -> mrrm samples (media decoded / paths checked); a refused medium is an HTTP error."""
+    async def prepare(self, samples: list[SampleIn], budget: media.PixelBudget) -> list[dict]:
+        """Request samples -> mrrm samples (media decoded, charged to `budget` / paths checked); a
+        refused medium is an HTTP error (503 with Retry-After when the in-flight pool is full)."""
+        def work():
+            with budget:
+                return [prepare_sample(s, i, self.root, self.max_frames) for i, s in enumerate(samples)]
         try:  # file reads and image decoding off the event loop
-            budget = PixelBudget(self.max_request_pixels)
-            return await asyncio.to_thread(lambda: [prepare_sample(s, i, self.root, self.max_frames, budget)
-                                                    for i, s in enumerate(samples)])
+            return await asyncio.to_thread(work)
         except MediaRejected as e:
-            raise HTTPException(e.status, str(e)) from None
+            raise _media_http_error(e) from None
+        except MemoryError:
+            raise HTTPException(503, "out of memory decoding the request's media; retry later",
+                                headers={"Retry-After": "1"}) from None
 
     async def run_job(self, samples: list[dict]) -> list[list[float]]:
         """Score samples through the batcher: 429 when the queue is full, 504 on timeout, 422 on bad samples."""
@@ -638,6 +660,7 @@ class _ServerState:
         return {"status": "ok", "mode": self.mode, "max_batch_tokens": batcher.max_batch_tokens,
                 "queue": batcher.queue.qsize() if batcher.queue is not None else 0, "max_queue": self.max_queue,
                 **batcher.counters, "group_size": self.assembler.group_size, "pending": self.assembler.pending,
+                "media_megapixels_held": round(self.pool.used / 1e6, 3),
                 **self.assembler.counters}
 
 
@@ -725,7 +748,7 @@ async def _get_reward(state: "_ServerState", body: RewardRequest) -> dict:
         state.batcher.counters["timeouts"] += 1
         raise HTTPException(504, f"the group was not scored within {state.group_wait + state.timeout:g} s") from None
     except MediaRejected as e:
-        raise HTTPException(e.status, str(e)) from None
+        raise _media_http_error(e) from None
     except (BatchError, SampleError) as e:
         raise HTTPException(422, str(e)) from None
     rewards, sizes = [0.0] * len(queries), [0] * len(queries)
@@ -745,8 +768,12 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
         if len(body.samples) > state.max_samples:
             raise HTTPException(413, f"{len(body.samples)} samples in one request, over the limit of {state.max_samples} "
                                      "(server --max-samples-per-request); split the request")
-        samples = await state.prepare(body.samples)
-        return {"scores": await state.run_job(samples)}
+        budget = state.request_budget()
+        try:
+            samples = await state.prepare(body.samples, budget)
+            return {"scores": await state.run_job(samples)}
+        finally:
+            budget.release()
 
     @app.post("/get_reward")
     async def get_reward(body: RewardRequest):
@@ -775,7 +802,8 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT,
                max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, body_timeout: float = 30.0,
                max_request_megapixels: float = DEFAULT_MAX_REQUEST_PIXELS / 1e6,
-               max_samples_per_request: int = DEFAULT_MAX_SAMPLES):
+               max_samples_per_request: int = DEFAULT_MAX_SAMPLES,
+               max_inflight_megapixels: float = DEFAULT_MAX_INFLIGHT_PIXELS / 1e6):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
 
     group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
@@ -785,6 +813,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     stripped from OpenRLHF's prompts and queries (the common templates are known without it).
     body_timeout: seconds a request's body may take to arrive (408 after; slow or lying clients).
     max_request_megapixels: decoded image / frame pixels one request may hold (413 after).
+    max_inflight_megapixels: ... all requests together until their scores are out (503 + Retry-After after).
     max_samples_per_request: samples of a /score request or queries of a /get_reward one (413 after)."""
     mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
@@ -792,6 +821,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     check_int("max_pending", max_pending)
     check_positive("body_timeout", body_timeout, unit="seconds")
     check_positive("max_request_megapixels", max_request_megapixels)
+    check_positive("max_inflight_megapixels", max_inflight_megapixels)
     check_positive("group_timeout", group_timeout, unit="seconds")
     root = _resolve_media_root(media_root)
     batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
@@ -800,6 +830,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, group_size=group_size,
                          group_timeout=float(group_timeout), max_pending=max_pending, stop_texts=stop_texts, frame=frame)
     state.max_request_pixels = int(max_request_megapixels * 1e6)
+    state.pool.limit = int(max_inflight_megapixels * 1e6)
     state.max_samples = check_int("max_samples_per_request", max_samples_per_request)
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
     app.state.batcher, app.state.assembler = batcher, state.assembler
@@ -921,6 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="responses held for their groups at most (then 429)")
     p.add_argument("--max-request-megapixels", type=float, default=DEFAULT_MAX_REQUEST_PIXELS / 1e6,
                    help="decoded image / frame pixels one request may hold, in megapixels (413 after)")
+    p.add_argument("--max-inflight-megapixels", type=float, default=DEFAULT_MAX_INFLIGHT_PIXELS / 1e6,
+                   help="decoded image / frame pixels all requests together may hold until scored, in "
+                        "megapixels (503 + Retry-After after)")
     p.add_argument("--max-samples-per-request", type=positive_int, default=DEFAULT_MAX_SAMPLES,
                    help="samples of a /score request (queries of a /get_reward one) at most (413 after)")
     p.add_argument("--header-timeout", type=float, default=10.0,
@@ -958,6 +992,7 @@ def main(argv=None) -> None:
                      group_timeout=args.group_timeout, max_pending=args.max_pending,
                      policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout,
                      max_request_megapixels=args.max_request_megapixels,
+                     max_inflight_megapixels=args.max_inflight_megapixels,
                      max_samples_per_request=args.max_samples_per_request)
     try:
         check_positive("--header-timeout", args.header_timeout, unit="seconds")

@@ -553,6 +553,71 @@ def test_video_budgets_are_checked_before_decoding(tmp_path, monkeypatch, backen
     assert m.load_video(path, backend=backend, fps=2.0, max_frames=8).frames.shape[-2:] == (32, 32)
 
 
+def test_pixel_budget_nests_and_gives_back():
+    """A PixelBudget charges its parent too; a refusal by either charges nothing; release() returns
+    what was charged up the chain; `temporary` marks a shared pool."""
+    pool = media.PixelBudget(100, "the pool", shared=True)
+    a = media.PixelBudget(60, "request a", parent=pool)
+    b = media.PixelBudget(60, "request b", parent=pool)
+    a.charge(50, "x")
+    with pytest.raises(media.OverBudget, match="y: decoding .* take request a over its limit") as own:
+        a.charge(20, "y")
+    assert not own.value.temporary and (a.used, pool.used) == (50, 50)
+    with pytest.raises(media.OverBudget, match="z: .* take the pool over its limit") as shared:
+        b.charge(51, "z")
+    assert shared.value.temporary and (b.used, pool.used) == (0, 50)
+    a.release()
+    assert (a.used, pool.used) == (0, 0)
+    b.charge(51, "z")
+    assert pool.used == 51
+    with pytest.raises(ValueError, match="positive int"):
+        media.PixelBudget(0, "none")
+
+
+def test_media_are_charged_from_headers_before_decoding(tmp_path, png, pixels, monkeypatch):
+    """load_image / load_video inside a PixelBudget charge the pixels they would decode BEFORE any
+    decoding (a refused video's reader stops at its frame choice); a video whose first reader fails is charged once."""
+    path = write_video(tmp_path / "v.mp4", num_frames=24, size=32)  # 2 s at 12 fps
+    calls = []
+    for name, reader in list(media._READERS.items()):
+        monkeypatch.setitem(media._READERS, name, lambda p, choose, _r=reader, _n=name: calls.append(_n) or _r(p, choose))
+    h, w = pixels.shape[:2]
+    with media.PixelBudget(h * w + 4 * 32 * 32 - 1, "the test's budget") as budget:
+        load_image(png)
+        assert budget.used == h * w
+        with pytest.raises(media.OverBudget, match=r"video file .*v.mp4.*: decoding its 0.004096 megapixels .* limit of 0.004287"):
+            load_video(path, fps=2.0, max_frames=8)  # 4 frames of 32x32: one pixel too many
+    assert len(calls) == 1 and budget.used == h * w  # the reader stopped at its frame choice; no fallback
+    load_image(png)  # outside the with: charged to nothing
+    assert budget.used == h * w
+
+    def failing(p, choose):
+        choose(24, 12.0)
+        raise media._ReadFailure("broken on purpose")
+    monkeypatch.setitem(media._READERS, "decord", failing)
+    with media.PixelBudget(10**6, "b") as budget:
+        clip = load_video(path, fps=2.0, max_frames=8, backend=None)
+    assert budget.used == clip.frames.shape[0] * 32 * 32  # once, though two readers planned the frames
+
+
+def test_a_sample_s_media_together_are_budgeted(tmp_path, pixels, monkeypatch):
+    """mrrm.media.MAX_SAMPLE_DECODED_PIXELS: all of one sample's images and frames together, refused
+    per sample before the one that would cross it is decoded; the next sample starts afresh."""
+    from mrrm.api import build_default_model
+    from mrrm.encoding import SampleError
+
+    model = build_default_model()
+    b64 = base64.b64encode(_encode(pixels)).decode()
+    h, w = pixels.shape[:2]
+    monkeypatch.setattr(media, "MAX_SAMPLE_DECODED_PIXELS", 2 * h * w)
+    two = {"prompt": "p", "responses": ["a", "b"], "images": [b64] * 2}
+    model.encoder.encode(two, 0)
+    model.encoder.encode(two, 1)  # the budget is per sample
+    with pytest.raises(SampleError, match=r"sample 2: base64 image string: decoding .* take the sample's media "
+                                          r"\(mrrm.media.MAX_SAMPLE_DECODED_PIXELS\) over its limit"):
+        model.encoder.encode({**two, "images": [b64] * 3}, 2)
+
+
 @pytest.mark.slow
 def test_a_small_file_of_huge_frames_is_refused_not_a_crash(tmp_path):
     """The 31 KB mp4 of 64 black 3072x3072 frames that made decord abort the interpreter (std::bad_alloc)

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from model_fixtures import build_family, rgb_image
+from PIL import Image
 from serving import running
 
 import mrrm
@@ -287,36 +288,93 @@ def test_bad_server_arguments(model, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_command_serves_default_model(tmp_path):
-    """python -m mrrm.serve with the built-in model, token from the environment, on a free port."""
+@contextlib.contextmanager
+def server_process(*args, env=None, preexec_fn=None):
+    """`python -m mrrm.serve` with the built-in model on a free port, as a child process: yields
+    (url, process) once /health answers; terminated on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MRRM_SERVE_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "mrrm.serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--media-root", str(tmp_path), "--max-queue", "8"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "mrrm.serve", "--host", "127.0.0.1", "--port", str(port), *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=1, headers=AUTH).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_command_serves_default_model(tmp_path):
+    """python -m mrrm.serve with the built-in model, token from the environment, on a free port."""
+    env = {**os.environ, "MRRM_SERVE_TOKEN": TOKEN}
+    with server_process("--media-root", str(tmp_path), "--max-queue", "8", env=env) as (url, _):
         sample = {"prompt": "What is shown?", "responses": ["a red circle", "a blue square"]}
         assert httpx.post(f"{url}/score", json={"samples": [sample]}).status_code == 401
         r = httpx.post(f"{url}/score", json={"samples": [sample]}, headers=AUTH, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["scores"][0] == pytest.approx(mrrm.score(sample)[0], **TOL)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_small_requests_cannot_exhaust_the_server_s_memory(tmp_path):
+    """The requests that took a server past 5.5 GB, sent to `python -m mrrm.serve` held to a 10 GB
+    address space (its idle size is ~4 GB): an 81-megapixel PNG of 79 KB four times, one sample with
+    two 64-frame 2048x2048 mp4s (1.2 MB each), a 2,000-frame list of 1024x1024 PNGs, and 8 concurrent
+    requests of ten 25-megapixel PNGs (84 KB each; 250 MP per request, 2,000 MP in all). Every answer
+    is a 200, a 4xx naming the limit, or a 503 from the in-flight pool, never a 500, a MemoryError
+    passed off as a corrupt image, or a dead server; nothing stays held after. (Without the pool,
+    --max-inflight-megapixels 100000, the flood answers 500s and "corrupt ... MemoryError" 400s.)"""
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    av = pytest.importorskip("av")
+    Image.new("L", (9000, 9000)).save(tmp_path / "huge.png", optimize=True)
+    Image.new("RGB", (5000, 5000), (30, 60, 90)).save(tmp_path / "big.png", optimize=True)
+    Image.new("RGB", (1024, 1024), (30, 60, 90)).save(tmp_path / "frame.png", optimize=True)
+    with av.open(str(tmp_path / "v.mp4"), "w") as container:  # 32 s at 2 fps: 64 frames sampled
+        stream = container.add_stream("libx264", rate=2)
+        stream.width = stream.height = 2048
+        stream.pix_fmt, stream.options = "yuv420p", {"preset": "ultrafast"}
+        for i in range(64):
+            frame = np.full((2048, 2048, 3), i * 3, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (10 << 30, 10 << 30))
+
+    def sample(**media_fields):
+        return {"prompt": "What is shown?", "responses": ["a", "b"], **media_fields}
+
+    with server_process("--media-root", str(tmp_path), preexec_fn=limit) as (url, proc):
+        def post(samples):
+            return httpx.post(f"{url}/score", json={"samples": samples}, timeout=600)
+
+        huge = post([sample(images=["huge.png"] * 4)])
+        assert huge.status_code == 400 and "81.0 megapixels, over the limit of 50" in huge.text
+        assert post([sample(videos=["v.mp4", "v.mp4"])]).status_code == 200
+        assert post([sample(video=["frame.png"] * 2000)]).status_code == 200
+        with ThreadPoolExecutor(8) as pool:
+            flood = list(pool.map(lambda _: post([sample(images=["big.png"] * 5)] * 2), range(8)))
+        codes = sorted(r.status_code for r in flood)
+        assert set(codes) <= {200, 503} and 200 in codes, [r.text[:200] for r in flood]
+        assert all("--max-inflight-megapixels" in r.text for r in flood if r.status_code == 503)
+        health = httpx.get(f"{url}/health").json()
+        assert health["media_megapixels_held"] == 0 and proc.poll() is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,7 +739,27 @@ def test_request_pixel_budget(model):
         ok = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "images": [b64] * 4}]})
         over = httpx.post(f"{url}/score", json={"samples": [{"prompt": "p", "responses": ["a"], "images": [b64] * 3}] * 2})
     assert ok.status_code == 200, ok.text
-    assert over.status_code == 413 and "decode to over 0.05 megapixels" in over.text
+    assert over.status_code == 413 and "request's media (--max-request-megapixels) over its limit of 0.05" in over.text
+
+
+def test_inflight_pixel_pool(model):
+    """All requests' decoded media together: over --max-inflight-megapixels -> 503 with Retry-After
+    (temporary, unlike the request's own 413); what a request held is given back once it is answered,
+    refused or failed, so the pool never leaks."""
+    b64 = png_b64(rgb_image(1).resize((100, 100)))  # 0.01 MP each
+    app = create_app(model, max_request_megapixels=1, max_inflight_megapixels=0.03)
+    sample = {"prompt": "p", "responses": ["a"], "images": [b64] * 2}
+    with running(app) as url:
+        ok = httpx.post(f"{url}/score", json={"samples": [sample]})
+        busy = httpx.post(f"{url}/score", json={"samples": [sample, sample]})
+        bad = httpx.post(f"{url}/score", json={"samples": [sample, {**sample, "images": [b64, "nope.png"]}]})
+        again = httpx.post(f"{url}/score", json={"samples": [sample]})
+        health = httpx.get(f"{url}/health").json()
+    assert ok.status_code == 200 and again.status_code == 200, (ok.text, again.text)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert "sample 1 image 1" in busy.text and "in-flight media (--max-inflight-megapixels)" in busy.text
+    assert bad.status_code in (400, 403)
+    assert health["media_megapixels_held"] == 0
 
 
 def test_samples_per_request_limit(model):
