@@ -469,6 +469,9 @@ def generate_in_subprocess(n: int, seed: int, out_dir: str | os.PathLike) -> Pat
     cmd = [sys.executable, "-m", "mrrm.demo", "--seed", str(seed), "--n", str(n), "--out", os.fspath(out_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or [""]
+        if last[0].startswith("mrrm.demo: "):  # its own one-line error (e.g. a full disk)
+            raise RuntimeError(f"demo data generation failed: {last[0][len('mrrm.demo: '):]}")
         raise RuntimeError(f"demo data generation failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
     return Path(out_dir) / "data.jsonl"
 
@@ -504,12 +507,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="image and video side in pixels (default 64)")
     parser.add_argument("--video-frames", type=int, default=8, help=f"frames per video at {VIDEO_FPS} fps (default 8)")
     args = parser.parse_args(argv)
+    from ._io import WriteError, writing
+
     start = time.perf_counter()
     try:
-        path = generate(args.n, args.seed, args.out, families=args.families, n_responses=args.n_responses,
-                        image_size=args.image_size, video_frames=args.video_frames)
-    except ValueError as e:
-        parser.error(str(e))
+        with writing(args.out):
+            try:
+                path = generate(args.n, args.seed, args.out, families=args.families, n_responses=args.n_responses,
+                                image_size=args.image_size, video_frames=args.video_frames)
+            except ValueError as e:
+                parser.error(str(e))
+    except WriteError as e:  # a full disk: one line naming the folder, not a traceback
+        print(f"mrrm.demo: {e}", file=sys.stderr)
+        return 1
     for line in summarize(path):
         print(line)
     print(f"wrote {args.n} samples to {path} in {time.perf_counter() - start:.1f} s (seed {args.seed})")

@@ -59,6 +59,7 @@ mode; a different one in the same DIR is refused (use another DIR or --overwrite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -69,6 +70,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
+from ._io import WriteError, append_durable, cut_torn_tail, writing
 from .common import MODES, check_choice, is_correct, top_choice
 from .data import check_rankings, iter_records
 
@@ -422,8 +424,6 @@ class ScoreCache:
         self.path, self.entries, self.f = path, {}, None
         if path is None:
             return
-        from ._io import cut_torn_tail
-
         if os.path.exists(path):
             cut_torn_tail(path)
             with open(path, encoding="utf-8") as f:
@@ -434,18 +434,17 @@ class ScoreCache:
                     except (ValueError, KeyError, TypeError):
                         raise ValueError(f"{path}:{lineno} is not a score-cache record; remove the file or pass "
                                          "overwrite=True") from None
-        self.f = open(path, "ab")
+        self.f = open(path, "ab", buffering=0)  # unbuffered: see append_durable
 
     def get(self, item_key, protocol, order):
         return self.entries.get(_cache_key(item_key, protocol, order))
 
     def add(self, records: list[dict]) -> None:
-        from ._io import append_durable
-
         for rec in records:
             self.entries[_cache_key(rec["key"], rec["protocol"], rec["order"])] = rec
         if self.f is not None:
-            append_durable(self.f, [(json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records])
+            with writing(self.f.name):
+                append_durable(self.f, [(json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records])
 
     def close(self):
         if self.f is not None:
@@ -863,9 +862,15 @@ def render_chart(result: dict, path: str) -> None:
 def _write_outputs(out_dir, result, bench, items, per_sample) -> None:
     def atomic(name: str, text: str) -> None:
         tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+        with writing(os.path.join(out_dir, name)):
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+            os.replace(tmp, os.path.join(out_dir, name))
 
     atomic("metrics.json", json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")
     atomic("report.md", render_report(result))
@@ -875,7 +880,8 @@ def _write_outputs(out_dir, result, bench, items, per_sample) -> None:
                     **({"kendall_tau": m["kendall_tau"], "pairwise_accuracy": m["pairwise_accuracy"]}
                        if bench.kind == "ranking" else {})}, ensure_ascii=False) + "\n"
         for it, m in zip(items, per_sample)))
-    render_chart(result, os.path.join(out_dir, "report.png"))
+    with writing(os.path.join(out_dir, "report.png")):
+        render_chart(result, os.path.join(out_dir, "report.png"))
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -924,6 +930,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted; finished passes are cached in {args.out}: rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except WriteError as e:
+        print(f"{PROG}: error: {e}; finished passes are cached in {args.out}: make room and rerun the same "
+              "command to resume", file=sys.stderr)
+        return 1
     m = result["metrics"]
     head = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if k != "n")
     print(f"{PROG}: {result['benchmark']} ({result['protocol']}): {result['evaluated']} evaluated, "

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
 from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
-from ._io import append_durable, cut_torn_tail
+from ._io import WriteError, append_durable, cut_torn_tail, writing
 from .common import top_choice
 
 try:
@@ -283,8 +283,11 @@ class _Run:
         errors.sort(key=lambda e: e[0])
         for lineno, sid, reason in errors:
             self.progress.write(f"{self.data_path}:{lineno}: " + (f"[id={sid!r}] " if sid is not None else "") + reason)
-        append_durable(self.err_f, [_dumps({"line": lineno, "id": sid, "error": reason}) for lineno, sid, reason in errors])
-        append_durable(self.out_f, out_lines)
+        with writing(self.err_f.name):
+            append_durable(self.err_f, [_dumps({"line": lineno, "id": sid, "error": reason})
+                                        for lineno, sid, reason in errors])
+        with writing(self.out_f.name):
+            append_durable(self.out_f, out_lines)
         self.scored += len(out_lines)
         self.bad += len(errors)
         self.progress.update(self.lines_since_update, self.scored, self.bad)
@@ -337,6 +340,9 @@ def main(argv=None) -> int:
     except CLIError as e:
         _log(f"error: {e}")
         return 2
+    except WriteError as e:  # the lines written before are durable: a rerun resumes after them
+        _log(f"error: {e}; the lines written so far are kept: make room and rerun the same command to resume")
+        return 1
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -396,6 +402,10 @@ def _run_locked(args, paths) -> int:
         return 130
     except CLIError:
         raise
+    except WriteError:  # main says which file and how to go on
+        if state.progress is not None:
+            state.progress.close()
+        raise
     except BaseException:
         if state.progress is not None:
             state.progress.close()
@@ -433,7 +443,8 @@ def _prepare_outputs(args, out: str, errors_path: str) -> tuple[bool, set[int]]:
 
 def _score_file(model, args, paths: _Paths, done_errors: set[int], check: _ResumeCheck | None, state: _State) -> None:
     """Pass the lines already done, then score the rest in chunks, appending to --out and the errors file."""
-    with open(paths.data, "rb") as data_f, open(paths.out, "ab") as out_f, open(paths.errors, "ab") as err_f:
+    with open(paths.data, "rb") as data_f, open(paths.out, "ab", buffering=0) as out_f, \
+            open(paths.errors, "ab", buffering=0) as err_f:
         # the lines already done: verified, counted, not rescored
         initial, first_todo, state.resumed_bad = _skip_done_lines(data_f, done_errors, check)
         if check is not None:

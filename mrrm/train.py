@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._io import WriteError, writing
 from .common import TRAIN_MODES, is_correct
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
@@ -96,6 +97,7 @@ class TrainConfig:
     max_video_megapixels: float | None = None
     max_images_per_sample: float | None = None
     max_videos_per_sample: float | None = None
+    max_sample_megapixels: float | None = None
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -350,17 +352,22 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_l
     final = os.path.join(ckpt_root, f"step-{step:08d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    trainable = {k: v for k, v in model.state_dict().items()}
-    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "position": position, "step": step, "signature": signature},
-               os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "state.pt"), "rb") as fh:
-        os.fsync(fh.fileno())
-    with open(os.path.join(tmp, "state.sha256"), "w") as fh:
-        fh.write(_sha256(os.path.join(tmp, "state.pt")) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with writing(os.path.join(tmp, "state.pt")):
+            os.makedirs(tmp)
+            trainable = {k: v for k, v in model.state_dict().items()}
+            torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng_state(), "position": position, "step": step, "signature": signature},
+                       os.path.join(tmp, "state.pt"))
+            with open(os.path.join(tmp, "state.pt"), "rb") as fh:
+                os.fsync(fh.fileno())
+            with open(os.path.join(tmp, "state.sha256"), "w") as fh:
+                fh.write(_sha256(os.path.join(tmp, "state.pt")) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+    except WriteError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took; the older checkpoints are untouched
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
@@ -523,8 +530,11 @@ def _data_paths(cfg, accel):
     if accel.is_main_process:
         # in a fresh interpreter: generated in this process, a clip now and then came out
         # encoded differently run to run (demo.generate_in_subprocess)
-        demo.generate_in_subprocess(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
-        demo.generate_in_subprocess(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
+        try:
+            demo.generate_in_subprocess(cfg.demo_train_size, cfg.seed, os.path.join(data_dir, "train"))
+            demo.generate_in_subprocess(cfg.demo_eval_size, cfg.seed + 10_000, os.path.join(data_dir, "eval"))
+        except RuntimeError as e:
+            raise SystemExit(f"mrrm.train: {e}") from None
     accel.wait_for_everyone()
     return [os.path.join(data_dir, "train", "data.jsonl")], cfg.eval_data or os.path.join(data_dir, "eval", "data.jsonl")
 
@@ -617,7 +627,7 @@ def _drop_log_after(log_path, step):
         keep.append(line)
     if len(keep) != len(lines):
         tmp = log_path + ".tmp"
-        with open(tmp, "w") as fh:
+        with writing(tmp), open(tmp, "w") as fh:
             fh.writelines(keep)
         os.replace(tmp, log_path)
 
@@ -681,7 +691,7 @@ def train_step(st: TrainState, batch_keys) -> dict:
 
 
 def _append_jsonl(path, record):
-    with open(path, "a") as fh:
+    with writing(path), open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
@@ -726,11 +736,13 @@ def _finish(st: TrainState) -> dict:
     if accel.is_main_process:
         save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
                             signature=st.signature)
-        st.model.save_pretrained(os.path.join(cfg.output_dir, "model"))
+        with writing(os.path.join(cfg.output_dir, "model")):
+            st.model.save_pretrained(os.path.join(cfg.output_dir, "model"))
         if st.eval_samples:
             summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+        with writing(os.path.join(cfg.output_dir, "summary.json")), \
+                open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         accel.print(f"done: {st.step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
     accel.wait_for_everyone()
@@ -750,7 +762,11 @@ def print_table(ev):
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    train(cfg)
+    try:
+        train(cfg)
+    except WriteError as e:  # a full disk, a quota, a read-only file system: which file, and how to go on
+        raise SystemExit(f"mrrm.train: {e}; the checkpoints written before are intact: make room and rerun "
+                         "the same command to resume") from None
     return 0
 
 

@@ -460,3 +460,37 @@ def test_unwritable_out_dir_is_a_usage_error(tmp_path, capsys):
     assert mev.main(["--benchmark", "mr2bench-image", "--data", str(data), "--out", str(tmp_path / "afile" / "o"),
                      "--device", "cpu", "--no-progress"]) == 2
     assert "cannot write there" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_write_failing_mid_run_names_the_file_and_the_rerun_resumes(tmp_path):
+    """The cache stops growing mid-write (a full disk; here RLIMIT_FSIZE, EFBIG): `python -m mrrm.eval`
+    exits 1 with one line naming the file, and the rerun scores only what was not cached and reports
+    the metrics of a run that never failed."""
+    import subprocess
+    import sys
+
+    from faults import file_size_limit
+
+    path = write_mr2_image(tmp_path)
+    rows = [{**MR2_ROWS[i % 2], "id": f"m{i}", "image": "img.png"} for i in range(8)]
+    path.write_text(json.dumps({"ranking_data": rows}))
+    repo = str(Path(__file__).resolve().parents[1])
+
+    def cli(out, **kw):
+        return subprocess.run([sys.executable, "-m", "mrrm.eval", "--benchmark", "mr2bench-image", "--data", str(path),
+                               "--out", str(out), "--device", "cpu", "--batch-size", "2", "--no-progress"],
+                              capture_output=True, text=True, cwd=repo, timeout=300, **kw)
+
+    assert cli(tmp_path / "ref").returncode == 0
+    size = (tmp_path / "ref" / "cache.jsonl").stat().st_size
+    out = tmp_path / "out"
+    failed = cli(out, preexec_fn=file_size_limit(size // 2))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert f"cannot write {str(out / 'cache.jsonl')!r}: File too large" in failed.stderr
+    assert "rerun the same command to resume" in failed.stderr
+    done = cli(out)
+    assert done.returncode == 0, done.stderr
+    got = json.loads((out / "metrics.json").read_text())
+    want = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert 0 < got["passes"]["from_cache"] < 8 and got["metrics"] == want["metrics"]

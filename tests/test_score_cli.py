@@ -369,6 +369,47 @@ def test_subprocess_end_to_end(model, media, tmp_path):
     assert read_jsonl(str(out) + ".errors.jsonl")[0]["line"] == 2
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_disk_is_reported_naming_the_file():
+    """/dev/full fails every write with ENOSPC, as a full disk does: mrrm._io.writing names the file."""
+    import errno
+
+    from mrrm._io import WriteError, append_durable, writing
+
+    with pytest.raises(WriteError, match=r"cannot write '/dev/full': No space left on device") as e:
+        with writing("/dev/full"), open("/dev/full", "ab", buffering=0) as f:
+            append_durable(f, [b"one line\n"])
+    assert e.value.errno == errno.ENOSPC and e.value.filename == "/dev/full"
+
+
+@pytest.mark.slow
+def test_a_write_failing_mid_line_names_the_file_and_the_rerun_resumes(model, media, tmp_path):
+    """The output file stops growing mid-write (a full disk; here RLIMIT_FSIZE, EFBIG): the command
+    exits 1 with one line naming the file, the torn line is cut on the rerun, which finishes the job:
+    the output equals a run that never failed."""
+    from faults import file_size_limit
+
+    root, _ = media
+    samples = [dict(s, id=f"s{i}") for i, s in enumerate(good_samples(None)[:3] * 4)]
+    data = write_jsonl(root / "disk.jsonl", samples)
+    reference = tmp_path / "reference.jsonl"
+    assert run(data, reference, batch_size=2) == 0
+    size = len(reference.read_bytes())
+    out = tmp_path / "scored.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out), "--device", "cpu",
+           "--batch-size", "2", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=file_size_limit(size // 2 + 7))
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot write {str(out)!r}: File too large" in proc.stderr and "rerun the same command" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert 0 < len(out.read_bytes()) < size and not out.read_bytes().endswith(b"\n")  # a torn last line
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_output(read_jsonl(out), read_jsonl(reference))
+
+
 def test_a_second_writer_of_the_same_out_is_refused(model, tmp_path, capsys):
     """Two score commands on one --out would interleave and duplicate lines: while one holds the
     output's lock, another is refused (exit 2, nothing written); the lock file goes with the run."""

@@ -300,3 +300,27 @@ def test_unwritable_output_dir_is_named_before_anything_loads(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match=r"--output-dir .*afile/out.*: cannot write there"):
         train(parse_args(["--output-dir", str(tmp_path / "afile" / "out"), "--max-steps", "1"]))
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_names_the_file_keeps_the_last_one_and_resumes(tmp_path, colour_data):
+    """A checkpoint write that fails mid-file (the disk is full; here every file is held to 1 MB by
+    RLIMIT_FSIZE, so torch.save's zip writer fails) ends the run with one line naming the file, no
+    half-written temp left; the previous checkpoint is intact and a rerun resumes from it."""
+    from faults import file_size_limit
+
+    out = str(tmp_path / "run")
+    common = ["--data", colour_data, "--save-every", "2", "--log-every", "1", "--output-dir", out] + SMALL
+    assert _run(common + ["--max-steps", "2"]).wait(timeout=300) == 0
+    proc = _run(common + ["--max-steps", "4"], preexec_fn=file_size_limit(1 << 20))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mrrm.train: cannot write ") and "step-00000004.tmp/state.pt" in last
+    assert "checkpoints written before are intact" in last and "Traceback" not in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-00000002"]
+    proc = _run(common + ["--max-steps", "4"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints")))[-1] == "step-00000004"
+    assert _steps(out) == [1, 2, 3, 4]
