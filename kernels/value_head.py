@@ -9,6 +9,10 @@ Forward, two launches and no [M, H] copy:
   1. `_vh_fwd_kernel`, grid (M blocks, D blocks), K loop over H: loads the rows of hidden by index
      straight into the GEMM tiles, z = rows @ w1.T + b1 (kept in fp32 for the backward), and in the
      epilogue the activation and the dot with w2, giving one partial sum per (row, D block).
+     With `fwd_split_k` = s > 1 the grid is (M blocks, D blocks, s): each program sums 1/s of the
+     K loop into an fp32 [s, M, D] buffer and `_vh_fwd_split_epilogue_kernel` (one launch more)
+     adds the splits in a fixed order before the epilogue: at M = 64 the plain grid is 1 x 32
+     programs for 132 SMs streaming w1; s = 4 gives 128.
   2. `_vh_fwd_reduce_kernel`, one program: sums the partials in a fixed order (deterministic, no
      atomics), adds b2, scales, casts. When the hidden-state gradient will be needed it also detects
      repeated positions on the device (no host sync) and leaves the count for the backward.
@@ -94,32 +98,9 @@ def _mma(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _vh_fwd_kernel(hidden_ptr, pos_ptr, w1_ptr, b1_ptr, w2_ptr, z_ptr, partial_ptr,
-                   M, H, D, stride_hidden,
-                   ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   STORE_Z: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_d = offs_d < D
-    # Rows past M read row 0 of hidden instead of being masked (simpler K-loop masks); every load
-    # stays in bounds and those rows' results are never stored.
-    rows = tl.load(pos_ptr + offs_m, mask=mask_m, other=0)  # int64: row offsets cannot overflow
-    a_ptrs = hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :]
-    b_ptrs = w1_ptr + offs_d[None, :] * H + offs_k[:, None]  # w1.T tile [BLOCK_K, BLOCK_D]
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        mask_k = offs_k < H - k0
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-        acc = _mma(a, b, acc, DOT_FP32, DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
+def _vh_fwd_epilogue(acc, offs_m, offs_d, mask_m, mask_d, pid_d, b1_ptr, w2_ptr, z_ptr, partial_ptr, M, D,
+                     ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr):
+    """z = acc + b1 (stored for the backward when STORE_Z); one partial of act(z) . w2 per row."""
     b1 = tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     w2 = tl.load(w2_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     z = acc + b1[None, :]
@@ -128,6 +109,65 @@ def _vh_fwd_kernel(hidden_ptr, pos_ptr, w1_ptr, b1_ptr, w2_ptr, z_ptr, partial_p
     # Columns past D have w2 = 0 and add nothing.
     part = tl.sum(_activation(z, ACTIVATION) * w2[None, :], axis=1)
     tl.store(partial_ptr + pid_d * M + offs_m, part, mask=mask_m)
+
+
+@triton.jit
+def _vh_fwd_kernel(hidden_ptr, pos_ptr, w1_ptr, b1_ptr, w2_ptr, z_ptr, partial_ptr, zsplit_ptr,
+                   M, H, D, stride_hidden, K_PER_SPLIT,
+                   ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   STORE_Z: tl.constexpr, SPLIT_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (M blocks, D blocks, SPLIT_K). SPLIT_K == 1: the whole K loop and the epilogue. SPLIT_K > 1
+    (more programs than M x D blocks alone give: w1 streamed by more SMs): program s sums the K range
+    [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) into zsplit[s] (fp32 [SPLIT_K, M, D]); the epilogue
+    runs in _vh_fwd_split_epilogue_kernel, which adds the splits in a fixed order (deterministic)."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(H, k_lo + K_PER_SPLIT)
+    # Rows past M read row 0 of hidden instead of being masked (simpler K-loop masks); every load
+    # stays in bounds and those rows' results are never stored.
+    rows = tl.load(pos_ptr + offs_m, mask=mask_m, other=0)  # int64: row offsets cannot overflow
+    a_ptrs = hidden_ptr + rows[:, None] * stride_hidden + k_lo + offs_k[None, :]
+    b_ptrs = w1_ptr + offs_d[None, :] * H + k_lo + offs_k[:, None]  # w1.T tile [BLOCK_K, BLOCK_D]
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi - k0
+        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        acc = _mma(a, b, acc, DOT_FP32, DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if SPLIT_K == 1:
+        _vh_fwd_epilogue(acc, offs_m, offs_d, mask_m, mask_d, pid_d, b1_ptr, w2_ptr, z_ptr, partial_ptr, M, D,
+                         ACTIVATION, STORE_Z)
+    else:
+        tl.store(zsplit_ptr + (pid_k * M + offs_m[:, None]) * D + offs_d[None, :], acc,
+                 mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _vh_fwd_split_epilogue_kernel(zsplit_ptr, b1_ptr, w2_ptr, z_ptr, partial_ptr, M, D,
+                                  ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, SPLIT_K: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (M blocks, D blocks): the SPLIT_K partial sums of z added in split order, then the epilogue."""
+    pid_d = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(zsplit_ptr + (s * M + offs_m[:, None]) * D + offs_d[None, :],
+                       mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    _vh_fwd_epilogue(acc, offs_m, offs_d, mask_m, mask_d, pid_d, b1_ptr, w2_ptr, z_ptr, partial_ptr, M, D,
+                     ACTIVATION, STORE_Z)
 
 
 @triton.jit
@@ -293,6 +333,7 @@ class ValueHeadConfig:
     bwd_warps: int
     bwd_stages: int
     reduce_block: int = 1024
+    fwd_split_k: int = 1  # K (= H) splits of the forward GEMM: > 1 adds programs (and one launch)
 
 
 # Chosen from sm_90 compiles (ptxas -v: no register spills, shared memory well under 227 KB) of
@@ -362,14 +403,24 @@ def _forward(hidden, positions, w1, b1, w2, b2, activation, scale, cfg, store_z,
     D = w1.shape[0]
     dev = hidden.device
     out = torch.empty(M, device=dev, dtype=torch.promote_types(hidden.dtype, w1.dtype))
-    n_d = triton.cdiv(D, cfg.fwd_block_d)
+    n_m, n_d = triton.cdiv(M, cfg.fwd_block_m), triton.cdiv(D, cfg.fwd_block_d)
     partial = torch.empty((n_d, M), device=dev, dtype=torch.float32)
     z = torch.empty((M, D), device=dev, dtype=torch.float32) if store_z else partial
-    _vh_fwd_kernel[(triton.cdiv(M, cfg.fwd_block_m), n_d)](
-        hidden, positions, w1, b1, w2, z, partial, M, H, D, hidden.stride(0),
+    # K splits: whole BLOCK_K steps each, no more splits than steps (every split has work)
+    steps = triton.cdiv(H, cfg.fwd_block_k)
+    split = max(1, min(cfg.fwd_split_k, steps))
+    k_per_split = triton.cdiv(steps, split) * cfg.fwd_block_k
+    split = triton.cdiv(H, k_per_split)
+    zsplit = torch.empty((split, M, D), device=dev, dtype=torch.float32) if split > 1 else partial
+    _vh_fwd_kernel[(n_m, n_d, split)](
+        hidden, positions, w1, b1, w2, z, partial, zsplit, M, H, D, hidden.stride(0), k_per_split,
         ACTIVATION=activation, DOT_FP32=_dot_fp32(hidden.dtype, w1.dtype), DOT_PRECISION=_dot_precision(),
-        STORE_Z=store_z, BLOCK_M=cfg.fwd_block_m, BLOCK_D=cfg.fwd_block_d, BLOCK_K=cfg.fwd_block_k,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+        STORE_Z=store_z, SPLIT_K=split, BLOCK_M=cfg.fwd_block_m, BLOCK_D=cfg.fwd_block_d,
+        BLOCK_K=cfg.fwd_block_k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    if split > 1:
+        _vh_fwd_split_epilogue_kernel[(n_m, n_d)](
+            zsplit, b1, w2, z, partial, M, D, ACTIVATION=activation, STORE_Z=store_z, SPLIT_K=split,
+            BLOCK_M=cfg.fwd_block_m, BLOCK_D=cfg.fwd_block_d, num_warps=cfg.fwd_warps)
     repeats = torch.empty(1, device=dev, dtype=torch.int32)
     owner = torch.empty(T if detect_repeats else 1, device=dev, dtype=torch.int32)
     _vh_fwd_reduce_kernel[(1,)](
@@ -441,21 +492,38 @@ def _jit_attrs(kernel, signature):
             if ty.startswith("*") or name in ("H", "D", "stride_hidden")}
 
 
-def _fwd_spec(weight, activation, cfg_name):
+def _fwd_spec(weight, activation, cfg_name, split_k=1):
     cfg = GPU_CONFIGS[cfg_name]
     w = {"fp32": "*fp32", "bf16": "*bf16"}[weight]
     spec = {
-        "name": f"fwd[hidden=bf16,w={weight},{activation},{cfg_name}]",
+        "name": f"fwd[hidden=bf16,w={weight},{activation},{cfg_name}" + (f",split_k={split_k}]" if split_k > 1 else "]"),
         "kernel": _vh_fwd_kernel,
         "signature": {"hidden_ptr": "*bf16", "pos_ptr": "*i64", "w1_ptr": w, "b1_ptr": w, "w2_ptr": w,
-                      "z_ptr": "*fp32", "partial_ptr": "*fp32", "M": "i32", "H": "i32", "D": "i32",
-                      "stride_hidden": "i32", "ACTIVATION": "constexpr", "DOT_FP32": "constexpr",
-                      "DOT_PRECISION": "constexpr", "STORE_Z": "constexpr", "BLOCK_M": "constexpr",
-                      "BLOCK_D": "constexpr", "BLOCK_K": "constexpr"},
+                      "z_ptr": "*fp32", "partial_ptr": "*fp32", "zsplit_ptr": "*fp32", "M": "i32", "H": "i32",
+                      "D": "i32", "stride_hidden": "i32", "K_PER_SPLIT": "i32", "ACTIVATION": "constexpr",
+                      "DOT_FP32": "constexpr", "DOT_PRECISION": "constexpr", "STORE_Z": "constexpr",
+                      "SPLIT_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr"},
         "constexprs": {"ACTIVATION": activation, "DOT_FP32": weight == "fp32", "DOT_PRECISION": "tf32x3",
-                       "STORE_Z": True, "BLOCK_M": cfg.fwd_block_m, "BLOCK_D": cfg.fwd_block_d,
+                       "STORE_Z": True, "SPLIT_K": split_k, "BLOCK_M": cfg.fwd_block_m, "BLOCK_D": cfg.fwd_block_d,
                        "BLOCK_K": cfg.fwd_block_k},
         "num_warps": cfg.fwd_warps, "num_stages": cfg.fwd_stages,
+    }
+    spec["attrs"] = _jit_attrs(spec["kernel"], spec["signature"])
+    return spec
+
+
+def _split_epilogue_spec(weight, activation, cfg_name, split_k):
+    cfg = GPU_CONFIGS[cfg_name]
+    w = {"fp32": "*fp32", "bf16": "*bf16"}[weight]
+    spec = {
+        "name": f"fwd_split_epilogue[w={weight},{activation},{cfg_name},split_k={split_k}]",
+        "kernel": _vh_fwd_split_epilogue_kernel,
+        "signature": {"zsplit_ptr": "*fp32", "b1_ptr": w, "w2_ptr": w, "z_ptr": "*fp32", "partial_ptr": "*fp32",
+                      "M": "i32", "D": "i32", "ACTIVATION": "constexpr", "STORE_Z": "constexpr",
+                      "SPLIT_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+        "constexprs": {"ACTIVATION": activation, "STORE_Z": True, "SPLIT_K": split_k, "BLOCK_M": cfg.fwd_block_m,
+                       "BLOCK_D": cfg.fwd_block_d},
+        "num_warps": cfg.fwd_warps, "num_stages": 1,
     }
     spec["attrs"] = _jit_attrs(spec["kernel"], spec["signature"])
     return spec
@@ -505,5 +573,8 @@ def _reduce_spec(out):
 _AOT_CASES = (("fp32", "silu", "small_m"), ("bf16", "silu", "small_m"), ("fp32", "silu", "large_m"),
               ("bf16", "silu", "large_m"), ("fp32", "gelu", "small_m"), ("bf16", "relu", "small_m"),
               ("fp32", "selu", "large_m"), ("bf16", "tanh", "large_m"))
+# the split-K forward (more programs for small M; the GPU check sweeps fwd_split_k) and its epilogue
+_SPLIT_CASES = (("fp32", "silu", "small_m", 4), ("bf16", "silu", "small_m", 8))
 AOT_SPECS = ([_fwd_spec(*c) for c in _AOT_CASES] + [_bwd_spec(*c) for c in _AOT_CASES]
+             + [_fwd_spec(*c) for c in _SPLIT_CASES] + [_split_epilogue_spec(*c) for c in _SPLIT_CASES]
              + [_reduce_spec("fp32"), _reduce_spec("bf16")])

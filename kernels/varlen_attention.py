@@ -51,15 +51,20 @@ With BLOCKS off the kernels compile to the code they had before the flag existed
 
 Kernels (all without atomics, so the backward is deterministic; the `deterministic` argument is
 accepted for flash-attn's signature and changes nothing):
-    _attn_fwd        grid (cdiv(max_seqlen, BLOCK_M), Hq, S): online softmax with exp2 and fp32
+    _attn_fwd        grid (Hq, S, cdiv(max_seqlen, BLOCK_M)): online softmax with exp2 and fp32
                      accumulation; writes O and the log-sum-exp LSE [Hq, T] in log2 units
                      (lse2 = log2(sum_j 2^(s_ij * scale * log2(e)))), which the backward reuses.
     _attn_bwd_preprocess  delta[h, t] = rowsum(dO * O)
-    _attn_bwd_dkdv   grid (cdiv(max_seqlen, BLOCK_N), Hkv, S): one key block, looping over the
+    _attn_bwd_dkdv   grid (Hkv, S, cdiv(max_seqlen, BLOCK_N)): one key block, looping over the
                      query heads of its GQA group inside the program (dK/dV summed in registers)
-    _attn_bwd_dq     grid (cdiv(max_seqlen, BLOCK_M), Hq, S)
-Programs whose block starts past their sequence's end exit at once. Query blocks are issued in
-reverse order (the longest causal rows first) to shorten the tail of the launch.
+    _attn_bwd_dq     grid (Hq, S, cdiv(max_seqlen, BLOCK_M))
+Programs whose block starts past their sequence's end exit at once. Heaviest first, launch-wide:
+the block index is the SLOWEST grid dimension (CUDA issues blocks x fastest), so every head and
+sequence of the heaviest causal block is issued before any of the next: the last query blocks for
+the forward and dQ, the FIRST key blocks for dK/dV (a key block sees the queries after it). List
+scheduling on 132 SMs (`python -m bench_perf.schedule`) puts the launch at 1.005x its ideal time
+at 16k causal and 1.003x for 16 x 1k, against 1.15x and 1.15x for the earlier dK/dV order (key
+blocks reversed inside each head, lightest first), which the H200 measured 0.82x FlexAttention at.
 
 Dtypes: fp16 / bf16 on the GPU (fp32 works too, with IEEE fp32 dots; float64 is refused, use
 the reference); fp32 or fp16 under the Triton interpreter (TRITON_INTERPRET=1), whose bf16 dots are
@@ -241,10 +246,10 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, BLOCK_IDS, BLK
               HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr, BLOCKS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
-    num_m = tl.num_programs(0)
-    pid_m = num_m - 1 - tl.program_id(0)  # heaviest (last) causal blocks first
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
+    num_m = tl.num_programs(2)
+    pid_m = num_m - 1 - tl.program_id(2)  # heaviest (last) causal query blocks first, launch-wide
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
     seq_start = tl.load(CU_SEQLENS + seq)
     L = tl.load(CU_SEQLENS + seq + 1) - seq_start
     m_start = pid_m * BLOCK_M
@@ -314,8 +319,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS, PREFIX_END, SEG_START, BLOCK_IDS, BLK
     lse = m_i + tl.math.log2(l_safe)
     tl.store(LSE + head.to(tl.int64) * T + seq_start64 + offs_m, lse, mask=offs_m < L)
     if COUNT:
-        pid = tl.program_id(0) + num_m * (head + tl.num_programs(1) * seq)
-        tl.store(COUNTS + pid, cnt)
+        tl.store(COUNTS + pid_m + num_m * (head + tl.num_programs(0) * seq), cnt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,13 +341,15 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_
 
 @triton.jit
 def _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                 offs_n, key_end, lo, hi, qk_scale, offs_m, offs_d, blk_base, key_blk,
+                 offs_n, key_end, lo, hi, qk_scale, offs_m, offs_d, blk_base, key_blk, dqa_base, stride_dqat,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MODE: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr):
+                 MODE: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) (computed transposed:
     rows = keys, columns = queries, so that no [BLOCK_M, BLOCK_N] tile needs a transpose).
     BLOCKS (with _KEY_END): a query also sees a key whose block id `key_blk` (-2 outside any block)
-    equals its own, read from `blk_base` (relative to the sequence start)."""
+    equals its own, read from `blk_base` (relative to the sequence start).
+    ATOMIC_DQ (flash-attention-2's dQ): also add this tile's dS K to the fp32 dQ accumulator at
+    `dqa_base` (unscaled) with atomics: 5 matmuls per tile instead of the 4 here plus 3 in _dq_blocks."""
     for start in range(lo, hi, BLOCK_M):
         rows = start + offs_m
         q = _load_rows(q_base, rows, stride_qt, offs_d, hi, HEAD_DIM, BLOCK_D, MODE != _NONE)
@@ -366,24 +372,28 @@ def _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, strid
             pT = tl.where(seen, pT, 0.0)
         dv += _dot(pT.to(do.dtype), do, IEEE)
         dpT = _dot(v, tl.trans(do), IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, IEEE)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk += _dot(dsT, q, IEEE)
+        if ATOMIC_DQ:
+            dq_part = _dot(tl.trans(dsT), k, IEEE)
+            tl.atomic_add(dqa_base + rows[:, None] * stride_dqat + offs_d[None, :], dq_part,
+                          mask=(rows[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         cnt += 1
     return dk, dv, cnt
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, BLOCK_IDS, BLK_START, COUNTS,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, BLOCK_IDS, BLK_START, COUNTS, DQ_ACC,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                   stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqat, stride_dqah,
                    T, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr, BLOCKS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
-    num_n = tl.num_programs(0)
-    pid_n = num_n - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
+                   IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    num_n = tl.num_programs(2)
+    pid_n = tl.program_id(2)  # heaviest (first) causal key blocks first, launch-wide
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     seq_start = tl.load(CU_SEQLENS + seq)
     L = tl.load(CU_SEQLENS + seq + 1) - seq_start
     n_start = pid_n * BLOCK_N
@@ -442,21 +452,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, BLOCK_I
         do_base = DO + seq_start64 * stride_dot + _hoff(head, stride_doh, ALIGN_H)
         lse_base = LSE + head.to(tl.int64) * T + seq_start64
         delta_base = DELTA + head.to(tl.int64) * T + seq_start64
+        dqa_base = DQ_ACC + seq_start64 * stride_dqat + head.to(tl.int64) * stride_dqah
         if MASK != 1:
             dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                        stride_dot, offs_n, key_end, d_lo, diag_hi, qk_scale, offs_m, offs_d,
-                                       blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE, BLOCKS)
+                                       blk_base, key_blk, dqa_base, stride_dqat, HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE, BLOCKS,
+                                       ATOMIC_DQ)
         dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                    stride_dot, offs_n, key_end, body_lo, body, qk_scale, offs_m, offs_d,
-                                   blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _NONE, IEEE, False)
+                                   blk_base, key_blk, dqa_base, stride_dqat, HEAD_DIM, BLOCK_M, BLOCK_D, _NONE, IEEE, False,
+                                   ATOMIC_DQ)
         if MASK == 1:
             dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                        stride_dot, offs_n, key_end, tail_lo, q_hi, qk_scale, offs_m, offs_d,
-                                       blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _BOUNDS, IEEE, False)
+                                       blk_base, key_blk, dqa_base, stride_dqat, HEAD_DIM, BLOCK_M, BLOCK_D, _BOUNDS, IEEE, False,
+                                       ATOMIC_DQ)
         else:
             dk, dv, cnt = _dkdv_blocks(dk, dv, cnt, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                        stride_dot, offs_n, key_end, tail_lo, q_hi, qk_scale, offs_m, offs_d,
-                                       blk_base, key_blk, HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE, False)
+                                       blk_base, key_blk, dqa_base, stride_dqat, HEAD_DIM, BLOCK_M, BLOCK_D, _KEY_END, IEEE, False,
+                                       ATOMIC_DQ)
 
     st_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = (DK + seq_start64 * stride_dkt + _hoff(kv_head, stride_dkh, ALIGN_H) + offs_n[:, None] * stride_dkt
@@ -466,8 +481,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, KEY_END, BLOCK_I
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=st_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st_mask)
     if COUNT:
-        pid = tl.program_id(0) + num_n * (kv_head + tl.num_programs(1) * seq)
-        tl.store(COUNTS + pid, cnt)
+        tl.store(COUNTS + pid_n + num_n * (kv_head + tl.num_programs(0) * seq), cnt)
 
 
 @triton.jit
@@ -507,10 +521,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START,
                  HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, MASK: tl.constexpr, BLOCKS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  IEEE: tl.constexpr, COUNT: tl.constexpr, ALIGN_H: tl.constexpr):
-    num_m = tl.num_programs(0)
-    pid_m = num_m - 1 - tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
+    num_m = tl.num_programs(2)
+    pid_m = num_m - 1 - tl.program_id(2)  # heaviest (last) causal query blocks first, launch-wide
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
     seq_start = tl.load(CU_SEQLENS + seq)
     L = tl.load(CU_SEQLENS + seq + 1) - seq_start
     m_start = pid_m * BLOCK_M
@@ -579,8 +593,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, PREFIX_END, SEG_START,
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     if COUNT:
-        pid = tl.program_id(0) + num_m * (head + tl.num_programs(1) * seq)
-        tl.store(COUNTS + pid, cnt)
+        tl.store(COUNTS + pid_m + num_m * (head + tl.num_programs(0) * seq), cnt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,6 +619,17 @@ PREPROCESS_BLOCK_T = 64
 # Process-wide override: a dict {"fwd": KernelConfig, "dkdv": KernelConfig, "dq": KernelConfig}
 # (missing keys fall back to the table). Tests set small blocks through `configs=` instead.
 CONFIG_OVERRIDE: dict | None = None
+
+# How the backward computes dQ:
+#   "split"      its own launch (_attn_bwd_dq) after dK/dV: no atomics, bit-reproducible; 7 matmuls
+#                per (query tile, key tile) pair, 4 in dK/dV and 3 in dQ (q k^T and dO v^T again).
+#   "atomic_dq"  flash-attention-2's way: the dK/dV programs also add dS K into an fp32 [T, Hq, D]
+#                accumulator with atomics: 5 matmuls per pair and one launch less, but the order of
+#                the fp32 additions varies run to run (not bit-reproducible), as flash-attn with
+#                deterministic=False. The GPU check times both (bench_perf/test_kernels_gpu.py);
+#                "split" stays the default until a GPU run shows "atomic_dq" faster.
+BACKWARD_VARIANTS = ("split", "atomic_dq")
+BACKWARD_VARIANT = "split"
 
 
 def block_d_for(head_dim: int) -> int:
@@ -840,7 +864,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment
         _, blk_end = block_meta if block_meta is not None else block_metadata(cu_seqlens, block_ids)
     else:
         block_ids = blk_end = cu_seqlens  # unused placeholders
-    _attn_fwd[(num_m, Hq, S)](
+    _attn_fwd[(Hq, S, num_m)](
         q, k, v, out, lse, cu_seqlens, prefix_end, seg_start, block_ids, blk_end,
         counts if counts is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -853,10 +877,15 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None,
                        block_ids=None, softmax_scale=None, configs=None, meta=None, block_meta=None,
-                       count_blocks=False):
+                       count_blocks=False, variant=None):
     """Backward launcher. Returns (dq, dk, dv, counts) where counts is None or
     {"dkdv": query blocks visited per dK/dV program (summed over its GQA heads), "dq": key blocks
-    visited per dQ program}. `block_ids`, `meta`, `block_meta` as in `attention_forward`."""
+    visited per dQ program (zeros under "atomic_dq")}. `block_ids`, `meta`, `block_meta` as in
+    `attention_forward`; `variant`: one of BACKWARD_VARIANTS (None: BACKWARD_VARIANT)."""
+    variant = BACKWARD_VARIANT if variant is None else variant
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"variant must be one of {BACKWARD_VARIANTS}, got {variant!r}")
+    atomic = variant == "atomic_dq"
     _check_dtype(q)
     blocks = _check_blocks(mask, block_ids)
     T, Hq, D = q.shape
@@ -892,18 +921,23 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), T,
         HEAD_DIM=D, BLOCK_T=PREPROCESS_BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
     c = cfgs["dkdv"]
-    _attn_bwd_dkdv[(num_n, Hkv, S)](
+    dq_acc = torch.zeros((T, Hq, D), dtype=torch.float32, device=q.device) if atomic else None
+    _attn_bwd_dkdv[(Hkv, S, num_n)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_end, block_ids, blk_start,
-        counts["dkdv"] if counts is not None else cu_seqlens,
+        counts["dkdv"] if counts is not None else cu_seqlens, dq_acc if atomic else delta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        dq_acc.stride(0) if atomic else 0, dq_acc.stride(1) if atomic else 0,
         T, scale * LOG2E, scale,
         HEAD_DIM=D, GROUP=Hq // Hkv, MASK=mask_id, BLOCKS=blocks, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_D=BLOCK_D,
-        IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, num_warps=c.num_warps,
-        num_stages=c.num_stages)
+        IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, ATOMIC_DQ=atomic,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    if atomic:
+        torch.mul(dq_acc, scale, out=dq_acc)
+        return dq.copy_(dq_acc), dk, dv, counts
     c = cfgs["dq"]
-    _attn_bwd_dq[(num_m, Hq, S)](
+    _attn_bwd_dq[(Hq, S, num_m)](
         q, k, v, do, lse, delta, dq, cu_seqlens, prefix_end, seg_start, block_ids, blk_end,
         counts["dq"] if counts is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -972,13 +1006,14 @@ def _aot_specs():
                "stride_doh": "i32", "T": "i32", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
                "BLOCK_D": "constexpr"}
     dkdv_sig = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DK": dt, "DV": dt,
-                "CU_SEQLENS": "*i32", "KEY_END": "*i32", "BLOCK_IDS": "*i32", "BLK_START": "*i32", "COUNTS": "*i32"}
+                "CU_SEQLENS": "*i32", "KEY_END": "*i32", "BLOCK_IDS": "*i32", "BLK_START": "*i32", "COUNTS": "*i32",
+                "DQ_ACC": "*fp32"}
     dkdv_sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                         "stride_vh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
-                                        "stride_dvt", "stride_dvh", "T")})
+                                        "stride_dvt", "stride_dvh", "stride_dqat", "stride_dqah", "T")})
     dkdv_sig.update({"qk_scale": "fp32", "sm_scale": "fp32"})
     dkdv_sig.update({n: "constexpr" for n in ("HEAD_DIM", "GROUP", "MASK", "BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-                                              "IEEE", "COUNT", "ALIGN_H")})
+                                              "IEEE", "COUNT", "ALIGN_H", "ATOMIC_DQ")})
     dq_sig = {"Q": dt, "K": dt, "V": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dt,
               "CU_SEQLENS": "*i32", "PREFIX_END": "*i32", "SEG_START": "*i32", "BLOCK_IDS": "*i32", "BLK_END": "*i32",
               "COUNTS": "*i32"}
@@ -996,6 +1031,8 @@ def _aot_specs():
     cases += [(64, 4, m, False, ("fwd", "dkdv", "dq")) for m in MASK_IDS]
     cases += [(80, 1, "bidirectional", False, ("fwd",)), (72, 1, "bidirectional", False, ("fwd",))]
     cases += [(d, 4, m, True, ("fwd", "dkdv", "dq")) for d in (128, 64) for m in ("causal", "shared_prefix")]
+    # the "atomic_dq" backward variant (dK/dV with flash-attention-2's dQ atomics) at head dim 128
+    cases += [(128, 4, m, False, ("dkdv_atomic_dq",)) for m in MASK_IDS]
     for head_dim, group, mask, blocks, which in cases:
         cfgs = choose_configs(head_dim, torch.bfloat16)
         bd = block_d_for(head_dim)
@@ -1003,12 +1040,13 @@ def _aot_specs():
                   "IEEE": False, "COUNT": False, "ALIGN_H": head_dim % 8 == 0}
         variant = f"{mask}_blocks" if blocks else mask
         for name, kernel, sig in (("fwd", _attn_fwd, fwd_sig), ("dkdv", _attn_bwd_dkdv, dkdv_sig),
-                                  ("dq", _attn_bwd_dq, dq_sig)):
+                                  ("dkdv_atomic_dq", _attn_bwd_dkdv, dkdv_sig), ("dq", _attn_bwd_dq, dq_sig)):
             if name not in which:
                 continue
-            c = cfgs[name]
+            c = cfgs[name.split("_")[0]]
+            extra = {"ATOMIC_DQ": name == "dkdv_atomic_dq"} if kernel is _attn_bwd_dkdv else {}
             specs.append({"name": f"{name}_{variant}_d{head_dim}_g{group}_bf16", "kernel": kernel, "signature": sig,
-                          "constexprs": dict(common, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                          "constexprs": dict(common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, **extra),
                           "attrs": _aot_divisibility(kernel, sig, head_dim),
                           "num_warps": c.num_warps, "num_stages": c.num_stages})
     for head_dim in (64, 128, 80):
