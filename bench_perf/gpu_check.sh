@@ -12,8 +12,12 @@
 # Wheels under .whl/ (carried by the device tool: transformers pinned to the version tested on the CPU)
 # are installed into /tmp/site first. What comes back from $OUT (at most 8 files): summary.md, log.txt,
 # gpu_bench.json, gpu_bench_baselines.json, e2e.json, speedup_gpu.png.
-# Budget: about 7 minutes on one H100/H200; every stage has its own timeout.
-# MRRM_GPU_STAGES picks stages after the build (default: all): errors tests e2e kernels baselines.
+# Budget: about 7 minutes on one H100/H200 for the round-1 stages, ~5 more for round2 + syncs (each
+# new tile config and variant compiles once, ~5-15 s); every stage has its own timeout. In a 15-minute
+# session, run MRRM_GPU_STAGES="errors round2 syncs kernels" first (what issue 17 measures).
+# MRRM_GPU_STAGES picks stages after the build (default: all): errors tests e2e kernels baselines
+# round2 syncs (round2 = issue 17: attention phases / tile sweeps / backward variants, value head under
+# CUDA graphs with its split-K sweep; syncs = host syncs per packed scoring pass).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mrrm_gpu_out}
@@ -36,7 +40,7 @@ python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 } | tee "$OUT/summary.md"
 CARD=$(grep '^card:' "$OUT/summary.md" | head -1 | cut -d' ' -f2- | cut -d, -f1)
 
-STAGES=${MRRM_GPU_STAGES:-"errors tests e2e kernels baselines"}
+STAGES=${MRRM_GPU_STAGES:-"errors tests e2e kernels baselines round2 syncs"}
 stage() { echo "== $1 ($(date -u +%T))" | tee -a "$LOG"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -99,12 +103,22 @@ fi
 # loses nothing of the first: bench NAME FILTER JSON
 bench() {
   stage "kernel benchmarks: $1"
-  timeout 90 python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only -k "$2" \
+  timeout "${4:-150}" python3 -m pytest -q -p no:cacheprovider bench_perf/test_kernels_gpu.py --benchmark-only -k "$2" \
     --benchmark-json="$OUT/$3" --benchmark-columns=median,rounds >> "$LOG" 2>&1
   [ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
 }
-want kernels && bench "mrrm, SDPA flash, head, listwise_ce" "mrrm_triton or sdpa_flash or listwise" gpu_bench.json
-want baselines && bench "FlexAttention and eager baselines" "flex or eager" gpu_bench_baselines.json
+want kernels && bench "mrrm, SDPA flash / cuDNN, head, listwise_ce" \
+  "(test_varlen_attention_gpu or test_gather_value_head_gpu or listwise) and (mrrm_triton or sdpa or listwise)" gpu_bench.json
+want baselines && bench "FlexAttention and eager baselines" "(test_varlen_attention_gpu or test_gather_value_head_gpu) and (flex or eager)" gpu_bench_baselines.json
+# round 2 (issue 17): phases and tile sweeps, backward variants, the value head under CUDA graphs
+want round2 && bench "attention phases, tiles, backward variants; value head under CUDA graphs" \
+  "phase_tiles or backward_variants or cudagraph" gpu_bench_round2.json 300
+if want syncs; then
+stage "host syncs per scoring pass"
+timeout 120 python3 -m pytest -q -p no:cacheprovider bench_perf/test_e2e_gpu.py --benchmark-only -k host_syncs \
+  --benchmark-json="$OUT/gpu_bench_syncs.json" >> "$LOG" 2>&1
+[ $? -eq 0 ] || { status=1; tail -30 "$LOG"; }
+fi
 
 stage "summary"
 jsons=$(ls "$OUT"/gpu_bench*.json 2>/dev/null)

@@ -51,6 +51,40 @@ def main(argv=None):
     for r in rows:
         if r.get("impl") == "mrrm_cuda":
             print(f"listwise_ce fused (B={r['B']}): {r['us']:.1f} us (target < 20 us)\n")
+    round2(args.json_files)
+
+
+def round2(paths):
+    """Issue 17's tables: attention phases and tile sweeps, backward variants, the value head under
+    CUDA graphs, host syncs per scoring pass (rows without do_bench_median_ms)."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [b["extra_info"] for b in json.load(f)["benchmarks"]]
+    phases = [r for r in rows if "phase" in r]
+    if phases:
+        print("| phase | mask | tiles (m, n, warps, stages) | default | call ms | default backward ms |\n|---|---|---|---|---|---|")
+        for r in sorted(phases, key=lambda r: (r["phase"], r["mask"], r["call_ms"])):
+            print(f"| {r['phase']} | {r['mask']} | {tuple(r['tiles'])} | {'yes' if r['tiles'] == r['default_tiles'] else ''} "
+                  f"| {r['call_ms']:.3f} | {r.get('backward_default_ms', float('nan')):.3f} |")
+        print()
+    variants = [r for r in rows if "variant" in r]
+    if variants:
+        print("| T | mask | backward variant | forward ms | backward ms | fwd+bwd useful TFLOP/s |\n|---|---|---|---|---|---|")
+        for r in sorted(variants, key=lambda r: (r["T"], r["mask"], r["variant"])):
+            print(f"| {r['T']} | {r['mask']} | {r['variant']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} "
+                  f"| {r['fwd_bwd_useful_tflops']:.1f} |")
+        print()
+    head = [r for r in rows if "cudagraph_us" in r]
+    if head:
+        print("| value head | split_k | CUDA-graph us | memory floor MB | host us / call |\n|---|---|---|---|---|")
+        for r in sorted(head, key=lambda r: (r["what"], r["split_k"])):
+            print(f"| {r['what']} | {r['split_k']} | {r['cudagraph_us']:.1f} | {r['memory_floor_mb']:.0f} "
+                  f"| {r['host_us_per_call']:.1f} |")
+        print()
+    for r in rows:
+        if "host_syncs" in r:
+            print(f"host syncs per scoring pass ({r['kind']}): {r['host_syncs']} {r['sync_sites']}")
 
 
 if __name__ == "__main__":

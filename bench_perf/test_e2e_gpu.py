@@ -95,3 +95,29 @@ def test_train_step_4b_gpu(benchmark, harness):
                                 memory_ratio=res["padded"]["peak_bytes"] / max(1, res["packed"]["peak_bytes"]))
     benchmark.pedantic(e2e.synced(run, h.device), rounds=3, warmup_rounds=0)  # the packed step
     h.model.eval()
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "video"])
+def test_host_syncs_per_scoring_pass_gpu(benchmark, harness, kind):
+    """Device-to-host synchronisations in one packed scoring forward (inputs already on the GPU), as
+    torch.cuda.set_sync_debug_mode("warn") reports them (item, nonzero, copies to the host, ...),
+    with where each came from: issue 17's target is at most 2 per pass."""
+    import warnings
+    from collections import Counter
+
+    h = harness
+    fn = e2e.scoring_fn(h, [e2e.make_sample(h, kind, 4, R, image_size=IMAGE, video=VIDEO, seed=0)], "joint")
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = Counter(f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in syncs)
+    benchmark.extra_info.update(kind=kind, host_syncs=len(syncs), sync_sites=dict(where.most_common()))
+    benchmark.group = "host syncs per packed scoring pass (Qwen3-VL-4B arch, joint, N=4)"
+    benchmark.pedantic(e2e.synced(fn, h.device), rounds=1, iterations=1)

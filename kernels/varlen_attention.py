@@ -877,15 +877,19 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment
 
 def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None,
                        block_ids=None, softmax_scale=None, configs=None, meta=None, block_meta=None,
-                       count_blocks=False, variant=None):
+                       count_blocks=False, variant=None, only=None):
     """Backward launcher. Returns (dq, dk, dv, counts) where counts is None or
     {"dkdv": query blocks visited per dK/dV program (summed over its GQA heads), "dq": key blocks
     visited per dQ program (zeros under "atomic_dq")}. `block_ids`, `meta`, `block_meta` as in
-    `attention_forward`; `variant`: one of BACKWARD_VARIANTS (None: BACKWARD_VARIANT)."""
+    `attention_forward`; `variant`: one of BACKWARD_VARIANTS (None: BACKWARD_VARIANT).
+    `only` ("dkdv" or "dq", split variant): launch the preprocess and that kernel alone, for timing
+    the phases apart (the other gradients are left unwritten)."""
     variant = BACKWARD_VARIANT if variant is None else variant
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"variant must be one of {BACKWARD_VARIANTS}, got {variant!r}")
     atomic = variant == "atomic_dq"
+    if only not in (None, "dkdv", "dq") or (only and atomic):
+        raise ValueError(f"only must be None, 'dkdv' or 'dq' (split variant), got {only!r}")
     _check_dtype(q)
     blocks = _check_blocks(mask, block_ids)
     T, Hq, D = q.shape
@@ -922,7 +926,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
         HEAD_DIM=D, BLOCK_T=PREPROCESS_BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
     c = cfgs["dkdv"]
     dq_acc = torch.zeros((T, Hq, D), dtype=torch.float32, device=q.device) if atomic else None
-    _attn_bwd_dkdv[(Hkv, S, num_n)](
+    (_attn_bwd_dkdv[(Hkv, S, num_n)] if only != "dq" else _skip_launch)(
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_end, block_ids, blk_start,
         counts["dkdv"] if counts is not None else cu_seqlens, dq_acc if atomic else delta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -937,7 +941,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
         torch.mul(dq_acc, scale, out=dq_acc)
         return dq.copy_(dq_acc), dk, dv, counts
     c = cfgs["dq"]
-    _attn_bwd_dq[(Hq, S, num_m)](
+    (_attn_bwd_dq[(Hq, S, num_m)] if only != "dkdv" else _skip_launch)(
         q, k, v, do, lse, delta, dq, cu_seqlens, prefix_end, seg_start, block_ids, blk_end,
         counts["dq"] if counts is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -948,6 +952,10 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, *, mask="c
         IEEE=q.dtype == torch.float32, COUNT=count_blocks, ALIGN_H=align_h, num_warps=c.num_warps,
         num_stages=c.num_stages)
     return dq, dk, dv, counts
+
+
+def _skip_launch(*args, **kwargs):
+    """Stands in for a kernel launch that `only=` leaves out."""
 
 
 def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, block_ids=None,

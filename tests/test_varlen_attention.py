@@ -670,6 +670,12 @@ def test_atomic_dq_backward_matches_reference(mask, blocks, monkeypatch):
     *_, counts = va.attention_backward(do, *(x.detach() for x in (q, k, v)), o, lse, cu, max(lengths), mask=mask,
                                        segment_ids=seg, block_ids=blk, count_blocks=True)
     assert int(counts["dq"].sum()) == 0 and int(counts["dkdv"].sum()) > 0
+    split = va.attention_backward(do, *(x.detach() for x in (q, k, v)), o, lse, cu, max(lengths), mask=mask,
+                                  segment_ids=seg, block_ids=blk, variant="split")
+    for only, kept in (("dkdv", (1, 2)), ("dq", (0,))):  # the phases alone (timed apart on the GPU)
+        part = va.attention_backward(do, *(x.detach() for x in (q, k, v)), o, lse, cu, max(lengths), mask=mask,
+                                     segment_ids=seg, block_ids=blk, variant="split", only=only)
+        assert all(torch.equal(part[i], split[i]) for i in kept)
     with pytest.raises(ValueError, match="variant must be one of"):
         va.attention_backward(do, q, k, v, o, lse, cu, max(lengths), mask=mask, segment_ids=seg, block_ids=blk,
                               variant="fused")
