@@ -836,6 +836,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     app.state.batcher, app.state.assembler = batcher, state.assembler
     app.add_exception_handler(RequestValidationError, _validation_response)
     app.add_exception_handler(HTTPException, _http_error_handler(root))
+    app.add_exception_handler(MemoryError, _out_of_memory)
     _add_routes(app, state)
     return Guard(app, token=token, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
 
@@ -849,6 +850,13 @@ def public_detail(detail: str, root: Path | None) -> str:
     if root is not None:
         detail = detail.replace(str(root) + os.sep, "")
     return _ABS_PATH.sub("<server path>", detail)
+
+
+async def _out_of_memory(request, exc: MemoryError):
+    """Memory ran out while this request was handled (past the media budgets: a machine already
+    short of memory): 503 and a retry hint, never a 500; the server keeps serving."""
+    return JSONResponse({"detail": "the server ran out of memory handling this request; retry later"},
+                        status_code=503, headers={"Retry-After": "1"})
 
 
 def _http_error_handler(root: Path | None):

@@ -327,15 +327,18 @@ def test_command_serves_default_model(tmp_path):
         assert r.json()["scores"][0] == pytest.approx(mrrm.score(sample)[0], **TOL)
 
 
+INFLIGHT_FLAGS: tuple = ()  # the server's defaults (set to ("--max-inflight-megapixels", "100000") to see it fail)
+
+
 @pytest.mark.slow
 def test_small_requests_cannot_exhaust_the_server_s_memory(tmp_path):
-    """The requests that took a server past 5.5 GB, sent to `python -m mrrm.serve` held to a 10 GB
+    """The requests that took a server past 5.5 GB, sent to `python -m mrrm.serve` held to a 12 GB
     address space (its idle size is ~4 GB): an 81-megapixel PNG of 79 KB four times, one sample with
-    two 64-frame 2048x2048 mp4s (1.2 MB each), a 2,000-frame list of 1024x1024 PNGs, and 8 concurrent
-    requests of ten 25-megapixel PNGs (84 KB each; 250 MP per request, 2,000 MP in all). Every answer
-    is a 200, a 4xx naming the limit, or a 503 from the in-flight pool, never a 500, a MemoryError
-    passed off as a corrupt image, or a dead server; nothing stays held after. (Without the pool,
-    --max-inflight-megapixels 100000, the flood answers 500s and "corrupt ... MemoryError" 400s.)"""
+    two 64-frame 2048x2048 mp4s (1.2 MB each), a 2,000-frame list of 1024x1024 PNGs, and 12 concurrent
+    requests of ten 25-megapixel PNGs (84 KB each; 250 MP per request, 3,000 MP = 9 GB of RGB in all).
+    Every answer is a 200, a 4xx naming the limit, or a 503 from the in-flight pool, never a 500, a
+    MemoryError passed off as a corrupt image, or a dead server; nothing stays held after. Without the
+    pool (--max-inflight-megapixels 100000) the flood runs out of memory (503s that do not name the pool)."""
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
@@ -355,12 +358,12 @@ def test_small_requests_cannot_exhaust_the_server_s_memory(tmp_path):
             container.mux(packet)
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (10 << 30, 10 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
 
     def sample(**media_fields):
         return {"prompt": "What is shown?", "responses": ["a", "b"], **media_fields}
 
-    with server_process("--media-root", str(tmp_path), preexec_fn=limit) as (url, proc):
+    with server_process("--media-root", str(tmp_path), *INFLIGHT_FLAGS, preexec_fn=limit) as (url, proc):
         def post(samples):
             return httpx.post(f"{url}/score", json={"samples": samples}, timeout=600)
 
@@ -368,8 +371,8 @@ def test_small_requests_cannot_exhaust_the_server_s_memory(tmp_path):
         assert huge.status_code == 400 and "81.0 megapixels, over the limit of 50" in huge.text
         assert post([sample(videos=["v.mp4", "v.mp4"])]).status_code == 200
         assert post([sample(video=["frame.png"] * 2000)]).status_code == 200
-        with ThreadPoolExecutor(8) as pool:
-            flood = list(pool.map(lambda _: post([sample(images=["big.png"] * 5)] * 2), range(8)))
+        with ThreadPoolExecutor(12) as pool:
+            flood = list(pool.map(lambda _: post([sample(images=["big.png"] * 5)] * 2), range(12)))
         codes = sorted(r.status_code for r in flood)
         assert set(codes) <= {200, 503} and 200 in codes, [r.text[:200] for r in flood]
         assert all("--max-inflight-megapixels" in r.text for r in flood if r.status_code == 503)
