@@ -478,6 +478,30 @@ def train(cfg: TrainConfig) -> dict:
     return _finish(st)
 
 
+# accelerate launch --config_file X sets these from the config's distributed_type (not with --cpu, which
+# drops the FSDP / DeepSpeed section before the script starts: nothing is left to check then)
+_SHARDING_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def check_sharding_request(environ, distributed_type: str) -> None:
+    """Refuse a run whose launcher config asks for FSDP or DeepSpeed: accelerate applies them on CUDA
+    GPUs only (on CPU it silently runs DDP, `MULTI_CPU`, every rank holding the whole model), and
+    mrrm.train does not train correctly under them yet (clipping sees no gradients of sharded
+    parameters, checkpoints keep one rank's shards, evaluation runs on one rank; issue 18). Either
+    way the run would not be what the config says, so it stops before loading anything."""
+    asked = [name for name, var in _SHARDING_ENV.items() if environ.get(var, "").lower() in ("1", "true", "yes")]
+    if not asked:
+        return
+    got = distributed_type.rsplit(".", 1)[-1]
+    if got != asked[0]:
+        raise SystemExit(f"mrrm.train: the accelerate config asks for {asked[0]} but this run is {got} "
+                         f"({asked[0]} needs CUDA GPUs under accelerate; on CPU it would silently train unsharded "
+                         "data-parallel); use a data-parallel config (distributed_type: MULTI_GPU / MULTI_CPU)")
+    raise SystemExit(f"mrrm.train: {asked[0]} is not supported yet: under it gradient clipping, checkpoints and "
+                     "evaluation would be wrong (sharded parameters); train data-parallel "
+                     "(distributed_type: MULTI_GPU) with LoRA, which keeps each GPU's copy of a 4B model small")
+
+
 def _setup_accelerator(cfg):
     """The accelerator (one process, or one of a data-parallel group), the seeds, the output dir."""
     from accelerate import Accelerator
@@ -485,6 +509,7 @@ def _setup_accelerator(cfg):
 
     accel = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    check_sharding_request(os.environ, str(accel.distributed_type))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     try:  # before any model or data is loaded: an unwritable output directory fails here, by name

@@ -324,3 +324,34 @@ def test_a_failed_checkpoint_write_names_the_file_keeps_the_last_one_and_resumes
     assert proc.returncode == 0, err
     assert sorted(os.listdir(os.path.join(out, "checkpoints")))[-1] == "step-00000004"
     assert _steps(out) == [1, 2, 3, 4]
+
+
+def test_a_sharding_request_that_would_not_be_honoured_is_refused():
+    """accelerate configs asking for FSDP or DeepSpeed: refused with a message saying what the run
+    would have been (on CPU accelerate silently runs DDP), and refused where they are active, until
+    mrrm.train trains correctly under them; plain data-parallel runs pass."""
+    from mrrm.train import check_sharding_request
+
+    check_sharding_request({}, "DistributedType.MULTI_CPU")
+    check_sharding_request({"ACCELERATE_USE_FSDP": "false"}, "DistributedType.NO")
+    with pytest.raises(SystemExit, match="asks for FSDP but this run is MULTI_CPU .*silently train unsharded"):
+        check_sharding_request({"ACCELERATE_USE_FSDP": "true"}, "DistributedType.MULTI_CPU")
+    with pytest.raises(SystemExit, match="asks for DEEPSPEED but this run is NO"):
+        check_sharding_request({"ACCELERATE_USE_DEEPSPEED": "true"}, "DistributedType.NO")
+    with pytest.raises(SystemExit, match="FSDP is not supported yet"):
+        check_sharding_request({"ACCELERATE_USE_FSDP": "true"}, "DistributedType.FSDP")
+
+
+@pytest.mark.slow
+def test_the_shipped_fsdp_example_config_is_refused_on_cpu(tmp_path, colour_data):
+    """`accelerate launch --config_file examples/accelerate_fsdp.yaml` on this CPU machine: it used
+    to print "done" after an unsharded DDP run; now every rank stops before loading, naming why."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(["accelerate", "launch", "--config_file", os.path.join(repo, "examples", "accelerate_fsdp.yaml"),
+                           "--num_processes", "2", "-m", "mrrm.train", "--data", colour_data, "--max-steps", "1",
+                           "--output-dir", str(tmp_path / "out")] + SMALL,
+                          capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+    assert done.returncode != 0
+    assert "asks for FSDP but this run is MULTI_CPU" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "model").exists()
