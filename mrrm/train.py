@@ -91,6 +91,7 @@ class TrainConfig:
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
     force_resume: bool = False           # resume even when the data or batch settings changed
+    fsdp: bool = False                   # shard the model with FSDP2 over the launch's processes (mrrm.sharding)
     # media budgets (mrrm.media, checked before decoding); None keeps mrrm.media's defaults
     max_image_megapixels: float | None = None
     max_video_frame_megapixels: float | None = None
@@ -344,9 +345,10 @@ def run_signature(cfg, data_paths) -> dict:
             "seed": cfg.seed, "shuffle_responses": cfg.shuffle_responses, "mode": cfg.mode, "loss": cfg.loss}
 
 
-def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last, signature=None):
+def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last, signature=None, states=None):
     """Atomically: write into a temp dir (state.pt and its SHA-256 in state.sha256), then rename; keep
-    the last `keep_last` checkpoints. `signature` (run_signature) is kept to check a resume against."""
+    the last `keep_last` checkpoints. `signature` (run_signature) is kept to check a resume against.
+    `states`: (model state, optimizer state) already gathered (a sharded run's full states)."""
     ckpt_root = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"step-{step:08d}")
@@ -355,8 +357,8 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_l
     try:
         with writing(os.path.join(tmp, "state.pt")):
             os.makedirs(tmp)
-            trainable = {k: v for k, v in model.state_dict().items()}
-            torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            trainable, optim_state = states if states is not None else (model.state_dict(), optimizer.state_dict())
+            torch.save({"model": trainable, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                         "rng": rng_state(), "position": position, "step": step, "signature": signature},
                        os.path.join(tmp, "state.pt"))
             with open(os.path.join(tmp, "state.pt"), "rb") as fh:
@@ -484,11 +486,12 @@ _SHARDING_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEE
 
 
 def check_sharding_request(environ, distributed_type: str) -> None:
-    """Refuse a run whose launcher config asks for FSDP or DeepSpeed: accelerate applies them on CUDA
-    GPUs only (on CPU it silently runs DDP, `MULTI_CPU`, every rank holding the whole model), and
-    mrrm.train does not train correctly under them yet (clipping sees no gradients of sharded
-    parameters, checkpoints keep one rank's shards, evaluation runs on one rank; issue 18). Either
-    way the run would not be what the config says, so it stops before loading anything."""
+    """Refuse a run whose launcher config asks for accelerate's FSDP or DeepSpeed: accelerate applies
+    them on CUDA GPUs only (on CPU it silently runs DDP, `MULTI_CPU`, every rank holding the whole
+    model), and mrrm.train does not train correctly under accelerate's wrapping (clipping would see
+    no gradients of sharded parameters, checkpoints keep one rank's shards, evaluation runs on one
+    rank). Sharding is `--fsdp` under a data-parallel launch (mrrm.sharding). Either way the run
+    would not be what the config says, so it stops before loading anything."""
     asked = [name for name, var in _SHARDING_ENV.items() if environ.get(var, "").lower() in ("1", "true", "yes")]
     if not asked:
         return
@@ -496,10 +499,11 @@ def check_sharding_request(environ, distributed_type: str) -> None:
     if got != asked[0]:
         raise SystemExit(f"mrrm.train: the accelerate config asks for {asked[0]} but this run is {got} "
                          f"({asked[0]} needs CUDA GPUs under accelerate; on CPU it would silently train unsharded "
-                         "data-parallel); use a data-parallel config (distributed_type: MULTI_GPU / MULTI_CPU)")
-    raise SystemExit(f"mrrm.train: {asked[0]} is not supported yet: under it gradient clipping, checkpoints and "
-                     "evaluation would be wrong (sharded parameters); train data-parallel "
-                     "(distributed_type: MULTI_GPU) with LoRA, which keeps each GPU's copy of a 4B model small")
+                         "data-parallel); use a data-parallel config (distributed_type: MULTI_GPU / MULTI_CPU), "
+                         "with --fsdp to shard (mrrm.train applies FSDP2 itself)")
+    raise SystemExit(f"mrrm.train: accelerate's {asked[0]} is not supported: under it gradient clipping, checkpoints "
+                     "and evaluation would be wrong (sharded parameters). Launch data-parallel (distributed_type: "
+                     "MULTI_GPU) and pass --fsdp: mrrm.train applies FSDP2 itself (mrrm.sharding)")
 
 
 def _setup_accelerator(cfg):
@@ -568,10 +572,19 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     """Model -> data -> optimizer and scheduler -> resume -> accelerate's wrapping -> logging."""
     model = build_model(cfg)
     per_file, eval_samples, total_steps = _setup_data(cfg, model, data_paths, eval_path, accel.print)
+    if cfg.fsdp:  # sharded in place before the optimizer sees the parameters (they become DTensors)
+        from . import sharding
+
+        model.to(accel.device)
+        units = sharding.shard(model, bf16=cfg.bf16 and accel.device.type == "cuda")
+        accel.print(f"FSDP2: {units} decoder layers sharded over {accel.num_processes} processes")
     params, optimizer, scheduler = _setup_optim(cfg, model, total_steps)
     signature = run_signature(cfg, data_paths)
     step, position = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
-    ddp_model, optimizer = accel.prepare(model, optimizer)
+    if cfg.fsdp:
+        ddp_model = model  # no DDP wrapper: FSDP's hooks do the communication
+    else:
+        ddp_model, optimizer = accel.prepare(model, optimizer)
     st = TrainState(cfg, accel, model, ddp_model, optimizer, scheduler, params, per_file, eval_samples, total_steps,
                     step=step, position=position, signature=signature)
     if accel.is_main_process:
@@ -626,8 +639,17 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
                              "would not continue that run. Use a new --output-dir, or --force-resume to continue "
                              "anyway.")
         log(f"resuming despite changed {', '.join(changed)} (--force-resume)")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    from .sharding import load_full_state, optimizer_state_by_name
+
+    if optimizer_state_by_name(state["optimizer"]) != bool(cfg.fsdp):
+        raise SystemExit(f"mrrm.train: {resume} was written by a {'sharded' if not cfg.fsdp else 'non-sharded'} run "
+                         f"({'with' if not cfg.fsdp else 'without'} --fsdp); resume it the same way, or use a new "
+                         "--output-dir")
+    if cfg.fsdp:
+        load_full_state(model, state["model"], optimizer, state["optimizer"])
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     step, position = state["step"], state["position"]
     set_rng_state(state["rng"])
@@ -687,32 +709,56 @@ def train_step(st: TrainState, batch_keys) -> dict:
     on the last micro-batch); returns the step's metrics, the loss and accuracy over all ranks."""
     cfg, accel, world = st.cfg, st.accel, st.accel.num_processes
     micro, ranks_of = _my_micro_batches(st, batch_keys)
+    real = len(micro)
+    if cfg.fsdp:  # every rank runs as many passes (FSDP's collectives), the extra ones with zero loss
+        from .sharding import aligned_count
+
+        micro = micro + [micro[-1] if micro else _padding_batch(st)] * (aligned_count(real, accel.device) - real)
+    elif not micro and world > 1:  # a rank that drew no sample still joins DDP's gradient all-reduce,
+        micro = [_padding_batch(st)]  # through a forward of the wrapped model (a bare backward would hang)
     loss_sum = torch.zeros((), device=accel.device)
     hits = torch.zeros((), device=accel.device)
     for k, inputs in enumerate(micro):
-        rk = [ranks_of[j] for j in inputs.packed.sample_indices]
+        rk = [ranks_of[j] for j in inputs.packed.sample_indices] if k < real else None
         sync = k == len(micro) - 1
-        with (accel.no_sync(st.ddp_model) if not sync and world > 1 else contextlib.nullcontext()):
+        with (accel.no_sync(st.ddp_model) if not sync and world > 1 and not cfg.fsdp else contextlib.nullcontext()):
             scores = st.ddp_model(inputs.to(accel.device, st.model.dtype))
+            if rk is None:  # padding: the same collectives, no contribution
+                accel.backward(scores.float().sum() * 0.0)
+                continue
             per_group = listwise_loss(scores.float(), inputs.packed.group_offsets.to(accel.device), rk, cfg.loss)
-            # normalised by the GLOBAL batch: the mean over ranks DDP takes then gives sum / batch
+            # normalised by the GLOBAL batch: the mean over ranks DDP (or FSDP's reduce-scatter) takes
+            # then gives sum / batch
             loss = per_group.sum() * world / len(batch_keys)
             accel.backward(loss)
         loss_sum += per_group.detach().sum()
         offs, flat = inputs.packed.group_offsets.tolist(), scores.detach().float().tolist()
         hits += sum(is_correct(flat[offs[b]:offs[b + 1]], ranks) for b, ranks in enumerate(rk))
         st.tokens_seen += inputs.packed.num_tokens
-    if not micro and world > 1:  # a rank with no sample still joins the gradient all-reduce
-        accel.backward(sum(p.sum() * 0 for p in st.params))
+    grad_norm = None
     if cfg.max_grad_norm:
-        accel.clip_grad_norm_(st.params, cfg.max_grad_norm)
+        if cfg.fsdp:  # on the sharded parameters (DTensors): the norm is all-reduced over the shards
+            norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        else:
+            grad_norm = float(accel.clip_grad_norm_(st.params, cfg.max_grad_norm))
     st.optimizer.step()
     st.scheduler.step()
     st.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
-    return {"step": st.step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
-            "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0)}
+    metrics = {"step": st.step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
+               "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0)}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm  # before clipping
+    return metrics
+
+
+def _padding_batch(st: TrainState):
+    """A micro-batch for a rank that drew no sample this step (a sharded run pads with it): the
+    first training sample, packed as training packs it."""
+    first = next(s for samples in st.per_file for s in samples)
+    return next(iter(st.model.micro_batches([first.encoded], st.cfg.mode, st.cfg.max_batch_tokens)))
 
 
 def _append_jsonl(path, record):
@@ -734,8 +780,11 @@ def _log_metrics(st: TrainState, metrics):
 def _maybe_evaluate(st: TrainState):
     """Held-out best-of-N every eval_every steps (main process)."""
     cfg = st.cfg
-    if cfg.eval_every and st.step % cfg.eval_every == 0 and st.eval_samples and st.accel.is_main_process:
+    if not (cfg.eval_every and st.step % cfg.eval_every == 0 and st.eval_samples):
+        return
+    if st.accel.is_main_process or cfg.fsdp:  # a sharded model evaluates on every rank (the same passes)
         ev = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
+    if st.accel.is_main_process:
         _append_jsonl(st.log_path, {"step": st.step, "eval": ev})
         if st.tb is not None:
             st.tb.add_scalar("eval/best_of_n", ev["best_of_n"], st.step)
@@ -745,10 +794,22 @@ def _maybe_save(st: TrainState):
     """A checkpoint every save_every steps but the last (_finish saves that one)."""
     cfg = st.cfg
     if cfg.save_every and st.step % cfg.save_every == 0 and st.step < st.total_steps:
-        if st.accel.is_main_process:
-            save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
-                            signature=st.signature)
+        _save(st)
         st.accel.wait_for_everyone()
+
+
+def _save(st: TrainState) -> None:
+    """This step's checkpoint, written by the main process (a sharded run gathers the full states
+    on every rank first)."""
+    cfg = st.cfg
+    states = None
+    if cfg.fsdp:
+        from .sharding import full_state
+
+        states = full_state(st.model, st.optimizer)
+    if st.accel.is_main_process:
+        save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
+                        signature=st.signature, states=states)
 
 
 def _finish(st: TrainState) -> dict:
@@ -758,13 +819,14 @@ def _finish(st: TrainState) -> dict:
     if st.tb is not None:
         st.tb.close()
     summary = {"steps": st.step, "seconds": round(time.time() - st.t0, 1)}
+    _save(st)
+    if cfg.fsdp and st.eval_samples:  # every rank runs the sharded model's evaluation passes
+        summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
     if accel.is_main_process:
-        save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
-                            signature=st.signature)
-        with writing(os.path.join(cfg.output_dir, "model")):
-            st.model.save_pretrained(os.path.join(cfg.output_dir, "model"))
+        _save_final_model(st)
         if st.eval_samples:
-            summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
+            if not cfg.fsdp:
+                summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
         with writing(os.path.join(cfg.output_dir, "summary.json")), \
                 open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
@@ -776,6 +838,20 @@ def _finish(st: TrainState) -> dict:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _save_final_model(st: TrainState) -> None:
+    """model/ for mrrm.load (main process). A sharded model is saved through an unsharded copy
+    holding the newest checkpoint's full state (save_pretrained cannot write DTensors)."""
+    out = os.path.join(st.cfg.output_dir, "model")
+    model = st.model
+    if st.cfg.fsdp:
+        newest = checkpoints_newest_first(st.cfg.output_dir)[0]
+        model = build_model(st.cfg)
+        model.load_state_dict(torch.load(os.path.join(newest, "state.pt"), map_location="cpu",
+                                         weights_only=False)["model"])
+    with writing(out):
+        model.save_pretrained(out)
 
 
 def print_table(ev):

@@ -1,0 +1,86 @@
+"""FSDP2 for `python -m mrrm.train --fsdp`: torch's `fully_shard` applied by mrrm itself, under any
+data-parallel launch (torchrun or accelerate's MULTI_GPU / MULTI_CPU), on GPUs (NCCL) and on CPU
+(gloo, which the tests use).
+
+What makes a sharded run correct, and how mrrm.train does each:
+  * Every rank runs the same collectives in the same order. Each transformer decoder layer is its
+    own FSDP unit (all-gathered in its forward, reduce-scattered in its backward); everything else
+    (embeddings, the vision tower, final norm, value head) is the root unit, gathered once per
+    forward. The vision tower therefore issues no collective of its own: ranks whose micro-batches
+    hold images, videos, both or neither stay in step. Ranks run the same number of micro-batches
+    per step: `aligned_count` takes the largest count and the others pad with zero-loss passes.
+  * Gradient clipping on the sharded parameters (DTensors), the list taken after sharding.
+  * Checkpoints and `model/` from FULL state dicts gathered from the shards (`full_state`), the
+    same files an unsharded run writes; resume loads them back into the shards (`load_full_state`).
+  * Evaluation on every rank (each runs the same forwards; rank 0 logs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _require_distributed() -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        raise SystemExit("mrrm.train: --fsdp shards the model over the processes of a distributed launch; "
+                         "start it with torchrun --nproc_per_node N (N >= 2) or accelerate launch "
+                         "--num_processes N")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of the language model (transformers names them *DecoderLayer)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def shard(model: torch.nn.Module, *, bf16: bool = False) -> int:
+    """Apply fully_shard to each decoder layer, then to the model (the root unit). Returns the
+    number of layer units. bf16: parameters gathered in bf16, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _require_distributed()
+    layers = decoder_layers(model)
+    if not layers:
+        raise SystemExit(f"mrrm.train: --fsdp found no *DecoderLayer module in {type(model).__name__}'s backbone")
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return len(layers)
+
+
+def aligned_count(n: int, device) -> int:
+    """The largest of every rank's `n` (the micro-batches each runs this step)."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """(model state, optimizer state) as full, unsharded CPU tensors keyed like an unsharded run's
+    (the optimizer's by parameter name). Collective: every rank calls it; rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(model, options=_options())
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_options()) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def load_full_state(model, model_state: dict, optimizer=None, optim_state: dict | None = None) -> None:
+    """Load full states (as `full_state` returns, read from a checkpoint by every rank) into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+
+
+def optimizer_state_by_name(optim_state: dict) -> bool:
+    """Whether an optimizer state is keyed by parameter name (sharded runs) rather than by index."""
+    return any(isinstance(k, str) for k in optim_state.get("state", {}))
