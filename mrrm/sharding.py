@@ -1,6 +1,6 @@
-"""FSDP2 for `python -m mrrm.train --fsdp`: torch's `fully_shard` applied by mrrm itself, under any
-data-parallel launch (torchrun or accelerate's MULTI_GPU / MULTI_CPU), on GPUs (NCCL) and on CPU
-(gloo, which the tests use).
+"""Sharded training for `python -m mrrm.train`: FSDP2 (`--fsdp`, torch's `fully_shard` applied by mrrm
+itself) and DeepSpeed ZeRO-2 (`--deepspeed ds_config.json`), under any data-parallel launch (torchrun
+or accelerate's MULTI_GPU / MULTI_CPU), on GPUs (NCCL) and on CPU (gloo, which the tests use).
 
 What makes a sharded run correct, and how mrrm.train does each:
   * Every rank runs the same collectives in the same order. Each transformer decoder layer is its
@@ -84,3 +84,51 @@ def load_full_state(model, model_state: dict, optimizer=None, optim_state: dict 
 def optimizer_state_by_name(optim_state: dict) -> bool:
     """Whether an optimizer state is keyed by parameter name (sharded runs) rather than by index."""
     return any(isinstance(k, str) for k in optim_state.get("state", {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (`python -m mrrm.train --deepspeed ds_config.json`, optional extra `deepspeed`)
+# --------------------------------------------------------------------------------------------------
+def deepspeed_config(path: str, *, max_grad_norm: float, bf16: bool) -> dict:
+    """The user's DeepSpeed JSON with what mrrm.train's loop needs: one sample per "micro batch" and
+    no DeepSpeed accumulation count (mrrm packs its own micro-batches per step, as many as the token
+    budget gives, and marks the step's last one as the accumulation boundary), the client AdamW
+    allowed under ZeRO, and --max-grad-norm as gradient_clipping unless the file sets one.
+    ZeRO stage 3 is refused: it gathers each module's parameters when the module is called, and the
+    vision tower runs a different number of times on ranks holding images, videos or neither."""
+    import json
+
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mrrm.train: --deepspeed {path!r}: cannot read a JSON config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"mrrm.train: --deepspeed {path!r}: the config must be a JSON object")
+    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    if stage >= 3:
+        raise SystemExit("mrrm.train: DeepSpeed ZeRO-3 is not supported: it gathers each module's parameters per "
+                         "call, and ranks holding images, videos or neither call the vision tower a different "
+                         "number of times (a deadlock); use ZeRO-2, or --fsdp to shard the parameters")
+    if int(cfg.get("gradient_accumulation_steps", 1)) != 1:
+        raise SystemExit(f"mrrm.train: --deepspeed {path!r}: gradient_accumulation_steps must be 1 (mrrm.train "
+                         "accumulates over its own packed micro-batches within each step; set --batch-size instead)")
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two below and the world size
+    cfg.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg.setdefault("gradient_clipping", float(max_grad_norm or 0.0))
+    if bf16:
+        cfg.setdefault("bf16", {"enabled": True})
+    return cfg
+
+
+def deepspeed_engine(model, optimizer, config: dict):
+    """(engine, DeepSpeed's optimizer) for `model` under the running process group."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise SystemExit("mrrm.train: --deepspeed needs DeepSpeed: pip install 'mrrm[deepspeed]' "
+                         "(DS_BUILD_OPS=0 pip install deepspeed on machines without CUDA)") from None
+    _require_distributed()
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, ds_optimizer

@@ -92,6 +92,7 @@ class TrainConfig:
     log_every: int = 10
     force_resume: bool = False           # resume even when the data or batch settings changed
     fsdp: bool = False                   # shard the model with FSDP2 over the launch's processes (mrrm.sharding)
+    deepspeed: str | None = None         # a DeepSpeed JSON config: ZeRO-2 over the launch's processes (mrrm.sharding)
     # media budgets (mrrm.media, checked before decoding); None keeps mrrm.media's defaults
     max_image_megapixels: float | None = None
     max_video_frame_megapixels: float | None = None
@@ -132,6 +133,8 @@ def parse_args(argv=None) -> TrainConfig:
         ap.error(f"--mode must be one of {TRAIN_MODES} (training packs the N responses into one pass)")
     if cfg.data_weights is not None and len(cfg.data_weights) != len(cfg.data):
         ap.error(f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} data files")
+    if cfg.fsdp and cfg.deepspeed:
+        ap.error("--fsdp and --deepspeed are two ways to shard; pick one")
     return cfg
 
 
@@ -345,10 +348,12 @@ def run_signature(cfg, data_paths) -> dict:
             "seed": cfg.seed, "shuffle_responses": cfg.shuffle_responses, "mode": cfg.mode, "loss": cfg.loss}
 
 
-def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last, signature=None, states=None):
+def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last, signature=None, states=None,
+                    extra_dir=None):
     """Atomically: write into a temp dir (state.pt and its SHA-256 in state.sha256), then rename; keep
     the last `keep_last` checkpoints. `signature` (run_signature) is kept to check a resume against.
-    `states`: (model state, optimizer state) already gathered (a sharded run's full states)."""
+    `states`: (model state, optimizer state) already gathered (a sharded run's full states).
+    `extra_dir`: a directory moved into the checkpoint as `deepspeed/` (DeepSpeed's own files)."""
     ckpt_root = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"step-{step:08d}")
@@ -370,6 +375,8 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_l
     except WriteError:
         shutil.rmtree(tmp, ignore_errors=True)  # the space it took; the older checkpoints are untouched
         raise
+    if extra_dir is not None:
+        os.rename(extra_dir, os.path.join(tmp, "deepspeed"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
@@ -580,9 +587,20 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
         accel.print(f"FSDP2: {units} decoder layers sharded over {accel.num_processes} processes")
     params, optimizer, scheduler = _setup_optim(cfg, model, total_steps)
     signature = run_signature(cfg, data_paths)
-    step, position = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
+    step, position, resumed = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
     if cfg.fsdp:
         ddp_model = model  # no DDP wrapper: FSDP's hooks do the communication
+    elif cfg.deepspeed:
+        from . import sharding
+
+        model.to(accel.device)
+        ds_cfg = sharding.deepspeed_config(cfg.deepspeed, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16)
+        ddp_model, optimizer = sharding.deepspeed_engine(model, optimizer, ds_cfg)
+        if resumed is not None:  # the optimizer partitions, from DeepSpeed's files in the checkpoint
+            ddp_model.load_checkpoint(os.path.join(resumed, "deepspeed"), tag="zero", load_module_strict=True,
+                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        accel.print(f"DeepSpeed ZeRO-{ds_cfg.get('zero_optimization', {}).get('stage', 0)} over "
+                    f"{accel.num_processes} processes")
     else:
         ddp_model, optimizer = accel.prepare(model, optimizer)
     st = TrainState(cfg, accel, model, ddp_model, optimizer, scheduler, params, per_file, eval_samples, total_steps,
@@ -630,7 +648,7 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
     --force-resume (the steps it already took would not be the steps of this run)."""
     resume, state = load_intact_checkpoint(cfg.output_dir, log)
     if resume is None:
-        return 0, {"epoch": 0, "offset": 0}
+        return 0, {"epoch": 0, "offset": 0}, None
     saved = state.get("signature")
     if signature is not None and saved is not None and saved != signature:
         changed = sorted(k for k in signature if saved.get(k) != signature.get(k))
@@ -641,12 +659,17 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
         log(f"resuming despite changed {', '.join(changed)} (--force-resume)")
     from .sharding import load_full_state, optimizer_state_by_name
 
-    if optimizer_state_by_name(state["optimizer"]) != bool(cfg.fsdp):
-        raise SystemExit(f"mrrm.train: {resume} was written by a {'sharded' if not cfg.fsdp else 'non-sharded'} run "
-                         f"({'with' if not cfg.fsdp else 'without'} --fsdp); resume it the same way, or use a new "
-                         "--output-dir")
+    kind = "deepspeed" if state["optimizer"].get("deepspeed") else "fsdp" if optimizer_state_by_name(state["optimizer"]) \
+        else "plain"
+    want = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp else "plain"
+    if kind != want:
+        how = {"deepspeed": "with --deepspeed", "fsdp": "with --fsdp", "plain": "without --fsdp / --deepspeed"}
+        raise SystemExit(f"mrrm.train: {resume} was written by a run {how[kind]}; resume it the same way, or use a "
+                         "new --output-dir")
     if cfg.fsdp:
         load_full_state(model, state["model"], optimizer, state["optimizer"])
+    elif cfg.deepspeed:  # the model now; the optimizer partitions once the engine exists (_setup)
+        model.load_state_dict(state["model"])
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -654,7 +677,7 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
     step, position = state["step"], state["position"]
     set_rng_state(state["rng"])
     log(f"resumed from {resume} (step {step})")
-    return step, position
+    return step, position, resume
 
 
 def _drop_log_after(log_path, step):
@@ -710,7 +733,7 @@ def train_step(st: TrainState, batch_keys) -> dict:
     cfg, accel, world = st.cfg, st.accel, st.accel.num_processes
     micro, ranks_of = _my_micro_batches(st, batch_keys)
     real = len(micro)
-    if cfg.fsdp:  # every rank runs as many passes (FSDP's collectives), the extra ones with zero loss
+    if cfg.fsdp or cfg.deepspeed:  # every rank runs as many passes (the same collectives), extra ones with zero loss
         from .sharding import aligned_count
 
         micro = micro + [micro[-1] if micro else _padding_batch(st)] * (aligned_count(real, accel.device) - real)
@@ -721,30 +744,38 @@ def train_step(st: TrainState, batch_keys) -> dict:
     for k, inputs in enumerate(micro):
         rk = [ranks_of[j] for j in inputs.packed.sample_indices] if k < real else None
         sync = k == len(micro) - 1
-        with (accel.no_sync(st.ddp_model) if not sync and world > 1 and not cfg.fsdp else contextlib.nullcontext()):
+        if cfg.deepspeed:  # DeepSpeed reduces the gradients and steps at the step's last micro-batch only
+            st.ddp_model.set_gradient_accumulation_boundary(sync)
+        with (accel.no_sync(st.ddp_model) if not sync and world > 1 and not (cfg.fsdp or cfg.deepspeed)
+              else contextlib.nullcontext()):
             scores = st.ddp_model(inputs.to(accel.device, st.model.dtype))
             if rk is None:  # padding: the same collectives, no contribution
-                accel.backward(scores.float().sum() * 0.0)
+                _backward(st, scores.float().sum() * 0.0)
                 continue
             per_group = listwise_loss(scores.float(), inputs.packed.group_offsets.to(accel.device), rk, cfg.loss)
             # normalised by the GLOBAL batch: the mean over ranks DDP (or FSDP's reduce-scatter) takes
             # then gives sum / batch
             loss = per_group.sum() * world / len(batch_keys)
-            accel.backward(loss)
+            _backward(st, loss)
         loss_sum += per_group.detach().sum()
         offs, flat = inputs.packed.group_offsets.tolist(), scores.detach().float().tolist()
         hits += sum(is_correct(flat[offs[b]:offs[b + 1]], ranks) for b, ranks in enumerate(rk))
         st.tokens_seen += inputs.packed.num_tokens
     grad_norm = None
-    if cfg.max_grad_norm:
+    if cfg.deepspeed:  # clipping (gradient_clipping), the optimizer step and zero_grad happened in engine.step()
+        norm = st.ddp_model.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+    elif cfg.max_grad_norm:
         if cfg.fsdp:  # on the sharded parameters (DTensors): the norm is all-reduced over the shards
             norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         else:
             grad_norm = float(accel.clip_grad_norm_(st.params, cfg.max_grad_norm))
-    st.optimizer.step()
+    if not cfg.deepspeed:
+        st.optimizer.step()
     st.scheduler.step()
-    st.optimizer.zero_grad(set_to_none=True)
+    if not cfg.deepspeed:
+        st.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
     metrics = {"step": st.step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
@@ -752,6 +783,16 @@ def train_step(st: TrainState, batch_keys) -> dict:
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm  # before clipping
     return metrics
+
+
+def _backward(st: TrainState, loss) -> None:
+    """loss.backward through accelerate, or through the DeepSpeed engine (then engine.step(), which
+    steps the optimizer only at the accumulation boundary set for this micro-batch)."""
+    if st.cfg.deepspeed:
+        st.ddp_model.backward(loss)
+        st.ddp_model.step()
+    else:
+        st.accel.backward(loss)
 
 
 def _padding_batch(st: TrainState):
@@ -802,14 +843,23 @@ def _save(st: TrainState) -> None:
     """This step's checkpoint, written by the main process (a sharded run gathers the full states
     on every rank first)."""
     cfg = st.cfg
-    states = None
+    states = extra = None
     if cfg.fsdp:
         from .sharding import full_state
 
         states = full_state(st.model, st.optimizer)
+    elif cfg.deepspeed:  # every rank writes its optimizer partition (DeepSpeed's format); state.pt the rest
+        extra = os.path.join(cfg.output_dir, "checkpoints", f"step-{st.step:08d}.deepspeed.tmp")
+        if st.accel.is_main_process:
+            shutil.rmtree(extra, ignore_errors=True)
+        st.accel.wait_for_everyone()
+        with writing(extra):
+            st.ddp_model.save_checkpoint(extra, tag="zero", save_latest=False)
+        st.accel.wait_for_everyone()
+        states = (st.model.state_dict(), {"deepspeed": True})
     if st.accel.is_main_process:
         save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
-                        signature=st.signature, states=states)
+                        signature=st.signature, states=states, extra_dir=extra)
 
 
 def _finish(st: TrainState) -> dict:

@@ -451,3 +451,48 @@ def test_a_rank_that_draws_no_sample_neither_hangs_nor_changes_the_result(tmp_pa
 def test_fsdp_needs_a_distributed_launch(tmp_path, colour_data):
     with pytest.raises(SystemExit, match="--fsdp shards the model over the processes of a distributed launch"):
         train(parse_args(["--data", colour_data, "--max-steps", "1", "--fsdp", "--output-dir", str(tmp_path)] + SMALL))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mixed_media_data):
+    """--deepspeed with the shipped ZeRO-2 config (examples/deepspeed_zero2.json) on DeepSpeed's CPU
+    accelerator (2 gloo ranks), mixed-media ranks and unequal pass counts: losses and gradient norms
+    equal DDP's, one optimizer step per training step (DeepSpeed's global_steps), model/ scores as
+    DDP's, and a resume from step 2 (DeepSpeed's optimizer partitions in the checkpoint's deepspeed/)
+    redoes step 3 bit for bit. ZeRO-3 is refused."""
+    pytest.importorskip("deepspeed")
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    import mrrm
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "deepspeed_zero2.json")
+    common = ["--data", mixed_media_data, "--max-steps", "3", "--save-every", "2", "--log-every", "1",
+              "--batch-size", "5", "--max-batch-tokens", "120"] + SMALL
+    ddp, ds = str(tmp_path / "ddp"), str(tmp_path / "ds")
+    _torchrun(common, ddp)
+    res = _torchrun(common + ["--deepspeed", str(config)], ds)
+    assert "DeepSpeed ZeRO-2 over 2 processes" in res.stdout + res.stderr
+    for x, y in zip([r for r in _log(ddp) if "loss" in r], [r for r in _log(ds) if "loss" in r]):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-6, (x, y)
+    engine_state = torch.load(os.path.join(ds, "checkpoints", "step-00000003", "deepspeed", "zero",
+                                           "mp_rank_00_model_states.pt"), weights_only=False)
+    assert engine_state["global_steps"] == 3
+    samples = [json.loads(x) for x in open(mixed_media_data)][:4]
+    media_dir = os.path.dirname(mixed_media_data)
+    sa = mrrm.load(os.path.join(ddp, "model")).score(samples, media_dir=media_dir)
+    sb = mrrm.load(os.path.join(ds, "model")).score(samples, media_dir=media_dir)
+    assert [x for row in sa for x in row] == pytest.approx([x for row in sb for x in row], abs=1e-6)
+    b = _state(ds, 3)
+    shutil.rmtree(os.path.join(ds, "checkpoints", "step-00000003"))
+    shutil.rmtree(os.path.join(ds, "model"))
+    res = _torchrun(common + ["--deepspeed", str(config)], ds)
+    assert "resumed from" in res.stdout + res.stderr
+    c = _state(ds, 3)
+    for k in b["model"]:
+        assert torch.equal(b["model"][k], c["model"][k]), k
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    from mrrm.sharding import deepspeed_config
+
+    with pytest.raises(SystemExit, match="ZeRO-3 is not supported"):
+        deepspeed_config(str(zero3), max_grad_norm=1.0, bf16=False)
