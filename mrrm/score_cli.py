@@ -36,6 +36,7 @@ output that does not match the input, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--errors", default=None, help="errors JSONL (default: <out>.errors.jsonl)")
     ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local: this process; ray: model actors on a Ray cluster via Ray Data (mrrm[ray])")
+    ap.add_argument("--ray-address", default=None,
+                    help="the Ray cluster to join (default: start a local one; 'auto': the running one)")
+    ap.add_argument("--actors", type=positive_int, default=None,
+                    help="--engine ray: model replicas (default: one per GPU, else all CPUs but one)")
     return ap
 
 
@@ -222,10 +229,21 @@ def _reason(model, sample: dict, index: int, media_dir: str) -> str:
     return "the model skipped this sample (it encodes on its own; no reason given)"
 
 
+def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """(sample, None) for a line holding a JSON object, else (None, why not)."""
+    try:
+        sample = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"invalid JSON: {e}"
+    if not isinstance(sample, dict):
+        return None, f"a line must be a JSON object (a sample), got {type(sample).__name__}"
+    return sample, None
+
+
 class _Run:
     def __init__(self, model, args, data_path: str, out_path: str, errors_path: str, media_dir: str,
-                 progress: _Progress, out_f: IO[bytes], err_f: IO[bytes]):
-        self.model, self.args, self.media_dir = model, args, media_dir
+                 progress: _Progress, out_f: IO[bytes], err_f: IO[bytes], scorer=None):
+        self.model, self.args, self.media_dir, self.scorer = model, args, media_dir, scorer
         self.data_path, self.out_path, self.errors_path = data_path, out_path, errors_path
         self.progress, self.out_f, self.err_f = progress, out_f, err_f
         self.scored = self.bad = 0
@@ -237,20 +255,27 @@ class _Run:
 
     def add_line(self, lineno: int, raw: bytes) -> None:
         self.lines_since_update += 1
-        try:
-            sample = json.loads(raw)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-            self.errors.append((lineno, None, f"invalid JSON: {e}"))
+        sample, error = parse_line(raw)
+        if error is None:
+            self.samples.append((lineno, sample))
         else:
-            if isinstance(sample, dict):
-                self.samples.append((lineno, sample))
-            else:
-                self.errors.append((lineno, None, f"a line must be a JSON object (a sample), got {type(sample).__name__}"))
+            self.errors.append((lineno, None, error))
         if len(self.samples) >= self.args.batch_size:
             self.flush()
 
     def skip_line(self) -> None:
         self.lines_since_update += 1
+
+    def _score(self, samples) -> list[tuple[list[float] | None, str | None]]:
+        """(scores or None, why None) per sample: the --engine ray scorer, or the model here."""
+        if self.scorer is not None:
+            return self.scorer(samples)
+        scores = self.model.score([s for _, s in samples], mode=self.args.mode,
+                                  max_batch_tokens=self.args.max_batch_tokens,
+                                  permutations=self.args.permutations, errors="skip", media_dir=self.media_dir)
+        if len(scores) != len(samples):
+            raise RuntimeError(f"the model returned {len(scores)} results for {len(samples)} samples")
+        return [(s, None) for s in scores]
 
     def flush(self) -> None:
         """Score the chunk; write its errors, then its scores (the order resuming relies on)."""
@@ -260,19 +285,12 @@ class _Run:
         self.samples, self.errors = [], []
         # the chunk's first line, for the "failed (chunk starting at line N)" hint until it is written
         self.chunk_start = min([ln for ln, _ in samples] + [e[0] for e in errors], default=None)
-        scores = []
-        if samples:
-            scores = self.model.score([s for _, s in samples], mode=self.args.mode,
-                                      max_batch_tokens=self.args.max_batch_tokens,
-                                      permutations=self.args.permutations, errors="skip",
-                                      media_dir=self.media_dir)
-            if len(scores) != len(samples):
-                raise RuntimeError(f"the model returned {len(scores)} results for {len(samples)} samples")
+        results = self._score(samples) if samples else []
         out_lines = []
-        for i, ((lineno, sample), s) in enumerate(zip(samples, scores)):
+        for i, ((lineno, sample), (s, reason)) in enumerate(zip(samples, results)):
             sid = sample.get("id", sample.get("ID"))
             if s is None:
-                errors.append((lineno, sid, _reason(self.model, sample, i, self.media_dir)))
+                errors.append((lineno, sid, reason or _reason(self.model, sample, i, self.media_dir)))
             elif not all(math.isfinite(x) for x in s):
                 errors.append((lineno, sid, f"non-finite score(s) {s}"))
             else:
@@ -387,7 +405,7 @@ def _main(args) -> int:
 
 def _run_locked(args, paths) -> int:
     t_load = time.perf_counter()
-    model = _load_model(args)
+    model = _load_model(args) if args.engine == "local" else None  # --engine ray: the actors load it
     load_s = time.perf_counter() - t_load
 
     resuming, done_errors = _prepare_outputs(args, paths.out, paths.errors)
@@ -451,11 +469,36 @@ def _score_file(model, args, paths: _Paths, done_errors: set[int], check: _Resum
             state.resumed_scored = _end_resume_check(check, paths, first_todo, state.resumed_bad)
         total = _count_lines(paths.data) if not args.no_progress else 0
         state.progress = _Progress(total, initial, not args.no_progress)
-        state.run = _Run(model, args, paths.data, paths.out, paths.errors, paths.media_dir, state.progress, out_f, err_f)
-        state.t0 = time.perf_counter()
-        if first_todo is not None:
-            state.resumed_bad += _score_rest(state.run, data_f, first_todo, done_errors)
-        state.run.flush()
+        scorer = _ray_scorer(args, paths, data_f, first_todo, done_errors) if args.engine == "ray" else None
+        try:
+            state.run = _Run(model, args, paths.data, paths.out, paths.errors, paths.media_dir, state.progress, out_f,
+                             err_f, scorer=scorer)
+            state.t0 = time.perf_counter()
+            if first_todo is not None:
+                state.resumed_bad += _score_rest(state.run, data_f, first_todo, done_errors)
+            state.run.flush()
+        finally:
+            if scorer is not None:
+                scorer.close()
+
+
+def _ray_scorer(args, paths: _Paths, data_f, first_todo, done_errors: set[int]):
+    """The Ray engine's scorer over the samples _score_rest will pass on (read ahead here, then the
+    file is put back where it was)."""
+    from .score_ray import RayScorer
+
+    pos = data_f.tell()
+
+    def rows():
+        if first_todo is None:
+            return
+        for lineno, raw in itertools.chain([first_todo], enumerate(data_f, first_todo[0] + 1)):
+            if raw.strip() and lineno not in done_errors and parse_line(raw)[1] is None:
+                yield lineno, raw.rstrip(b"\r\n")
+    try:
+        return RayScorer(rows(), args, paths.media_dir)
+    finally:
+        data_f.seek(pos)
 
 
 def _skip_done_lines(data_f, done_errors: set[int], check: _ResumeCheck | None

@@ -410,6 +410,39 @@ def test_a_write_failing_mid_line_names_the_file_and_the_rerun_resumes(model, me
     assert_same_output(read_jsonl(out), read_jsonl(reference))
 
 
+@pytest.mark.slow
+def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(model, media, tmp_path):
+    """--engine ray (Ray Data, a local Ray with model actors): the local engine's records in its order
+    (`best` equal, scores within rounding: the actor runs torch on one thread) and the same error
+    records byte for byte, bad lines included; an interrupted run (output cut after 4 lines plus a
+    torn one) resumes under Ray to the same file, byte for byte."""
+    pytest.importorskip("ray.data")
+    root, video = media
+    lines = mixed_lines(video)
+    data = write_jsonl(root / "ray.jsonl", [content for content, _ in lines])
+    local, ray_out = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def cli(out, *extra):
+        return subprocess.run([sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out), "--device",
+                               "cpu", "--batch-size", "2", "--no-progress", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    assert cli(local).returncode == 0
+    done = cli(ray_out, "--engine", "ray")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the same records in the same order; scores equal up to the rounding of the actor's single thread
+    assert_same_output(read_jsonl(ray_out), read_jsonl(local))
+    assert Path(str(ray_out) + ".errors.jsonl").read_bytes() == Path(str(local) + ".errors.jsonl").read_bytes()
+    first = ray_out.read_bytes()
+    kept = first.splitlines(keepends=True)
+    ray_out.write_bytes(b"".join(kept[:4]) + kept[4][:10])  # killed while writing line 5
+    done = cli(ray_out, "--engine", "ray")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stderr
+    assert ray_out.read_bytes() == first  # the same actors, the same chunks: the same bytes
+
+
 def test_a_second_writer_of_the_same_out_is_refused(model, tmp_path, capsys):
     """Two score commands on one --out would interleave and duplicate lines: while one holds the
     output's lock, another is refused (exit 2, nothing written); the lock file goes with the run."""
