@@ -93,3 +93,54 @@ def test_train_step_cpu(benchmark, harness, layout, batch_kind):
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0)
     finally:
         model.eval()
+
+
+def test_score_file_encoding_workers_cpu(benchmark, tmp_path):
+    """Scoring a file with the default model (python -m mrrm.score's loop): encoding in this process
+    vs in 2 worker processes ahead of the model (mrrm.pipeline; pool start-up outside the timing, the
+    model's forward on one thread so the workers have the other core). Interleaved rounds, medians;
+    the same chunks, so the scores are identical (asserted)."""
+    import statistics
+    import time
+
+    import mrrm
+    from mrrm import demo
+    from mrrm.pipeline import EncodePool, encoded_ahead
+
+    path = demo.generate(100 if SMALL else 400, 11, tmp_path / "demo")
+    import json
+
+    samples = [json.loads(x) for x in open(path)]
+    model = mrrm.load(device="cpu")
+    chunk = 64
+    chunks = [list(enumerate(samples[i:i + chunk], i)) for i in range(0, len(samples), chunk)]
+    media_dir = str(tmp_path / "demo")
+
+    def in_process():
+        return [s for c in chunks for s in model.score([x for _, x in c], media_dir=media_dir, errors="skip")]
+
+    pool = EncodePool(model.encoder, 2)
+    threads = torch.get_num_threads()
+
+    def workers():
+        torch.set_num_threads(1)
+        try:
+            return [s for _, res in encoded_ahead(pool, chunks, media_dir) for s in model.score_encoded([e for e, _ in res])]
+        finally:
+            torch.set_num_threads(threads)
+
+    try:
+        assert workers() == in_process()  # also warms both paths up
+        times = {"in_process": [], "workers_2": []}
+        for _ in range(ROUNDS):
+            for name, fn in (("in_process", in_process), ("workers_2", workers)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        pool.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    benchmark.extra_info.update(samples=len(samples), medians_s=med, speedup=med["in_process"] / med["workers_2"],
+                                cpu_cores=torch.get_num_threads())
+    benchmark.group = "score a file: encoding in process vs 2 worker processes (default model, CPU)"
+    benchmark.pedantic(in_process, rounds=1, iterations=1)

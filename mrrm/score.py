@@ -4,10 +4,11 @@ This file is only that command's entry point. `mrrm.score` is the scoring FUNCTI
 a module of the same name, once imported, would replace it as an attribute of the package, so
 importing this file is refused with a pointer to the two real homes.
 """
-if __name__ != "__main__":
+if __name__ not in ("__main__", "__mp_main__"):  # __mp_main__: a --workers process re-reading its parent's main
     raise ImportError("mrrm.score is the scoring function (mrrm.api.score), not a module: call mrrm.score(batch). "
                       "The command-line tool lives in mrrm.score_cli (`python -m mrrm.score`, `mrrm score`).")
 
-from mrrm.score_cli import main  # noqa: E402
+if __name__ == "__main__":
+    from mrrm.score_cli import main
 
-raise SystemExit(main())
+    raise SystemExit(main())

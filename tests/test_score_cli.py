@@ -411,6 +411,29 @@ def test_a_write_failing_mid_line_names_the_file_and_the_rerun_resumes(model, me
 
 
 @pytest.mark.slow
+def test_encoding_workers_write_what_in_process_encoding_writes(model, media, tmp_path):
+    """--workers 2 (encoding in two worker processes ahead of the model): the same output and error
+    files byte for byte (the same chunks are scored), bad samples with the encoder's reasons, and
+    the media budgets given as flags applied in the workers too."""
+    root, video = media
+    lines = mixed_lines(video)
+    data = write_jsonl(root / "workers.jsonl", [content for content, _ in lines])
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def cli(out, *extra):
+        done = subprocess.run([sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out), "--device",
+                               "cpu", "--batch-size", "2", "--no-progress", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return out.read_bytes(), Path(str(out) + ".errors.jsonl").read_bytes()
+
+    assert cli(tmp_path / "a.jsonl") == cli(tmp_path / "b.jsonl", "--workers", "2")
+    one = ("--max-images-per-sample", "1")
+    assert cli(tmp_path / "c.jsonl", *one) == cli(tmp_path / "d.jsonl", "--workers", "2", *one)
+    assert b"over the limit of 1 per sample" in (tmp_path / "d.jsonl.errors.jsonl").read_bytes()
+
+
+@pytest.mark.slow
 def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(model, media, tmp_path):
     """--engine ray (Ray Data, a local Ray with model actors): the local engine's records in its order
     (`best` equal, scores within rounding: the actor runs torch on one thread) and the same error
