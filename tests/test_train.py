@@ -423,7 +423,7 @@ def test_fsdp_on_two_gloo_ranks_matches_ddp_saves_full_checkpoints_and_resumes(t
     assert [r["step"] for r in _log(fsdp) if "loss" in r] == [1, 2, 3]
     # a sharded checkpoint is not resumed without --fsdp (its optimizer state is keyed by name)
     shutil.rmtree(os.path.join(fsdp, "checkpoints", "step-00000003"))
-    with pytest.raises(SystemExit, match="written by a sharded run"):
+    with pytest.raises(SystemExit, match="was written by a run with --fsdp; resume it the same way"):
         train(parse_args(common + ["--output-dir", fsdp]))
 
 
