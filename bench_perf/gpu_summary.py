@@ -61,27 +61,25 @@ def round2(paths):
     for path in paths:
         with open(path) as f:
             rows += [b["extra_info"] for b in json.load(f)["benchmarks"]]
-    phases = [r for r in rows if "phase" in r]
-    if phases:
-        print("| phase | mask | tiles (m, n, warps, stages) | default | call ms | default backward ms |\n|---|---|---|---|---|---|")
-        for r in sorted(phases, key=lambda r: (r["phase"], r["mask"], r["call_ms"])):
-            print(f"| {r['phase']} | {r['mask']} | {tuple(r['tiles'])} | {'yes' if r['tiles'] == r['default_tiles'] else ''} "
-                  f"| {r['call_ms']:.3f} | {r.get('backward_default_ms', float('nan')):.3f} |")
-        print()
-    variants = [r for r in rows if "variant" in r]
-    if variants:
-        print("| T | mask | backward variant | forward ms | backward ms | fwd+bwd useful TFLOP/s |\n|---|---|---|---|---|---|")
-        for r in sorted(variants, key=lambda r: (r["T"], r["mask"], r["variant"])):
-            print(f"| {r['T']} | {r['mask']} | {r['variant']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} "
-                  f"| {r['fwd_bwd_useful_tflops']:.1f} |")
-        print()
-    head = [r for r in rows if "cudagraph_us" in r]
-    if head:
-        print("| value head | split_k | CUDA-graph us | memory floor MB | host us / call |\n|---|---|---|---|---|")
-        for r in sorted(head, key=lambda r: (r["what"], r["split_k"])):
-            print(f"| {r['what']} | {r['split_k']} | {r['cudagraph_us']:.1f} | {r['memory_floor_mb']:.0f} "
-                  f"| {r['host_us_per_call']:.1f} |")
-        print()
+    def table(header, cells, picked, key):
+        if picked:
+            print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+            for r in sorted(picked, key=key):
+                print("| " + " | ".join(cells(r)) + " |")
+            print()
+
+    table(["phase", "mask", "tiles (m, n, warps, stages)", "default", "call ms", "default backward ms"],
+          lambda r: [r["phase"], r["mask"], str(tuple(r["tiles"])), "yes" if r["tiles"] == r["default_tiles"] else "",
+                     f"{r['call_ms']:.3f}", f"{r.get('backward_default_ms', float('nan')):.3f}"],
+          [r for r in rows if "phase" in r], lambda r: (r["phase"], r["mask"], r["call_ms"]))
+    table(["T", "mask", "backward variant", "forward ms", "backward ms", "fwd+bwd useful TFLOP/s"],
+          lambda r: [str(r["T"]), r["mask"], r["variant"], f"{r['forward_ms']:.3f}", f"{r['backward_ms']:.3f}",
+                     f"{r['fwd_bwd_useful_tflops']:.1f}"],
+          [r for r in rows if "variant" in r], lambda r: (r["T"], r["mask"], r["variant"]))
+    table(["value head", "split_k", "CUDA-graph us", "memory floor MB", "host us / call"],
+          lambda r: [r["what"], str(r["split_k"]), f"{r['cudagraph_us']:.1f}", f"{r['memory_floor_mb']:.0f}",
+                     f"{r['host_us_per_call']:.1f}"],
+          [r for r in rows if "cudagraph_us" in r], lambda r: (r["what"], r["split_k"]))
     for r in rows:
         if "host_syncs" in r:
             print(f"host syncs per scoring pass ({r['kind']}): {r['host_syncs']} {r['sync_sites']}")

@@ -135,8 +135,8 @@ def test_varlen_attention_gpu(benchmark, impl, mask, n_resp, T):
     benchmark.pedantic(run, rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["mrrm_triton", "eager"])
-def test_gather_value_head_gpu(benchmark, impl):
+def _head_inputs():
+    """gather_value_head at the paper's head size: T 16k, H 2560 (bf16 hidden), D 1024 (fp32 head), M 64."""
     T, H, D, M = 16384, 2560, 1024, 64
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     positions = torch.randperm(T, device="cuda")[:M].sort().values
@@ -144,6 +144,13 @@ def test_gather_value_head_gpu(benchmark, impl):
     b1 = torch.zeros(D, device="cuda", requires_grad=True)
     w2 = (torch.randn(1, D, device="cuda") * 0.01).requires_grad_(True)
     b2 = torch.zeros(1, device="cuda", requires_grad=True)
+    return hidden, positions, w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("impl", ["mrrm_triton", "eager"])
+def test_gather_value_head_gpu(benchmark, impl):
+    hidden, positions, w1, b1, w2, b2 = _head_inputs()
+    (T, H), D, M = hidden.shape, w1.shape[0], positions.shape[0]
     scale = 1.0 / math.sqrt(H)
     if impl == "mrrm_triton":
         fn = lambda: ops.gather_value_head(hidden, positions, w1, b1, w2, b2, scale=scale,  # noqa: E731
@@ -249,17 +256,6 @@ def test_attention_backward_variants_gpu(benchmark, variant, mask, T):
                                 fwd_bwd_useful_tflops=4 * pairs * HQ * HD * 3.5 / (ms + fwd_ms) / 1e9)
     benchmark.group = f"attention backward variants T={T} {mask}"
     benchmark.pedantic(run, rounds=3, iterations=1)
-
-
-def _head_inputs():
-    T, H, D, M = 16384, 2560, 1024, 64
-    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.randperm(T, device="cuda")[:M].sort().values
-    w1 = (torch.randn(D, H, device="cuda") * 0.01).requires_grad_(True)
-    b1 = torch.zeros(D, device="cuda", requires_grad=True)
-    w2 = (torch.randn(1, D, device="cuda") * 0.01).requires_grad_(True)
-    b2 = torch.zeros(1, device="cuda", requires_grad=True)
-    return hidden, positions, w1, b1, w2, b2
 
 
 def _host_us_per_call(fn, calls=200):

@@ -49,7 +49,8 @@ keep their code. A query (key) block without block tokens visits exactly the til
 BLOCKS; with block tokens it visits only the tiles up to (down to) its blocks' span ends (starts).
 With BLOCKS off the kernels compile to the code they had before the flag existed.
 
-Kernels (all without atomics, so the backward is deterministic; the `deterministic` argument is
+Kernels (without atomics under the default BACKWARD_VARIANT "split", so the backward is deterministic;
+"atomic_dq" adds dQ with atomics, see BACKWARD_VARIANTS; the `deterministic` argument is
 accepted for flash-attn's signature and changes nothing):
     _attn_fwd        grid (Hq, S, cdiv(max_seqlen, BLOCK_M)): online softmax with exp2 and fp32
                      accumulation; writes O and the log-sum-exp LSE [Hq, T] in log2 units
@@ -964,8 +965,8 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", s
     valid (the public op `mrrm.ops.varlen_attention` validates them). `block_ids` (int32 [T] or
     None, -1 = no block; `causal` / `shared_prefix` only, blocks inside the prefix for the latter):
     tokens of one sequence sharing a block id >= 0 also see each other in both directions.
-    Returns [T, Hq, D] in q's dtype, differentiable in q, k, v. The backward never uses atomics,
-    so it is deterministic whatever `deterministic` says. `configs` overrides the block table
+    Returns [T, Hq, D] in q's dtype, differentiable in q, k, v. Under the default BACKWARD_VARIANT
+    ("split") the backward uses no atomics, so it is deterministic whatever `deterministic` says. `configs` overrides the block table
     (see `uniform_configs`)."""
     del deterministic  # always deterministic
     if mask not in MASK_IDS:

@@ -10,6 +10,17 @@ from .common import MODES, check_positive
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -91,6 +102,14 @@ def add_media_budget_args(ap: argparse.ArgumentParser) -> None:
         default = getattr(media, const) / unit
         ap.add_argument("--" + flag.replace("_", "-"), type=float, default=None,
                         help=f"media budget, checked before decoding (default {default:g})")
+
+
+def current_media_budgets() -> dict:
+    """mrrm.media's budgets now, as flag values: what another process (encoding workers, Ray actors)
+    applies with `apply_media_budgets` (module constants do not travel between processes)."""
+    from . import media
+
+    return {flag: getattr(media, const) / unit for flag, (const, unit) in MEDIA_BUDGETS.items()}
 
 
 def apply_media_budgets(values) -> None:

@@ -48,25 +48,19 @@ def _encode_part(samples: list, start: int, media_dir) -> list:
     return out
 
 
-def _media_budgets() -> dict:
-    from . import media
-    from ._cli import MEDIA_BUDGETS
-
-    return {flag: getattr(media, const) / unit for flag, (const, unit) in MEDIA_BUDGETS.items()}
-
-
 class EncodePool:
     """`workers` processes encoding with a copy of `encoder`."""
 
     def __init__(self, encoder, workers: int):
         import torch.multiprocessing as mp
 
+        from ._cli import current_media_budgets
         from .common import check_int
 
         check_int("workers", workers)
         self.workers = workers
         self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                         initargs=(pickle.dumps(encoder), _media_budgets()))
+                                         initargs=(pickle.dumps(encoder), current_media_budgets()))
 
     def submit(self, samples: list, media_dir=None) -> list[Future]:
         """Encode `samples` split over the workers; `gather` the futures for the results in order."""

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, NamedTuple
 
-from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
+from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, non_negative_int, positive_int
 from ._io import WriteError, append_durable, cut_torn_tail, writing
 from .common import top_choice
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--errors", default=None, help="errors JSONL (default: <out>.errors.jsonl)")
     ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-    ap.add_argument("--workers", type=int, default=0,
+    ap.add_argument("--workers", type=non_negative_int, default=0,
                     help="encode (tokenize, decode media) in N worker processes ahead of the model (default 0: "
                          "in this process); pays with the model on a GPU and spare CPU cores")
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -351,6 +351,12 @@ def _check_paths(args) -> _Paths:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.engine == "ray" and args.workers:
+        _log("error: --workers is for --engine local (under --engine ray the actors encode)")
+        return 2
+    if args.engine == "local" and args.actors:
+        _log("error: --actors is for --engine ray")
+        return 2
     try:
         apply_media_budgets(args)
     except ValueError as e:

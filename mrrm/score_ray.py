@@ -82,7 +82,9 @@ class RayScorer:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         actors = args.actors or (gpus if gpus else max(1, cpus - 1))
-        budgets = {flag: getattr(args, flag, None) for flag in _budget_flags()}
+        from ._cli import current_media_budgets
+
+        budgets = current_media_budgets()  # the driver's, set from the flags
         ds = ray.data.read_json(self._tmp.name, lines=True)
         ds = ds.map_batches(ScoreActor, batch_size=args.batch_size, concurrency=actors, batch_format="numpy",
                             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
@@ -109,12 +111,6 @@ class RayScorer:
             os.unlink(self._tmp.name)
         except OSError:
             pass
-
-
-def _budget_flags():
-    from ._cli import MEDIA_BUDGETS
-
-    return list(MEDIA_BUDGETS)
 
 
 __all__ = ["RayScorer", "ScoreActor"]

@@ -346,6 +346,14 @@ def test_usage_errors(media, tmp_path, capsys):
     assert "input file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--workers", "-1"])
+    assert "expected an integer >= 0" in capsys.readouterr().err
+    assert run(data, tmp_path / "o.jsonl", "--engine", "ray", "--workers", "2") == 2
+    assert "--workers is for --engine local" in capsys.readouterr().err
+    assert run(data, tmp_path / "o.jsonl", "--actors", "2") == 2
+    assert "--actors is for --engine ray" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()  # refused before anything is written
 
 
 @pytest.mark.slow
