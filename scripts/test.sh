@@ -4,6 +4,6 @@
 # `pytest tests -m "not slow"` is the quick subset (CONTRIBUTING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m ruff check mrrm tests bench_perf scripts kernels
+python -m ruff check mrrm tests bench_perf scripts
 python -m pytest tests -q -p no:cacheprovider "$@"
 MRRM_BENCH_SMALL=1 python -m pytest bench_perf --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds

@@ -327,7 +327,7 @@ def test_one_activation_list_across_python_cpp_and_triton():
     from mrrm.model import ACTIVATION_MODULES
     root = Path(__file__).resolve().parents[1]
     cpp = re.findall(r'name == "(\w+)"', (root / "csrc" / "value_head.cpp").read_text())
-    triton_src = (root / "kernels" / "value_head.py").read_text()
+    triton_src = (root / "mrrm" / "kernels" / "value_head.py").read_text()
     triton_names = re.findall(r'ACTIVATION == "(\w+)"', triton_src)
     assert tuple(cpp) == ACTIVATIONS
     # the forward and the derivative each branch on every name but the last, which is their `else`

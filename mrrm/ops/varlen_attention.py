@@ -1,7 +1,7 @@
 """varlen_attention: attention over a packed stream of sequences (no padding).
 
 Where it lives: reference `mrrm.reference.varlen_attention`; CPU: torch's flash-attention kernels per
-bucket (below); GPU: `kernels/varlen_attention.py` (Triton); flash-attn's function (`backend="flash"`);
+bucket (below); GPU: `mrrm/kernels/varlen_attention.py` (Triton); flash-attn's function (`backend="flash"`);
 backend choice `mrrm.ops._dispatch`; tests `tests/test_varlen_attention.py`, `tests/test_custom_ops.py`.
 
 Masks: `causal` (joint scoring), `bidirectional` (vision encoders), `shared_prefix` (independent

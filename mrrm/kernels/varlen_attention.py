@@ -983,7 +983,7 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", s
 
 
 # --------------------------------------------------------------------------------------------
-# ahead-of-time compile specs (kernels/aot.py)
+# ahead-of-time compile specs (mrrm/kernels/aot.py)
 # --------------------------------------------------------------------------------------------
 def _aot_divisibility(kernel, signature, head_dim):
     """The `tt.divisibility = 16` hints a runtime launch gets on contiguous [T, H, D] tensors
