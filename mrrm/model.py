@@ -341,9 +341,53 @@ class RewardModel(nn.Module):
         if pos.dim() == 1:
             pos = pos[None].expand(3, -1)
         media = _media_kwargs(inputs, lambda types: types[None])
-        out = self.backbone(input_ids=pb.input_ids[None], position_ids=pos[:, None, :], attention_mask=None,
-                            use_cache=False, mrrm_varlen=meta, **media)
+        ids = dict(input_ids=pb.input_ids[None])
+        if self.one_vision_call:
+            media, anchor = self._one_vision_call(media)
+            if anchor is not None:  # no media in this pass: the dummy's output joins at the embeddings
+                ids = dict(inputs_embeds=self.backbone.get_input_embeddings()(pb.input_ids[None]) + anchor)
+        out = self.backbone(**ids, position_ids=pos[:, None, :], attention_mask=None, use_cache=False,
+                            mrrm_varlen=meta, **media)
         return out.last_hidden_state[0]
+
+    # ZeRO-3 gathers a module's parameters when the module is called, so every rank must call the
+    # vision tower equally often per pass, and in the same place of the graph. With one_vision_call
+    # (mrrm.sharding sets it for ZeRO-3; Qwen2/2.5/3-VL) a pass makes exactly ONE vision-tower call
+    # before the embeddings: its images and videos together (the tower treats each image / video
+    # grid on its own, so this equals two calls), or a dummy 1-token image in a pass without media,
+    # whose output joins the embeddings times zero (so the backward runs the same hooks too).
+    one_vision_call = False
+
+    def _one_vision_call(self, media: dict) -> tuple[dict, torch.Tensor | None]:
+        """(the backbone's media kwargs with `mm_encoder_outputs` in place of the pixels, None), or
+        (media, a zero scalar holding the dummy image's output) for a pass without media."""
+        base = unwrap(self.backbone)
+        parts = [(kind, media.pop(pk), media[gk]) for kind, pk, gk in
+                 (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+                 if pk in media]
+        if parts:
+            pixels, grids = torch.cat([p for _, p, _ in parts]), torch.cat([g for _, _, g in parts])
+        else:
+            vc = base.config.vision_config
+            m = vc.spatial_merge_size
+            pixels = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                                 device=self.device, dtype=self.dtype)
+            grids = torch.tensor([[1, m, m]], device=self.device)
+        out = base.get_image_features(pixels, grids, return_dict=True)
+        deep = getattr(out, "deepstack_features", None)  # Qwen3-VL: per layer, per grid
+        if not parts:
+            anchor = sum(t.sum() for t in list(out.pooler_output) + [x for d in deep or () for x in d])
+            return media, anchor * 0.0
+        outputs, start = {}, 0
+        for kind, _, grid in parts:
+            end = start + grid.shape[0]
+            kw = {"pooler_output": out.pooler_output[start:end]}
+            if deep is not None:
+                kw["deepstack_features"] = [d[start:end] for d in deep]
+            outputs[kind] = type(out)(**kw)
+            start = end
+        media["mm_encoder_outputs"] = outputs
+        return media, None
 
     def _hidden_states_padded(self, inputs: ModelInputs) -> torch.Tensor:
         """The generic path for backbones mrrm cannot run packed (e.g. remote-code models): the packed

@@ -1,5 +1,5 @@
 """Sharded training for `python -m mrrm.train`: FSDP2 (`--fsdp`, torch's `fully_shard` applied by mrrm
-itself) and DeepSpeed ZeRO-2 (`--deepspeed ds_config.json`), under any data-parallel launch (torchrun
+itself) and DeepSpeed ZeRO-2 and ZeRO-3 (`--deepspeed ds_config.json`), under any data-parallel launch (torchrun
 or accelerate's MULTI_GPU / MULTI_CPU), on GPUs (NCCL) and on CPU (gloo, which the tests use).
 
 What makes a sharded run correct, and how mrrm.train does each:
@@ -87,15 +87,24 @@ def optimizer_state_by_name(optim_state: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO (`python -m mrrm.train --deepspeed ds_config.json`, optional extra `deepspeed`)
+# DeepSpeed ZeRO-2 / ZeRO-3 (`python -m mrrm.train --deepspeed ds_config.json`, optional extra `deepspeed`)
+#
+# ZeRO-3 partitions the parameters and gathers each module's when the module is called (hooks in the
+# forward and the backward): every rank must call the same modules in the same order. The decoder
+# layers are; the vision tower is not by itself (a rank's pass may hold images, videos, both or
+# neither), so under ZeRO-3 the model makes exactly one vision-tower call per pass
+# (`RewardModel.one_vision_call`: images and videos together, a dummy image in a pass without media).
+# The fused value head reads its weights without calling the head's modules: they are registered as
+# the model's external parameters (gathered with the model's forward). Checkpoints hold the full
+# model gathered layer by layer on rank 0 (DeepSpeed's consolidated state dict) next to DeepSpeed's
+# own partition files, from which a resume restores every rank's partitions.
 # --------------------------------------------------------------------------------------------------
 def deepspeed_config(path: str, *, max_grad_norm: float, bf16: bool) -> dict:
     """The user's DeepSpeed JSON with what mrrm.train's loop needs: one sample per "micro batch" and
     no DeepSpeed accumulation count (mrrm packs its own micro-batches per step, as many as the token
     budget gives, and marks the step's last one as the accumulation boundary), the client AdamW
     allowed under ZeRO, and --max-grad-norm as gradient_clipping unless the file sets one.
-    ZeRO stage 3 is refused: it gathers each module's parameters when the module is called, and the
-    vision tower runs a different number of times on ranks holding images, videos or neither."""
+    Stages 0-3 (ZeRO-3: see above; `prepare_zero3` readies the model)."""
     import json
 
     try:
@@ -105,11 +114,9 @@ def deepspeed_config(path: str, *, max_grad_norm: float, bf16: bool) -> dict:
         raise SystemExit(f"mrrm.train: --deepspeed {path!r}: cannot read a JSON config ({e})") from None
     if not isinstance(cfg, dict):
         raise SystemExit(f"mrrm.train: --deepspeed {path!r}: the config must be a JSON object")
-    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
-    if stage >= 3:
-        raise SystemExit("mrrm.train: DeepSpeed ZeRO-3 is not supported: it gathers each module's parameters per "
-                         "call, and ranks holding images, videos or neither call the vision tower a different "
-                         "number of times (a deadlock); use ZeRO-2, or --fsdp to shard the parameters")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise SystemExit(f"mrrm.train: --deepspeed {path!r}: zero_optimization.stage must be 0-3, got {stage!r}")
     if int(cfg.get("gradient_accumulation_steps", 1)) != 1:
         raise SystemExit(f"mrrm.train: --deepspeed {path!r}: gradient_accumulation_steps must be 1 (mrrm.train "
                          "accumulates over its own packed micro-batches within each step; set --batch-size instead)")
@@ -132,3 +139,38 @@ def deepspeed_engine(model, optimizer, config: dict):
     _require_distributed()
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ds_optimizer
+
+
+def zero_stage(config: dict) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def prepare_zero3(model) -> None:
+    """Ready a RewardModel for ZeRO-3 before `deepspeed_engine`: one vision-tower call per pass, and
+    the value head's weights registered as external parameters of the model (the fused head reads
+    them directly). Refuses backbones whose media path cannot make one call per pass."""
+    from .model import PACKED_VL_TYPES, TEXT_ONLY_ATTENTION_TYPES, head_linears, unwrap
+
+    base = unwrap(model.backbone)
+    kind = base.config.model_type
+    if kind in TEXT_ONLY_ATTENTION_TYPES or (not model.packed and hasattr(base.config, "vision_config")):
+        raise SystemExit(f"mrrm.train: DeepSpeed ZeRO-3 is not supported for {kind} backbones (their vision tower "
+                         "runs per media kind, differently on each rank); use ZeRO-2, or --fsdp to shard the parameters")
+    if kind in PACKED_VL_TYPES:
+        import inspect
+
+        if "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
+            raise SystemExit("mrrm.train: DeepSpeed ZeRO-3 needs a transformers version whose VL models take "
+                             "mm_encoder_outputs (5.24); use ZeRO-2 or --fsdp with this one")
+        model.one_vision_call = True
+    import deepspeed
+
+    for linear in head_linears(model.value_head):
+        for p in linear.parameters():
+            deepspeed.zero.register_external_parameter(model, p)
+
+
+def zero3_full_state(engine) -> dict | None:
+    """The full model state of a ZeRO-3 engine, gathered layer by layer on rank 0 (None elsewhere).
+    Collective: every rank calls it."""
+    return engine._zero3_consolidated_16bit_state_dict()

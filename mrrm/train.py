@@ -92,7 +92,7 @@ class TrainConfig:
     log_every: int = 10
     force_resume: bool = False           # resume even when the data or batch settings changed
     fsdp: bool = False                   # shard the model with FSDP2 over the launch's processes (mrrm.sharding)
-    deepspeed: str | None = None         # a DeepSpeed JSON config: ZeRO-2 over the launch's processes (mrrm.sharding)
+    deepspeed: str | None = None         # a DeepSpeed JSON config: ZeRO-2/3 over the launch's processes (mrrm.sharding)
     # media budgets (mrrm.media, checked before decoding); None keeps mrrm.media's defaults
     max_image_megapixels: float | None = None
     max_video_frame_megapixels: float | None = None
@@ -462,6 +462,12 @@ class TrainState:
     t0: float = 0.0
     tokens_seen: int = 0             # this rank's tokens since t0
     signature: dict | None = None    # run_signature, saved with every checkpoint
+    zero3: bool = False              # DeepSpeed ZeRO-3: parameters partitioned, as under --fsdp
+
+    @property
+    def sharded_params(self) -> bool:
+        """The parameters live in shards: every rank runs evaluation's passes, full states are gathered."""
+        return self.cfg.fsdp or self.zero3
 
     @property
     def log_path(self):
@@ -588,6 +594,7 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     params, optimizer, scheduler = _setup_optim(cfg, model, total_steps)
     signature = run_signature(cfg, data_paths)
     step, position, resumed = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
+    zero3 = False
     if cfg.fsdp:
         ddp_model = model  # no DDP wrapper: FSDP's hooks do the communication
     elif cfg.deepspeed:
@@ -595,6 +602,9 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
 
         model.to(accel.device)
         ds_cfg = sharding.deepspeed_config(cfg.deepspeed, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16)
+        zero3 = sharding.zero_stage(ds_cfg) == 3
+        if zero3:
+            sharding.prepare_zero3(model)
         ddp_model, optimizer = sharding.deepspeed_engine(model, optimizer, ds_cfg)
         if resumed is not None:  # the optimizer partitions, from DeepSpeed's files in the checkpoint
             ddp_model.load_checkpoint(os.path.join(resumed, "deepspeed"), tag="zero", load_module_strict=True,
@@ -604,7 +614,7 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     else:
         ddp_model, optimizer = accel.prepare(model, optimizer)
     st = TrainState(cfg, accel, model, ddp_model, optimizer, scheduler, params, per_file, eval_samples, total_steps,
-                    step=step, position=position, signature=signature)
+                    step=step, position=position, signature=signature, zero3=zero3)
     if accel.is_main_process:
         _drop_log_after(st.log_path, step)
     if accel.is_main_process:
@@ -823,7 +833,7 @@ def _maybe_evaluate(st: TrainState):
     cfg = st.cfg
     if not (cfg.eval_every and st.step % cfg.eval_every == 0 and st.eval_samples):
         return
-    if st.accel.is_main_process or cfg.fsdp:  # a sharded model evaluates on every rank (the same passes)
+    if st.accel.is_main_process or st.sharded_params:  # a sharded model evaluates on every rank (the same passes)
         ev = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
     if st.accel.is_main_process:
         _append_jsonl(st.log_path, {"step": st.step, "eval": ev})
@@ -856,7 +866,12 @@ def _save(st: TrainState) -> None:
         with writing(extra):
             st.ddp_model.save_checkpoint(extra, tag="zero", save_latest=False)
         st.accel.wait_for_everyone()
-        states = (st.model.state_dict(), {"deepspeed": True})
+        if st.zero3:  # the full model, gathered layer by layer on rank 0
+            from .sharding import zero3_full_state
+
+            states = (zero3_full_state(st.ddp_model), {"deepspeed": True})
+        else:
+            states = (st.model.state_dict(), {"deepspeed": True})
     if st.accel.is_main_process:
         save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
                         signature=st.signature, states=states, extra_dir=extra)
@@ -870,12 +885,12 @@ def _finish(st: TrainState) -> dict:
         st.tb.close()
     summary = {"steps": st.step, "seconds": round(time.time() - st.t0, 1)}
     _save(st)
-    if cfg.fsdp and st.eval_samples:  # every rank runs the sharded model's evaluation passes
+    if st.sharded_params and st.eval_samples:  # every rank runs the sharded model's evaluation passes
         summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
     if accel.is_main_process:
         _save_final_model(st)
         if st.eval_samples:
-            if not cfg.fsdp:
+            if not st.sharded_params:
                 summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
         with writing(os.path.join(cfg.output_dir, "summary.json")), \
@@ -895,7 +910,7 @@ def _save_final_model(st: TrainState) -> None:
     holding the newest checkpoint's full state (save_pretrained cannot write DTensors)."""
     out = os.path.join(st.cfg.output_dir, "model")
     model = st.model
-    if st.cfg.fsdp:
+    if st.sharded_params:
         newest = checkpoints_newest_first(st.cfg.output_dir)[0]
         model = build_model(st.cfg)
         model.load_state_dict(torch.load(os.path.join(newest, "state.pt"), map_location="cpu",

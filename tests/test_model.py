@@ -213,6 +213,48 @@ def test_independent_equals_single_and_is_order_free(fam, mixed_batch):
             assert min(abs(a - b) for a, b in zip(j[:-1], i[:-1])) > 10 * ATOL, (j, i)
 
 
+def test_one_vision_call_per_pass_equals_the_backbone_s_own_calls(fam, mixed_batch):
+    """one_vision_call (ZeRO-3's mode, mrrm.sharding): every pass calls the vision tower exactly once
+    (images and videos together; a dummy image in a pass without media), and scores AND gradients
+    equal the backbone's own calls (one per media kind, none without media)."""
+    if fam.family == "molmo2":
+        pytest.skip("Molmo2 takes images or videos per pass, and sharding refuses ZeRO-3 for it")
+    model = fam.model
+    base = mrrm.model.unwrap(model.backbone)
+    calls = []
+    hook = base.visual.register_forward_hook(lambda *a: calls.append(1))
+    encoded, _ = model.encoder.encode_all(mixed_batch)
+    text_only = [e for s, e in zip(mixed_batch, encoded) if "image" not in s and "video" not in s]
+
+    def run(units, one):
+        model.one_vision_call = one
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        passes, scores = 0, []
+        for inputs in model.micro_batches(units, "joint", 160):
+            out = model(inputs)
+            (out * torch.linspace(-1, 1, out.numel())).sum().backward()
+            scores.append(out.detach())
+            passes += 1
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return torch.cat(scores), grads, passes, len(calls)
+
+    try:
+        for units in (encoded, text_only):
+            s0, g0, passes, calls0 = run(units, False)
+            s1, g1, passes1, calls1 = run(units, True)
+            assert passes1 == passes and calls1 == passes and calls0 != passes
+            torch.testing.assert_close(s1, s0, rtol=0, atol=ATOL)
+            vision = {n for n in g1 if ".visual." in n or n.startswith("visual.") or "backbone.visual" in n}
+            assert vision and set(g1) == set(g0) | vision  # the dummy pass: zero gradients, not none
+            for n, g in g1.items():
+                torch.testing.assert_close(g, g0.get(n, torch.zeros_like(g)), rtol=1e-5, atol=1e-6, msg=n)
+    finally:
+        hook.remove()
+        model.one_vision_call = False
+        model.zero_grad(set_to_none=True)
+
+
 def test_reorder_equals_encoding_the_reordered_sample(fam, mixed_batch):
     """Encoder.reorder (training's response shuffle, permutations=k) re-tokenizes the joint turn: the
     layout equals encoding the sample with its responses in that order, media reused."""

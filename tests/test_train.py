@@ -454,29 +454,53 @@ def test_fsdp_needs_a_distributed_launch(tmp_path, colour_data):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mixed_media_data):
-    """--deepspeed with the shipped ZeRO-2 config (examples/deepspeed_zero2.json) on DeepSpeed's CPU
-    accelerator (2 gloo ranks), mixed-media ranks and unequal pass counts: losses and gradient norms
-    equal DDP's, one optimizer step per training step (DeepSpeed's global_steps), model/ scores as
-    DDP's, and a resume from step 2 (DeepSpeed's optimizer partitions in the checkpoint's deepspeed/)
-    redoes step 3 bit for bit. ZeRO-3 is refused."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mixed_media_data, stage):
+    """--deepspeed with the shipped configs (examples/deepspeed_zero2.json, deepspeed_zero3.json) on
+    DeepSpeed's CPU accelerator (2 gloo ranks), mixed-media ranks and unequal pass counts: losses and
+    gradient norms equal DDP's, one optimizer step per training step (DeepSpeed's global_steps), the
+    held-out evaluation (every rank under ZeRO-3) and model/'s scores equal DDP's, and a resume from
+    step 2 (DeepSpeed's partitions in the checkpoint's deepspeed/) redoes step 3 bit for bit.
+    ZeRO-3: the parameters are partitioned (each rank's fp32 partition holds half the model; the
+    persistence threshold is set to 0 so that the tiny model's small tensors are partitioned too, as
+    a real model's are), one vision-tower call per pass, and the checkpoint's state.pt holds the full
+    model gathered from the partitions."""
     pytest.importorskip("deepspeed")
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
     import mrrm
 
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "deepspeed_zero2.json")
-    common = ["--data", mixed_media_data, "--max-steps", "3", "--save-every", "2", "--log-every", "1",
-              "--batch-size", "5", "--max-batch-tokens", "120"] + SMALL
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          f"deepspeed_zero{stage}.json")
+    if stage == 3:
+        cfg = json.load(open(config))
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        config = str(tmp_path / "zero3.json")
+        with open(config, "w") as fh:
+            json.dump(cfg, fh)
+    common = ["--data", mixed_media_data, "--eval-data", mixed_media_data, "--max-steps", "3", "--save-every", "2",
+              "--log-every", "1", "--batch-size", "5", "--max-batch-tokens", "120"] + SMALL
     ddp, ds = str(tmp_path / "ddp"), str(tmp_path / "ds")
     _torchrun(common, ddp)
-    res = _torchrun(common + ["--deepspeed", str(config)], ds)
-    assert "DeepSpeed ZeRO-2 over 2 processes" in res.stdout + res.stderr
-    for x, y in zip([r for r in _log(ddp) if "loss" in r], [r for r in _log(ds) if "loss" in r]):
+    res = _torchrun(common + ["--deepspeed", config], ds)
+    assert f"DeepSpeed ZeRO-{stage} over 2 processes" in res.stdout + res.stderr
+    for x, y in zip([r for r in _log(ddp) if "loss" in r], [r for r in _log(ds) if "loss" in r], strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-6, (x, y)
-    engine_state = torch.load(os.path.join(ds, "checkpoints", "step-00000003", "deepspeed", "zero",
-                                           "mp_rank_00_model_states.pt"), weights_only=False)
+        assert y["grad_norm"] > 0
+    summary = [json.load(open(os.path.join(d, "summary.json"))) for d in (ddp, ds)]
+    assert summary[0]["eval"] == summary[1]["eval"] and summary[1]["eval"]["n"] == 24
+    zero = os.path.join(ds, "checkpoints", "step-00000003", "deepspeed", "zero")
+    engine_state = torch.load(os.path.join(zero, "mp_rank_00_model_states.pt" if stage == 2 else
+                                           "zero_pp_rank_0_mp_rank_00_model_states.pt"), weights_only=False)
     assert engine_state["global_steps"] == 3
+    full = _state(ds, 3)["model"]
+    assert set(full) == set(_state(ddp, 3)["model"])
+    if stage == 3:
+        numel = sum(v.numel() for v in full.values())
+        for rank in (0, 1):
+            optim = torch.load(os.path.join(zero, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+                               weights_only=False)["optimizer_state_dict"]
+            assert sum(t.numel() for t in optim["fp32_flat_groups"]) == pytest.approx(numel / 2, abs=2)
     samples = [json.loads(x) for x in open(mixed_media_data)][:4]
     media_dir = os.path.dirname(mixed_media_data)
     sa = mrrm.load(os.path.join(ddp, "model")).score(samples, media_dir=media_dir)
@@ -485,14 +509,24 @@ def test_deepspeed_zero2_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mix
     b = _state(ds, 3)
     shutil.rmtree(os.path.join(ds, "checkpoints", "step-00000003"))
     shutil.rmtree(os.path.join(ds, "model"))
-    res = _torchrun(common + ["--deepspeed", str(config)], ds)
+    res = _torchrun(common + ["--deepspeed", config], ds)
     assert "resumed from" in res.stdout + res.stderr
     c = _state(ds, 3)
     for k in b["model"]:
         assert torch.equal(b["model"][k], c["model"][k]), k
-    zero3 = tmp_path / "zero3.json"
-    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    from mrrm.sharding import deepspeed_config
 
-    with pytest.raises(SystemExit, match="ZeRO-3 is not supported"):
-        deepspeed_config(str(zero3), max_grad_norm=1.0, bf16=False)
+
+def test_zero3_is_refused_where_the_vision_tower_cannot_run_once_per_pass(families, tmp_path):
+    """Molmo2 takes images and videos in separate passes and calls its vision tower per media kind."""
+    pytest.importorskip("deepspeed")
+    from mrrm.sharding import deepspeed_config, prepare_zero3
+
+    with pytest.raises(SystemExit, match="ZeRO-3 is not supported for molmo2"):
+        prepare_zero3(families("molmo2").model)
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                           "deepspeed_zero3.json")
+    assert deepspeed_config(shipped, max_grad_norm=1.0, bf16=False)["zero_optimization"]["stage"] == 3
+    bad = tmp_path / "zero4.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    with pytest.raises(SystemExit, match="stage must be 0-3, got 4"):
+        deepspeed_config(str(bad), max_grad_norm=1.0, bf16=False)
