@@ -1,8 +1,9 @@
 """Encoding: a sample dict -> per-sample token layout and media tensors; a list of those -> model inputs.
 
-A sample (the published JSONL schema): {"prompt": str, "responses": [str, ...], optional "image" /
-"images" (path, PIL image, bytes, base64, or a list of those), "video" / "videos" (path or frame
-list), optional "id"}. Rankings are not needed for scoring.
+A sample (the published JSONL schema): {"prompt" (or "question"): str, "responses": [str, ...], optional
+"image" / "images" (path, PIL image, bytes, base64, or a list of those), "video" / "videos" (a video
+file, a folder of frame images, or a frame list), optional "sampling_interval" (seconds between a
+folder's frames, default 4.0), optional "id"}. Rankings are not needed for scoring.
 
 The token layout is the authors' (github yinuoyang01/multi-response-rm,
 `mr2rm/data/dataset.py::collate_multi_response_reward`), because their checkpoints were trained on
@@ -31,6 +32,7 @@ prefix (see mrrm.packing).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -146,6 +148,26 @@ def _is_frame_list(x):
         return False
     first = x[0]
     return not isinstance(first, (str, bytes, list, tuple, dict)) and hasattr(first, "size")
+
+
+def _frame_interval(sample: dict, index: int, sid) -> float:
+    """Seconds between the frames of a video given as a folder of frames: the sample's
+    "sampling_interval", else its "fps", else 4.0, read as the authors' reference reads them
+    (mr2rm/data/dataset.py::_resolve_videos: float(item.get("sampling_interval", item.get("fps", 4.0)));
+    note that "fps" is taken there as seconds per frame). Video files and frame lists ignore it."""
+    for key in ("sampling_interval", "fps"):
+        value = sample.get(key)
+        if value is None:
+            continue
+        try:
+            interval = float(value)
+        except (TypeError, ValueError):
+            interval = float("nan")
+        if isinstance(value, bool) or not (interval > 0 and math.isfinite(interval)):
+            raise SampleError(index, f"{key!r} must be a positive number of seconds between frames, got {value!r}",
+                              sid)
+        return interval
+    return media.DEFAULT_FRAME_INTERVAL
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -285,9 +307,11 @@ class Encoder:
             raise SampleError(index, str(e), sid) from e
 
     def _check_text(self, sample, index, sid):
-        prompt = sample.get("prompt")
+        # "question" is the authors' other name for the prompt (mr2rm/data/dataset.py::_process_sample:
+        # item.get("prompt") or item.get("question"))
+        prompt = sample.get("prompt") or sample.get("question")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise SampleError(index, "missing or empty 'prompt' (a non-empty string)", sid)
+            raise SampleError(index, "missing or empty 'prompt' (or 'question'; a non-empty string)", sid)
         responses = sample.get("responses")
         if not isinstance(responses, (list, tuple)) or len(responses) == 0:
             raise SampleError(index, "'responses' must be a non-empty list of strings", sid)
@@ -317,6 +341,7 @@ class Encoder:
             raise SampleError(index, "this backbone is text-only; the sample has an image or video", sid)
         if images and videos and self.one_media_kind:
             raise SampleError(index, "this backbone (Molmo2) takes images or a video in one sample, not both", sid)
+        interval = _frame_interval(sample, index, sid) if videos else media.DEFAULT_FRAME_INTERVAL
         # every image and sampled frame of the sample together, from headers before decoding
         budget = media.PixelBudget.nested(media.MAX_SAMPLE_DECODED_PIXELS,
                                           "the sample's media (mrrm.media.MAX_SAMPLE_DECODED_PIXELS)")
@@ -324,7 +349,7 @@ class Encoder:
             with budget:
                 pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
                 clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
-                                          max_frames=self.video_max_frames) for v in videos]
+                                          max_frames=self.video_max_frames, frame_interval=interval) for v in videos]
             return self._encode_loaded(index, sid, prompt, responses, pil_images, clips)
         finally:
             budget.release()  # the decoded media are dropped with this call

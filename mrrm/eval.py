@@ -11,18 +11,25 @@ Benchmarks (local files in their published layouts: parquet, JSON, JSONL, or a f
 Face dataset id "org/name:split" where the user has network):
 
 ===========================  =================================================  ====================
-name                         fields                                             metrics
+name                         fields                                             metrics (official)
 ===========================  =================================================  ====================
 vl-rewardbench               id, query, image, response[2], human_ranking       accuracy, macro over
-                             (0 = preferred), query_source                      general/hallucination/
-                                                                                reasoning
-multimodal-rewardbench       ID, Text, Image, Output1, Output2,                 accuracy, per category
-                             Better ("Output1"|"Output2"), Category
-mm-rlhf-rewardbench          id, prompt, image|video, chosen, rejected          accuracy, Acc+
-videorewardbench             video, prompt, chosen, rejected, dimension         accuracy, macro
-mr2bench-image/-video        prompt, responses, rankings (1 = best, ties),      best-of-N, Kendall tau-b,
-                             image/video, id                                    pairwise accuracy
+                             (0 = preferred); category from the id prefix       general/hallucination/
+                             (official cal.py)                                  reasoning (both cal.py)
+multimodal-rewardbench       ID, Text, Image, Output1, Output2,                 accuracy overall and per
+                             Better ("Output1"|"Output2"), Category             category (2_get_accuracy)
+                             (pass all_data.json, not all_data_release.json)
+mm-rlhf-rewardbench          id, prompt, image|video (a video is a folder of    accuracy, Acc+ overall and
+                             frames), chosen, rejected; category = keyword in   per category (official
+                             the media path                                     cal_performance script)
+videorewardbench             video, prompt, chosen, rejected, dimension         accuracy (layout assumed:
+                                                                                no public code found)
+mr2bench-image/-video        prompt|question, responses, rankings (1 = best,    best-of-N, Kendall tau-b,
+                             ties), image/video (file or frame folder), id      pairwise accuracy (mrrm's)
 ===========================  =================================================  ====================
+
+Metrics the official script does not compute (macro accuracy of mmrb/mm-rlhf/videorewardbench, all of
+MR2Bench's) are labelled "mrrm addition" in the report and listed under "mrrm_additions".
 
 Definitions and rules (the README repeats them):
 
@@ -35,8 +42,10 @@ Definitions and rules (the README repeats them):
   handled by tau-b; samples whose human ranks are all tied are rejected as rows); pairwise accuracy =
   per sample, the share of response pairs with different human ranks that the model orders the same
   way (equal model scores count as wrong), averaged over samples.
-- chosen/rejected layouts (mm-rlhf-rewardbench, videorewardbench) are shown to the model in a
-  seeded-random order per row (`seed`, default 0), so that "chosen first" gives no position advantage.
+- Pair order (`pair_order`): "published" shows each pair as published; "shuffled" swaps a seeded half of
+  the rows (`seed`, default 0), per row: VL-RewardBench's official per-item randomisation
+  (inference_hf.py). Default: published for vl-rewardbench and multimodal-rewardbench, shuffled for the
+  chosen/rejected layouts (mm-rlhf-rewardbench, videorewardbench), so "chosen first" gives no advantage.
 - Protocols: `direct` scores all N responses in one pass; `pairwise` scores every pair (i, j), i < j in
   the presented order, as its own 2-response pass and ranks the responses by wins (a pair with equal
   scores gives no win), ties in wins broken by the summed score margin over its pairs; equal wins and
@@ -69,9 +78,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
+from ._cli import add_media_budget_args, add_model_args, add_workers_arg, apply_media_budgets, load_model, positive_int
 from ._io import WriteError, append_durable, cut_torn_tail, writing
-from .common import MODES, check_choice, is_correct, top_choice
+from .common import MODES, check_choice, check_int, is_correct, top_choice
 from .data import check_rankings, iter_records
 
 PROG = "mrrm.eval"
@@ -79,13 +88,27 @@ PROTOCOLS = ("direct", "pairwise")
 CACHE_FILE, META_FILE = "cache.jsonl", "cache_meta.json"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
-# VL-RewardBench: query_source (or, failing that, the id's prefix) -> the paper's three categories
-VLRB_SOURCES = {
-    "wildvision": "general", "wildvision-battle": "general", "vlfeedback": "general",
-    "povid": "hallucination", "rlhf-v": "hallucination", "rlaif-v": "hallucination", "rlhf": "hallucination",
-    "rlaif": "hallucination",
-    "mmmu-pro": "reasoning", "mmmu": "reasoning", "mathverse": "reasoning", "reasoning_tasks": "reasoning",
-}
+# VL-RewardBench: the category comes ONLY from the id's prefix (the text before the first "_" or "-",
+# case-sensitive), as the official vl-rewardbench/VL_RewardBench cal.py::get_dataset_from_id maps it to a
+# source dataset and distribution_dataset's group_mapping maps that to a group: RLAIF -> rlaif-v, RLHF ->
+# rlhf-v, hallucination -> povid (all "hallucination"); mathverse, mmmu -> reasoning_tasks ("reasoning");
+# wildvision -> wildvision-battle and ANY other prefix -> vlfeedback (both "general"). query_source is
+# not read.
+VLRB_ID_PREFIXES = {"RLAIF": "hallucination", "RLHF": "hallucination", "hallucination": "hallucination",
+                    "mathverse": "reasoning", "mmmu": "reasoning", "wildvision": "general"}
+VLRB_OTHER_PREFIX = "general"
+# Multimodal RewardBench: the sources whose 'Text' the shipped all_data_release.json leaves empty; the
+# official facebookresearch/multimodal_rewardbench scripts/0_download_data.py fills them in (setup_*,
+# matched by ID prefix) and writes all_data.json, the file to evaluate.
+MMRB_RELEASE_EMPTY_TEXT = ("nocaps", "visitbench", "mmmu-s", "mmmu-v", "mathvista", "image2struct", "RealworldQA",
+                           "MMBench", "SEED-Bench", "EMMA-Coding")
+# MM-RLHF-RewardBench: the category is the FIRST of these keywords found in the row's image (or video)
+# path, as the official yfzhang114/MM-RLHF llava/eval/cal_performance_mmreweard_bench.py finds it; a
+# row with none counts only overall.
+MMRLHF_KEYWORDS = ("mcq", "long", "short", "safety", "video")
+MMRLHF_NO_KEYWORD = "(no keyword)"
+PAIR_ORDERS = ("published", "shuffled")
+DUPLICATE = "duplicate row"
 MR2_CATEGORY_FIELDS = ("category", "task", "subset", "dimension", "family", "source")
 
 
@@ -106,6 +129,7 @@ class Item:
     media: dict              # {"image": ...} / {"video": ...} / {}
     ranks: list[int]         # human ranks of `responses`, 1 = best (ties allowed)
     group: Any = None        # Acc+ group (mm-rlhf-rewardbench: the id)
+    tags: tuple = ()         # mm-rlhf-rewardbench: every category keyword in the media path (Acc+ per category)
 
 
 @dataclass
@@ -115,6 +139,9 @@ class Benchmark:
     adapt: Callable[[dict, str, dict], Item]
     macro: bool = False      # report the macro average over categories as a headline number
     acc_plus: bool = False
+    official: tuple = ()     # headline metrics the benchmark's official script computes (the rest are mrrm's)
+    source: str = ""         # where the rules come from (shown in the report)
+    pair_order: str = "published"  # default presentation of a pair: "published" or "shuffled" (seeded per row)
 
     @property
     def primary(self) -> str:
@@ -155,6 +182,10 @@ def _media(rec: dict, base_dir: str | None, need: str | None = None) -> dict:
         raise RowError("missing field 'image'")
     if need == "video" and not ({"video", "videos"} & out.keys()):
         raise RowError("missing field 'video'")
+    if {"video", "videos"} & out.keys():  # a frame folder's spacing (mrrm.encoding reads it, as the authors do)
+        for key in ("sampling_interval", "fps"):
+            if rec.get(key) is not None:
+                out[key] = rec[key]
     return out
 
 
@@ -175,6 +206,15 @@ def _seeded_flip(key: str, seed: int) -> bool:
     return hashlib.sha256(f"{seed}|{key}".encode()).digest()[0] & 1 == 1
 
 
+def _present(key: str, responses: list[str], ranks: list[int], opts: dict) -> tuple[list[str], list[int]]:
+    """A pair as shown to the model: in its published order, or ("shuffled") swapped for a seeded half of
+    the rows, per row, as VL-RewardBench's official inference_hf.py::process_item does
+    (random.choice([0, 1]) per item; 1 shows response[1] first)."""
+    if opts["pair_order"] == "shuffled" and _seeded_flip(key, opts["seed"]):
+        return responses[::-1], ranks[::-1]
+    return responses, ranks
+
+
 def _chosen_rejected(rec: dict) -> tuple[str, str]:
     """chosen/rejected texts, also from a record mrrm.data.normalize already mapped onto
     responses=[chosen, rejected], rankings=[1, 2]."""
@@ -185,16 +225,14 @@ def _chosen_rejected(rec: dict) -> tuple[str, str]:
     return chosen, rejected
 
 
-def _pair_item(rec, where, opts, category, media_need, *, group=None) -> Item:
+def _pair_item(rec, where, opts, category, media_need, *, group=None, tags=()) -> Item:
     sid = _row_id(rec)
     key = f"{sid}@{where}"
     chosen, rejected = _chosen_rejected(rec)
     prompt = _text(rec, "prompt", "query", "question")
-    responses, ranks = [chosen, rejected], [1, 2]
-    if _seeded_flip(key, opts["seed"]):
-        responses, ranks = [rejected, chosen], [2, 1]
+    responses, ranks = _present(key, [chosen, rejected], [1, 2], opts)
     return Item(key, sid, where, category, prompt, responses, _media(rec, opts["media_dir"], media_need), ranks,
-                group=group)
+                group=group, tags=tags)
 
 
 def adapt_vlrb(rec: dict, where: str, opts: dict) -> Item:
@@ -210,19 +248,30 @@ def adapt_vlrb(rec: dict, where: str, opts: dict) -> Item:
         raise RowError(f"'human_ranking' must be [0, 1] or [1, 0] (0 = preferred), got {ranking!r}")
     if ranking[0] == ranking[1]:
         raise RowError(f"tied human label {list(ranking)}: no preferred response")
-    source = rec.get("query_source")
-    category = VLRB_SOURCES.get(str(source).strip().lower()) if source is not None else None
-    if category is None and sid is not None:
-        prefix = str(sid).replace("-", "_").split("_")[0].lower()
-        category = VLRB_SOURCES.get(prefix, "general" if source is None else None)
-    if category is None:
-        raise RowError(f"unknown query_source {source!r} (known: {sorted(VLRB_SOURCES)})")
-    return Item(f"{sid}@{where}", sid, where, category, prompt, list(responses),
-                _media(rec, opts["media_dir"], "image"), [r + 1 for r in ranking])
+    if sid is None:
+        raise RowError("missing field 'id' (the official script takes the category from its prefix)")
+    category = vlrb_category(sid)
+    key = f"{sid}@{where}"
+    shown, ranks = _present(key, list(responses), [r + 1 for r in ranking], opts)
+    return Item(key, sid, where, category, prompt, shown, _media(rec, opts["media_dir"], "image"), ranks)
+
+
+def vlrb_category(sample_id) -> str:
+    """VL-RewardBench's category of an id, from its prefix alone (official cal.py::get_dataset_from_id:
+    the text before the first "_" or "-", case-sensitive; unknown prefixes are general)."""
+    if not isinstance(sample_id, (str, int)) or isinstance(sample_id, bool):
+        raise ValueError(f"vlrb_category: the id must be a string, got {type(sample_id).__name__} {sample_id!r}")
+    text = str(sample_id)
+    cuts = [i for i in (text.find("_"), text.find("-")) if i != -1]
+    return VLRB_ID_PREFIXES.get(text[:min(cuts)] if cuts else text, VLRB_OTHER_PREFIX)
 
 
 def adapt_mmrb(rec: dict, where: str, opts: dict) -> Item:
     sid = _field(rec, "ID", "id")
+    text = rec.get("Text")
+    if isinstance(text, str) and not text.strip() and str(sid).startswith(MMRB_RELEASE_EMPTY_TEXT):
+        raise RowError("empty 'Text': all_data_release.json ships without the prompts of this source; run the "
+                       "benchmark's scripts/0_download_data.py and pass the data/all_data.json it writes")
     prompt = _text(rec, "Text")
     out1, out2 = _text(rec, "Output1"), _text(rec, "Output2")
     better = _field(rec, "Better")
@@ -234,17 +283,28 @@ def adapt_mmrb(rec: dict, where: str, opts: dict) -> Item:
         category = "safety/bias" if str(sid).lower().startswith("pairs") else "safety/toxicity"
     elif category == "reasoning":
         category = "reasoning/math" if str(sid).lower().startswith("math") else "reasoning/coding"
-    ranks = [1, 2] if better == "Output1" else [2, 1]
-    return Item(f"{sid}@{where}", sid, where, category, prompt, [out1, out2],
-                _media(rec, opts["media_dir"], "image"), ranks)
+    key = f"{sid}@{where}"
+    shown, ranks = _present(key, [out1, out2], [1, 2] if better == "Output1" else [2, 1], opts)
+    return Item(key, sid, where, category, prompt, shown, _media(rec, opts["media_dir"], "image"), ranks)
 
 
 def adapt_mmrlhf(rec: dict, where: str, opts: dict) -> Item:
     sid = _row_id(rec)
     if sid is None:
         raise RowError("missing field 'id' (Acc+ groups the pairs of one id)")
-    category = str(rec.get("category") or rec.get("type") or "all")
-    return _pair_item(rec, where, opts, category, None, group=sid)
+    tags = mmrlhf_keywords(rec)
+    category = tags[0] if tags else MMRLHF_NO_KEYWORD
+    return _pair_item(rec, where, opts, category, None, group=sid, tags=tags)
+
+
+def mmrlhf_keywords(rec: dict) -> tuple[str, ...]:
+    """The MM-RLHF-RewardBench category keywords found in a row's media path, in the official order
+    (cal_performance_mmreweard_bench.py: `keyword in item["image"] or keyword in item["video"]`, the
+    first hit being the row's category)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"mmrlhf_keywords: a row must be a dict, got {type(rec).__name__}")
+    paths = [v for v in (rec.get("image"), rec.get("video")) if isinstance(v, str)]
+    return tuple(k for k in MMRLHF_KEYWORDS if any(k in p for p in paths))
 
 
 def adapt_videorb(rec: dict, where: str, opts: dict) -> Item:
@@ -254,7 +314,9 @@ def adapt_videorb(rec: dict, where: str, opts: dict) -> Item:
 
 def adapt_mr2(rec: dict, where: str, opts: dict, need: str) -> Item:
     sid = _row_id(rec)
-    prompt = _text(rec, "prompt")
+    # the authors' reference reads "prompt" or "question" (mr2rm/data/dataset.py::_process_sample)
+    names = ("prompt", "question") if rec.get("prompt") or rec.get("question") is None else ("question", "prompt")
+    prompt = _text(rec, *names)
     responses = _field(rec, "responses")
     if not isinstance(responses, (list, tuple)) or len(responses) < 2 or \
             not all(isinstance(r, str) and r.strip() for r in responses):
@@ -268,12 +330,28 @@ def adapt_mr2(rec: dict, where: str, opts: dict, need: str) -> Item:
 
 
 BENCHMARKS = {
-    "vl-rewardbench": Benchmark("vl-rewardbench", "pair", adapt_vlrb, macro=True),
-    "multimodal-rewardbench": Benchmark("multimodal-rewardbench", "pair", adapt_mmrb),
-    "mm-rlhf-rewardbench": Benchmark("mm-rlhf-rewardbench", "pair", adapt_mmrlhf, acc_plus=True),
-    "videorewardbench": Benchmark("videorewardbench", "pair", adapt_videorb, macro=True),
-    "mr2bench-image": Benchmark("mr2bench-image", "ranking", lambda r, w, o: adapt_mr2(r, w, o, "image")),
-    "mr2bench-video": Benchmark("mr2bench-video", "ranking", lambda r, w, o: adapt_mr2(r, w, o, "video")),
+    "vl-rewardbench": Benchmark(
+        "vl-rewardbench", "pair", adapt_vlrb, macro=True, official=("accuracy", "macro_accuracy"),
+        source="vl-rewardbench/VL_RewardBench cal.py (categories from the id prefix; 'Overall Accuracy' and "
+               "'Macro Average Acc' over general/hallucination/reasoning), inference_hf.py (per-item order)"),
+    "multimodal-rewardbench": Benchmark(
+        "multimodal-rewardbench", "pair", adapt_mmrb, official=("accuracy",),
+        source="facebookresearch/multimodal_rewardbench scripts/2_get_accuracy.py (accuracy overall and per "
+               "Category, safety and reasoning split by ID prefix); evaluate the all_data.json written by "
+               "scripts/0_download_data.py"),
+    "mm-rlhf-rewardbench": Benchmark(
+        "mm-rlhf-rewardbench", "pair", adapt_mmrlhf, acc_plus=True, official=("accuracy", "acc_plus"),
+        pair_order="shuffled",
+        source="yfzhang114/MM-RLHF llava/eval/cal_performance_mmreweard_bench.py (category = first keyword of "
+               "mcq/long/short/safety/video in the media path; accuracy and Acc+ overall and per category)"),
+    "videorewardbench": Benchmark(
+        "videorewardbench", "pair", adapt_videorb, macro=True, official=("accuracy",), pair_order="shuffled",
+        source="no public evaluation code found; the paper (arXiv 2509.00484) reports overall accuracy; the "
+               "field names are assumed"),
+    "mr2bench-image": Benchmark("mr2bench-image", "ranking", lambda r, w, o: adapt_mr2(r, w, o, "image"),
+                                source="no official evaluation code; all metrics are mrrm's definitions"),
+    "mr2bench-video": Benchmark("mr2bench-video", "ranking", lambda r, w, o: adapt_mr2(r, w, o, "video"),
+                                source="no official evaluation code; all metrics are mrrm's definitions"),
 }
 
 
@@ -316,8 +394,10 @@ def _mean(values: Iterable) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def aggregate(bench: Benchmark, items: Sequence[Item], per_sample: Sequence[dict]) -> tuple[dict, dict]:
-    """(headline metrics, per-category metrics) over the evaluated samples."""
+def aggregate(bench: Benchmark, items: Sequence[Item], per_sample: Sequence[dict],
+              skipped: Sequence[dict] = ()) -> tuple[dict, dict]:
+    """(headline metrics, per-category metrics) over the evaluated samples. `skipped` (rows skipped or
+    rejected, with their "id") tells Acc+ which groups lack a pair."""
     def block(rows: list[dict]) -> dict:
         d = {"n": len(rows)}
         if bench.kind == "pair":
@@ -335,12 +415,34 @@ def aggregate(bench: Benchmark, items: Sequence[Item], per_sample: Sequence[dict
     head = block(list(per_sample))
     head["macro_" + bench.primary] = _mean(c[bench.primary] for c in categories.values())
     if bench.acc_plus:
-        groups: dict[Any, bool] = {}
-        for it, r in zip(items, per_sample):
-            groups[it.group] = groups.get(it.group, True) and r["correct"]
-        head["acc_plus"] = _mean(float(v) for v in groups.values())
-        head["acc_plus_groups"] = len(groups)
+        _acc_plus(items, per_sample, skipped, head, categories)
     return head, categories
+
+
+def _acc_plus(items, per_sample, skipped, head: dict, categories: dict) -> None:
+    """Acc+ (the share of ids all of whose pairs are correct) overall and per category, as the official
+    cal_performance_mmreweard_bench.py counts it: an all-correct id counts for the FIRST keyword (in
+    MMRLHF_KEYWORDS order) that any of its rows has, the denominator of a keyword is every id with a row
+    having it. An id with a skipped or rejected row is left out (its Acc+ is unknown) and counted in
+    acc_plus_groups_incomplete."""
+    incomplete = {_jsonable(r["id"]) for r in skipped if r.get("id") is not None and r.get("reason") != DUPLICATE}
+    correct: dict[Any, bool] = {}
+    tags: dict[Any, set] = {}
+    for it, r in zip(items, per_sample):
+        if _jsonable(it.group) in incomplete:
+            continue
+        correct[it.group] = correct.get(it.group, True) and r["correct"]
+        tags.setdefault(it.group, set()).update(it.tags)
+    head["acc_plus"] = _mean(float(v) for v in correct.values())
+    head["acc_plus_groups"] = len(correct)
+    head["acc_plus_groups_incomplete"] = len(incomplete)
+    for name, block in categories.items():
+        if name not in MMRLHF_KEYWORDS:
+            block["acc_plus"] = None
+            continue
+        with_kw = [g for g in correct if name in tags[g]]
+        first = [g for g in with_kw if correct[g] and next(k for k in MMRLHF_KEYWORDS if k in tags[g]) == name]
+        block["acc_plus"] = len(first) / len(with_kw) if with_kw else None
 
 
 # -- orders and scoring passes ----------------------------------------------------------------------
@@ -473,24 +575,40 @@ def _score_batch(scorer, samples: list[dict]) -> tuple[list, dict[int, str]]:
             raise RuntimeError(f"the scorer returned {len(out)} results for a batch of {len(todo)} samples")
         results = [None] * len(samples)
         for i, s in zip(todo, out):
-            n = len(samples[i]["responses"])
-            if s is None:
-                bad[i] = "the scorer skipped this sample"
-            elif len(s) != n:
-                raise RuntimeError(f"the scorer returned {len(s)} scores for sample {samples[i].get('id')!r} "
-                                   f"with {n} responses")
-            elif not all(isinstance(x, (int, float)) and math.isfinite(x) for x in s):
-                bad[i] = f"non-finite score(s) {list(s)}"
-            else:
-                results[i] = [float(x) for x in s]
+            results[i], reason = _checked_scores(samples[i], s)
+            if reason is not None:
+                bad[i] = reason
         return results, bad
     return [None] * len(samples), bad
+
+
+def _checked_scores(sample: dict, s) -> tuple[list[float] | None, str | None]:
+    """(the scores as floats, None) or (None, the reason the sample has none)."""
+    n = len(sample["responses"])
+    if s is None:
+        return None, "the scorer skipped this sample"
+    if len(s) != n:
+        raise RuntimeError(f"the scorer returned {len(s)} scores for sample {sample.get('id')!r} with {n} responses")
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in s):
+        return None, f"non-finite score(s) {list(s)}"
+    return [float(x) for x in s], None
+
+
+def _pipelined_batch(chunk_scorer, pairs: list[tuple[int, dict]]) -> tuple[list, dict[int, str]]:
+    """_score_batch's results for the model scoring chunks encoded ahead by worker processes."""
+    results, bad = [], {}
+    for j, ((_, sample), (s, reason)) in enumerate(zip(pairs, chunk_scorer(pairs))):
+        res, checked = (None, reason) if reason is not None else _checked_scores(sample, s)
+        results.append(res)
+        if checked is not None:
+            bad[j] = checked
+    return results, bad
 
 
 # -- the run ----------------------------------------------------------------------------------------
 DEFAULT_OPTIONS = dict(model=None, mode=None, permutations=1, limit=None, out=None, order_sensitivity=False,
                        batch_size=32, media_dir=None, seed=0, progress=True, device=None, dtype=None,
-                       max_batch_tokens=None, overwrite=False)
+                       max_batch_tokens=None, overwrite=False, pair_order=None, workers=0)
 
 
 def _data_files(data: str) -> list[str]:
@@ -520,7 +638,7 @@ def load_items(bench: Benchmark, data: str, opts: dict) -> tuple[list[Item], lis
                 skipped.append({"id": _jsonable(_row_id(rec)), "where": where, "reason": str(e)})
                 continue
             if item.key in keys:  # the same file given twice, e.g. in a folder
-                skipped.append({"id": _jsonable(item.sample_id), "where": where, "reason": "duplicate row"})
+                skipped.append({"id": _jsonable(item.sample_id), "where": where, "reason": DUPLICATE})
                 continue
             keys.add(item.key)
             items.append(item)
@@ -542,6 +660,7 @@ def _default_scorer(opts: dict):
 
     def scorer(batch):
         return model.score(batch, mode=opts["mode"], max_batch_tokens=opts["max_batch_tokens"])
+    scorer.model = model  # what the encoding workers (opts["workers"]) feed
     return scorer
 
 
@@ -580,6 +699,16 @@ def _check_options(benchmark, data, scorer, protocol, options) -> tuple[Benchmar
         check_choice("mode", opts["mode"], MODES)
     if not isinstance(opts["seed"], int):
         raise ValueError(f"seed must be an integer, got {opts['seed']!r}")
+    check_int("workers", opts["workers"], minimum=0)
+    if opts["workers"] and scorer is not None:
+        raise ValueError("workers encode for mrrm's own model; a custom scorer encodes (or not) itself")
+    bench = BENCHMARKS[benchmark]
+    if opts["pair_order"] is None:
+        opts["pair_order"] = bench.pair_order
+    elif bench.kind != "pair":
+        raise ValueError(f"pair_order applies to the pair benchmarks; {benchmark} keeps its published order")
+    else:
+        check_choice("pair_order", opts["pair_order"], PAIR_ORDERS)
     data = os.fspath(data)
     if os.path.exists(data):
         base = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
@@ -597,7 +726,8 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
       built-in default) scored with `mode=`.
     options: model, mode, permutations (1), limit, out (DIR for files, cache and resume), order_sensitivity
       (False), batch_size (32 passes per scorer call), media_dir (default: the data file's folder), seed (0),
-      progress (True), device, dtype, max_batch_tokens, overwrite (False: resume DIR's cache).
+      progress (True), device, dtype, max_batch_tokens, overwrite (False: resume DIR's cache), workers (0: encode
+      in this process; N: in N worker processes ahead of the model, mrrm.pipeline; the default scorer only).
     """
     bench, opts = _check_options(benchmark, data, scorer, protocol, options)
     data = os.fspath(data)
@@ -611,10 +741,13 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     evaluated = _drop_failed(items, skipped, _failed_items(needed, cache, protocol))
     per_variant = _sample_results(evaluated, variants, cache, protocol, opts["permutations"])
     per_sample = per_variant.get("original", [])
-    head, categories = aggregate(bench, evaluated, per_sample)
+    head, categories = aggregate(bench, evaluated, per_sample, skipped)
     result = {
         "benchmark": bench.name, "data": data, "scorer": name, "protocol": protocol, "mode": opts["mode"],
-        "permutations": opts["permutations"], "seed": opts["seed"], "primary_metric": bench.primary,
+        "permutations": opts["permutations"], "seed": opts["seed"], "pair_order": opts["pair_order"],
+        "primary_metric": bench.primary, "rules": bench.source,
+        "official_metrics": [k for k in head if k in bench.official],
+        "mrrm_additions": [k for k in head if k not in bench.official and k != "n"],
         "rows": rows, "evaluated": len(evaluated), "skipped": len(skipped), "skipped_rows": skipped,
         "metrics": head, "categories": categories, "passes": passes,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -637,7 +770,7 @@ def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, o
         raise ValueError(f"--out {out_dir!r}: cannot write there ({e.strerror or type(e).__name__})") from None
     cache_path = os.path.join(out_dir, CACHE_FILE)
     meta = {"benchmark": bench.name, "data": os.path.abspath(data) if os.path.exists(data) else data,
-            "scorer": name, "mode": opts["mode"], "seed": opts["seed"]}
+            "scorer": name, "mode": opts["mode"], "seed": opts["seed"], "pair_order": opts["pair_order"]}
     meta_path = os.path.join(out_dir, META_FILE)
     if opts["overwrite"]:
         for p in (cache_path, meta_path):
@@ -646,7 +779,8 @@ def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, o
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             old = json.load(f)
-        diff = [k for k in ("benchmark", "data", "scorer", "mode", "seed") if old.get(k) != meta[k]]
+        old.setdefault("pair_order", bench.pair_order)  # caches written before the option: the default
+        diff = [k for k in ("benchmark", "data", "scorer", "mode", "seed", "pair_order") if old.get(k) != meta[k]]
         if diff:
             raise ValueError(f"{out_dir} holds a cache of another run (differs in {diff}: "
                              f"{ {k: old.get(k) for k in diff} } vs { {k: meta[k] for k in diff} }); "
@@ -737,16 +871,22 @@ def _run_passes(scorer, todo, protocol, opts, cache: ScoreCache, total: int, ini
     bar = tqdm(total=total, initial=initial, unit="pass", desc=PROG, file=sys.stderr, disable=not opts["progress"],
                dynamic_ncols=True, mininterval=1.0)
     done = 0
+    bs = opts["batch_size"]
+    pairs = [(k, {"id": it.sample_id if it.sample_id is not None else it.key, "prompt": it.prompt,
+                  "responses": [it.responses[i] for i in p], **it.media}) for k, (it, p) in enumerate(todo)]
+    pipelined = None
+    if opts["workers"] and pairs:  # the model's passes, encoded ahead by worker processes (mrrm.pipeline)
+        from .pipeline import ChunkScorer
+
+        pipelined = ChunkScorer(scorer.model, opts["workers"], pairs, bs, mode=opts["mode"],
+                                max_batch_tokens=opts["max_batch_tokens"])
     try:
-        bs = opts["batch_size"]
         for start in range(0, len(todo), bs):
             chunk = todo[start:start + bs]
-            samples = []
-            for it, p in chunk:
-                s = {"id": it.sample_id if it.sample_id is not None else it.key, "prompt": it.prompt,
-                     "responses": [it.responses[i] for i in p], **it.media}
-                samples.append(s)
-            results, bad = _score_batch(scorer, samples)
+            if pipelined is not None:
+                results, bad = _pipelined_batch(pipelined, pairs[start:start + bs])
+            else:
+                results, bad = _score_batch(scorer, [s for _, s in pairs[start:start + bs]])
             records = []
             for j, ((it, p), res) in enumerate(zip(chunk, results)):
                 rec = {"key": it.key, "protocol": protocol, "order": list(p)}
@@ -761,6 +901,8 @@ def _run_passes(scorer, todo, protocol, opts, cache: ScoreCache, total: int, ini
             bar.update(len(chunk))
     finally:
         bar.close()
+        if pipelined is not None:
+            pipelined.close()
     return done
 
 
@@ -809,17 +951,23 @@ def render_report(result: dict) -> str:
              f"- data: `{result['data']}`",
              f"- protocol: {result['protocol']}, mode: {result['mode'] or 'model default'}, "
              f"permutations: {result['permutations']}",
-             f"- rows: {result['rows']}, evaluated: {result['evaluated']}, skipped: {result['skipped']}", "",
-             "## Headline", "", "| metric | value |", "|---|---|"]
+             f"- rows: {result['rows']}, evaluated: {result['evaluated']}, skipped: {result['skipped']}",
+             f"- rules: {result['rules']}"]
+    if bench.kind == "pair":
+        lines.append(f"- pair order shown to the model: {result['pair_order']}"
+                     + (f" (seeded per row, seed {result['seed']})" if result["pair_order"] == "shuffled" else ""))
+    lines += ["", "## Headline", "", "| metric | value | source |", "|---|---|---|"]
     for k, v in result["metrics"].items():
         if k != "n":
-            lines.append(f"| {k} | {_fmt(v)} |")
+            lines.append(f"| {k} | {_fmt(v)} | {'official script' if k in bench.official else 'mrrm addition'} |")
+    if bench.acc_plus:
+        cols = cols + ["acc_plus"]
     lines += ["", "## Per category", "", "| category | n | " + " | ".join(cols) + " |",
               "|---|---|" + "---|" * len(cols)]
     for cat, d in result["categories"].items():
-        lines.append(f"| {cat} | {d['n']} | " + " | ".join(_fmt(d[c]) for c in cols) + " |")
+        lines.append(f"| {cat} | {d['n']} | " + " | ".join(_fmt(d.get(c)) for c in cols) + " |")
     lines.append(f"| **all** | {result['metrics']['n']} | " +
-                 " | ".join(_fmt(result["metrics"][c]) for c in cols) + " |")
+                 " | ".join(_fmt(result["metrics"].get(c)) for c in cols) + " |")
     if "order_sensitivity" in result:
         osr = result["order_sensitivity"]
         lines += ["", "## Order sensitivity", "", f"| order | n | {bench.primary} | top-choice flip rate |",
@@ -902,8 +1050,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=positive_int, default=32, help="passes per scorer call (default 32)")
     ap.add_argument("--media-dir", default=None, help="base folder of relative media paths (default: the data's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the chosen/rejected presentation order")
+    ap.add_argument("--pair-order", choices=PAIR_ORDERS, default=None,
+                    help="pair benchmarks: show each pair in its published order, or swapped for a seeded half "
+                         "of the rows (VL-RewardBench's official per-item randomisation); default: published "
+                         "for vl-rewardbench and multimodal-rewardbench, shuffled for the chosen/rejected layouts")
     ap.add_argument("--overwrite", action="store_true", help="drop DIR's cache and start over")
     ap.add_argument("--no-progress", action="store_true")
+    add_workers_arg(ap)
     return ap
 
 
@@ -922,7 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      permutations=args.permutations, limit=args.limit, out=args.out,
                      order_sensitivity=args.order_sensitivity, batch_size=args.batch_size,
                      media_dir=args.media_dir, seed=args.seed, progress=not args.no_progress, device=args.device,
-                     dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, overwrite=args.overwrite)
+                     dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, overwrite=args.overwrite,
+                     pair_order=args.pair_order, workers=args.workers)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

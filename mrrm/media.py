@@ -43,6 +43,12 @@ Videos
     `sample_frame_indices`. A list of frames (or a [F, H, W, 3] uint8 array) is taken as it is,
     only thinned evenly to ``max_frames`` when longer; its frame rate is ``frames_fps``.
 
+    A video may also be a FOLDER of frame images (the layout of MM-RLHF-RewardBench and of the
+    authors' MR2Bench video data): `list_frame_folder` gives its .jpeg/.jpg/.png files in file-name
+    order; it is thinned like a frame list and charged to the video budgets from the kept frames'
+    headers before any is decoded; its frames are ``frame_interval`` seconds apart (default 4.0, the
+    authors' ``sampling_interval``), so frame k is at k * interval seconds as in their reference.
+
     Every clip has a multiple of ``frame_factor`` frames (the vision tower's temporal patch):
     a clip that would fall short repeats its last frame, as qwen-vl-utils does for frame lists.
 
@@ -60,6 +66,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -85,6 +92,15 @@ MAX_IMAGE_PIXELS = 50_000_000
 # fails). Per frame: 4K UHD. Per video: the sampled frames' pixels, 2**29 (~1.6 GB RGB, 64 4K frames).
 MAX_VIDEO_FRAME_PIXELS = 3840 * 2160
 MAX_VIDEO_DECODED_PIXELS = 2**29
+# A video given as a FOLDER of frame images (MM-RLHF-RewardBench, MR2Bench-Video): its frames are the
+# folder's regular files with these suffixes (any case), in file-name order. The suffixes are the
+# authors' (github yinuoyang01/multi-response-rm, mr2rm/data/dataset.py::_resolve_videos globs *.jpeg,
+# *.jpg, *.png); the order is MM-RLHF's (yfzhang114/MM-RLHF, llava/eval/eval_mm_reward_bench.py::
+# process_video sorts the file names), the same as the authors' for a folder of one suffix.
+FRAME_FILE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# Seconds between consecutive frames of a folder (its timestamps are frame position x interval), unless a
+# sample gives "sampling_interval": the authors' default (_generate_timestamps_from_frames, 4.0).
+DEFAULT_FRAME_INTERVAL = 4.0
 # Media per sample (every prompt of the reward benchmarks has at most a few): refused before decoding.
 MAX_IMAGES_PER_SAMPLE = 32
 MAX_VIDEOS_PER_SAMPLE = 8
@@ -107,6 +123,7 @@ __all__ = [
     "PixelBudget",
     "VideoClip",
     "load_image",
+    "list_frame_folder",
     "load_video",
     "media_fingerprint",
     "sample_frame_indices",
@@ -310,15 +327,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode_image(fp: Path | io.BytesIO, label: str) -> Image.Image:
+@contextlib.contextmanager
+def _image_errors(label: str):
+    """PIL's many exceptions on bad image data -> MediaError naming `label` and the reason."""
     try:
-        with Image.open(fp) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
-                raise MediaError(f"{label}: {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} "
-                                 f"megapixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} (mrrm.media.MAX_IMAGE_PIXELS)")
-            _charge(image.width * image.height, label)
-            image.load()  # decode everything now: truncated files fail here, not later
-            return _to_rgb(image)
+        yield
     except MediaError:
         raise
     except FileNotFoundError as e:
@@ -333,6 +346,25 @@ def _decode_image(fp: Path | io.BytesIO, label: str) -> Image.Image:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise MediaError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+
+
+def _decode_image(fp: Path | io.BytesIO, label: str, *, charge: bool = True) -> Image.Image:
+    """Decode an image file or buffer; charged to the active PixelBudget from its header unless the
+    caller has charged it already (a frame folder charges all its frames at once)."""
+    with _image_errors(label), Image.open(fp) as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
+            raise MediaError(f"{label}: {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} "
+                             f"megapixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} (mrrm.media.MAX_IMAGE_PIXELS)")
+        if charge:
+            _charge(image.width * image.height, label)
+        image.load()  # decode everything now: truncated files fail here, not later
+        return _to_rgb(image)
+
+
+def _image_size(fp: Path, label: str) -> tuple[int, int]:
+    """(width, height) from an image file's header; nothing decoded."""
+    with _image_errors(label), Image.open(fp) as image:
+        return image.width, image.height
 
 
 def _image_from_array(array: np.ndarray, label: str) -> Image.Image:
@@ -482,9 +514,9 @@ class VideoClip:
     source_fps:        the source's average frame rate (``frames_fps`` for a frame list).
     frame_indices:     index in the source of each of the F frames (sorted, may repeat).
     duration_s:        source_num_frames / source_fps (the duration qwen-vl-utils samples over).
-    path:              the resolved file path, None for a frame list.
+    path:              the resolved file or frame-folder path, None for a frame list.
     source_num_frames: frames in the source.
-    backend:           "decord", "pyav" or "frames" (a frame list).
+    backend:           "decord", "pyav" or "frames" (a frame list or folder).
     """
 
     frames: torch.Tensor
@@ -739,6 +771,101 @@ def _frames_from_list(frames: Sequence[Any], base_dir) -> np.ndarray:
     return np.stack(arrays)
 
 
+def list_frame_folder(folder: str | os.PathLike, *, label: str | None = None) -> list[str]:
+    """The frame file names of a video given as a folder of frame images, in play order: the folder's
+    regular files whose suffix is one of FRAME_FILE_SUFFIXES (any case), sorted by name (plain string
+    order: name frames with zero-padded numbers, "frame_0002.jpg" before "frame_0010.jpg"). Other
+    files (a .txt, a .DS_Store) are ignored. MediaError for a missing or unreadable folder, or one
+    without a frame image."""
+    path = Path(os.fspath(folder))
+    label = label or f"frame folder {str(path)!r}"
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        raise MediaError(f"{label}: folder not found") from None
+    except NotADirectoryError:
+        raise MediaError(f"{label}: not a folder") from None
+    except OSError as e:
+        raise MediaError(f"{label}: cannot list the folder ({type(e).__name__}: {e.strerror or e})") from None
+    names = []
+    for entry in entries:
+        if not entry.name.lower().endswith(FRAME_FILE_SUFFIXES):
+            continue
+        try:  # a dangling symlink is kept, to be refused by name when read, not silently dropped
+            keep = entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+        except OSError:  # unreadable: likewise refused when read
+            keep = True
+        if keep:
+            names.append(entry.name)
+    if not names:
+        raise MediaError(f"{label}: no frame images ({', '.join(FRAME_FILE_SUFFIXES)} files) in the folder")
+    return sorted(names)
+
+
+def _is_frame_folder(src: Any, base_dir) -> bool:
+    """Does a str / PathLike video source name an existing folder (a video given as frame images)?"""
+    if isinstance(src, str) and (src[:5].lower() == "data:" or _URL_SCHEME.match(src)):
+        return False
+    try:
+        return os.path.isdir(_resolve_path(src, base_dir))
+    except (OSError, ValueError):
+        return False
+
+
+def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: int,
+                         interval: float) -> "_SampledFrames":
+    """A frame folder thinned like a frame list (thin_frame_list) and checked against the video budgets
+    (MAX_VIDEO_FRAME_PIXELS, MAX_VIDEO_DECODED_PIXELS, the active PixelBudget) from the kept frames'
+    headers BEFORE any frame is decoded. Its frame rate is 1 / interval, so frame k is at k * interval
+    seconds: the authors' timestamps (mr2rm/data/dataset.py::_generate_timestamps_from_frames gives the
+    frames, in order, idx * sampling_interval).
+
+    A source may carry `open_frame(name) -> PathLike` (the reward server's confinement: each kept frame
+    opened and checked under its media root) and `media_label` (its name in messages)."""
+    if not (interval > 0 and math.isfinite(interval)):
+        raise ValueError(f"frame_interval must be a positive number of seconds, got {interval!r}")
+    path = _resolve_path(src, base_dir)
+    display = getattr(src, "media_label", None) or str(path)
+    label = f"frame folder {display!r}"
+    names = list_frame_folder(path, label=label)
+    total = len(names)
+    indices, sampled = _thin_indices(total, max_frames, f)
+    chosen = sorted(set(indices))  # only the kept frames are opened and decoded
+    opener = getattr(src, "open_frame", None)
+    sources = {}
+    try:
+        size = None
+        for i in chosen:
+            frame_label = f"{label}: frame {names[i]!r}"
+            sources[i] = opener(names[i]) if opener is not None else path / names[i]
+            w, h = _image_size(Path(os.fspath(sources[i])), frame_label)
+            if w * h > MAX_VIDEO_FRAME_PIXELS:
+                raise MediaError(f"{frame_label}: {w}x{h} is over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
+                                 "per frame (mrrm.media.MAX_VIDEO_FRAME_PIXELS)")
+            if size is not None and (w, h) != size:
+                raise MediaError(f"{frame_label}: size {w}x{h} differs from frame {names[chosen[0]]!r}'s "
+                                 f"{size[0]}x{size[1]}")
+            size = (w, h)
+        pixels = len(indices) * size[0] * size[1]
+        if pixels > MAX_VIDEO_DECODED_PIXELS:
+            raise MediaError(f"{label}: {len(indices)} frames of {size[0]}x{size[1]} would decode to "
+                             f"{pixels / 1e6:.0f} megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
+                             "(mrrm.media.MAX_VIDEO_DECODED_PIXELS)")
+        _charge(pixels, label)
+        decoded = {}
+        for i in chosen:
+            image = _decode_image(Path(os.fspath(sources[i])), f"{label}: frame {names[i]!r}", charge=False)
+            decoded[i] = np.asarray(image)
+            if decoded[i].shape[:2] != (size[1], size[0]):  # the file changed since its header was read
+                raise MediaError(f"{label}: frame {names[i]!r} changed while it was read")
+    finally:
+        for source in sources.values():
+            if hasattr(source, "close"):
+                source.close()
+    frames = np.stack([decoded[i] for i in indices])
+    return _SampledFrames(frames, indices, sampled, total, 1.0 / interval, display, "frames")
+
+
 class _SampledFrames(NamedTuple):
     """The frames load_video kept from a source, and how they were chosen."""
 
@@ -747,8 +874,8 @@ class _SampledFrames(NamedTuple):
     num_sampled: int  # frames chosen before padding
     total_frames: int  # frames in the source
     source_fps: float
-    path: str | None  # the resolved file path, None for a frame list
-    backend: str  # "decord", "pyav" or "frames"
+    path: str | None  # the resolved file or frame-folder path, None for a frame list
+    backend: str  # "decord", "pyav" or "frames" (a frame list or folder)
 
 
 def _sample_frame_list(src: Sequence[Any] | np.ndarray, base_dir, max_frames: int, f: int,
@@ -822,18 +949,23 @@ def load_video(
     frame_factor: int = 2,
     backend: str | None = None,
     frames_fps: float = 2.0,
+    frame_interval: float = DEFAULT_FRAME_INTERVAL,
 ) -> VideoClip:
     """Decode and sample a video (see the module doc).
 
-    src: a path (``str`` / ``os.PathLike``; relative to ``base_dir`` when given), or a list of
-    frames (PIL images, HxWx3 uint8 arrays, or any other `load_image` source; all of one size) or a
-    [F, H, W, 3] uint8 array. A file is sampled at ``fps`` with `sample_frame_indices`; a frame list
-    is kept whole at ``frames_fps``, thinned evenly to floor_f(max_frames) frames when longer, and
-    padded by repeating its last frame to a multiple of ``frame_factor``.
+    src: a path (``str`` / ``os.PathLike``; relative to ``base_dir`` when given) of a video file or of
+    a FOLDER of frame images, or a list of frames (PIL images, HxWx3 uint8 arrays, or any other
+    `load_image` source; all of one size) or a [F, H, W, 3] uint8 array. A file is sampled at ``fps``
+    with `sample_frame_indices`; a frame list is kept whole at ``frames_fps``, thinned evenly to
+    floor_f(max_frames) frames when longer, and padded by repeating its last frame to a multiple of
+    ``frame_factor``. A folder (`list_frame_folder`: its .jpeg/.jpg/.png files in name order) is thinned
+    like a frame list BEFORE decoding, its frames ``frame_interval`` seconds apart (the authors' 4.0).
     """
     _check_sampling_args(fps, min_frames, max_frames, frame_factor)
     if isinstance(src, (list, tuple)) or (isinstance(src, np.ndarray) and src.ndim == 4):
         sampled = _sample_frame_list(src, base_dir, max_frames, frame_factor, frames_fps)
+    elif isinstance(src, (str, os.PathLike)) and _is_frame_folder(src, base_dir):
+        sampled = _sample_frame_folder(src, base_dir, max_frames, frame_factor, frame_interval)
     elif isinstance(src, (str, os.PathLike)):
         sampled = _sample_video_file(src, base_dir, fps, min_frames, max_frames, frame_factor, backend)
     else:
@@ -871,6 +1003,13 @@ def _fingerprint_update(h, src: Any, base_dir) -> None:
             kind, value, label = "path", path, f"media file {str(path)!r}"
         if kind == "bytes":
             _fingerprint_update(h, value, base_dir)
+            return
+        if value.is_dir():  # a video as a folder of frames: its frame names and contents, in order
+            names = list_frame_folder(value)
+            h.update(f"folder\0{len(names)}\0".encode())
+            for name in names:
+                h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+                h.update(media_fingerprint(value / name).encode())
             return
         _check_file(value, label)
         h.update(b"encoded\0")

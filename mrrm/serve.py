@@ -24,8 +24,9 @@ Safety: loopback by default; optional bearer token (--token or MRRM_SERVE_TOKEN)
 or a base64 string (64+ base64 characters) of an image; otherwise it is a path, which must lie
 under --media-root after resolving symlinks (no "..", no absolute path outside the root, no
 symlink escape). The check runs before any file is opened; the file is then opened once, the opened
-file checked again, and decoded through that descriptor (race-free against a swapped name);
-without --media-root paths are refused.
+file checked again, and decoded through that descriptor (race-free against a swapped name); a video
+path may name a folder of frame images under the root (opened once; each frame read is opened through
+that folder's descriptor and checked under the root); without --media-root paths are refused.
 """
 from __future__ import annotations
 
@@ -137,8 +138,61 @@ def open_confined(value: str, root: Path | None, where: str) -> ConfinedFile:
     return opened
 
 
-def safe_media_path(value: str, root: Path | None, where: str) -> Path:
-    """The resolved path of `value` if it names a regular file under `root` (itself resolved).
+class ConfinedFolder(ConfinedFile):
+    """A video given as a folder of frame images under the media root, opened ONCE (its descriptor, like
+    a ConfinedFile's) after the confinement checks. mrrm.media lists the frames through the descriptor
+    and opens each frame it keeps through `open_frame`: relative to that descriptor, and refused when
+    the opened file is not a regular file under the root (a frame symlinked outside it)."""
+
+    def __init__(self, fd: int, name: str, root: Path):
+        super().__init__(fd, name)
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"ConfinedFolder({self.name!r})"
+
+    def open_frame(self, frame: str) -> ConfinedFile:
+        where = f"frame folder {self.name!r}: frame {frame!r}"
+        if not frame or "/" in frame or frame in (".", ".."):
+            raise media.MediaError(f"{where}: not a file name in the folder")
+        try:
+            fd = os.open(frame, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=self.fd)
+        except OSError as e:
+            raise media.MediaError(f"{where}: cannot open ({type(e).__name__})") from None
+        opened = ConfinedFile(fd, f"{self.name}/{frame}")
+        try:
+            if not Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(self.root):
+                raise media.MediaError(f"{where}: resolves (through a symlink) to a file outside the media root")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise media.MediaError(f"{where}: not a regular file")
+        except BaseException:
+            opened.close()
+            raise
+        return opened
+
+
+def open_confined_folder(value: str, root: Path | None, where: str) -> ConfinedFolder:
+    """A frame folder `value` checked (safe_media_path), opened once as a directory, and the OPENED
+    folder verified to lie under the root."""
+    safe_media_path(value, root, where, folder_ok=True)
+    try:
+        fd = os.open(root / value if not Path(value).is_absolute() else value,
+                     os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MediaRejected(f"{where}: cannot open ({type(e).__name__})") from None
+    opened = ConfinedFolder(fd, value, root)
+    try:
+        if not Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(root):
+            raise MediaRejected(f"{where}: resolves (through a symlink) to a folder outside the media root", 403)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def safe_media_path(value: str, root: Path | None, where: str, *, folder_ok: bool = False) -> Path:
+    """The resolved path of `value` if it names a regular file (or, with folder_ok, a folder: a video
+    given as frame images) under `root` (itself resolved).
     Refused: no root configured, '..' components, NUL bytes, absolute paths outside the root, and
     paths that leave the root through a symlink. Only the root's own tree is touched. The name may
     change after this check: read media through open_confined."""
@@ -160,8 +214,8 @@ def safe_media_path(value: str, root: Path | None, where: str) -> Path:
         raise MediaRejected(f"{where}: not a usable path ({type(e).__name__})") from None
     if not real.is_relative_to(root):
         raise MediaRejected(f"{where}: resolves (through a symlink) to a file outside the media root", 403)
-    if not real.is_file():
-        raise MediaRejected(f"{where}: not a regular file")
+    if not (real.is_file() or (folder_ok and real.is_dir())):
+        raise MediaRejected(f"{where}: not a regular file" + (" or a folder of frames" if folder_ok else ""))
     return real
 
 
@@ -211,14 +265,18 @@ def _load_image_field(value: str, root: Path | None, where: str):
 
 def load_video_field(value, root: Path | None, where: str, max_frames: int = 64):
     """A request's video: a file under the root (checked and opened: a ConfinedFile, decoded later on
-    the model thread through its descriptor) or a list of frame images, of which only the frames the
-    model would keep (mrrm.media's evenly spaced thinning to `max_frames`) are decoded: a list of
-    2,000 large frames costs 64 decodes, not 2,000."""
+    the model thread through its descriptor), a folder of frame images under the root (a
+    ConfinedFolder: mrrm.media thins it before decoding and opens only the kept frames, each checked
+    under the root), or a list of frame images, of which only the frames the model would keep
+    (mrrm.media's evenly spaced thinning to `max_frames`) are decoded: a list of 2,000 large frames
+    costs 64 decodes, not 2,000."""
     if isinstance(value, list):
         if not value:
             raise MediaRejected(f"{where}: an empty frame list")
         keep = sorted(set(media.thin_frame_list(len(value), max_frames)))
         return [load_image_field(value[k], root, f"{where} frame {k}") for k in keep]
+    if safe_media_path(value, root, where, folder_ok=True).is_dir():
+        return open_confined_folder(value, root, where)
     return open_confined(value, root, where)
 
 

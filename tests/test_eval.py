@@ -80,21 +80,25 @@ def skipped_ids(result):
 
 
 # -- VL-RewardBench: parquet with image bytes ---------------------------------------------------------
+# Categories by hand from the official cal.py::get_dataset_from_id (the id's prefix before the first "_"
+# or "-", case-sensitive; query_source is never read): RLAIF, RLHF, hallucination -> hallucination;
+# mathverse, mmmu -> reasoning; wildvision and anything else -> general.
 def write_vlrb(path: Path):
     img = {"bytes": png_bytes(), "path": "a.png"}
     rows = [
         # id, query_source, responses, human_ranking   (0 = preferred)
-        ("wildvision_1", "wildvision-battle", [r("good", 0.9), r("bad", 0.1)], [0, 1], img),   # correct
-        ("povid_2", "povid", [r("bad", 0.2), r("good", 0.6)], [1, 0], img),                   # correct
-        ("RLAIF-V_3", "RLAIF-V", [r("good", 0.3), r("bad", 0.4)], [0, 1], img),               # wrong
-        ("mathverse_4", "mathverse", [r("bad", 0.0), r("good", 0.5)], [1, 0], img),          # correct
-        ("rlhf-v_5", "rlhf-v", [r("x", 0.5), r("y", 0.5)], [0, 1], img),                     # tied scores: wrong
+        ("wildvision-battle_1", "wildvision-battle", [r("good", 0.9), r("bad", 0.1)], [0, 1], img),  # general ok
+        ("hallucination_pair_2", None, [r("bad", 0.2), r("good", 0.6)], [1, 0], img),  # POVID, no source: halluc. ok
+        ("RLAIF-V-Dataset_3", "RLAIF-V", [r("good", 0.3), r("bad", 0.4)], [0, 1], img),     # hallucination wrong
+        ("mathverse_4", "mathverse", [r("bad", 0.0), r("good", 0.5)], [1, 0], img),        # reasoning ok
+        ("RLHF-V-Dataset_5", "rlhf-v", [r("x", 0.5), r("y", 0.5)], [0, 1], img),          # halluc., tied: wrong
+        ("mystery_10", "some-new-source", [r("good", 0.7), r("bad", 0.2)], [0, 1], img),  # unknown: general ok
         ("bad_rank", "povid", [r("a", 0.1), r("b", 0.2)], [0, 2], img),                      # label out of range
         ("tie_rank", "povid", [r("a", 0.1), r("b", 0.2)], [1, 1], img),                      # tied human label
         ("bad_img", "wildvision", [r("a", 0.9), r("b", 0.2)], [0, 1],
          {"bytes": b"not an image at all", "path": "x.png"}),                               # unreadable image
     ]
-    # a ninth row lacks its query
+    # a tenth row lacks its query
     table = pa.table({
         "id": [x[0] for x in rows] + ["no_query"],
         "query": ["What is shown?"] * len(rows) + [None],
@@ -111,14 +115,17 @@ def test_vl_rewardbench_parquet(tmp_path):
     path = tmp_path / "test-00000-of-00001.parquet"
     write_vlrb(path)
     res = run("vl-rewardbench", path, tmp_path)
-    # evaluated: 5 rows; correct: wildvision_1, povid_2, mathverse_4
-    assert res["rows"] == 9 and res["evaluated"] == 5 and res["skipped"] == 4
-    assert res["metrics"]["accuracy"] == pytest.approx(3 / 5)
+    # evaluated: 6 rows; correct: wildvision-battle_1, hallucination_pair_2, mathverse_4, mystery_10
+    assert res["rows"] == 10 and res["evaluated"] == 6 and res["skipped"] == 4
+    assert res["metrics"]["accuracy"] == pytest.approx(4 / 6)
     cats = res["categories"]
-    assert cats["general"] == {"n": 1, "accuracy": 1.0}
-    assert cats["hallucination"] == {"n": 3, "accuracy": pytest.approx(1 / 3)}   # povid ok, rlaif wrong, tie wrong
+    assert cats["general"] == {"n": 2, "accuracy": 1.0}                           # wildvision + unknown prefix
+    assert cats["hallucination"] == {"n": 3, "accuracy": pytest.approx(1 / 3)}   # POVID ok, RLAIF wrong, tie wrong
     assert cats["reasoning"] == {"n": 1, "accuracy": 1.0}
     assert res["metrics"]["macro_accuracy"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    # both numbers are printed by the official cal.py ("Overall Accuracy", "Macro Average Acc")
+    assert res["official_metrics"] == ["accuracy", "macro_accuracy"] and res["mrrm_additions"] == []
+    assert res["pair_order"] == "published"
     bad = skipped_ids(res)
     assert "human_ranking" in bad["bad_rank"] and "tied human label" in bad["tie_rank"]
     assert "missing field 'query'" in bad["no_query"]
@@ -130,7 +137,44 @@ def test_vl_rewardbench_parquet(tmp_path):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(res["metrics"]))
     preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-    assert [p["correct"] for p in preds] == [True, True, False, True, False]
+    assert [p["correct"] for p in preds] == [True, True, False, True, False, True]
+    assert "| accuracy | 0.6667 | official script |" in report
+
+
+@pytest.mark.parametrize("sample_id, category", [
+    ("RLAIF-V-Dataset_12", "hallucination"), ("RLHF-V-Dataset_3", "hallucination"),
+    ("hallucination_pair_7", "hallucination"), ("povid_1", "general"),       # no "povid" prefix in the official map
+    ("mathverse_9", "reasoning"), ("mmmu_pro_4", "reasoning"), ("MathVerse_2", "general"),  # case-sensitive
+    ("wildvision-battle_5", "general"), ("vlfeedback_1", "general"), ("anything", "general"), ("RLHF", "hallucination"),
+])
+def test_vl_rewardbench_category_is_the_official_id_prefix(sample_id, category):
+    assert mev.vlrb_category(sample_id) == category
+
+
+def test_vl_rewardbench_official_per_item_order_is_seeded(tmp_path):
+    path = tmp_path / "test-00000-of-00001.parquet"
+    write_vlrb(path)
+    published = run("vl-rewardbench", path, tmp_path / "a")
+    scorer = KnownScorer()
+    shuffled = run("vl-rewardbench", path, tmp_path / "b", scorer=scorer, pair_order="shuffled", seed=1)
+    # scores follow the responses, so the metrics do not move; which rows were swapped is the seeded rule
+    assert shuffled["metrics"] == published["metrics"] and shuffled["pair_order"] == "shuffled"
+    table = pq.read_table(path).to_pylist()
+    shown = dict(scorer.samples)
+    flips = []
+    for i, row in enumerate(table[:6]):
+        swapped = mev._seeded_flip(f"{row['id']}@{path.name}[{i}]", 1)
+        assert shown[row["id"]] == tuple(row["response"][::-1] if swapped else row["response"])
+        flips.append(swapped)
+    assert any(flips) and not all(flips)
+    again = KnownScorer()
+    run("vl-rewardbench", path, tmp_path / "c", scorer=again, pair_order="shuffled", seed=1)
+    assert dict(again.samples) == shown
+    with pytest.raises(ValueError, match="pair_order"):
+        run("vl-rewardbench", path, tmp_path / "d", pair_order="random")
+    # a cache of the published order is not reused for the shuffled one
+    with pytest.raises(ValueError, match="pair_order"):
+        run("vl-rewardbench", path, tmp_path / "a", pair_order="shuffled")
 
 
 # -- Multimodal RewardBench: a JSON list with image paths --------------------------------------------
@@ -170,34 +214,102 @@ def test_multimodal_rewardbench_json(tmp_path):
     assert "'Better' must be 'Output1' or 'Output2'" in bad["bad_better"]
     assert "missing field 'Category'" in bad["no_cat"]
     assert "not found" in bad["missing_file"]
+    # 2_get_accuracy.py prints accuracy overall and per category; the macro mean is mrrm's
+    assert res["official_metrics"] == ["accuracy"] and res["mrrm_additions"] == ["macro_accuracy"]
 
 
-# -- MM-RLHF-RewardBench: JSONL, chosen/rejected, Acc+ ------------------------------------------------
-def test_mm_rlhf_rewardbench_acc_plus(tmp_path):
-    Image.new("RGB", (16, 16), (10, 200, 10)).save(tmp_path / "g.png")
-    write_mp4(tmp_path / "clip.mp4")
+def test_multimodal_rewardbench_release_file_names_the_file_to_pass(tmp_path):
+    Image.new("RGB", (20, 20), (0, 90, 200)).save(tmp_path / "i.jpg")
+    base = {"Image": "i.jpg", "Output1": r("a", 0.8), "Output2": r("b", 0.2), "Better": "Output1",
+            "Category": "vqa"}
+    rows = [{**base, "ID": "mathvista_3", "Text": ""},          # filled in by 0_download_data.py's setup_mathvista
+            {**base, "ID": "SEED-Bench_9", "Text": "  "},
+            {**base, "ID": "vlfeedback_1", "Text": ""},         # not a source the download script fills: malformed
+            {**base, "ID": "pairs_4", "Text": "Who?", "Category": "safety"}]
+    path = tmp_path / "all_data_release.json"
+    path.write_text(json.dumps(rows))
+    res = run("multimodal-rewardbench", path, tmp_path)
+    assert res["evaluated"] == 1 and res["skipped"] == 3
+    bad = skipped_ids(res)
+    for sid in ("mathvista_3", "SEED-Bench_9"):
+        assert "all_data_release.json" in bad[sid] and "0_download_data.py" in bad[sid] and "all_data.json" in bad[sid]
+    assert "must be a non-empty string" in bad["vlfeedback_1"]
+
+
+
+
+# -- MM-RLHF-RewardBench: the official layout (JSONL, image OR a video given as a folder of frames) ------
+def write_frames(folder: Path, n: int, size=(16, 12), fmt="png", name="frame_{:04d}") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (i * 20 % 256, 100, 200)).save(folder / f"{name.format(i + 1)}.{fmt}")
+    return folder
+
+
+def test_mm_rlhf_rewardbench_official_categories_and_acc_plus(tmp_path):
+    for sub in ("mcq", "long", "short", "safety", "other", "long_short"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (16, 16), (10, 200, 10)).save(tmp_path / sub / "a.png")
+    write_frames(tmp_path / "video" / "v5", 5)
+    (tmp_path / "video" / "v8").mkdir()
+    (tmp_path / "video" / "v8" / "notes.txt").write_text("no frames here")
+
+    def row(gid, media, c, rj, **kw):
+        key = "video" if media.startswith("video/") else "image"
+        return {"id": gid, "prompt": "p", key: media, "chosen": r(f"c{gid}", c), "rejected": r(f"r{gid}", rj),
+                "chosen_reason": "fine", "rejected_reason": "worse", **kw}
     rows = [
-        {"id": "g1", "prompt": "p", "image": "g.png", "chosen": r("c", 0.9), "rejected": r("r", 0.1)},   # ok
-        {"id": "g1", "prompt": "p", "image": "g.png", "chosen": r("c2", 0.8), "rejected": r("r2", 0.3)},  # ok
-        {"id": "g2", "prompt": "p", "image": "g.png", "chosen": r("c", 0.9), "rejected": r("r", 0.1)},   # ok
-        {"id": "g2", "prompt": "p", "image": "g.png", "chosen": r("c2", 0.2), "rejected": r("r2", 0.3)},  # wrong
-        {"id": "g3", "prompt": "p", "video": "clip.mp4", "chosen": r("c", 0.6), "rejected": r("r", 0.4)},  # ok
-        {"id": "g4", "prompt": "p", "image": "g.png", "chosen": r("c", 0.6)},                           # no rejected
+        row("g1", "mcq/a.png", 0.9, 0.1), row("g1", "mcq/a.png", 0.8, 0.3),            # mcq: ok, ok
+        row("g2", "long/a.png", 0.9, 0.1), row("g2", "long/a.png", 0.2, 0.3),          # long: ok, wrong
+        row("g3", "short/a.png", 0.5, 0.5),                                            # short: tied -> wrong
+        row("g4", "safety/a.png", 0.6, 0.4),                                           # safety: ok
+        row("g5", "video/v5", 0.6, 0.4), row("g5", "video/v5", 0.7, 0.1),              # video (frame folder): ok, ok
+        row("g6", "other/a.png", 0.6, 0.4),                                            # no keyword: ok
+        row("g7", "long_short/a.png", 0.6, 0.4),                                       # long AND short: long, ok
+        row("g8", "video/v8", 0.6, 0.4),                                               # a folder without frames
+        row("g9", "mcq/a.png", 0.6, 0.4), {"id": "g9", "prompt": "p", "image": "mcq/a.png", "chosen": r("c", 0.6)},
     ]
     path = tmp_path / "mm_reward_bench.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in rows) + "{broken json\n")
     scorer = KnownScorer()
     res = run("mm-rlhf-rewardbench", path, tmp_path, scorer=scorer)
-    assert res["evaluated"] == 5 and res["skipped"] == 2
-    assert res["metrics"]["accuracy"] == pytest.approx(4 / 5)
-    assert res["metrics"]["acc_plus"] == pytest.approx(2 / 3) and res["metrics"]["acc_plus_groups"] == 3
+    assert res["evaluated"] == 11 and res["skipped"] == 3
+    # by hand from cal_performance_mmreweard_bench.py: correct = chosen's reward > rejected's
+    assert res["metrics"]["accuracy"] == pytest.approx(9 / 11)
+    cats = res["categories"]
+    assert {c: (d["n"], d["accuracy"]) for c, d in cats.items()} == {
+        "mcq": (3, 1.0), "long": (3, pytest.approx(2 / 3)), "short": (1, 0.0), "safety": (1, 1.0),
+        "video": (2, 1.0), "(no keyword)": (1, 1.0)}
+    # Acc+ over the ids with every pair evaluated: g1 g4 g5 g6 g7 of g1..g7; g8 and g9 lack a pair
+    assert res["metrics"]["acc_plus"] == pytest.approx(5 / 7) and res["metrics"]["acc_plus_groups"] == 7
+    assert res["metrics"]["acc_plus_groups_incomplete"] == 2
+    # per keyword: numerator = all-correct ids whose FIRST keyword it is, denominator = ids having it
+    assert {c: d["acc_plus"] for c, d in cats.items()} == {
+        "mcq": 1.0, "long": 0.5, "short": 0.0, "safety": 1.0, "video": 1.0, "(no keyword)": None}
+    assert res["official_metrics"] == ["accuracy", "acc_plus"]
+    assert "macro_accuracy" in res["mrrm_additions"]
     bad = skipped_ids(res)
-    assert "missing field 'rejected'" in bad["g4"] and "invalid JSON" in bad[None]
+    assert "frame folder" in bad["g8"] and "v8" in bad["g8"] and "no frame images" in bad["g8"]
+    assert "missing field 'rejected'" in bad["g9"] and "invalid JSON" in bad[None]
     # chosen/rejected are shown in a seeded order per row: both orders occur, and the seed changes them
     firsts = [resp[0] for _, resp in scorer.samples]
     assert any(f.startswith("c") for f in firsts) and any(f.startswith("r") for f in firsts)
     res2 = mev.run("mm-rlhf-rewardbench", str(path), KnownScorer(), progress=False, seed=1)
     assert res2["metrics"]["accuracy"] == res["metrics"]["accuracy"]  # an order-free scorer: same result
+    published = KnownScorer()
+    run("mm-rlhf-rewardbench", path, tmp_path / "pub", scorer=published, pair_order="published")
+    assert all(resp[0].startswith("c") for _, resp in published.samples)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| acc_plus | 0.7143 | official script |" in report and "mrrm addition" in report
+    assert "| long | 3 | 0.6667 | 0.5000 |" in report
+
+
+def test_mm_rlhf_keywords_follow_the_official_order():
+    assert mev.mmrlhf_keywords({"image": "data/long_short/x.png"}) == ("long", "short")
+    assert mev.mmrlhf_keywords({"video": "bench/video/safety_clip"}) == ("safety", "video")
+    assert mev.mmrlhf_keywords({"image": "x.png"}) == ()
+    with pytest.raises(ValueError, match="dict"):
+        mev.mmrlhf_keywords(["mcq"])
 
 
 # -- VideoRewardBench: JSONL with a real mp4 ---------------------------------------------------------
@@ -279,6 +391,46 @@ def test_mr2bench_video_jsonl(tmp_path):
     res = run("mr2bench-video", path, tmp_path)
     assert res["evaluated"] == 1 and skipped_ids(res) == {"v2": "missing field 'video'"}
     assert res["metrics"]["best_of_n"] == 1.0 and res["metrics"]["kendall_tau"] == pytest.approx(1.0)
+
+
+class RecordingScorer(KnownScorer):
+    """KnownScorer that also keeps every sample dict it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.given = []
+
+    def __call__(self, batch):
+        self.given.extend(batch)
+        return super().__call__(batch)
+
+
+def test_mr2bench_video_frame_folders_and_question_field(tmp_path):
+    # the authors' layout: "question" instead of "prompt", a video given as a folder of frames
+    write_frames(tmp_path / "clips" / "v1", 6, fmt="jpg")
+    write_frames(tmp_path / "clips" / "v3", 3)
+    whole = (tmp_path / "clips" / "v3" / "frame_0002.png").read_bytes()
+    (tmp_path / "clips" / "v3" / "frame_0002.png").write_bytes(whole[:45])  # header kept, data cut short
+    rows = [{"id": "v1", "question": "Which way does it move?", "video": "clips/v1", "sampling_interval": 2,
+             "responses": [r("up", 0.1), r("down", 0.7), r("left", 0.3)], "rankings": [3, 1, 2], "task": "motion"},
+            {"id": "v2", "prompt": "Which way?", "video": "clips/v1",
+             "responses": [r("up", 0.8), r("down", 0.7)], "rankings": [2, 1], "task": "motion"},
+            {"id": "v3", "question": "x", "video": "clips/v3", "responses": [r("a", 0.1), r("b", 0.7)],
+             "rankings": [2, 1], "task": "motion"},
+            {"id": "v4", "video": "clips/v1", "responses": [r("a", 0.1), r("b", 0.7)], "rankings": [2, 1]}]
+    path = tmp_path / "mr2bench_video.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    scorer = RecordingScorer()
+    res = run("mr2bench-video", path, tmp_path, scorer=scorer)
+    assert res["evaluated"] == 2 and res["metrics"]["best_of_n"] == 0.5   # v1 right, v2 wrong
+    assert res["categories"]["motion"]["n"] == 2
+    bad = skipped_ids(res)
+    assert "missing field 'prompt' (or 'question')" in bad["v4"]
+    assert "frame_0002.png" in bad["v3"] and "v3" in bad["v3"] and "corrupt or truncated" in bad["v3"]
+    v1 = next(x for x in scorer.given if x["id"] == "v1")
+    assert v1["prompt"] == "Which way does it move?" and v1["sampling_interval"] == 2
+    assert v1["video"] == str(tmp_path / "clips" / "v1")
+    assert "sampling_interval" not in next(x for x in scorer.given if x["id"] == "v2")
 
 
 # -- protocols ----------------------------------------------------------------------------------------
@@ -432,6 +584,36 @@ def test_end_to_end_tiny_model_cli(tmp_path, capsys):
     for name in ("report.md", "report.png", "predictions.jsonl", "cache_meta.json"):
         assert (out / name).exists()
     assert "mr2bench-image" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_encoding_workers_give_the_same_cache_and_metrics(tmp_path):
+    """workers=2 (the model's passes encoded ahead in two worker processes): the same cached scores,
+    skipped rows with the encoder's reason, and metrics as encoding in process; a custom scorer with
+    workers, or a negative count, is refused."""
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    rows = [{"id": f"e{i}", "prompt": f"What colour is square {i}?", "image": "red.png",
+             "responses": ["red", "green", "blue"][: 2 + i % 2], "rankings": [1, 2, 3][: 2 + i % 2]} for i in range(7)]
+    rows.insert(3, {"id": "broken", "prompt": "x", "image": "broken.png", "responses": ["a", "b"], "rankings": [1, 2]})
+    path = tmp_path / "mr2.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        runs[workers] = mev.run("mr2bench-image", str(path), out=str(out), device="cpu", batch_size=3,
+                                workers=workers, progress=False)
+        runs[workers]["cache"] = [json.loads(x) for x in (out / "cache.jsonl").read_text().splitlines()]
+    a, b = runs[0], runs[2]
+    assert a["metrics"] == b["metrics"] and a["skipped_rows"] == b["skipped_rows"]
+    assert [r["id"] for r in b["skipped_rows"]] == ["broken"] and "not an image" in b["skipped_rows"][0]["reason"]
+    assert [(c["key"], c.get("error")) for c in a["cache"]] == [(c["key"], c.get("error")) for c in b["cache"]]
+    for x, y in zip(a["cache"], b["cache"]):
+        assert x.get("scores") == pytest.approx(y.get("scores"), abs=1e-6)
+    with pytest.raises(ValueError, match="custom scorer"):
+        mev.run("mr2bench-image", str(path), lambda batch: [[0.0] * len(s["responses"]) for s in batch], workers=2)
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        mev.run("mr2bench-image", str(path), workers=-1)
 
 
 @pytest.mark.slow

@@ -393,7 +393,8 @@ def test_bad_video_files_name_the_path(tmp_path, video, backend):
     empty.write_bytes(b"")
     with pytest.raises(MediaError, match="empty file"):
         load_video(empty, backend=backend)
-    with pytest.raises(MediaError, match="not a regular file"):
+    # a folder is a video given as frame images: this one holds none
+    with pytest.raises(MediaError, match="frame folder .*: no frame images"):
         load_video(tmp_path, backend=backend)
 
 
@@ -649,3 +650,117 @@ def test_a_small_file_of_huge_frames_is_refused_not_a_crash(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused:" in done.stdout and "frames of 3072x3072 are over the limit" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Videos given as a folder of frame images (MM-RLHF-RewardBench, the authors' MR2Bench video data)
+# --------------------------------------------------------------------------------------------------
+
+
+def _frame_folder(folder: Path, n: int, size=(10, 8), fmt="png", name="frame_{:04d}") -> Path:
+    """n solid frames, frame i of colour colour(i), named name.format(i + 1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.broadcast_to(colour(i), (size[1], size[0], 3)).copy()).save(
+            folder / f"{name.format(i + 1)}.{fmt}")
+    return folder
+
+
+def test_frame_folder_order_thinning_and_timestamps(tmp_path):
+    folder = _frame_folder(tmp_path / "clip", 10)
+    (folder / "notes.txt").write_text("not a frame")  # ignored, as the reference's *.png glob ignores it
+    clip = load_video(folder, max_frames=4)
+    # thinned like a frame list (thin_frame_list: evenly spaced, both ends kept)
+    assert clip.frame_indices == tuple(media.thin_frame_list(10, 4)) == (0, 3, 6, 9)
+    assert frame_ids(clip.frames) == [0, 3, 6, 9] and clip.backend == "frames" and clip.path == str(folder)
+    # the authors' timestamps: frame k at k * sampling_interval seconds (default 4.0)
+    meta = clip.video_metadata()
+    assert meta["fps"] == 0.25 and meta["total_num_frames"] == 10 and meta["duration"] == 40.0
+    assert [i / meta["fps"] for i in meta["frames_indices"]] == [0.0, 12.0, 24.0, 36.0]
+    assert load_video(folder, max_frames=4, frame_interval=0.5).video_metadata()["fps"] == 2.0
+    # relative to base_dir; the same pixels as the frame list of the same files
+    rel = load_video("clip", base_dir=tmp_path, max_frames=4)
+    as_list = load_video(sorted(str(p) for p in folder.glob("*.png")), max_frames=4)
+    assert torch.equal(rel.frames, clip.frames) and torch.equal(as_list.frames, clip.frames)
+    # an odd count is padded by repeating the last frame, as a frame list is
+    assert load_video(_frame_folder(tmp_path / "three", 3)).frame_indices == (0, 1, 2, 2)
+    with pytest.raises(ValueError, match="frame_interval"):
+        load_video(folder, frame_interval=0)
+
+
+def test_frame_folder_file_name_order(tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    # play order is the file-name order (MM-RLHF's eval sorts the names), whatever the suffix or its case
+    for i, name in [(2, "b.png"), (0, "a.JPG"), (3, "c.jpeg"), (1, "a0.png")]:
+        Image.fromarray(np.broadcast_to(colour(i), (8, 10, 3)).copy()).save(
+            folder / name, format="JPEG" if "j" in name.lower() else "PNG", quality=100)
+    (folder / "d.gif").write_bytes(b"GIF89a")  # not a frame suffix: ignored
+    (folder / "sub.png").mkdir()                # a folder named like a frame: ignored
+    assert media.list_frame_folder(folder) == ["a.JPG", "a0.png", "b.png", "c.jpeg"]
+    assert frame_ids(load_video(folder).frames) == [0, 1, 2, 3]
+
+
+def test_frame_folder_is_thinned_and_budgeted_before_decoding(tmp_path, monkeypatch):
+    folder = _frame_folder(tmp_path / "long", 50, size=(32, 32))
+    decoded = []
+    real = media._decode_image
+    monkeypatch.setattr(media, "_decode_image", lambda fp, label, **kw: decoded.append(Path(fp).name) or real(fp, label, **kw))
+    clip = load_video(folder, max_frames=8)
+    assert clip.num_frames == 8 and len(decoded) == 8  # 8 of 50 files decoded
+    assert decoded == [f"frame_{i + 1:04d}.png" for i in media.thin_frame_list(50, 8)]
+    decoded.clear()
+    # the video limits, from the kept frames' headers, before any frame is decoded
+    monkeypatch.setattr(media, "MAX_VIDEO_FRAME_PIXELS", 32 * 32 - 1)
+    with pytest.raises(MediaError, match=r"frame folder .*long.*frame 'frame_0001.png': 32x32 is over the limit"):
+        load_video(folder, max_frames=8)
+    monkeypatch.setattr(media, "MAX_VIDEO_FRAME_PIXELS", 3840 * 2160)
+    monkeypatch.setattr(media, "MAX_VIDEO_DECODED_PIXELS", 8 * 32 * 32 - 1)
+    with pytest.raises(MediaError, match=r"frame folder .*long.*8 frames of 32x32 would decode to"):
+        load_video(folder, max_frames=8)
+    monkeypatch.setattr(media, "MAX_VIDEO_DECODED_PIXELS", 2**29)
+    budget = media.PixelBudget(8 * 32 * 32 - 1, "the test budget")
+    with budget, pytest.raises(media.OverBudget, match="the test budget"):
+        load_video(folder, max_frames=8)
+    assert decoded == [] and budget.used == 0
+    with media.PixelBudget(8 * 32 * 32, "enough") as enough:
+        load_video(folder, max_frames=8)
+    assert enough.used == 8 * 32 * 32  # charged once, for the kept frames (not per frame again)
+
+
+def test_frame_folder_errors_name_the_folder_and_frame(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(MediaError, match=r"frame folder .*empty.*: no frame images \(.jpeg, .jpg, .png files\)"):
+        load_video(empty)
+    bad = _frame_folder(tmp_path / "bad", 4)
+    whole = (bad / "frame_0003.png").read_bytes()
+    (bad / "frame_0003.png").write_bytes(whole[:45])
+    with pytest.raises(MediaError, match=r"frame folder .*bad.*frame 'frame_0003.png': corrupt or truncated"):
+        load_video(bad)
+    (bad / "frame_0003.png").write_bytes(b"plain text, not a png")
+    with pytest.raises(MediaError, match=r"frame 'frame_0003.png': not an image"):
+        load_video(bad)
+    mixed = _frame_folder(tmp_path / "mixed", 3)
+    Image.new("RGB", (12, 8)).save(mixed / "frame_0002.png")
+    with pytest.raises(MediaError, match=r"frame 'frame_0002.png': size 12x8 differs from frame 'frame_0001.png'"):
+        load_video(mixed)
+    (mixed / "frame_0004.png").symlink_to(tmp_path / "nowhere.png")  # dangling: refused, not skipped
+    (mixed / "frame_0002.png").unlink()
+    with pytest.raises(MediaError, match=r"frame 'frame_0004.png': file not found"):
+        load_video(mixed)
+    with pytest.raises(MediaError, match="not found"):
+        media.list_frame_folder(tmp_path / "missing")
+
+
+def test_frame_folder_fingerprint(tmp_path):
+    folder = _frame_folder(tmp_path / "clip", 3)
+    fp = media_fingerprint(folder)
+    assert fp == media_fingerprint(str(folder)) == media_fingerprint("clip", base_dir=tmp_path)
+    (folder / "notes.txt").write_text("ignored")
+    assert media_fingerprint(folder) == fp
+    Image.new("RGB", (10, 8), (1, 2, 3)).save(folder / "frame_0002.png")
+    assert media_fingerprint(folder) != fp
+    (folder / "frame_0002.png").rename(folder / "frame_0009.png")  # the same pixels in another place
+    assert media_fingerprint(folder) not in (fp,)
