@@ -32,6 +32,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_workers_arg(ap: argparse.ArgumentParser) -> None:
+    """--workers N (score, eval): encoding in worker processes ahead of the model (mrrm.pipeline)."""
+    ap.add_argument("--workers", type=non_negative_int, default=0,
+                    help="encode (tokenize, decode media) in N worker processes ahead of the model (default 0: "
+                         "in this process); pays with the model on a GPU and spare CPU cores")
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--model, --mode, --max-batch-tokens, --device, --dtype: the same flags, defaults and help in
     every command that scores (score, eval, serve)."""

@@ -54,15 +54,17 @@ def load(path=None, *, device=None, dtype=None, mode: str = "joint"):
     return RewardModel.from_pretrained(path, device=device, dtype=dtype, mode=mode)
 
 
-def score(batch, model=None, *, mode=None, max_batch_tokens=None, permutations=1, errors="raise", media_dir=None):
+def score(batch, model=None, *, mode=None, max_batch_tokens=None, permutations=1, errors="raise", media_dir=None,
+          workers=0):
     """Score every response of every sample -> list[list[float]] (see RewardModel.score).
 
     batch: one sample dict or a list in the published schema ({"prompt", "responses", optional
     "image"/"images"/"video"/"videos", "id"}); model: a RewardModel or a checkpoint path (default:
-    the built-in default model); media_dir: base directory of relative media paths."""
+    the built-in default model); media_dir: base directory of relative media paths; workers: encode
+    in that many worker processes (mrrm.pipeline)."""
     if model is None:
         model = load()
     elif isinstance(model, (str, os.PathLike)):
         model = load(model)
     return model.score(batch, mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations,
-                       errors=errors, media_dir=media_dir)
+                       errors=errors, media_dir=media_dir, workers=workers)

@@ -444,7 +444,7 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, batch, *, mode: str | None = None, max_batch_tokens: int | None = None, permutations: int = 1,
-              errors: str = "raise", media_dir=None) -> list:
+              errors: str = "raise", media_dir=None, workers=0) -> list:
         """Scores of every response of every sample: list[list[float]] in input order.
 
         batch: one sample dict or a list (`prompt`, `responses`, optional `image`/`images`/`video`/`id`).
@@ -456,11 +456,23 @@ class RewardModel(nn.Module):
           the bad samples' places.
         media_dir: base directory of relative image/video paths for this call (default: the encoder's
           media_base_dir, set at load time; None there: the working directory).
+        workers: N > 0 encodes (tokenizing, media decoding) in N worker processes (mrrm.pipeline), ahead
+          of the model under errors='skip'; or a running mrrm.pipeline.EncodePool to reuse across calls.
+          Same scores; pays where the model does not use the cores the workers take (a GPU host).
         """
         samples = [batch] if isinstance(batch, dict) else list(batch)
         if not samples:
             return []
         mode = self._check_scoring_args(mode, permutations)
+        from .pipeline import EncodePool
+
+        if not isinstance(workers, EncodePool):
+            check_int("workers", workers, minimum=0)
+        if isinstance(workers, EncodePool) or workers > 0:
+            from .pipeline import score_with_workers
+
+            return score_with_workers(self, samples, workers, mode=mode, max_batch_tokens=max_batch_tokens,
+                                      permutations=permutations, errors=errors, media_dir=media_dir)
         encoded, _ = self.encoder.encode_all(samples, errors=errors, media_dir=media_dir)
         return self.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations)
 

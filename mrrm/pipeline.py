@@ -93,3 +93,70 @@ def encoded_ahead(pool: EncodePool, chunks: Iterable[list], media_dir=None, pref
         if nxt is not None:
             submit(nxt)
         yield chunk, pool.gather(futures)
+
+
+class ChunkScorer:
+    """A model scoring chunks whose encoding runs ahead in worker processes: built over the whole
+    stream of (key, sample) pairs to come, called once per chunk in the same order with that chunk's
+    pairs; returns (scores or None, reason or None) per sample. Used by `python -m mrrm.score
+    --workers`, `mrrm.eval`'s workers option and `RewardModel.score(..., workers=N)`.
+
+    workers: a process count (a pool is started, and closed by `close`) or a running EncodePool."""
+
+    def __init__(self, model, workers, pairs: Iterable[tuple], chunk_size: int, media_dir=None, *, mode=None,
+                 max_batch_tokens=None, permutations: int = 1):
+        from .common import check_int
+
+        check_int("chunk_size", chunk_size)
+        self.model = model
+        self.score_kw = dict(mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations)
+        self._own = not isinstance(workers, EncodePool)
+        self.pool = EncodePool(model.encoder, workers) if self._own else workers
+        pairs = iter(pairs)
+        chunks = iter(lambda: list(itertools.islice(pairs, chunk_size)), [])
+        self.stream = encoded_ahead(self.pool, chunks, media_dir)
+
+    def __call__(self, chunk: list[tuple]) -> list[tuple]:
+        sent, results = next(self.stream)
+        if [k for k, _ in sent] != [k for k, _ in chunk]:
+            raise RuntimeError(f"the encoding workers returned {[k for k, _ in sent][:3]}... where "
+                               f"{[k for k, _ in chunk][:3]}... were expected")
+        scores = self.model.score_encoded([e for e, _ in results], **self.score_kw)
+        return [(s, reason) for s, (_, reason) in zip(scores, results)]
+
+    def close(self) -> None:
+        if self._own:
+            self.pool.close()
+
+
+def score_with_workers(model, samples: list, workers, *, mode=None, max_batch_tokens=None, permutations: int = 1,
+                       errors: str = "raise", media_dir=None, chunk_size: int = 64) -> list:
+    """RewardModel.score with the encoding in worker processes. errors='skip': chunks of `chunk_size`
+    samples are scored while the next ones encode (None in the bad samples' places); errors='raise':
+    every sample is encoded first (in parallel) and one BatchError lists the bad ones before any
+    compute, as in-process."""
+    from .encoding import BatchError, SampleError
+
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    pairs = list(enumerate(samples))
+    if errors == "skip":
+        scorer = ChunkScorer(model, workers, pairs, chunk_size, media_dir, mode=mode,
+                             max_batch_tokens=max_batch_tokens, permutations=permutations)
+        try:
+            return [s for lo in range(0, len(pairs), chunk_size) for s, _ in scorer(pairs[lo:lo + chunk_size])]
+        finally:
+            scorer.close()
+    own = not isinstance(workers, EncodePool)
+    pool = EncodePool(model.encoder, workers) if own else workers
+    try:
+        results = pool.gather(pool.submit(samples, media_dir))
+    finally:
+        if own:
+            pool.close()
+    bad = [SampleError(i, reason, s.get("id") if isinstance(s, dict) else None)
+           for i, (s, (_, reason)) in enumerate(zip(samples, results)) if reason is not None]
+    if bad:
+        raise BatchError(bad)
+    return model.score_encoded([e for e, _ in results], mode=mode, max_batch_tokens=max_batch_tokens,
+                               permutations=permutations)

@@ -45,7 +45,14 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, NamedTuple
 
-from ._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, non_negative_int, positive_int
+from ._cli import (
+    add_media_budget_args,
+    add_model_args,
+    add_workers_arg,
+    apply_media_budgets,
+    load_model,
+    positive_int,
+)
 from ._io import WriteError, append_durable, cut_torn_tail, writing
 from .common import top_choice
 
@@ -82,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--errors", default=None, help="errors JSONL (default: <out>.errors.jsonl)")
     ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-    ap.add_argument("--workers", type=non_negative_int, default=0,
-                    help="encode (tokenize, decode media) in N worker processes ahead of the model (default 0: "
-                         "in this process); pays with the model on a GPU and spare CPU cores")
+    add_workers_arg(ap)
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="local: this process; ray: model actors on a Ray cluster via Ray Data (mrrm[ray])")
     ap.add_argument("--ray-address", default=None,
@@ -482,7 +487,11 @@ def _score_file(model, args, paths: _Paths, done_errors: set[int], check: _Resum
         if args.engine == "ray":
             scorer = _ray_scorer(args, paths, data_f, first_todo, done_errors)
         elif args.workers:
-            scorer = _PipelineScorer(model, args, paths, _todo_samples(paths.data, data_f.tell(), first_todo, done_errors))
+            from .pipeline import ChunkScorer
+
+            scorer = ChunkScorer(model, args.workers, _todo_samples(paths.data, data_f.tell(), first_todo, done_errors),
+                                 args.batch_size, paths.media_dir, mode=args.mode,
+                                 max_batch_tokens=args.max_batch_tokens, permutations=args.permutations)
         try:
             state.run = _Run(model, args, paths.data, paths.out, paths.errors, paths.media_dir, state.progress, out_f,
                              err_f, scorer=scorer)
@@ -507,32 +516,6 @@ def _todo_samples(data_path: str, offset: int, first_todo, done_errors: set[int]
                 sample, error = parse_line(raw)
                 if error is None:
                     yield lineno, sample
-
-
-class _PipelineScorer:
-    """--workers N: the chunks ahead of the one being scored are encoded by worker processes
-    (mrrm.pipeline), the model scores the encoded chunk here."""
-
-    def __init__(self, model, args, paths: _Paths, todo: Iterator[tuple[int, dict]]):
-        from .pipeline import EncodePool, encoded_ahead
-
-        self.model, self.args = model, args
-        self.pool = EncodePool(model.encoder, args.workers)
-        chunks = iter(lambda: list(itertools.islice(todo, args.batch_size)), [])
-        self.stream = encoded_ahead(self.pool, chunks, paths.media_dir)
-
-    def __call__(self, chunk: list[tuple[int, dict]]) -> list[tuple[list[float] | None, str | None]]:
-        sent, results = next(self.stream)
-        if [n for n, _ in sent] != [n for n, _ in chunk]:
-            raise RuntimeError(f"the encoding workers returned lines {[n for n, _ in sent][:3]}... where "
-                               f"{[n for n, _ in chunk][:3]}... were expected")
-        scores = self.model.score_encoded([e for e, _ in results], mode=self.args.mode,
-                                          max_batch_tokens=self.args.max_batch_tokens,
-                                          permutations=self.args.permutations)
-        return [(s, reason) for s, (_, reason) in zip(scores, results)]
-
-    def close(self) -> None:
-        self.pool.close()
 
 
 def _ray_scorer(args, paths: _Paths, data_f, first_todo, done_errors: set[int]):

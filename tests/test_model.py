@@ -400,6 +400,36 @@ def test_permutations_one_is_joint(qwen2, mixed_batch):
 
 # -- 5. save_pretrained / from_pretrained / mrrm.load --------------------------------------------
 
+@pytest.mark.slow
+def test_score_with_encoding_workers(qwen2, mixed_batch):
+    """workers=N encodes in worker processes: the same scores; errors='skip' gives None in a bad
+    sample's place (chunks scored while the next encode), errors='raise' one BatchError naming every
+    bad sample before any compute; a running EncodePool can be reused across calls."""
+    from mrrm.pipeline import EncodePool
+
+    model = qwen2.model
+    want = model.score(mixed_batch)
+    got = model.score(mixed_batch, workers=2)
+    assert_close(got, want, 1e-6, "workers=2")
+    bad = list(mixed_batch)
+    bad[2] = dict(bad[2], responses=[])
+    bad[5] = dict(bad[5], image="/nonexistent/img.png", id="lost")
+    with pytest.raises(BatchError) as info:
+        model.score(bad, workers=2)
+    assert [e.index for e in info.value.errors] == [2, 5] and info.value.errors[1].sample_id == "lost"
+    pool = EncodePool(model.encoder, 2)
+    try:
+        skipped = mrrm.score(bad, model, errors="skip", workers=pool)
+        assert skipped[2] is None and skipped[5] is None
+        assert_close([s for i, s in enumerate(skipped) if i not in (2, 5)],
+                     [s for i, s in enumerate(want) if i not in (2, 5)], 1e-6, "skip")
+        assert_close(model.score(mixed_batch[:2], workers=pool), want[:2], 1e-6, "reused pool")
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        model.score(mixed_batch, workers=-1)
+
+
 def test_save_load_round_trip_full_backbone(fam, mixed_batch, tmp_path):
     model = fam.model
     batch = [mixed_batch[0], mixed_batch[2], mixed_batch[5]]  # image, frame-list video, text
