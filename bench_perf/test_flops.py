@@ -2,9 +2,12 @@
 
 Architectures (published widths, written out in mrrm.flops.ARCHITECTURES, nothing downloaded):
 Qwen2.5-VL-3B and Qwen3-VL-4B (the paper's Molmo2-4B language model is Qwen3-4B, the width and depth
-of the Qwen3-VL-4B text tower). Each is built on the meta device at its real widths with one text
-layer and one vision block of each kind, its attention routed through mrrm; counts are scaled to the
-real depth (mrrm.flops.count_flops). The token layout of each mode is mrrm's own packing.
+of the Qwen3-VL-4B text tower), and the hybrid Qwen3.5-9B-style model (transformers' Qwen3_5Config
+defaults: 24 Gated DeltaNet + 8 full-attention layers; its linear layers' conv and chunked delta
+rule are counted as mrrm's torch path runs them, see mrrm.flops). Each is built on the meta device
+at its real widths with one text layer of each kind and one vision block of each kind, its attention
+routed through mrrm; counts are scaled to the real depth (mrrm.flops.count_flops). The token layout
+of each mode is mrrm's own packing.
 
 Cases: an image prompt (1,200 vision tokens: a 60 x 80 patch grid, 30 x 40 tokens) and a video
 prompt (16 frames, 90 tokens each: 8 temporal groups of 12 x 15 tokens, 1,440 tokens), P = 64
@@ -22,7 +25,7 @@ from mrrm import flops
 
 from .conftest import SMALL
 
-ARCHS = ["qwen2_5_vl_3b", "qwen3_vl_4b"]
+ARCHS = ["qwen2_5_vl_3b", "qwen3_vl_4b", "qwen3_5_9b"]
 PROMPTS = ["image"] if SMALL else ["image", "video"]
 NS = [1, 4] if SMALL else [1, 2, 4, 8, 16]
 RS = [64] if SMALL else [64, 256, 1024]

@@ -29,6 +29,17 @@ counted, as FlopCounterMode does not count them):
 - text, per layer: q/k/v/o and the gated MLP, 2 * (H*Hq*d + 2*H*Hkv*d + Hq*d*H + 3*H*I) per
   token; attention 4 * Hq * d per (query, key) pair (QK^T and PV; GQA repeats K/V per query head).
 - value head on the M = N score rows only: 2 * N * (H*D + D).
+- hybrid text models (Qwen3.5: Gated DeltaNet layers between full-attention layers): a full-attention
+  layer as above, its q_proj twice as wide (the output gate); a linear-attention layer's projections
+  in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj and the gated MLP, 2 * (H*(2Kd + Vd) + H*Vd
+  + 2*H*HV + Vd*H + 3*H*I) per token (Kd = Hk*dk key width, Vd = HV*dv value width), counted in
+  text_linear; its sequence mixing (`text_recurrent`, part of text_attention) is the depthwise
+  causal conv (2 * W * (2Kd + Vd) per token) plus the gated delta rule. The delta rule's "dense"
+  count is the chunked algorithm mrrm's torch path runs (transformers' torch_chunk_gated_delta_rule,
+  chunks of C = 64): per value head and chunk 4*C^2*dk + 2*C^2*dv + 6*C*dk*dv, over each phase's
+  segments padded to its longest (joint: one sequence; single: N sequences; independent: the prefix,
+  then the N responses from its state); "useful" is the recurrence's own work, 6 * HV * dk * dv per
+  token (read, write and query of the [dk, dv] state).
 
 Attention conventions (`convention=`):
 - "dense": every sequence's full L x L square, masked or not. This is what FlopCounterMode reports
@@ -60,7 +71,8 @@ CONVENTIONS = ("dense", "useful")
 SCORE_AT = ("last", "separator")
 SEPARATOR_TOKENS = 3          # "\n\n<|resp_sep|>\n\n" with Qwen's tokenizer: "\n\n", <|resp_sep|>, "\n\n"
 VALUE_HEAD_HIDDEN = 1024      # the paper's head: Linear(H, 1024) -> SiLU -> Linear(1024, 1)
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+DELTA_RULE_CHUNK = 64         # chunk size of transformers' torch_chunk_gated_delta_rule (mrrm's CPU path)
 
 # The published configs (config.json of Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen3-VL-4B-Instruct),
 # written out so nothing is downloaded. Token ids are Qwen's; they do not affect FLOPs.
@@ -91,6 +103,24 @@ ARCHITECTURES = {
                            temporal_patch_size=2, out_hidden_size=2560, num_position_embeddings=2304,
                            deepstack_visual_indexes=[5, 11, 17]),
         tie_word_embeddings=True, **_QWEN_TOKEN_IDS),
+    # transformers' Qwen3_5Config defaults (its docstring: "Qwen3.5-9B style"), the vision tower's
+    # output width set to the text width; the published config.json is not available offline.
+    "qwen3_5_9b": dict(
+        model_type="qwen3_5",
+        text_config=dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                         num_attention_heads=16, num_key_value_heads=4, head_dim=256, hidden_act="silu",
+                         max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                      for i in range(32)],
+                         linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                         linear_num_key_heads=16, linear_num_value_heads=32,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                          "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16, spatial_merge_size=2,
+                           temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304),
+        image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054),
 }
 
 
@@ -101,7 +131,10 @@ ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class TextSpec:
-    """The language model's widths. MLP: gated (gate, up, down), as Qwen2/Qwen2.5/Qwen3/LLaMA."""
+    """The language model's widths. MLP: gated (gate, up, down), as Qwen2/Qwen2.5/Qwen3/LLaMA.
+    Hybrid models (Qwen3.5): num_linear_layers of the num_layers are Gated DeltaNet layers (linear_*
+    widths, conv kernel linear_conv_kernel); the others are full attention with an output gate
+    (attn_output_gate: q_proj is twice as wide)."""
 
     hidden_size: int
     num_layers: int
@@ -109,6 +142,17 @@ class TextSpec:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+    num_linear_layers: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    attn_output_gate: bool = False
+
+    @property
+    def num_full_layers(self) -> int:
+        return self.num_layers - self.num_linear_layers
 
 
 @dataclass(frozen=True)
@@ -167,9 +211,34 @@ def _text_spec(tc, where: str) -> TextSpec:
     if heads % kv:
         raise ValueError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
     head_dim = _get(tc, "head_dim") or H // heads
-    return TextSpec(H, check_int(f"{where}: num_hidden_layers", _get(tc, "num_hidden_layers")), heads, kv,
-                    check_int(f"{where}: head_dim", head_dim),
-                    check_int(f"{where}: intermediate_size", _get(tc, "intermediate_size")))
+    layers = check_int(f"{where}: num_hidden_layers", _get(tc, "num_hidden_layers"))
+    return TextSpec(H, layers, heads, kv, check_int(f"{where}: head_dim", head_dim),
+                    check_int(f"{where}: intermediate_size", _get(tc, "intermediate_size")),
+                    **_linear_attention_widths(tc, layers, where))
+
+
+def _linear_attention_widths(tc, layers: int, where: str) -> dict:
+    """TextSpec's hybrid fields from a text config whose layer_types hold "linear_attention" (Qwen3.5's
+    Gated DeltaNet); {} for a plain transformer."""
+    types = list(_get(tc, "layer_types", None) or [])[:layers]
+    linear = sum(t == "linear_attention" for t in types)
+    if not linear:
+        return {}
+    unknown = sorted(set(types) - {"linear_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"{where}: layer types {unknown} are not modelled (linear_attention, full_attention)")
+    keys = {"linear_num_key_heads": "linear_num_key_heads", "linear_num_value_heads": "linear_num_value_heads",
+            "linear_key_head_dim": "linear_key_head_dim", "linear_value_head_dim": "linear_value_head_dim",
+            "linear_conv_kernel": "linear_conv_kernel_dim"}
+    out = {"num_linear_layers": linear, "attn_output_gate": True}
+    for field_name, key in keys.items():
+        if _get(tc, key) is None:
+            raise ValueError(f"{where}: a text config with linear_attention layers needs {key!r}")
+        out[field_name] = check_int(f"{where}: {key}", _get(tc, key))
+    if out["linear_num_value_heads"] % out["linear_num_key_heads"]:
+        raise ValueError(f"{where}: linear_num_value_heads ({out['linear_num_value_heads']}) must be a multiple of "
+                         f"linear_num_key_heads ({out['linear_num_key_heads']})")
+    return out
 
 
 def _vision_spec(family: str, vc, text_hidden: int, where: str) -> VisionSpec:
@@ -193,7 +262,7 @@ def _vision_spec(family: str, vc, text_hidden: int, where: str) -> VisionSpec:
                           window_size=check_int(f"{where}: vision window_size", _get(vc, "window_size", 0), minimum=0),
                           fullatt_block_indexes=tuple(int(i) for i in _get(vc, "fullatt_block_indexes", ()) or ()),
                           **common)
-    elif family == "qwen3_vl":
+    elif family in ("qwen3_vl", "qwen3_5"):  # Qwen3.5's tower is Qwen3-VL's without deepstack mergers
         spec = VisionSpec(hidden_size=req("hidden_size"), intermediate_size=req("intermediate_size"),
                           out_hidden_size=req("out_hidden_size", text_hidden),
                           deepstack_visual_indexes=tuple(
@@ -230,7 +299,7 @@ def _transformers_config(d: dict, where: str):
 
 def backbone_spec(config) -> BackboneSpec:
     """The widths the cost model needs, from: a BackboneSpec; a name in ARCHITECTURES; a transformers
-    config (Qwen2VLConfig, Qwen2_5_VLConfig, Qwen3VLConfig, or a dense text LM config such as
+    config (Qwen2VLConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3_5Config, or a dense text LM config such as
     Qwen2Config / Qwen3Config / LlamaConfig); a dict with "model_type" (a transformers config as a
     dict); or a plain dict of widths {"hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim"?, "intermediate_size", "vision_config"?: {..., "family"}}."""
@@ -489,16 +558,54 @@ def scoring_flops(config, mode: str, n: int, *, prompt_tokens: int, response_tok
     t = spec.text
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     H = t.hidden_size
-    per_token = 2 * (H * q + 2 * H * kv + q * H + 3 * H * t.intermediate_size)  # q, k, v, o; gate, up, down
+    q_out = 2 * q if t.attn_output_gate else q  # Qwen3.5's q_proj also produces the output gate
+    per_token = 2 * (H * q_out + 2 * H * kv + q * H + 3 * H * t.intermediate_size)  # q, k, v, o; gate, up, down
     out["prefix_tokens"] = prefix
     out["text_tokens"] = tokens
     out["sequences"] = len(structure)
-    out["text_linear"] = t.num_layers * per_token * tokens
-    out["text_attention"] = t.num_layers * 4 * q * _attention_pairs(structure, convention)
+    out["text_linear"] = t.num_full_layers * per_token * tokens + t.num_linear_layers * _linear_layer_per_token(t) * tokens
+    out["text_recurrent"] = t.num_linear_layers * _recurrent_mixing(t, structure, tokens, convention)
+    out["text_attention"] = t.num_full_layers * 4 * q * _attention_pairs(structure, convention) + out["text_recurrent"]
     out["text"] = out["text_linear"] + out["text_attention"]
     out["value_head"] = 2 * n * (t.hidden_size * head_hidden + head_hidden)
     out["total"] = out["vision"] + out["text"] + out["value_head"]
     return out
+
+
+def _linear_layer_per_token(t: TextSpec) -> int:
+    """Projection and MLP FLOPs of one Gated DeltaNet layer per token: in_proj_qkv, in_proj_z,
+    in_proj_a, in_proj_b, out_proj; gate, up, down."""
+    H = t.hidden_size
+    Kd, Vd = t.linear_num_key_heads * t.linear_key_head_dim, t.linear_num_value_heads * t.linear_value_head_dim
+    return 2 * (H * (2 * Kd + Vd) + H * Vd + 2 * H * t.linear_num_value_heads + Vd * H + 3 * H * t.intermediate_size)
+
+
+def _recurrent_phases(structure) -> list[list[int]]:
+    """The segment lengths of each phase mrrm's linear-attention path runs (mrrm.ops.linear_attention):
+    the roots (whole causal sequences; prefixes; responses of a shared sequence without prefix),
+    then the children (responses started from their prefix's state)."""
+    roots, children = [], []
+    for kind, prefix, segs in structure:
+        if kind == "causal" or (prefix and len(segs) == 1):  # a lone response continues its prefix
+            roots.append(prefix + sum(segs))
+        elif prefix:
+            roots.append(prefix)
+            children += segs
+        else:
+            roots += segs
+    return [p for p in (roots, children) if p]
+
+
+def _recurrent_mixing(t: TextSpec, structure, tokens: int, convention: str) -> int:
+    """One Gated DeltaNet layer's conv and delta rule FLOPs (see the module docstring)."""
+    HV, dk, dv = t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim
+    conv = 2 * t.linear_conv_kernel * (2 * t.linear_num_key_heads * dk + HV * dv) * tokens
+    if convention == "useful":
+        return conv + 6 * HV * dk * dv * tokens
+    C = DELTA_RULE_CHUNK
+    per_chunk = 4 * C * C * dk + 2 * C * C * dv + 6 * C * dk * dv
+    delta = sum(len(phase) * -(-max(phase) // C) for phase in _recurrent_phases(structure)) * HV * per_chunk
+    return conv + delta
 
 
 def ratio(config, n: int, *, numerator: str = "single", denominator: str = "joint", **shape) -> float:
@@ -540,6 +647,8 @@ class _Reduced:
     model: object
     spec: BackboneSpec
     text_layers_real: int
+    text_layer_kinds: list = field(default_factory=list)   # kind of each built text layer (hybrids)
+    text_layer_counts: dict = field(default_factory=dict)  # real number of text layers of each kind
     block_kinds: list = field(default_factory=list)   # kind of each built vision block
     block_counts: dict = field(default_factory=dict)  # real number of blocks of each kind
     vision_counts: dict = field(default_factory=dict)  # (grids, copies) -> counted vision FLOPs
@@ -565,9 +674,15 @@ def _reduced_backbone(config) -> _Reduced:
         if c is not None and hasattr(c, "_attn_implementation_internal"):
             c._attn_implementation_internal = None
     tc = getattr(cfg, "text_config", cfg)
-    tc.num_hidden_layers = 1
-    if getattr(tc, "layer_types", None) is not None:
+    text_kinds, text_counts = [], {}
+    if spec.text.num_linear_layers:  # a hybrid: one layer of each kind, each scaled by its real count
+        text_kinds = ["linear_attention", "full_attention"]
+        text_counts = {"linear_attention": spec.text.num_linear_layers, "full_attention": spec.text.num_full_layers}
+        text_kinds = [k for k in text_kinds if text_counts[k]]
+        tc.layer_types = list(text_kinds)
+    elif getattr(tc, "layer_types", None) is not None:
         tc.layer_types = list(tc.layer_types[:1])
+    tc.num_hidden_layers = max(1, len(text_kinds))
     kinds, counts = [], {}
     v = spec.vision
     if v is not None:
@@ -589,7 +704,7 @@ def _reduced_backbone(config) -> _Reduced:
     model.eval()
     if v is not None or getattr(model, "_supports_attention_backend", False):
         use_mrrm_attention(model)
-    reduced = _Reduced(model, spec, spec.text.num_layers, kinds, counts)
+    reduced = _Reduced(model, spec, spec.text.num_layers, text_kinds, text_counts, kinds, counts)
     if len(_REDUCED_CACHE) >= 4:
         _REDUCED_CACHE.pop(next(iter(_REDUCED_CACHE)))
     _REDUCED_CACHE[key] = reduced
@@ -637,7 +752,7 @@ def _count_vision(reduced: _Reduced, grids, copies: int) -> dict:
     if v.family == "qwen2_5_vl":
         window_index, cu_window = vu.get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
         kw.update(window_index=window_index.to(meta), cu_window_seqlens=cu_window)
-    if v.family == "qwen3_vl":
+    if v.family in ("qwen3_vl", "qwen3_5"):
         idx, wts = vu.get_vision_interpolation_indices_and_weights(
             grid, visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=v.spatial_merge_size)
@@ -734,6 +849,10 @@ def _count_text(reduced: _Reduced, pb):
     # cu_seqlens stay on the CPU (the reference attention loops over them); segment ids go to meta in
     # every mode so the reference builds its [L, L] masks on meta (masks are 0 FLOPs either way).
     varlen = VarlenMeta(pb.cu_seqlens, pb.max_seqlen, pb.mask, pb.segment_ids.to(meta))
+    if reduced.text_layer_kinds:  # the linear layers' plan, from the host copy (mrrm.qwen35.plan_for)
+        from .ops.linear_attention import recurrent_plan
+
+        varlen.recurrent_plan = recurrent_plan(pb.cu_seqlens, pb.mask, pb.segment_ids)
     embeds = torch.empty(1, T, reduced.spec.text.hidden_size, device=meta)
     positions = torch.zeros(3, 1, T, dtype=torch.int64, device=meta)
     lm = reduced.model.language_model if hasattr(reduced.model, "language_model") else reduced.model
@@ -741,9 +860,13 @@ def _count_text(reduced: _Reduced, pb):
     with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         hidden = lm(inputs_embeds=embeds, use_cache=False, mrrm_varlen=varlen, **lm_kwargs).last_hidden_state[0]
     text_total, text_bmm = _global(counter)
-    layer_total, layer_bmm = _module_flops(counter, ".layers.0")
-    L = reduced.text_layers_real
-    out = {"text": text_total + (L - 1) * layer_total, "text_attention": text_bmm + (L - 1) * layer_bmm}
+    kinds = reduced.text_layer_kinds or ["any"]
+    counts = reduced.text_layer_counts or {"any": reduced.text_layers_real}
+    for i in range(len(kinds)):  # the built layers out, each kind back at its real count
+        layer_total, layer_bmm = _module_flops(counter, f".layers.{i}")
+        text_total += (counts[kinds[i]] - 1) * layer_total
+        text_bmm += (counts[kinds[i]] - 1) * layer_bmm
+    out = {"text": text_total, "text_attention": text_bmm}
     out["text_linear"] = out["text"] - out["text_attention"]
     return hidden, out
 

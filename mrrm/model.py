@@ -43,7 +43,9 @@ RESP_REPR_MODES = ("last", "first", "first_last_concat", "first_last_add", "firs
 RESP_REPR_ALIASES = {"last_token": "last", "response_end": "last", "eos": "last"}
 # Backbones whose forward mrrm runs packed (varlen attention, explicit metadata); others go through
 # the generic padded path. Text-only transformers LMs that use the attention interface are packed too.
-PACKED_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "molmo2")
+PACKED_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "molmo2")
+# Hybrid backbones whose recurrent (linear-attention) layers read the packing too (mrrm.qwen35).
+LINEAR_ATTENTION_TYPES = ("qwen3_5",)
 # Backbones whose vision tower keeps its own attention (only the text model goes through mrrm's).
 TEXT_ONLY_ATTENTION_TYPES = ("molmo2",)
 CONFIG_FILE = "mrrm_config.json"
@@ -197,6 +199,10 @@ def use_mrrm_attention(backbone) -> None:
         base.language_model.set_attn_implementation(TEXT_ATTENTION)
         return
     base.set_attn_implementation(TEXT_ATTENTION)
+    if base.config.model_type in LINEAR_ATTENTION_TYPES:
+        from .qwen35 import use_mrrm_linear_attention
+
+        use_mrrm_linear_attention(base)
     visual = getattr(base, "visual", None)
     if visual is not None:
         visual.config._attn_implementation_internal = VISION_ATTENTION

@@ -21,6 +21,10 @@ MOLMO2_MEDIA_TOKENS = ["<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low
                        "<im_low>", "<frame_start>", "<frame_end>", "<|video|>"]
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES = QWEN_FAMILIES + ("molmo2",)
+# Hybrid backbones (linear-attention + full-attention text layers): built like the others, tested
+# in their own modules (tests/test_qwen35.py), so the families above keep their test matrix.
+HYBRID_FAMILIES = ("qwen3_5",)
+ALL_FAMILIES = FAMILIES + HYBRID_FAMILIES
 
 # The families' published chat templates (the `chat_template` their Instruct checkpoints ship;
 # Qwen2.5-VL ships Qwen2-VL's). The reference layout renders every sample with the checkpoint's own
@@ -133,8 +137,11 @@ MOLMO2_CHAT_TEMPLATE = (
     "{{ '<|im_start|>assistant\\n' }}{{ text_content }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# qwen3_5: Qwen3-VL's template (the published Qwen3.5 template is not available offline; its
+# processor is Qwen3-VL's, so the media blocks render the same way).
 CHAT_TEMPLATES = {"qwen2_vl": QWEN2_VL_CHAT_TEMPLATE, "qwen2_5_vl": QWEN2_VL_CHAT_TEMPLATE,
-                  "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE, "molmo2": MOLMO2_CHAT_TEMPLATE}
+                  "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE, "qwen3_5": QWEN3_VL_CHAT_TEMPLATE,
+                  "molmo2": MOLMO2_CHAT_TEMPLATE}
 
 # Qwen2's pre-tokenizer split (the real Qwen2/2.5/3 and Molmo2 tokenizers use it): punctuation keeps
 # the newlines that follow it (".\n\n" is one pre-token), so the separator's "\n\n" can merge with the
@@ -171,8 +178,8 @@ def _corpus():
 
 def special_tokens(family: str = "qwen2_vl") -> list[str]:
     """The family's special tokens, <|resp_sep|> last (as the authors' code adds it)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family must be one of {ALL_FAMILIES}, got {family!r}")
     extra = MOLMO2_MEDIA_TOKENS if family == "molmo2" else []
     return QWEN_SPECIAL_TOKENS + extra + [RESP_SEP]
 
@@ -220,8 +227,8 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 640, hidden_size
     build_tokenizer()). patch_size defaults to 8 (Qwen) or 14 (Molmo2, its crops are 28x28 pixels)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family must be one of {ALL_FAMILIES}, got {family!r}")
     tok = tokenizer or build_tokenizer(vocab_size, family)
     head_dim = hidden_size // heads
     if family == "molmo2":
@@ -241,6 +248,10 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 640, hidden_size
     common = dict(bos_token_id=None, eos_token_id=text["eos_token_id"], pad_token_id=tok.pad_token_id,
                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen3_5":
+        return _qwen3_5_config(text, common, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                               vision_width=vision_width, vision_depth=vision_depth, patch_size=patch_size,
+                               rope_theta=rope_theta, initializer_range=initializer_range)
     if family == "qwen3_vl":
         text.update(head_dim=head_dim)
         vision = dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width,
@@ -260,6 +271,38 @@ def build_config(family: str = "qwen2_vl", *, vocab_size: int = 640, hidden_size
                       initializer_range=initializer_range)
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
     return cfg
+
+
+def qwen3_5_layer_types(layers: int) -> list[str]:
+    """Qwen3.5's pattern: three Gated DeltaNet layers, then one full-attention layer, repeated (a
+    model of fewer than 4 layers ends on a full-attention layer, so it has both kinds from 2 up)."""
+    types = [("full_attention" if (i + 1) % 4 == 0 else "linear_attention") for i in range(layers)]
+    if layers < 4:
+        types[-1] = "full_attention"
+    return types
+
+
+def _qwen3_5_config(text, common, *, layers, heads, kv_heads, head_dim, vision_width, vision_depth, patch_size,
+                    rope_theta, initializer_range):
+    """A tiny Qwen3.5: its text layers mix Gated DeltaNet (linear attention; grouped value heads, as
+    the released models have twice as many value heads as key heads) with gated full attention whose
+    partial rotary embedding is an interleaved 3-D mrope, as the released configs set it."""
+    from transformers import Qwen3_5Config
+
+    if layers < 2:
+        raise ValueError(f"a tiny Qwen3.5 needs at least 2 layers (linear and full attention), got {layers}")
+    rotary_half = head_dim // 4  # partial_rotary_factor 0.5: a quarter of head_dim per half
+    section = [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3]
+    text = dict(text, head_dim=head_dim, layer_types=qwen3_5_layer_types(layers),
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5,
+                                 "mrope_section": section, "mrope_interleaved": True},
+                linear_conv_kernel_dim=4, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+                linear_num_key_heads=max(1, kv_heads), linear_num_value_heads=2 * max(1, kv_heads))
+    vision = dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=2,
+                  patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                  out_hidden_size=text["hidden_size"], num_position_embeddings=256,
+                  initializer_range=initializer_range)
+    return Qwen3_5Config(text_config=text, vision_config=vision, **common)
 
 
 # Molmo2's crops: 28x28 pixels of 14-pixel patches (2x2 patches), pooled 2x2 into one token per
@@ -314,7 +357,7 @@ def build_processors(family: str = "qwen2_vl", *, patch_size: int | None = None,
 
     common = dict(patch_size=patch_size or 8, merge_size=2, temporal_patch_size=2)
     image = Qwen2VLImageProcessor(min_pixels=image_pixels // 4, max_pixels=image_pixels, **common)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_5"):  # Qwen3.5's processors are Qwen3-VL's
         from transformers import Qwen3VLVideoProcessor as VideoProcessor
         video = VideoProcessor(size={"shortest_edge": video_pixels // 4, "longest_edge": video_pixels * 16},
                                **common)
@@ -328,7 +371,7 @@ def processor_class(family: str):
     from transformers import Molmo2Processor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
     return {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor,
-            "molmo2": Molmo2Processor}[family]
+            "qwen3_5": Qwen3VLProcessor, "molmo2": Molmo2Processor}[family]
 
 
 def build_processor(family: str = "qwen2_vl", tokenizer=None, **processor_kw):

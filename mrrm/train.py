@@ -187,8 +187,13 @@ def build_model(cfg: TrainConfig):
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
+        target = cfg.lora_target
+        if target == TrainConfig.lora_target and backbone.config.model_type == "qwen3_5":
+            from .qwen35 import LORA_TARGET  # the default on Qwen3.5: its Gated DeltaNet layers too
+
+            target = LORA_TARGET
         backbone = get_peft_model(backbone, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                       lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target))
+                                                       lora_dropout=cfg.lora_dropout, target_modules=target))
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
     return RewardModel(backbone, tok, proc, rm_cfg)
