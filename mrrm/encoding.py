@@ -199,6 +199,7 @@ class Encoder:
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
         self.one_media_kind = one_media_kind
+        self.offset_pooling = _pooling_indexes_whole_sample(processor)
         self.sep_id = tokenizer.convert_tokens_to_ids(RESP_SEP)
         if self.sep_id is None or self.sep_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {RESP_SEP} token; add it as a special token first "
@@ -454,14 +455,30 @@ class Encoder:
         return encoded, bad
 
 
-def _join_media(per_sequence: list[dict]) -> dict:
-    """Concatenate the sequences' media along dim 0, in stream order. Pooling indices point into the
-    flattened patches of all crops (or frames) so far, so they are offset (-1 stays padding)."""
+def _pooling_indexes_whole_sample(processor) -> bool:
+    """Whether a processor's pooling indices (Molmo2's image_token_pooling / video_token_pooling) index
+    the patches of the whole sample, so that joining samples must offset them: transformers < 5.25 and
+    the remote-code Molmo2. transformers >= 5.25's native Molmo2 indexes each image's (each video's)
+    own patches, and its model offsets them itself (image_num_crops, the videos' frame counts)."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or not type(image_processor).__module__.startswith("transformers.models.molmo2"):
+        return True
+    import inspect
+
+    from transformers.models.molmo2.modeling_molmo2 import Molmo2Model
+
+    return "image_num_crops" not in inspect.signature(Molmo2Model.get_image_features).parameters
+
+
+def _join_media(per_sequence: list[dict], offset_pooling: bool = True) -> dict:
+    """Concatenate the sequences' media along dim 0, in stream order. offset_pooling: pooling indices
+    point into the flattened patches of all crops (or frames) so far, so they are offset (-1 stays
+    padding); else each indexes its own image's / video's patches (the backbone offsets them)."""
     out: dict[str, list] = {}
     patches = {k: 0 for k in _POOLING_KEYS.values()}
     for m in per_sequence:
         for k, v in m.items():
-            if k in _POOLING_KEYS:
+            if k in _POOLING_KEYS and offset_pooling:
                 src = _POOLING_KEYS[k]
                 v = torch.where(v >= 0, v + patches[src], v)
             out.setdefault(k, []).append(v)
@@ -480,7 +497,8 @@ def attach_media(packed: PackedBatch, encoded: Sequence[EncodedSample], encoder:
     if packed.mode == "single":
         reps = [len(e.layout.response_ids) for e in encoded]
     seqs = [e.media for e, r in zip(encoded, reps) for _ in range(r) if e.media]
-    return ModelInputs(packed, encoder.token_types(packed.input_ids), _join_media(seqs))
+    return ModelInputs(packed, encoder.token_types(packed.input_ids),
+                       _join_media(seqs, getattr(encoder, "offset_pooling", True)))
 
 
 def with_cyclic_orders(encoder: Encoder, encoded: EncodedSample, k: int) -> list[tuple[EncodedSample, list[int]]]:
