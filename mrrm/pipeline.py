@@ -95,6 +95,14 @@ def encoded_ahead(pool: EncodePool, chunks: Iterable[list], media_dir=None, pref
         yield chunk, pool.gather(futures)
 
 
+def _pool_for(encoder, workers) -> tuple[EncodePool, bool]:
+    """(the pool to encode with, whether the caller started it and must close it): `workers` is a
+    process count or a running EncodePool."""
+    if isinstance(workers, EncodePool):
+        return workers, False
+    return EncodePool(encoder, workers), True
+
+
 class ChunkScorer:
     """A model scoring chunks whose encoding runs ahead in worker processes: built over the whole
     stream of (key, sample) pairs to come, called once per chunk in the same order with that chunk's
@@ -110,8 +118,7 @@ class ChunkScorer:
         check_int("chunk_size", chunk_size)
         self.model = model
         self.score_kw = dict(mode=mode, max_batch_tokens=max_batch_tokens, permutations=permutations)
-        self._own = not isinstance(workers, EncodePool)
-        self.pool = EncodePool(model.encoder, workers) if self._own else workers
+        self.pool, self._own = _pool_for(model.encoder, workers)
         pairs = iter(pairs)
         chunks = iter(lambda: list(itertools.islice(pairs, chunk_size)), [])
         self.stream = encoded_ahead(self.pool, chunks, media_dir)
@@ -147,8 +154,7 @@ def score_with_workers(model, samples: list, workers, *, mode=None, max_batch_to
             return [s for lo in range(0, len(pairs), chunk_size) for s, _ in scorer(pairs[lo:lo + chunk_size])]
         finally:
             scorer.close()
-    own = not isinstance(workers, EncodePool)
-    pool = EncodePool(model.encoder, workers) if own else workers
+    pool, own = _pool_for(model.encoder, workers)
     try:
         results = pool.gather(pool.submit(samples, media_dir))
     finally:

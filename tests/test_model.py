@@ -20,6 +20,7 @@ import torch
 from model_fixtures import (
     FAMILIES,
     HEAD_DIM,
+    build_family,
     build_processor,
     frame_list,
     max_abs_diff,
@@ -219,12 +220,20 @@ def test_one_vision_call_per_pass_equals_the_backbone_s_own_calls(fam, mixed_bat
     equal the backbone's own calls (one per media kind, none without media)."""
     if fam.family == "molmo2":
         pytest.skip("Molmo2 takes images or videos per pass, and sharding refuses ZeRO-3 for it")
-    model = fam.model
+    assert_one_vision_call_matches(fam.model, mixed_batch)
+
+
+def test_one_vision_call_on_qwen3_5(tokenizer, mixed_batch):
+    """The same on the hybrid Qwen3.5 (its Gated DeltaNet layers read the same packing)."""
+    assert_one_vision_call_matches(build_family("qwen3_5", tokenizer, seed=4).model, mixed_batch)
+
+
+def assert_one_vision_call_matches(model, batch):
     base = mrrm.model.unwrap(model.backbone)
     calls = []
     hook = base.visual.register_forward_hook(lambda *a: calls.append(1))
-    encoded, _ = model.encoder.encode_all(mixed_batch)
-    text_only = [e for s, e in zip(mixed_batch, encoded) if "image" not in s and "video" not in s]
+    encoded, _ = model.encoder.encode_all(batch)
+    text_only = [e for s, e in zip(batch, encoded) if "image" not in s and "video" not in s]
 
     def run(units, one):
         model.one_vision_call = one
