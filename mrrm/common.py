@@ -36,9 +36,11 @@ def check_positive(name: str, value, *, unit: str = "") -> float:
     return float(value)
 
 
-def check_choice(name: str, value, choices: Sequence) -> None:
+def check_choice(name: str, value, choices: Sequence):
+    """`value` if it is one of `choices`, else a ValueError naming it and the choices."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def top_choice(keys: Sequence, *, ties: str = "none") -> int | None:

@@ -31,18 +31,23 @@ file, outside the mrrm package.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
+import json
 import math
 import os
+import sys
+import time
 import weakref
 from typing import Any, Sequence
 
 from mrrm import media
 from mrrm.common import MODES, check_choice, check_int, check_positive
 
-__all__ = ["RewardFunction", "compute_score", "compute_score_row", "GroupAssembler", "canonical_order", "prompt_text",
-           "completion_text", "group_sample", "ungroup", "score_groups", "fill_empty"]
+__all__ = ["RewardFunction", "compute_score", "compute_score_row", "GroupAssembler", "RayGroupAssembler", "GroupError",
+           "GroupIncomplete", "GroupOverfull", "GroupConflict", "RolloutRejected", "PendingFull", "canonical_order",
+           "prompt_text", "completion_text", "group_sample", "ungroup", "score_groups", "fill_empty"]
 
 
 
@@ -426,74 +431,270 @@ def _verl_rewards(groups: list[dict], scored: list[list[float | None]], n: int,
 
 
 # --------------------------------------------------------------------------------------------------
-# veRL 0.9: one call per row (the reward loop), groups assembled in the worker's event loop
+# Groups assembled across calls: one rollout per call (veRL 0.9's reward loop, OpenRLHF's requests)
 # --------------------------------------------------------------------------------------------------
 
-_ROW_KWARGS = _VERL_KWARGS + ("group_size", "group_timeout")
-DEFAULT_GROUP_TIMEOUT = 120.0
+DEFAULT_GROUP_TIMEOUT = 120.0  # seconds a group's first rollout waits for the rest (OpenRLHF's client gives up at 180)
+PARTIAL_GROUPS = ("error", "score")
+ASSEMBLERS = ("auto", "local", "ray")
 
 
-class PendingFull(Exception):
-    """GroupAssembler.add would hold more than max_pending responses."""
+class GroupError(Exception):
+    """A group that cannot be scored as the trainer meant it. `status`: the HTTP status the reward
+    server answers with. Never a reward: the message names the cause and the fix."""
+
+    status = 409
+
+
+class GroupIncomplete(GroupError):
+    """Fewer rollouts of a prompt than the group size arrived within the group timeout."""
+
+    status = 504
+
+
+class GroupOverfull(GroupError):
+    """More rollouts of a prompt than the group size arrived within the window: the trainer's samples
+    per prompt differ from the group size (or one prompt appears twice in a batch)."""
+
+
+class GroupConflict(GroupError):
+    """The rows of one group disagree: one uid given to two prompts, or two group sizes."""
+
+
+class RolloutRejected(GroupError):
+    """This rollout's own input is invalid; it still counts as one of its group's arrivals, and the rest
+    of the group is scored without it."""
+
+    status = 422
+
+
+class PendingFull(GroupError):
+    """A new group would hold more than max_pending responses (a group already open is never refused)."""
+
+    status = 429
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 class _Group:
-    def __init__(self, base: dict, future):
-        self.base, self.future, self.responses, self.closed, self.timer = base, future, [], False, None
+    """One prompt's rollouts: open until `size` arrived (or the timeout), then scored once, then kept
+    (closed) for the window so that a client's retry gets the same answer and an extra rollout is seen."""
+
+    def __init__(self, key, base: dict, size: int, signature, future):
+        self.key, self.base, self.size, self.signature, self.future = key, base, size, signature, future
+        self.arrived = 0
+        self.responses: list[str] = []        # the valid rollouts, in arrival order (scored as one group)
+        self.rejected: dict[bytes, str] = {}  # digest of a rejected rollout -> why
+        self.closed = False
+        self.timer = None
+        self.expires = 0.0
 
 
 class GroupAssembler:
-    """Holds the responses of one group (one prompt) across calls until `group_size` of them arrived
-    or `group_timeout` seconds passed since the first, then scores them ONCE as one group:
-    `await score({**base, "responses": [...]})` returns a reward per response. Used where a trainer
-    hands over one rollout at a time: the reward server's /get_reward (OpenRLHF) and
-    compute_score_row (veRL 0.9). `max_pending`: more held responses than that -> PendingFull.
-    Counters: groups, groups_timed_out; `pending` responses held now. One event loop per assembler."""
+    """Holds the rollouts of each group (one prompt) across calls until `group_size` of them arrived,
+    then scores them ONCE as one group: `await score({**base, "responses": [...]})` returns a reward per
+    response. Used where a trainer hands over one rollout at a time: the reward server's /get_reward
+    (OpenRLHF), compute_score_row (veRL 0.9) in one process, and the Ray actor every veRL reward worker
+    shares (`RayGroupAssembler`). One event loop per assembler.
 
-    def __init__(self, score, *, group_size: int, group_timeout: float, max_pending: int | None = None):
-        self.score, self.group_size, self.group_timeout, self.max_pending = score, group_size, group_timeout, max_pending
-        self.open: dict = {}
+    Never a plausible wrong reward:
+    * a group short of its size after `group_timeout` s: GroupIncomplete for every member
+      (partial="error", the default), or scored as it is (partial="score");
+    * more rollouts of a prompt than its size within `window` s (default: the group timeout) of the
+      group's close: GroupOverfull, and from then on every call fails with that message (the trainer
+      and the group size disagree for every prompt; a restart with the right size clears it);
+    * a uid shared by two prompts, or two sizes for one group: GroupConflict for the whole group;
+    * a rollout whose input is invalid (`reject`): RolloutRejected for it alone; it counts as an arrival,
+      the rest of its group is scored without it.
+    A call repeated after its group closed (a client's retry) gets the same rewards (or error) again.
+    `max_pending`: a NEW group that would bring the held responses over it -> PendingFull (an open
+    group's rollouts are always taken, so a group is never split). Counters: groups, groups_timed_out,
+    groups_failed, groups_overfull, rollouts_rejected; `pending`: responses held now."""
+
+    def __init__(self, score, *, group_size: int, group_timeout: float, partial: str = "error",
+                 max_pending: int | None = None, window: float | None = None, max_recent: int = 1 << 17,
+                 size_hint: str = "the group size"):
+        check_int("group_size", group_size)
+        check_positive("group_timeout", group_timeout, unit="seconds")
+        check_choice("partial", partial, PARTIAL_GROUPS)
+        if max_pending is not None and check_int("max_pending", max_pending) < group_size:
+            raise ValueError(f"max_pending ({max_pending}) must be at least the group size ({group_size}): "
+                             "a group could never be held whole")
+        self.score, self.group_size, self.group_timeout, self.partial = score, group_size, group_timeout, partial
+        self.max_pending, self.window = max_pending, float(window if window is not None else group_timeout)
+        self.max_recent, self.size_hint = max_recent, size_hint
+        self.groups: dict = {}           # key -> its open group, or its closed one for the window
+        self._closed_order: collections.deque = collections.deque()  # (expires, key, group), in closing order
         self.pending = 0
-        self.counters = {"groups": 0, "groups_timed_out": 0}
+        self.misconfigured: str | None = None
+        self.counters = {"groups": 0, "groups_timed_out": 0, "groups_failed": 0, "groups_overfull": 0,
+                         "rollouts_rejected": 0}
 
-    async def add(self, key, base: dict, responses: list[str]) -> tuple[list[float], int]:
-        """Add one call's responses of one group; returns (their rewards, the group's size) once the
-        group is scored."""
-        if self.max_pending is not None and self.pending + len(responses) > self.max_pending:
-            raise PendingFull()
-        loop = asyncio.get_running_loop()
-        g = self.open.get(key)
-        if g is None:
-            g = self.open[key] = _Group(base, loop.create_future())
-            g.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
-            g.timer = loop.call_later(self.group_timeout, self._close, key, g, True)
+    # -- arrivals -----------------------------------------------------------------------------------
+    async def add(self, key, base: dict, responses: list[str], *, group_size: int | None = None,
+                  signature=None) -> tuple[list[float], int]:
+        """Add one call's rollouts of one group; returns (their rewards, the number of responses the group
+        was scored with) once the group is scored. `signature`: what every call of the group must agree
+        on (the prompt's text and media) when the key is an id; `group_size` overrides the default for
+        this group (validation with n=1)."""
+        size = self._size(group_size)
+        digests = [_digest(r) for r in responses]
+        g = self._arrival(key, base, size, signature, digests)
+        if g.closed:  # a retry of rollouts the group already holds
+            rewards = await asyncio.shield(g.future)
+            by_digest = {_digest(r): v for r, v in zip(g.responses, rewards)}
+            return [by_digest[d] for d in digests], len(rewards)
         lo = len(g.responses)
         g.responses.extend(responses)
+        g.arrived += len(responses)
         self.pending += len(responses)
-        if len(g.responses) >= self.group_size:
-            self._close(key, g, False)
+        self._after_arrival(g)
         rewards = await asyncio.shield(g.future)
         return rewards[lo:lo + len(responses)], len(rewards)
 
-    def _close(self, key, g: _Group, timed_out: bool) -> None:
-        if self.open.get(key) is g:
-            del self.open[key]
-        if g.closed:
-            return
+    def reject(self, key, base: dict, rollout: str, reason: str, *, group_size: int | None = None,
+               signature=None) -> RolloutRejected:
+        """Count an invalid rollout (`rollout`: its raw text, `reason`: why) as one arrival of its group,
+        which is then scored without it. Returns the RolloutRejected to raise for it (the same one for a
+        retry); raises GroupError when the group is over its size or in conflict."""
+        size = self._size(group_size)
+        digest = _digest(rollout)
+        g = self.groups.get(key)
+        if g is not None and digest in g.rejected:  # a retry of a rollout already refused
+            return RolloutRejected(g.rejected[digest])
+        g = self._arrival(key, base, size, signature, [digest], retry_ok=False)
+        g.rejected[digest] = reason
+        g.arrived += 1
+        self.counters["rollouts_rejected"] += 1
+        self._after_arrival(g)
+        return RolloutRejected(reason)
+
+    def _size(self, group_size) -> int:
+        if self.misconfigured is not None:
+            raise GroupOverfull(self.misconfigured)
+        return self.group_size if group_size is None else check_int("group_size", group_size)
+
+    def _arrival(self, key, base, size: int, signature, digests: list[bytes], *, retry_ok: bool = True) -> _Group:
+        """The group a call's rollouts (their `digests`) join, opened if new. A closed group is returned only
+        for a retry (retry_ok: every rollout is one the group was scored with); otherwise a call that comes
+        after its group closed is over the group's size."""
+        count = len(digests)
+        self._forget_expired()
+        g = self.groups.get(key)
+        if g is not None and g.signature != signature:
+            self._fail(g, GroupConflict(f"one group id names two different prompts ({_short(g.base)} and "
+                                        f"{_short(base)}): give every prompt its own uid"))
+        if g is not None and g.closed:
+            error = g.future.exception() if g.future.done() and not g.future.cancelled() else None
+            if error is not None:
+                raise error  # a late or retried member of a group that failed
+            if retry_ok and set(digests) <= {_digest(r) for r in g.responses}:
+                return g
+            self._overfull(g, count)
+        if g is not None and g.size != size:
+            self._fail(g, GroupConflict(f"the rollouts of one prompt give two group sizes, {g.size} and {size}"))
+        if g is None:
+            if self.max_pending is not None and self.pending + count > self.max_pending:
+                raise PendingFull(f"{self.pending} responses are waiting for their groups (max_pending "
+                                  f"{self.max_pending}); retry later")
+            loop = asyncio.get_running_loop()
+            g = self.groups[key] = _Group(key, base, size, signature, loop.create_future())
+            g.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+            g.timer = loop.call_later(self.group_timeout, self._close, g, True)
+        return g
+
+    def _after_arrival(self, g: _Group) -> None:
+        if g.arrived > g.size:
+            self._overfull(g, 0)
+        if g.arrived == g.size:
+            self._close(g, False)
+
+    # -- outcomes -----------------------------------------------------------------------------------
+    def _overfull(self, g: _Group, extra: int):
+        seen = g.arrived + extra
+        self.misconfigured = (
+            f"more rollouts of one prompt than its group size arrived: {g.size} expected, {seen} within "
+            f"{self.window:g} s. The trainer's samples per prompt (OpenRLHF --rollout.n_samples_per_prompt, veRL "
+            f"actor_rollout_ref.rollout.n) must equal {self.size_hint} ({g.size}); if they do, the same prompt "
+            "came twice in one batch: give each dataset row its own uid. Every reward is refused until the "
+            "reward function or server is restarted with matching settings")
+        self.counters["groups_overfull"] += 1
+        error = GroupOverfull(self.misconfigured)
+        self._fail(g, error)
+
+    def _fail(self, g: _Group, error: GroupError):
+        """End `g` with `error` for every member, keep it for the window (retries get the error), raise it."""
+        if not g.closed:
+            self._mark_closed(g)
+        if not g.future.done():
+            self.counters["groups_failed"] += 1
+            g.future.set_exception(error)
+        raise error
+
+    def _mark_closed(self, g: _Group) -> None:
         g.closed = True
         g.timer.cancel()
+        self.pending -= len(g.responses)
+        g.expires = time.monotonic() + self.window
+        self._closed_order.append((g.expires, g.key, g))
         self.counters["groups"] += 1
-        self.counters["groups_timed_out"] += int(timed_out)
-        g.task = asyncio.get_running_loop().create_task(self._run(g))
+        while len(self._closed_order) > self.max_recent:
+            self._forget(self._closed_order.popleft())
+
+    def _close(self, g: _Group, timed_out: bool) -> None:
+        if g.closed:
+            return
+        self._mark_closed(g)
+        if timed_out:
+            self.counters["groups_timed_out"] += 1
+        if timed_out and self.partial == "error":
+            self.counters["groups_failed"] += 1
+            g.future.set_exception(GroupIncomplete(
+                f"only {g.arrived} of the {g.size} rollouts of this prompt arrived within {self.group_timeout:g} s: "
+                f"the trainer sends fewer samples per prompt than {self.size_hint}, or they reach more than one "
+                "assembler (several reward servers or reward workers that do not share one; use one front server / "
+                "the Ray assembler), or generation takes longer than the group timeout (raise it). Scoring "
+                "partial groups is an explicit choice: partial groups 'score'"))
+        elif not g.responses:
+            g.future.set_result([])
+        else:
+            g.task = asyncio.get_running_loop().create_task(self._run(g))
 
     async def _run(self, g: _Group) -> None:
         try:
             g.future.set_result(list(await self.score({**g.base, "responses": list(g.responses)})))
         except Exception as e:  # noqa: BLE001 - handed to every call of the group
             g.future.set_exception(e)
-        finally:
-            self.pending -= len(g.responses)
 
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        while self._closed_order and self._closed_order[0][0] <= now:
+            self._forget(self._closed_order.popleft())
+
+    def _forget(self, entry) -> None:
+        _, key, g = entry
+        if self.groups.get(key) is g:
+            del self.groups[key]
+
+    @property
+    def open(self) -> dict:
+        """The groups still waiting for rollouts, by key."""
+        return {k: g for k, g in self.groups.items() if not g.closed}
+
+
+def _short(base: dict) -> str:
+    text = str(base.get("prompt", ""))
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+# --------------------------------------------------------------------------------------------------
+# veRL 0.9: one call per row (the reward loop); one assembler for all reward workers
+# --------------------------------------------------------------------------------------------------
+
+_ROW_KWARGS = _VERL_KWARGS + ("group_size", "group_timeout", "partial_groups", "assembler", "assembler_options")
+_ROW_SIZE_HINT = "reward_kwargs.group_size"
 
 # event loop -> {the reward options -> its GroupAssembler}: veRL awaits a worker's rows in one loop
 _ROW_ASSEMBLERS = weakref.WeakKeyDictionary()
@@ -506,45 +707,127 @@ def _row_model_thread():
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-verl")
 
 
+def _group_scorer(model, mode, max_batch_tokens, empty_reward):
+    """score(group) -> a reward per response, on one model thread (off the event loop)."""
+    def score_one(group: dict) -> list[float]:
+        (values,) = score_groups(model, [group], mode=mode, max_batch_tokens=max_batch_tokens)
+        return fill_empty(values, empty_reward)
+
+    async def score(group: dict) -> list[float]:
+        return await asyncio.get_running_loop().run_in_executor(_row_model_thread(), score_one, group)
+
+    return score
+
+
+class RayGroupAssembler:
+    """The one GroupAssembler of a veRL run, as a named Ray actor: veRL's reward workers (`reward.num_workers`,
+    8 by default) are separate Ray actors, and its agent loop sends each rollout to a random one, so the
+    rollouts of a prompt meet only here. It holds the reward model (one copy for all workers) and scores
+    each group once. Created by the first worker that needs it (`get_if_exists`), found by name by the
+    others; its lifetime is that worker's."""
+
+    def __init__(self, settings: dict):
+        mode = settings["mode"]
+        model = _resolve_model(settings["model"], settings["device"], settings["dtype"], mode)
+        self.assembler = GroupAssembler(_group_scorer(model, mode, settings["max_batch_tokens"], settings["empty_reward"]),
+                                        group_size=settings["group_size"], group_timeout=settings["group_timeout"],
+                                        partial=settings["partial_groups"], size_hint=_ROW_SIZE_HINT)
+
+    async def add(self, key, base: dict, responses: list[str], group_size: int | None, signature):
+        return await self.assembler.add(key, base, responses, group_size=group_size, signature=signature)
+
+    def counters(self) -> dict:
+        return dict(self.assembler.counters)
+
+
+def _in_ray_actor() -> bool:
+    """Whether this code runs inside a Ray actor (a veRL reward worker). Ray is only looked at when the
+    process already imported it."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        return bool(ray.is_initialized()) and isinstance(ray.get_runtime_context().get_actor_id(), str)
+    except Exception:  # noqa: BLE001 - anything but a real Ray runtime: not in an actor
+        return False
+
+
+def ray_assembler(settings: dict, actor_options: dict | None = None):
+    """The named Ray actor (RayGroupAssembler) for these reward settings, created if missing. The name
+    is derived from the settings, so reward functions with other settings get their own."""
+    import ray
+
+    name = "mrrm-group-assembler-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
+                                                    .encode()).hexdigest()[:16]
+    options = {"name": name, "get_if_exists": True, "max_concurrency": 1 << 16}
+    if str(settings.get("device") or "").startswith("cuda"):
+        options["num_gpus"] = 1
+    options.update(actor_options or {})
+    return ray.remote(RayGroupAssembler).options(**options).remote(settings)
+
+
 async def compute_score_row(data_source=None, solution_str=None, ground_truth=None, extra_info=None, **kwargs):
     """veRL 0.9 reward function: veRL's reward loop calls it once per rollout (naive / dapo / gdpo /
-    rate_limited managers, awaited in the worker's event loop). The rows of one prompt are held until
-    `group_size` (= actor_rollout_ref.rollout.n) of them arrived, or `group_timeout` seconds passed,
-    and scored together in one pass; each row gets its own reward. Returns {"score": reward,
-    "mrrm_group_size": size of the group scored}.
+    rate_limited managers). The rows of one prompt are held until `group_size` (set it to
+    `${actor_rollout_ref.rollout.n}`) of them arrived and scored together in one pass; each row gets its
+    own reward. Returns {"score": reward, "mrrm_group_size": responses the group was scored with}.
+
+    Where the rows meet (`assembler`): "auto" (default) = inside a Ray actor (veRL's reward workers, however
+    many), one named Ray actor (`RayGroupAssembler`, holding the model) that every worker finds; elsewhere,
+    this process's event loop ("local"). `assembler_options`: Ray actor options for it (num_cpus, num_gpus,
+    resources, ...; a cuda device asks for one GPU).
 
     extra_info (set by your dataset preprocessing, as for compute_score): "prompt" (string or chat),
     optional "uid" (rows are grouped by it, else by prompt text and media), "image"/"images"/"video"/
-    "videos". reward_kwargs: group_size (required), group_timeout (default 120 s), and compute_score's
-    model, mode, max_batch_tokens, device, dtype, media_root, empty_reward. Set reward.num_workers=1:
-    veRL sends each rollout to a random reward worker, and a group is assembled within one worker.
+    "videos", and "group_size" (this row's group size, e.g. 1 in a validation set generated with n=1).
+    reward_kwargs: group_size (required), group_timeout (default 120 s), partial_groups ("error": a group
+    short after the timeout raises GroupIncomplete; "score": scored as it is), assembler, assembler_options,
+    and compute_score's model, mode, max_batch_tokens, device, dtype, media_root, empty_reward.
+    Misconfiguration raises (GroupIncomplete, GroupOverfull, GroupConflict), never a reward.
     """
     unknown = set(kwargs) - set(_ROW_KWARGS) - {"reward_router_address", "reward_model_tokenizer"}
     if unknown:
         raise TypeError(f"compute_score_row: unknown keyword argument(s) {sorted(unknown)}")
     group_size = check_int("group_size", kwargs.get("group_size"))
-    timeout = check_positive("group_timeout", kwargs.get("group_timeout", DEFAULT_GROUP_TIMEOUT), unit="seconds")
+    timeout = float(check_positive("group_timeout", kwargs.get("group_timeout", DEFAULT_GROUP_TIMEOUT), unit="seconds"))
+    partial = check_choice("partial_groups", kwargs.get("partial_groups", "error"), PARTIAL_GROUPS)
+    where = check_choice("assembler", kwargs.get("assembler", "auto"), ASSEMBLERS)
+    actor_options = kwargs.get("assembler_options")
+    if actor_options is not None and not isinstance(actor_options, dict):
+        raise TypeError(f"assembler_options must be a dict of Ray actor options, got {type(actor_options).__name__}")
     mode, max_batch_tokens, empty_reward = _verl_options({k: v for k, v in kwargs.items() if k in _VERL_KWARGS})
     info = dict(extra_info) if isinstance(extra_info, dict) else extra_info
     if isinstance(info, dict) and "uid" not in info and "prompt" in info:
         info["uid"] = None  # grouped by prompt text and media below
     uid, text = _verl_row(0, solution_str, info)
+    row_size = info.get("group_size")
+    if row_size is not None:
+        check_int("extra_info['group_size']", row_size)
     images, videos = _verl_media(info, kwargs.get("media_root"))
     fp = _Fingerprints()
-    key = (uid, text, fp(images), fp(videos)) if uid is None else (uid,)
-    model = _resolve_model(kwargs.get("model"), kwargs.get("device"), kwargs.get("dtype"), mode)
-    loop = asyncio.get_running_loop()
-    options = (id(model), mode, max_batch_tokens, empty_reward, group_size, float(timeout))
-    assemblers = _ROW_ASSEMBLERS.setdefault(loop, {})
-    if options not in assemblers:
-        def score_one(group: dict) -> list[float]:
-            (values,) = score_groups(model, [group], mode=mode, max_batch_tokens=max_batch_tokens)
-            return fill_empty(values, empty_reward)
-
-        async def score(group: dict) -> list[float]:  # off the event loop, on one model thread
-            return await asyncio.get_running_loop().run_in_executor(_row_model_thread(), score_one, group)
-
-        assemblers[options] = GroupAssembler(score, group_size=group_size, group_timeout=float(timeout))
+    signature = (text, fp(images), fp(videos))
+    key = ("prompt",) + signature if uid is None else ("uid", uid)
     base = {"prompt": text, "images": images, "videos": videos, "id": str(uid if uid is not None else text)}
-    (reward,), size = await assemblers[options].add(key, base, [solution_str])
+    model_path = kwargs.get("model")
+    settings = {"model": os.fspath(model_path) if isinstance(model_path, (str, os.PathLike)) else model_path,
+                "device": kwargs.get("device"),
+                "dtype": kwargs.get("dtype"), "mode": mode, "max_batch_tokens": max_batch_tokens,
+                "empty_reward": empty_reward, "group_size": group_size, "group_timeout": timeout,
+                "partial_groups": partial}
+    if where == "ray" or (where == "auto" and _in_ray_actor()):
+        if not isinstance(settings["model"], (str, type(None))):
+            raise TypeError("the Ray assembler loads the model itself: pass model as a checkpoint path (or None)")
+        actor = ray_assembler(settings, actor_options)
+        (reward,), size = await actor.add.remote(key, base, [solution_str], row_size, signature)
+    else:
+        model = _resolve_model(model_path, kwargs.get("device"), kwargs.get("dtype"), mode)
+        loop = asyncio.get_running_loop()
+        options = (id(model), mode, max_batch_tokens, empty_reward, group_size, timeout, partial)
+        assemblers = _ROW_ASSEMBLERS.setdefault(loop, {})
+        if options not in assemblers:
+            assemblers[options] = GroupAssembler(_group_scorer(model, mode, max_batch_tokens, empty_reward),
+                                                 group_size=group_size, group_timeout=timeout, partial=partial,
+                                                 size_hint=_ROW_SIZE_HINT)
+        (reward,), size = await assemblers[options].add(key, base, [solution_str], group_size=row_size,
+                                                        signature=signature)
     return {"score": float(reward), "mrrm_group_size": size}

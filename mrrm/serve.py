@@ -48,15 +48,24 @@ from typing import Any, Optional, Union
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mrrm import media
-from mrrm._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int
+from mrrm._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int, resolve_device
 from mrrm.common import MODES, check_choice, check_int, check_positive
 from mrrm.encoding import BatchError, SampleError
-from mrrm.grpo import GroupAssembler, PendingFull, fill_empty, group_sample, ungroup
-from mrrm.queries import DEFAULT_STOP_TEXTS, QueryError, response_of, template_frame, user_turn
+from mrrm.grpo import (
+    DEFAULT_GROUP_TIMEOUT,
+    PARTIAL_GROUPS,
+    GroupAssembler,
+    GroupError,
+    PendingFull,
+    fill_empty,
+    group_sample,
+    ungroup,
+)
+from mrrm.queries import DEFAULT_STOP_TEXTS, PROMPT_FORMATS, QueryError, response_of, template_frame, user_turn
 
 log = logging.getLogger("mrrm.serve")
 
@@ -64,11 +73,11 @@ TOKEN_ENV = "MRRM_SERVE_TOKEN"
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-DEFAULT_GROUP_TIMEOUT = 60.0   # seconds a prompt's first response waits for the rest of its group
 DEFAULT_MAX_PENDING = 65536    # responses held for their groups at most (then 429)
 DEFAULT_MAX_REQUEST_PIXELS = 256_000_000  # decoded image / frame pixels one /score request may hold (~770 MB RGB)
 DEFAULT_MAX_INFLIGHT_PIXELS = 1_024_000_000  # ... all requests together, until scored (~3 GB RGB; then 503)
 DEFAULT_MAX_SAMPLES = 10_000   # samples (or /get_reward queries) in one request
+SMALL_BODY_BYTES = 64 * 1024   # bodies up to this size are parsed on the event loop, larger ones on a thread
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}")
 MIN_BASE64_CHARS = 64  # shorter strings are paths (no image encodes to fewer than 64 base64 characters)
 
@@ -354,6 +363,47 @@ class _Job:
 
 ENCODE_CHUNK = 256  # samples encoded per unit of work: a huge request never holds the model thread long
 
+_REPLICA_MODEL = None  # a replica process's model, loaded once by _replica_init
+
+
+def _replica_init(checkpoint, device, dtype, mode) -> None:
+    global _REPLICA_MODEL
+    _REPLICA_MODEL = load_model(checkpoint, device=device, dtype=dtype, mode=mode)
+
+
+def _replica_ready() -> str:
+    return str(_REPLICA_MODEL.device)
+
+
+@torch.inference_mode()
+def _replica_score(encoded: list, mode: str, max_batch_tokens: int) -> tuple[list, int]:
+    passes = []
+    scores = _REPLICA_MODEL.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens,
+                                          on_pass=lambda _inputs: passes.append(1))
+    return scores, len(passes)
+
+
+class ReplicaProcess:
+    """A model replica in a process of its own (spawned; the checkpoint loaded once on its device): it
+    scores samples the front server has encoded. The front keeps the queue, the batching and the group
+    assembly for every replica (`python -m mrrm.serve --replicas K`)."""
+
+    def __init__(self, checkpoint, device: str, dtype, mode: str):
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch.multiprocessing as mp
+
+        self.device = device
+        self.pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_replica_init,
+                                        initargs=(checkpoint, device, dtype, mode))
+        self.ready = self.pool.submit(_replica_ready)  # starts loading now, beside the front's own model
+
+    def score(self, encoded: list, mode: str, max_batch_tokens: int) -> tuple[list, int]:
+        return self.pool.submit(_replica_score, encoded, mode, max_batch_tokens).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 class Batcher:
     """Bounded queue + one worker task; model work on one thread, encoding (tokenizer, media
@@ -362,8 +412,11 @@ class Batcher:
     Counters (read by /health and the tests): requests (jobs accepted), rejected (429), rounds
     (worker drains), passes (model forward passes), samples (scored), timeouts."""
 
-    def __init__(self, model, *, mode: str, max_batch_tokens: int, max_queue: int):
+    def __init__(self, model, *, mode: str, max_batch_tokens: int, max_queue: int, replica: ReplicaProcess | None = None):
+        """replica: score in that process (the front's `model` still encodes); None: with `model` here."""
         self.model, self.mode, self.max_batch_tokens, self.max_queue = model, mode, max_batch_tokens, max_queue
+        self.replica = replica
+        self.load = 0  # samples submitted and not answered yet (the front sends new work to the least loaded)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-model")
         # tokenizing and media preprocessing run here, beside the model thread, never on it
         self.encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrrm-encode")
@@ -373,6 +426,8 @@ class Batcher:
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.max_queue)
+        if self.replica is not None:  # serve only once the replica's model is loaded
+            await asyncio.wrap_future(self.replica.ready)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mrrm-batcher")
 
     async def stop(self) -> None:
@@ -382,6 +437,12 @@ class Batcher:
                 await self._task
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.encode_executor.shutdown(wait=False, cancel_futures=True)
+        if self.replica is not None:
+            self.replica.close()
+
+    def _track(self, fut: asyncio.Future, samples: list) -> None:
+        self.load += len(samples)
+        fut.add_done_callback(lambda _f: setattr(self, "load", self.load - len(samples)))
 
     def submit(self, samples: list[dict]) -> asyncio.Future:
         """Queue a job; raises QueueFull when the queue holds max_queue jobs."""
@@ -392,12 +453,14 @@ class Batcher:
             self.counters["rejected"] += 1
             raise QueueFull() from None
         self.counters["requests"] += 1
+        self._track(fut, samples)
         return fut
 
     async def submit_wait(self, samples: list[dict]) -> list[list[float]]:
         """Queue a job, waiting for room instead of refusing (the group assembler's groups: waiting for
         a group is not overload), and return its scores."""
         fut = asyncio.get_running_loop().create_future()
+        self._track(fut, samples)
         await self.queue.put(_Job(samples, fut))
         self.counters["requests"] += 1
         return await fut
@@ -488,12 +551,17 @@ class Batcher:
 
     @torch.inference_mode()
     def _score(self, encoded: list) -> list[list[float]]:
-        """Packed passes under the token budget over already encoded samples (model thread)."""
+        """Packed passes under the token budget over already encoded samples (model thread; with a
+        replica, this thread waits for the replica's process)."""
         def count(_inputs):
             self.counters["passes"] += 1
 
-        scores = self.model.score_encoded(encoded, mode=self.mode, max_batch_tokens=self.max_batch_tokens,
-                                          on_pass=count)
+        if self.replica is not None:
+            scores, passes = self.replica.score(encoded, self.mode, self.max_batch_tokens)
+            self.counters["passes"] += passes
+        else:
+            scores = self.model.score_encoded(encoded, mode=self.mode, max_batch_tokens=self.max_batch_tokens,
+                                              on_pass=count)
         self.counters["samples"] += len(encoded)
         return scores
 
@@ -604,11 +672,7 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
             ctx = e.get("ctx") or {}
             return JSONResponse({"detail": f"malformed JSON body: {ctx.get('error', e.get('msg'))} "
                                            f"(at character {e.get('loc', ['', '?'])[-1]})"}, status_code=400)
-    parts = []
-    for e in errors:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {e.get('msg')}")
-    return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
+    return JSONResponse({"detail": _describe_validation(errors)}, status_code=422)
 
 
 def _validate_options(model, mode: str | None, *, max_queue: int, max_body_bytes: int, max_batch_tokens: int | None,
@@ -634,23 +698,37 @@ def _resolve_media_root(media_root) -> Path | None:
 
 
 class _ServerState:
-    """What the routes share: the batcher (queue, worker, model thread), the mode, the limits and the media root."""
+    """What the routes share: the batchers (one per model replica: queue, worker, model thread), the
+    group assembler, the mode, the limits and the media root."""
 
-    def __init__(self, batcher: Batcher, *, mode: str, root: Path | None, max_queue: int, timeout: float,
-                 group_size: int, group_timeout: float, max_pending: int, stop_texts=DEFAULT_STOP_TEXTS, frame=None):
-        self.batcher, self.mode, self.root, self.max_queue, self.timeout = batcher, mode, root, max_queue, timeout
-        self.stop_texts, self.frame = tuple(stop_texts), frame
+    def __init__(self, batchers: list[Batcher], *, mode: str, root: Path | None, max_queue: int, timeout: float,
+                 group_size: int, group_timeout: float, max_pending: int, partial_groups: str = "error",
+                 stop_texts=DEFAULT_STOP_TEXTS, frame=None, prompt_format: str = "auto"):
+        self.batchers, self.mode, self.root, self.max_queue, self.timeout = batchers, mode, root, max_queue, timeout
+        self.batcher = batchers[0]  # the front's own model (it encodes for every replica)
+        self.stop_texts, self.frame, self.prompt_format = tuple(stop_texts), frame, prompt_format
         # /get_reward's groups across requests: OpenRLHF posts one rollout per request (the same
         # mrrm.grpo.GroupAssembler gathers veRL's per-row calls)
         self.assembler = GroupAssembler(self.score_group, group_size=group_size, group_timeout=group_timeout,
-                                        max_pending=max_pending)
-        self.max_frames = getattr(getattr(batcher.model, "encoder", None), "video_max_frames", 64)
+                                        max_pending=max_pending, partial=partial_groups,
+                                        size_hint="the server's --group-size (unset: the queries of one request)")
+        self.max_frames = getattr(getattr(self.batcher.model, "encoder", None), "video_max_frames", 64)
         self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
         self.pool = media.PixelBudget(DEFAULT_MAX_INFLIGHT_PIXELS, "the server's in-flight media "
                                       "(--max-inflight-megapixels)", shared=True)
         self.max_samples = DEFAULT_MAX_SAMPLES
         # how long a /get_reward request may wait for the rest of its group before scoring starts
-        self.group_wait = group_timeout if group_size > 1 else 0.0
+        self.group_wait = group_timeout
+        self.counters = {"rejected": 0, "timeouts": 0}  # the front's own refusals (429 / 504), beside the batchers'
+
+    def request_group_size(self, queries: int) -> int:
+        """The size of a group a request's `queries` (of one prompt) belong to: --group-size, or without it
+        (1) the request's own queries (OpenRLHF's batch mode: a request carries whole groups)."""
+        return self.assembler.group_size if self.assembler.group_size > 1 else queries
+
+    def pick(self) -> Batcher:
+        """The batcher (model replica) with the least work in hand."""
+        return min(self.batchers, key=lambda b: b.load)
 
     def request_budget(self) -> media.PixelBudget:
         """The decoded pixels one request (or /get_reward group) may hold, drawn from the server's
@@ -673,13 +751,14 @@ class _ServerState:
 
     async def score_group(self, group: dict) -> list[float]:
         """A closed /get_reward group -> a reward per response: its label media decoded (a worker
-        thread), its distinct responses scored as one sample through the batcher, which it waits to
+        thread), its distinct responses scored as one sample through a batcher, which it waits to
         enter (a group is never refused for a full queue)."""
         budget = self.request_budget()
         try:
-            group = await asyncio.to_thread(self.load_media, group, budget)
+            if group.get("images") or group.get("videos"):
+                group = await asyncio.to_thread(self.load_media, group, budget)
             sample = group_sample(group)
-            scores = (await self.batcher.submit_wait([sample]))[0] if sample is not None else None
+            scores = (await self.pick().submit_wait([sample]))[0] if sample is not None else None
             return fill_empty(ungroup(group["responses"], sample, scores))
         finally:
             budget.release()
@@ -699,40 +778,90 @@ class _ServerState:
                                 headers={"Retry-After": "1"}) from None
 
     async def run_job(self, samples: list[dict]) -> list[list[float]]:
-        """Score samples through the batcher: 429 when the queue is full, 504 on timeout, 422 on bad samples."""
+        """Score samples through the least loaded batcher: 429 when its queue is full, 504 on timeout,
+        422 on bad samples."""
+        batcher = self.pick()
         try:
-            fut = self.batcher.submit(samples)
+            fut = batcher.submit(samples)
         except QueueFull:
             raise HTTPException(429, f"the scoring queue is full ({self.max_queue} requests waiting); retry later",
                                 headers={"Retry-After": "1"}) from None
         try:
             return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
-            self.batcher.counters["timeouts"] += 1
+            self.counters["timeouts"] += 1
             raise HTTPException(504, f"scoring did not finish within {self.timeout:g} s (server --timeout)") from None
         except (BatchError, SampleError) as e:
             raise HTTPException(422, str(e)) from None
 
     def health(self) -> dict:
-        batcher = self.batcher
-        return {"status": "ok", "mode": self.mode, "max_batch_tokens": batcher.max_batch_tokens,
-                "queue": batcher.queue.qsize() if batcher.queue is not None else 0, "max_queue": self.max_queue,
-                **batcher.counters, "group_size": self.assembler.group_size, "pending": self.assembler.pending,
+        totals = {k: sum(b.counters[k] for b in self.batchers) for k in self.batcher.counters}
+        for k, v in self.counters.items():
+            totals[k] += v
+        return {"status": "ok", "mode": self.mode, "max_batch_tokens": self.batcher.max_batch_tokens,
+                "replicas": len(self.batchers),
+                "queue": sum(b.queue.qsize() for b in self.batchers if b.queue is not None), "max_queue": self.max_queue,
+                **totals, "group_size": self.assembler.group_size, "pending": self.assembler.pending,
+                "partial_groups": self.assembler.partial, "misconfigured": self.assembler.misconfigured,
                 "media_megapixels_held": round(self.pool.used / 1e6, 3),
                 **self.assembler.counters}
 
 
-def _label_media(label, i: int) -> dict:
-    """Media references a query's label carries: a dict (or its JSON text) with image / images /
-    video / videos, as a dataset field passed through OpenRLHF's --data.label_key. Anything else
-    (a ground-truth string, None) carries no media."""
+# --------------------------------------------------------------------------------------------------
+# Request bodies: parsed off the event loop when large
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe_validation(errors: list[dict]) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def parse_body(model_cls, raw: bytes):
+    """A request body -> `model_cls` (pydantic), or the HTTP error: 400 for bytes that are not JSON, 422 for
+    JSON of the wrong shape. Python's json keeps a lone UTF-16 surrogate escape (\\ud800) as it is, so that
+    a bad string is refused where it is used (one rollout, one sample), not for the whole body."""
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        raise HTTPException(400, "malformed JSON body: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise HTTPException(400, f"malformed JSON body: {e.msg} (at character {e.pos})") from None
+    try:
+        return model_cls.model_validate(obj)
+    except ValidationError as e:
+        raise HTTPException(422, _describe_validation(e.errors())) from None
+
+
+async def _read(request: Request, work, *args):
+    """work(raw body, *args) on the event loop for a small body, on a thread for a large one: parsing and
+    checking a 10 MB body never holds up other requests."""
+    raw = await request.body()
+    if len(raw) <= SMALL_BODY_BYTES:
+        return work(raw, *args)
+    return await asyncio.to_thread(work, raw, *args)
+
+
+# --------------------------------------------------------------------------------------------------
+# /get_reward: OpenRLHF's queries -> rollouts of groups
+# --------------------------------------------------------------------------------------------------
+
+
+def _label_fields(label, i: int) -> tuple[dict, int | None]:
+    """(media references, group size) a query's label carries: a dict (or its JSON text) with image /
+    images / video / videos and an optional group_size (e.g. 1 for a validation set generated with n=1),
+    as a dataset field passed through OpenRLHF's --data.label_key. Anything else (a ground-truth string,
+    None) carries neither."""
     if isinstance(label, str) and label[:1] == "{":
         try:
             label = json.loads(label)
         except ValueError:
-            return {}
+            return {}, None
     if not isinstance(label, dict):
-        return {}
+        return {}, None
     out = {}
     for one, many in (("image", "images"), ("video", "videos")):
         if label.get(one) is not None and label.get(many) is not None:
@@ -745,65 +874,120 @@ def _label_media(label, i: int) -> dict:
     too_many = media.check_media_counts(len(out.get("images", [])), len(out.get("videos", [])))
     if too_many is not None:
         raise HTTPException(422, f"labels[{i}]: {too_many}")
-    return out
+    size = label.get("group_size")
+    if size is not None:
+        try:
+            check_int(f"labels[{i}]['group_size']", size)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+    return out, size
+
+
+def _unicode_error(text: str) -> str | None:
+    """Why `text` cannot be encoded (a lone UTF-16 surrogate from a JSON escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode text (a lone surrogate at character {e.start})"
+    return None
 
 
 @dataclass
 class _Query:
-    key: str         # the group: the prompt text as sent, and the label's media
-    base: dict       # the sample without responses: the user's message under mrrm's own template, media refs
-    response: str
+    key: str          # the group: the prompt text as sent, and the label's media
+    base: dict        # the sample without responses: the user's message under mrrm's own template, media refs
+    group_size: int | None  # the label's group size, if it gives one
+    response: str | None    # the response text, or None for a rollout refused on its own
+    refused: str = ""       # why it was refused (then `raw` is its query text)
+    raw: str = ""
 
 
-def _parse_queries(state: "_ServerState", body: RewardRequest) -> list[_Query]:
-    """Each query -> (group key, sample base, response): the policy's template and stop tokens stripped
-    (mrrm.queries), the prompt possibly left-truncated in the query, media from the label."""
+def _parse_query(state: "_ServerState", i: int, query: str, prompt: str, label) -> _Query:
+    """One query -> its group and response. A prompt (or label) that cannot be taken apart is an HTTP error
+    for the request (there is no group to count it in); a query whose own text is bad is a refused rollout
+    of its group (`_Query.refused`), so that the rest of the group is still scored."""
+    if not prompt:
+        raise HTTPException(422, f"prompts[{i}] is empty")
+    bad = _unicode_error(prompt)
+    if bad:
+        raise HTTPException(422, f"prompts[{i}] {bad}")
+    try:
+        turn = user_turn(prompt, state.frame, prompt_format=state.prompt_format)
+    except QueryError as e:
+        raise HTTPException(422, f"prompts[{i}]: {e}") from None
+    if not turn.text:
+        raise HTTPException(422, f"prompts[{i}]: the user's message is empty")
+    media_refs, group_size = _label_fields(label, i)
+    given = (len(media_refs.get("images", [])), len(media_refs.get("videos", [])))
+    if (turn.images or turn.videos) and given != (turn.images, turn.videos):
+        raise HTTPException(422, f"prompts[{i}] holds {turn.images} image and {turn.videos} video placeholder(s) "
+                                 f"but labels[{i}] gives {given[0]} image(s) and {given[1]} video(s); send the "
+                                 "media as the label {\"images\": [...], \"videos\": [...]} (paths under "
+                                 "--media-root, or base64 images)")
+    key = prompt + "\x00" + json.dumps(media_refs, sort_keys=True)
+    out = _Query(key, {"prompt": turn.text, **media_refs}, group_size, None, raw=query)
+    bad = _unicode_error(query)
+    if bad:
+        out.refused = f"query[{i}] {bad}"
+        return out
+    try:
+        out.response = response_of(query, prompt, state.stop_texts)
+    except QueryError as e:
+        out.refused = f"query[{i}]: {e}"
+    return out
+
+
+def _parse_reward_request(raw: bytes, state: "_ServerState") -> list[_Query]:
+    body = parse_body(RewardRequest, raw)
     n = len(body.query)
+    if n > state.max_samples:
+        raise HTTPException(413, f"{n} queries in one request, over the limit of {state.max_samples} "
+                                 "(server --max-samples-per-request); split the request")
     if len(body.prompts) != n:
         raise HTTPException(422, f"'prompts' has {len(body.prompts)} entries but 'query' has {n}")
     if body.labels is not None and len(body.labels) != n:
         raise HTTPException(422, f"'labels' has {len(body.labels)} entries but 'query' has {n}")
-    out = []
-    for i, (q, p) in enumerate(zip(body.query, body.prompts)):
-        if not p:
-            raise HTTPException(422, f"prompts[{i}] is empty")
-        try:
-            response = response_of(q, p, state.stop_texts)
-        except QueryError as e:
-            raise HTTPException(422, f"query[{i}]: {e}") from None
-        turn = user_turn(p, state.frame)
-        if not turn.text:
-            raise HTTPException(422, f"prompts[{i}]: the user's message is empty")
-        media_refs = _label_media(body.labels[i] if body.labels is not None else None, i)
-        given = (len(media_refs.get("images", [])), len(media_refs.get("videos", [])))
-        if (turn.images or turn.videos) and given != (turn.images, turn.videos):
-            raise HTTPException(422, f"prompts[{i}] holds {turn.images} image and {turn.videos} video placeholder(s) "
-                                     f"but labels[{i}] gives {given[0]} image(s) and {given[1]} video(s); send the "
-                                     "media as the label {\"images\": [...], \"videos\": [...]} (paths under "
-                                     "--media-root, or base64 images)")
-        key = p + "\x00" + json.dumps(media_refs, sort_keys=True)
-        out.append(_Query(key, {"prompt": turn.text, **media_refs}, response))
-    return out
+    labels = body.labels if body.labels is not None else [None] * n
+    return [_parse_query(state, i, q, p, lab) for i, (q, p, lab) in enumerate(zip(body.query, body.prompts, labels))]
 
 
-async def _get_reward(state: "_ServerState", body: RewardRequest) -> dict:
+def _group_http_error(e: GroupError) -> HTTPException:
+    return HTTPException(e.status, str(e), headers={"Retry-After": "1"} if isinstance(e, PendingFull) else None)
+
+
+async def _get_reward(state: "_ServerState", request: Request) -> Response:
     """OpenRLHF's remote reward protocol: one reward per query. The queries of a prompt are scored
-    together as one group: those of this request, and with --group-size N, those of other requests
-    too (GroupAssembler), as OpenRLHF sends one rollout per request."""
-    by_key: dict[str, tuple[dict, list[int]]] = {}
-    queries = _parse_queries(state, body)
-    for i, q in enumerate(queries):
-        by_key.setdefault(q.key, (q.base, []))[1].append(i)
+    together as one group: those of this request and, with --group-size N, those of other requests
+    too (GroupAssembler), as OpenRLHF sends one rollout per request. A query whose own text is bad is
+    refused (422) and counts as one of its group's rollouts; the rest of the group is scored."""
+    queries = await _read(request, _parse_reward_request, state)
+    by_key: dict[str, tuple[_Query, list[int]]] = {}
+    refused = []
     try:
-        parts = await asyncio.wait_for(asyncio.gather(*(
-            state.assembler.add(key, base, [queries[i].response for i in rows]) for key, (base, rows) in by_key.items())),
-            state.group_wait + state.timeout)
-    except PendingFull:
-        state.batcher.counters["rejected"] += 1
-        raise HTTPException(429, f"{state.assembler.max_pending} responses are waiting for their groups; retry later",
-                            headers={"Retry-After": "1"}) from None
+        for i, q in enumerate(queries):
+            if q.response is None:
+                same = sum(r.key == q.key for r in queries)
+                refused.append(state.assembler.reject(q.key, q.base, q.raw, q.refused,
+                                                      group_size=q.group_size or state.request_group_size(same)))
+            else:
+                by_key.setdefault(q.key, (q, []))[1].append(i)
+    except GroupError as e:
+        raise _group_http_error(e) from None
+    adds = [state.assembler.add(key, q.base, [queries[i].response for i in rows],
+                                group_size=q.group_size or state.request_group_size(len(rows)))
+            for key, (q, rows) in by_key.items()]
+    if refused:  # this request is answered now; its good rollouts still join (and complete) their groups
+        for coro in adds:
+            asyncio.ensure_future(coro).add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise HTTPException(422, "; ".join(str(e) for e in refused))
+    try:
+        parts = await asyncio.wait_for(asyncio.gather(*adds), state.group_wait + state.timeout)
+    except GroupError as e:
+        if isinstance(e, PendingFull):
+            state.counters["rejected"] += 1
+        raise _group_http_error(e) from None
     except asyncio.TimeoutError:
-        state.batcher.counters["timeouts"] += 1
+        state.counters["timeouts"] += 1
         raise HTTPException(504, f"the group was not scored within {state.group_wait + state.timeout:g} s") from None
     except MediaRejected as e:
         raise _media_http_error(e) from None
@@ -813,7 +997,21 @@ async def _get_reward(state: "_ServerState", body: RewardRequest) -> dict:
     for (_, rows), (values, size) in zip(by_key.values(), parts):
         for i, v in zip(rows, values):
             rewards[i], sizes[i] = float(v), size
-    return {"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}}
+    return _json({"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}})
+
+
+def _json(content) -> Response:
+    """A JSON response serialised once, without FastAPI's generic encoder (per-request cost matters for
+    one-rollout requests); a NaN is an error, never sent."""
+    return Response(json.dumps(content, allow_nan=False, separators=(",", ":")).encode(), media_type="application/json")
+
+
+def _parse_score_request(raw: bytes, state: "_ServerState") -> ScoreRequest:
+    body = parse_body(ScoreRequest, raw)
+    if len(body.samples) > state.max_samples:
+        raise HTTPException(413, f"{len(body.samples)} samples in one request, over the limit of {state.max_samples} "
+                                 "(server --max-samples-per-request); split the request")
+    return body
 
 
 def _add_routes(app: FastAPI, state: _ServerState) -> None:
@@ -822,76 +1020,110 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
         return state.health()
 
     @app.post("/score")
-    async def score(body: ScoreRequest):
-        if len(body.samples) > state.max_samples:
-            raise HTTPException(413, f"{len(body.samples)} samples in one request, over the limit of {state.max_samples} "
-                                     "(server --max-samples-per-request); split the request")
+    async def score(request: Request):
+        body = await _read(request, _parse_score_request, state)
         budget = state.request_budget()
         try:
             samples = await state.prepare(body.samples, budget)
-            return {"scores": await state.run_job(samples)}
+            return _json({"scores": await state.run_job(samples)})
         finally:
             budget.release()
 
     @app.post("/get_reward")
-    async def get_reward(body: RewardRequest):
-        if len(body.query) > state.max_samples:
-            raise HTTPException(413, f"{len(body.query)} queries in one request, over the limit of {state.max_samples} "
-                                     "(server --max-samples-per-request); split the request")
-        return await _get_reward(state, body)
+    async def get_reward(request: Request):
+        return await _get_reward(state, request)
 
 
-def _lifespan(batcher: Batcher):
-    """The app's lifespan: the batcher's worker runs while the server does."""
+def _lifespan(batchers: list[Batcher]):
+    """The app's lifespan: the batchers' workers run while the server does (replicas loaded first)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await batcher.start()
+        for b in batchers:
+            await b.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            for b in batchers:
+                await b.stop()
 
     return lifespan
+
+
+def replica_devices(device: str | None, replicas: int) -> list[str]:
+    """The device of each of `replicas` model replicas: "cuda" (or the default on a GPU machine) -> cuda:0
+    ... cuda:K-1 (that many GPUs needed), "cpu" -> cpu for each, an indexed device -> only with one replica."""
+    check_int("replicas", replicas)
+    device = resolve_device(device)
+    if replicas == 1:
+        return [device]
+    if device == "cpu":
+        return ["cpu"] * replicas
+    if device != "cuda":
+        raise ValueError(f"--replicas {replicas} puts replica i on cuda:i; give --device cuda (or cpu), not {device!r}")
+    have = torch.cuda.device_count()
+    if have < replicas:
+        raise ValueError(f"--replicas {replicas} needs {replicas} GPUs (one per replica), this machine has {have}")
+    return [f"cuda:{i}" for i in range(replicas)]
 
 
 def create_app(model, *, mode: str | None = None, media_root=None, token: str | None = None,
                max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT,
-               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, body_timeout: float = 30.0,
+               group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT, partial_groups: str = "error",
+               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, prompt_format: str = "auto",
+               body_timeout: float = 30.0,
                max_request_megapixels: float = DEFAULT_MAX_REQUEST_PIXELS / 1e6,
                max_samples_per_request: int = DEFAULT_MAX_SAMPLES,
-               max_inflight_megapixels: float = DEFAULT_MAX_INFLIGHT_PIXELS / 1e6):
+               max_inflight_megapixels: float = DEFAULT_MAX_INFLIGHT_PIXELS / 1e6,
+               replicas: int = 1, checkpoint=None, replica_devices_: list[str] | None = None, dtype=None):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
 
     group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
-    requests until that many arrived (or group_timeout seconds passed), then scores them in one pass.
-    1 (the default): a group is what one request carries. max_pending: responses held at most before
-    429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template and stop tokens are
-    stripped from OpenRLHF's prompts and queries (the common templates are known without it).
-    body_timeout: seconds a request's body may take to arrive (408 after; slow or lying clients).
-    max_request_megapixels: decoded image / frame pixels one request may hold (413 after).
+    requests until that many arrived, then scores them in one pass (1, the default: a group is what one
+    request carries). A group short after group_timeout seconds is an error for its requests (504 with the
+    reason), or scored as it is with partial_groups="score"; more rollouts of a prompt than group_size is
+    an error (409) from then on (see mrrm.grpo.GroupAssembler). A label {"group_size": 1} makes that
+    prompt's group one rollout (a validation set generated with n=1). max_pending: responses held at most
+    before a NEW group gets 429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template
+    and stop tokens are stripped from OpenRLHF's prompts and queries (the common templates are known
+    without it; a templated prompt in no known format is a 422 naming it); prompt_format="plain": prompts
+    are the user's message as they are. body_timeout: seconds a request's body may take to arrive (408
+    after). max_request_megapixels: decoded image / frame pixels one request may hold (413 after).
     max_inflight_megapixels: ... all requests together until their scores are out (503 + Retry-After after).
-    max_samples_per_request: samples of a /score request or queries of a /get_reward one (413 after)."""
+    max_samples_per_request: samples of a /score request or queries of a /get_reward one (413 after).
+    replicas: K > 1 model copies: `model` is replica 0 (it also encodes for all); replicas 1..K-1 are
+    processes that load `checkpoint` (None: the built-in default) with `dtype` on `replica_devices_[i]`
+    (default: replica_devices(model's device, K)). Requests and groups go to the least loaded replica;
+    groups are assembled once, here, whichever replica scores them."""
     mode = _validate_options(model, mode, max_queue=max_queue, max_body_bytes=max_body_bytes,
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
     check_int("group_size", group_size)
     check_int("max_pending", max_pending)
+    check_choice("partial_groups", partial_groups, PARTIAL_GROUPS)
+    check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
     check_positive("body_timeout", body_timeout, unit="seconds")
     check_positive("max_request_megapixels", max_request_megapixels)
     check_positive("max_inflight_megapixels", max_inflight_megapixels)
     check_positive("group_timeout", group_timeout, unit="seconds")
+    check_int("replicas", replicas)
+    devices = replica_devices_ or replica_devices(str(model.device) if model.device.type == "cpu" else "cuda", replicas)
+    if len(devices) != replicas:
+        raise ValueError(f"replica_devices_ gives {len(devices)} devices for {replicas} replicas")
     root = _resolve_media_root(media_root)
-    batcher = Batcher(model, mode=mode, max_batch_tokens=max_batch_tokens or model.config.max_batch_tokens,
-                      max_queue=max_queue)
+    budget = max_batch_tokens or model.config.max_batch_tokens
+    batchers = [Batcher(model, mode=mode, max_batch_tokens=budget, max_queue=max_queue)]
+    batchers += [Batcher(model, mode=mode, max_batch_tokens=budget, max_queue=max_queue,
+                         replica=ReplicaProcess(checkpoint, devices[i], dtype, mode)) for i in range(1, replicas)]
     stop_texts, frame = _policy_conventions(policy_tokenizer)
-    state = _ServerState(batcher, mode=mode, root=root, max_queue=max_queue, timeout=timeout, group_size=group_size,
-                         group_timeout=float(group_timeout), max_pending=max_pending, stop_texts=stop_texts, frame=frame)
+    state = _ServerState(batchers, mode=mode, root=root, max_queue=max_queue, timeout=timeout, group_size=group_size,
+                         group_timeout=float(group_timeout), max_pending=max_pending, partial_groups=partial_groups,
+                         stop_texts=stop_texts, frame=frame, prompt_format=prompt_format)
     state.max_request_pixels = int(max_request_megapixels * 1e6)
     state.pool.limit = int(max_inflight_megapixels * 1e6)
     state.max_samples = check_int("max_samples_per_request", max_samples_per_request)
-    app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batcher))
-    app.state.batcher, app.state.assembler = batcher, state.assembler
+    app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batchers))
+    app.state.batcher, app.state.batchers, app.state.assembler = batchers[0], batchers, state.assembler
+    app.state.server = state
     app.add_exception_handler(RequestValidationError, _validation_response)
     app.add_exception_handler(HTTPException, _http_error_handler(root))
     app.add_exception_handler(MemoryError, _out_of_memory)
@@ -941,14 +1173,24 @@ def _policy_conventions(policy_tokenizer):
 # --------------------------------------------------------------------------------------------------
 
 
-def header_timeout_protocol(seconds: float):
-    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that sends
-    nothing, or dribbles its request line and headers, is closed after `seconds` (uvicorn itself
-    times out only idle keep-alive connections, after a response). Pass as uvicorn's `http=`."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def header_timeout_protocol(seconds: float, http: str = "auto"):
+    """uvicorn's HTTP protocol class with a deadline for each request's headers: a connection that sends
+    nothing, or dribbles its request line and headers, is closed after `seconds` (uvicorn itself times out
+    only idle keep-alive connections, after a response). Pass as uvicorn's `http=`. http="auto": the C
+    parser (httptools, in the serve extra) when it is installed, else h11; "h11" / "httptools" force one."""
+    check_choice("http", http, ("auto", "h11", "httptools"))
+    if http == "auto":
+        try:
+            import httptools  # noqa: F401 - optional speed-up (about 2x less server CPU per request)
+            http = "httptools"
+        except ImportError:
+            http = "h11"
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class HeaderDeadlineH11(H11Protocol):
+    class HeaderDeadline(Base):
         _header_timer = None
 
         def connection_made(self, transport):
@@ -966,12 +1208,13 @@ def header_timeout_protocol(seconds: float):
 
         def _headers_too_slow(self):
             self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
+            if self.cycle is None or self.cycle.response_complete:  # no request has got its headers in
+                if not self.transport.is_closing():
+                    self.transport.close()
 
         def data_received(self, data):
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+            if self.cycle is not None and not self.cycle.response_complete:  # the request's headers are in
                 self._disarm()
 
         def on_response_complete(self):
@@ -983,7 +1226,8 @@ def header_timeout_protocol(seconds: float):
             self._disarm()
             super().connection_lost(exc)
 
-    return HeaderDeadlineH11
+    HeaderDeadline.__name__ = f"HeaderDeadline{Base.__name__}"
+    return HeaderDeadline
 
 
 def _is_loopback(host: str) -> bool:
@@ -1013,9 +1257,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per prompt of the trainer: /get_reward holds a prompt's responses across requests "
                         "until this many arrived, then scores them in one pass (default 1: per request)")
     p.add_argument("--group-timeout", type=float, default=DEFAULT_GROUP_TIMEOUT,
-                   help="seconds a group waits for its remaining responses before it is scored as it is")
+                   help=f"seconds a group waits for its remaining responses (default {DEFAULT_GROUP_TIMEOUT:g}; keep it "
+                        "above the spread of a prompt's generation times and below OpenRLHF's 180 s client timeout)")
+    p.add_argument("--partial-groups", choices=PARTIAL_GROUPS, default="error",
+                   help="a group still short after --group-timeout: 'error' (default: 504 with the reason for each "
+                        "of its requests) or 'score' (scored as it is)")
     p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING,
-                   help="responses held for their groups at most (then 429)")
+                   help="responses held for their groups at most: a NEW group over it gets 429 (default %(default)s)")
+    p.add_argument("--replicas", type=positive_int, default=1,
+                   help="model copies behind this one server (default 1): replica i on cuda:i with --device cuda, "
+                        "all on the CPU with --device cpu; groups are assembled once, here, for all of them")
     p.add_argument("--max-request-megapixels", type=float, default=DEFAULT_MAX_REQUEST_PIXELS / 1e6,
                    help="decoded image / frame pixels one request may hold, in megapixels (413 after)")
     p.add_argument("--max-inflight-megapixels", type=float, default=DEFAULT_MAX_INFLIGHT_PIXELS / 1e6,
@@ -1029,7 +1280,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request body may take to arrive before 408 (slow or lying clients)")
     p.add_argument("--policy-tokenizer", default=None,
                    help="the policy's tokenizer (path): its chat template and stop tokens are stripped from "
-                        "OpenRLHF's prompts and queries (ChatML/Qwen, Llama 3, Gemma and Mistral are known without it)")
+                        "OpenRLHF's prompts and queries (the formats of mrrm.queries.TEMPLATES are known without it; "
+                        "a templated prompt in another format is refused with 422)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="'auto' (default): prompts are chat-templated (known formats or --policy-tokenizer's) or "
+                        "plain text without template markup; 'plain': every prompt is the user's message as it is")
+    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
+                   help="HTTP parser (default auto: httptools when installed, else h11)")
     return p
 
 
@@ -1048,23 +1305,27 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO)
     t0 = time.perf_counter()
     try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype, mode=args.mode)
+        devices = replica_devices(args.device, args.replicas)
+        model = load_model(args.model, device=devices[0], dtype=args.dtype, mode=args.mode)
+        log.info("model loaded in %.1f s", time.perf_counter() - t0)
+        app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
+                         max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
+                         max_body_bytes=args.max_body_bytes, group_size=args.group_size,
+                         group_timeout=args.group_timeout, partial_groups=args.partial_groups,
+                         max_pending=args.max_pending, policy_tokenizer=args.policy_tokenizer,
+                         prompt_format=args.prompt_format, body_timeout=args.body_timeout,
+                         max_request_megapixels=args.max_request_megapixels,
+                         max_inflight_megapixels=args.max_inflight_megapixels,
+                         max_samples_per_request=args.max_samples_per_request,
+                         replicas=args.replicas, checkpoint=args.model, replica_devices_=devices, dtype=args.dtype)
     except ValueError as e:
         raise SystemExit(f"python -m mrrm.serve: error: {e}") from None
-    log.info("model loaded in %.1f s", time.perf_counter() - t0)
-    app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
-                     max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
-                     max_body_bytes=args.max_body_bytes, group_size=args.group_size,
-                     group_timeout=args.group_timeout, max_pending=args.max_pending,
-                     policy_tokenizer=args.policy_tokenizer, body_timeout=args.body_timeout,
-                     max_request_megapixels=args.max_request_megapixels,
-                     max_inflight_megapixels=args.max_inflight_megapixels,
-                     max_samples_per_request=args.max_samples_per_request)
     try:
         check_positive("--header-timeout", args.header_timeout, unit="seconds")
     except ValueError as e:
         raise SystemExit(f"python -m mrrm.serve: error: {e}") from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=header_timeout_protocol(args.header_timeout))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                http=header_timeout_protocol(args.header_timeout, args.http))
 
 
 if __name__ == "__main__":

@@ -364,7 +364,7 @@ def test_compute_score_row_groups_rows_and_times_out(reward_model):
     one group; a group short of group_size is scored as it is after group_timeout; bad kwargs refused."""
     import asyncio
 
-    from mrrm.grpo import compute_score_row
+    from mrrm.grpo import GroupIncomplete, compute_score_row
 
     info = {"prompt": "Name a colour."}
 
@@ -373,7 +373,9 @@ def test_compute_score_row_groups_rows_and_times_out(reward_model):
                                       for a in answers))
 
     full = asyncio.run(rows(["red", "blue", "green"], group_size=3))
-    short = asyncio.run(rows(["red", "blue"], group_size=3, group_timeout=0.3))
+    short = asyncio.run(rows(["red", "blue"], group_size=3, group_timeout=0.3, partial_groups="score"))
+    with pytest.raises(GroupIncomplete, match="only 2 of the 3 rollouts"):  # the default: never a partial reward
+        asyncio.run(rows(["red", "blue"], group_size=3, group_timeout=0.3))
     distinct = canonical_order(["red", "blue", "green"])
     want = dict(zip(distinct, mrrm.score({"prompt": "Name a colour.", "responses": distinct}, reward_model)[0]))
     assert [r["score"] for r in full] == [pytest.approx(want[a], rel=1e-5) for a in ("red", "blue", "green")]

@@ -58,6 +58,8 @@ def test_policy_tokenizer_template_frame():
     prompt = tok.apply_chat_template([{"role": "user", "content": "Count the dots."}], tokenize=False,
                                      add_generation_prompt=True)
     assert user_turn(prompt, frame).text == "Count the dots."
-    assert user_turn(prompt).text == prompt.strip()  # unknown without the frame: taken as it is
+    with pytest.raises(QueryError, match="--policy-tokenizer"):  # unknown without the frame: refused, never guessed
+        user_turn(prompt)
+    assert user_turn(prompt, prompt_format="plain").text == prompt.strip()
     tok.chat_template = None
     assert template_frame(tok) is None

@@ -408,9 +408,9 @@ def test_group_assembly_scores_a_prompts_requests_together(model):
         distinct = canonical_order([r for r in rs if r])
         scores = dict(zip(distinct, mrrm.score({"prompt": q, "responses": distinct}, model)[0]))
         want[q] = {r: scores.get(r, min(scores.values())) for r in rs}  # the empty response: the group's lowest
-    app = create_app(model, group_size=4, group_timeout=30)
-    with running(app) as url:
-        for order in ([0, 4, 1, 5, 2, 6, 3, 7], [7, 6, 5, 4, 3, 2, 1, 0]):
+    for order in ([0, 4, 1, 5, 2, 6, 3, 7], [7, 6, 5, 4, 3, 2, 1, 0]):
+        app = create_app(model, group_size=4, group_timeout=30)
+        with running(app) as url:
             got = _one_query_requests(f"{url}/get_reward", [rows[i] for i in order])
             for i, r in zip(order, got):
                 assert r.status_code == 200, r.text
@@ -418,14 +418,31 @@ def test_group_assembly_scores_a_prompts_requests_together(model):
                 q = questions[i // 4]
                 assert body["rewards"] == [pytest.approx(want[q][answers[i // 4][i % 4]], **TOL)]
                 assert body["extra_logs"]["group_size"] == [4]
+            again = _one_query_requests(f"{url}/get_reward", [rows[order[0]]])[0]  # a client's retry: the same reward
+            assert again.json() == got[0].json()
         assembler = app.app.state.assembler
-        assert assembler.counters == {"groups": 4, "groups_timed_out": 0}
+        assert counts(assembler) == {"groups": 2, "groups_timed_out": 0, "groups_failed": 0}
         assert not assembler.open and assembler.pending == 0
 
 
-def test_incomplete_group_is_scored_after_the_timeout(model):
-    app = create_app(model, group_size=8, group_timeout=0.5)
+def counts(assembler, keys=("groups", "groups_timed_out", "groups_failed")):
+    return {k: assembler.counters[k] for k in keys}
+
+
+def test_incomplete_group_is_an_error_unless_partial_groups_score(model):
+    """A group still short after --group-timeout: by default every request of it gets 504 with the reason
+    (never a reward from a partial group); with partial_groups="score" the group is scored as it is."""
     p = QWEN_PROMPT.format("What is shown?")
+    app = create_app(model, group_size=8, group_timeout=0.5)
+    with running(app) as url:
+        got = _one_query_requests(f"{url}/get_reward", [(p, "a cat", None), (p, "a dog", None)])
+        retry = _one_query_requests(f"{url}/get_reward", [(p, "a cat", None)])[0]  # answered at once, the same way
+        health = httpx.get(f"{url}/health").json()
+    assert [r.status_code for r in got + [retry]] == [504, 504, 504]
+    assert "only 2 of the 8 rollouts of this prompt arrived within 0.5 s" in got[0].json()["detail"]
+    assert health["groups_timed_out"] == 1 and health["groups_failed"] == 1 and health["pending"] == 0
+
+    app = create_app(model, group_size=8, group_timeout=0.5, partial_groups="score")
     with running(app) as url:
         t0 = time.monotonic()
         got = _one_query_requests(f"{url}/get_reward", [(p, "a cat", None), (p, "a dog", None)])
@@ -445,7 +462,8 @@ def test_truncated_prompt_and_stop_tokens(model):
     with running(app) as url:
         whole = httpx.post(f"{url}/get_reward", json={"query": [p + "a cat<|im_end|><|endoftext|>"], "prompts": [p]})
         cut = httpx.post(f"{url}/get_reward", json={"query": [p[60:] + "a cat<|im_end|>"], "prompts": [p]})
-        lost = httpx.post(f"{url}/get_reward", json={"query": ["a cat<|im_end|>"], "prompts": [p]})
+        p2 = QWEN_PROMPT.format("Another question.")
+        lost = httpx.post(f"{url}/get_reward", json={"query": ["a cat<|im_end|>"], "prompts": [p2]})
     want = mrrm.score({"prompt": q.strip(), "responses": ["a cat"]}, model)[0][0]
     assert whole.json()["rewards"] == [pytest.approx(want, **TOL)]
     assert cut.json()["rewards"] == [pytest.approx(want, **TOL)]
@@ -522,7 +540,7 @@ def test_load_2048_one_query_requests_group_size_8(model):
         health = httpx.get(f"{url}/health").json()
     assert [r.status_code for r in got].count(200) == len(rows), {r.status_code for r in got}
     assert health["rejected"] == 0 and health["timeouts"] == 0
-    assert app.app.state.assembler.counters == {"groups": 256, "groups_timed_out": 0}
+    assert counts(app.app.state.assembler) == {"groups": 256, "groups_timed_out": 0, "groups_failed": 0}
     rewards = {(p, r): resp.json()["rewards"][0] for (p, r, _), resp in zip(rows, got)}
     for k in (0, 97, 255):  # spot-check groups against direct joint scoring
         distinct = canonical_order([f"{w} dots" for w in words])
