@@ -613,10 +613,19 @@ def ensure_embedding_rows(backbone, tokenizer) -> int:
     old = emb.weight.shape[0]
     if needed <= old:
         return 0
+    text = unwrap(backbone).config.get_text_config()
+    base_rows = text.vocab_size
     backbone.resize_token_embeddings(needed, mean_resizing=False)
     emb = backbone.get_input_embeddings()
     with torch.no_grad():
         emb.weight[old:] = emb.weight[:old].float().mean(0, keepdim=True).to(emb.weight.dtype)
+    if getattr(text, "additional_vocab_size", None):
+        # Molmo2 builds its embedding from vocab_size + additional_vocab_size rows, and
+        # resize_token_embeddings overwrites vocab_size with the total: saved so, the checkpoint would
+        # not reload. The new rows join the additional table, as the authors' code grows its
+        # `new_embedding` (and the LM head keeps the base vocabulary, as theirs).
+        text.vocab_size = base_rows
+        text.additional_vocab_size = needed - base_rows
     return needed - old
 
 
