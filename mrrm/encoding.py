@@ -189,7 +189,8 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, processor=None, *, rope_index_fn=None, chat_template=None, max_length=8192,
-                 media_base_dir=None, video_fps=2.0, video_max_frames=64, one_media_kind=False):
+                 media_base_dir=None, video_fps=2.0, video_max_frames=64, one_media_kind=False,
+                 video_sampling="qwen"):
         from transformers.utils.chat_template_utils import _get_control_token_patterns
 
         self.tokenizer = tokenizer
@@ -198,6 +199,7 @@ class Encoder:
         self.max_length = max_length
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
+        self.video_sampling = video_sampling
         self.one_media_kind = one_media_kind
         self.offset_pooling = _pooling_indexes_whole_sample(processor)
         self.sep_id = tokenizer.convert_tokens_to_ids(RESP_SEP)
@@ -350,7 +352,8 @@ class Encoder:
             with budget:
                 pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
                 clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
-                                          max_frames=self.video_max_frames, frame_interval=interval) for v in videos]
+                                          max_frames=self.video_max_frames, frame_interval=interval,
+                                          sampling=self.video_sampling) for v in videos]
             return self._encode_loaded(index, sid, prompt, responses, pil_images, clips)
         finally:
             budget.release()  # the decoded media are dropped with this call

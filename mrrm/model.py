@@ -67,6 +67,14 @@ class RewardModelConfig:
     chat_template: str | None = None           # None: the checkpoint's own (processor, else tokenizer)
     video_fps: float = 2.0
     video_max_frames: int = 64
+    # how videos are sampled (mrrm.media.VIDEO_SAMPLING): "qwen" (qwen-vl-utils' reader at video_fps, what
+    # mrrm-trained checkpoints before this field used) or "reference" (the authors' code: molmo_utils for
+    # files, at most 2 fps with the last frame; frame folders thinned to 16 frames; no padding)
+    video_sampling: str = "qwen"
+    # False: the value head reads the last decoder layer's output BEFORE the backbone's final norm, as
+    # the authors' code does for Qwen3-VL under its pinned transformers 4.57 (there `hidden_states[-1]`
+    # is the un-normed layer output; for Qwen2-VL and Molmo2 it is the normed one)
+    final_norm: bool = True
     base_model: str | None = None              # path or hub id of the base backbone (LoRA checkpoints)
     description: str = ""
 
@@ -84,6 +92,10 @@ class RewardModelConfig:
             raise ValueError(f"resp_repr_mode must be one of {RESP_REPR_MODES}, got {self.resp_repr_mode!r}")
         self.resp_repr_mode = mode
         check_choice("mode", self.mode, MODES)
+        from .media import VIDEO_SAMPLING
+        check_choice("video_sampling", self.video_sampling, VIDEO_SAMPLING)
+        if not isinstance(self.final_norm, bool):
+            raise ValueError(f"final_norm must be a bool, got {self.final_norm!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardModelConfig":
@@ -217,6 +229,17 @@ def supports_packed(base) -> bool:
         and not hasattr(base.config, "vision_config")
 
 
+def _skip_final_norm(base) -> None:
+    """Make the text model's final norm pass its input through (a forward hook: the norm's weights
+    stay in the model and in every checkpoint saved from it)."""
+    norm = getattr(getattr(base, "language_model", base), "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ValueError(f"final_norm=False: the {base.config.model_type} backbone has no language_model.norm to skip")
+    if not getattr(norm, "_mrrm_skipped", False):
+        norm.register_forward_hook(lambda module, args, output: args[0])
+        norm._mrrm_skipped = True
+
+
 def unwrap(backbone):
     """The plain transformers model under a peft wrapper."""
     get = getattr(backbone, "get_base_model", None)
@@ -299,11 +322,14 @@ class RewardModel(nn.Module):
         self.packed = supports_packed(base) if packed is None else (packed and supports_packed(base))
         if self.packed:
             use_mrrm_attention(backbone)
+        if not self.config.final_norm:
+            _skip_final_norm(base)
         rope = getattr(base, "get_rope_index", None)
         self.encoder = Encoder(tokenizer, processor, rope_index_fn=self._rope_index if rope else None,
                                chat_template=self.config.chat_template, max_length=self.config.max_length,
                                media_base_dir=media_base_dir, video_fps=self.config.video_fps,
                                video_max_frames=self.config.video_max_frames,
+                               video_sampling=self.config.video_sampling,
                                one_media_kind=base.config.model_type == "molmo2")
 
     # -- forward --------------------------------------------------------------------------------
@@ -552,16 +578,21 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, mode=None, base_model=None,
-                        media_base_dir=None) -> "RewardModel":
+                        media_base_dir=None, final_norm=None) -> "RewardModel":
         """Load an mrrm checkpoint, or any checkpoint the authors' code writes (reward_model_config.json +
         value_head.pt with the peft adapter at the root, or a merged full model; see mrrm.checkpoints).
-        `base_model` overrides the base model named by a LoRA checkpoint."""
+        `base_model` overrides the base model named by a LoRA checkpoint; `final_norm` (the authors'
+        layout only; an mrrm checkpoint records its own) as in `checkpoints.load_reference`."""
         from .checkpoints import load_reference
 
         if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            if final_norm is not None:
+                raise ValueError(f"{path}: final_norm= applies to checkpoints in the authors' layout; an mrrm "
+                                 "checkpoint records its own (mrrm_config.json)")
             model = _load_mrrm(cls, path, base_model, media_base_dir)
         elif os.path.exists(os.path.join(path, PUBLISHED_CONFIG_FILE)):
-            model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir)
+            model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir,
+                                   final_norm=final_norm)
         else:
             raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} (mrrm) nor {PUBLISHED_CONFIG_FILE} "
                                     "(the authors' layout) found")
