@@ -60,6 +60,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
     video_fps: float | None = None       # frames sampled per second of video (None: Qwen-VL's 2.0)
+    video_sampling: str = "qwen"         # qwen (qwen-vl-utils' reader at video_fps) or reference (the authors'
+                                         # molmo_utils sampling); recorded in the checkpoint (mrrm.media)
     head_type: str = "mlp"               # mlp (the paper) or linear (the authors' code's default)
     head_hidden: int = 1024
     head_activation: str = "silu"
@@ -135,6 +137,10 @@ def parse_args(argv=None) -> TrainConfig:
         ap.error(f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} data files")
     if cfg.fsdp and cfg.deepspeed:
         ap.error("--fsdp and --deepspeed are two ways to shard; pick one")
+    from .media import VIDEO_SAMPLING
+
+    if cfg.video_sampling not in VIDEO_SAMPLING:
+        ap.error(f"--video-sampling must be one of {VIDEO_SAMPLING}")
     return cfg
 
 
@@ -162,7 +168,8 @@ def build_model(cfg: TrainConfig):
     rm_cfg = RewardModelConfig(value_head_type=cfg.head_type, value_head_hidden_dim=cfg.head_hidden,
                                value_head_activation=cfg.head_activation, resp_repr_mode=cfg.resp_repr_mode or "last",
                                mode=cfg.mode, max_length=cfg.max_length, max_batch_tokens=cfg.max_batch_tokens,
-                               base_model=cfg.base_model, description="trained with python -m mrrm.train")
+                               base_model=cfg.base_model, video_sampling=cfg.video_sampling,
+                               description="trained with python -m mrrm.train")
     if cfg.video_fps is not None:
         rm_cfg.video_fps = cfg.video_fps
     if cfg.base_model is None:  # the built-in tiny backbone, trained from scratch: no LoRA

@@ -170,3 +170,13 @@ def test_video_sampling_is_validated():
     assert media.reference_thin_indices(40) == [0, 3, 5, 8, 10, 13, 16, 18, 21, 23, 26, 29, 31, 34, 36, 39]
     assert torch.equal(torch.tensor(media.reference_sample_times(3.0)),
                        torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], dtype=torch.float64))
+
+
+def test_training_records_the_video_sampling(tmp_path):
+    """python -m mrrm.train --video-sampling reference trains (and saves) with the authors' sampling."""
+    from mrrm.train import TrainConfig, build_model
+
+    model = build_model(TrainConfig(video_sampling="reference"))
+    assert model.config.video_sampling == "reference" and model.encoder.video_sampling == "reference"
+    model.save_pretrained(str(tmp_path / "m"))
+    assert mrrm.load(str(tmp_path / "m")).encoder.video_sampling == "reference"
