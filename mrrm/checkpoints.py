@@ -176,7 +176,10 @@ def load_reference(cls, path, *, base_model=None, media_base_dir=None, final_nor
     if has_adapter:
         from peft import PeftModel
 
-        full = _full_model_class(base_path).from_pretrained(base_path)
+        from .hub import resolve
+
+        base_dir = resolve(base_path)  # a Hub id: huggingface_hub's cache
+        full = _full_model_class(base_dir).from_pretrained(base_dir)
         saved_rows = _adapter_embedding_rows(path)
         if saved_rows is not None and saved_rows != full.get_input_embeddings().weight.shape[0]:
             full.resize_token_embeddings(saved_rows, mean_resizing=False)  # the adapter brings the rows

@@ -77,6 +77,8 @@ class RewardModelConfig:
     final_norm: bool = True
     base_model: str | None = None              # path or hub id of the base backbone (LoRA checkpoints)
     description: str = ""
+    # how it was trained, written by mrrm.train (command, data, steps, held-out evaluation): the model card's
+    training: dict | None = None
 
     def __post_init__(self):
         if self.value_head_type not in VALUE_HEAD_TYPES:
@@ -544,6 +546,16 @@ class RewardModel(nn.Module):
         return [None if s is None else [x / counts[i] for x in s] for i, s in enumerate(sums)]
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, layout: str = "mrrm", token=None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None, evaluation=None) -> str:
+        """Upload the model to the Hugging Face Hub as `save_pretrained(layout=...)` writes it, with a
+        generated model card (README.md); `evaluation`: mrrm.eval metrics (dicts or metrics.json paths)
+        for its evaluation table. Returns the commit URL. See mrrm.hub."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, layout=layout, token=token, private=private, revision=revision,
+                           commit_message=commit_message, evaluation=evaluation)
+
     def save_pretrained(self, path, *, layout: str = "mrrm") -> None:
         """layout="mrrm": mrrm_config.json, value_head.safetensors, processor/ (tokenizer + media
         processors), and either adapter/ (a peft LoRA backbone; the base is config.base_model) or
@@ -696,7 +708,9 @@ def _load_mrrm(cls, path, base_model, media_base_dir):
         base_path = base_model or config.base_model
         if not base_path:
             raise ValueError(f"{path}: a LoRA checkpoint needs its base model (config.base_model or base_model=)")
-        base = AutoModel.from_pretrained(base_path)
+        from .hub import resolve
+
+        base = AutoModel.from_pretrained(resolve(base_path))
         ensure_embedding_rows(base, tokenizer)  # a base model without the <|resp_sep|> row
         backbone = _named_load(os.path.join(path, "adapter"), lambda p: PeftModel.from_pretrained(base, p))
     else:

@@ -905,6 +905,7 @@ def _finish(st: TrainState) -> dict:
             if not st.sharded_params:
                 summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
+            _record_evaluation(os.path.join(cfg.output_dir, "model"), cfg, st.step, summary["eval"])
         with writing(os.path.join(cfg.output_dir, "summary.json")), \
                 open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
@@ -927,8 +928,47 @@ def _save_final_model(st: TrainState) -> None:
         model = build_model(st.cfg)
         model.load_state_dict(torch.load(os.path.join(newest, "state.pt"), map_location="cpu",
                                          weights_only=False)["model"])
+    model.config.training = training_record(st.cfg, st.step)
     with writing(out):
         model.save_pretrained(out)
+
+
+def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None) -> dict:
+    """What the model card says about training (RewardModelConfig.training): the command that reruns it
+    (the flags that differ from the defaults), the data files, the steps and the held-out evaluation."""
+    import shlex
+
+    args = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value == default or f.name in ("output_dir", "force_resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    record = {"command": shlex.join(["python", "-m", "mrrm.train", *args]), "data": list(cfg.data), "steps": steps}
+    if cfg.eval_data:
+        record["eval_data"] = cfg.eval_data
+    if evaluation:
+        record["eval"] = {k: evaluation[k] for k in ("best_of_n", "n", "per_family") if k in evaluation}
+    return record
+
+
+def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation: dict) -> None:
+    """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved)."""
+    from .model import CONFIG_FILE
+
+    path = os.path.join(model_dir, CONFIG_FILE)
+    with open(path) as fh:
+        saved = json.load(fh)
+    saved["training"] = training_record(cfg, steps, evaluation)
+    with writing(path), open(path, "w") as fh:
+        json.dump(saved, fh, indent=2)
 
 
 def print_table(ev):
