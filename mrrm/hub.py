@@ -36,9 +36,9 @@ def _hub():
 
 def resolve(path_or_id, *, revision: str | None = None, token=None) -> str:
     """A local directory holding `path_or_id`: the directory itself, or the snapshot of a Hub id
-    downloaded (or found in the cache) by huggingface_hub.snapshot_download. Raises ValueError for
-    something that is neither, FileNotFoundError naming the fix for an id that is not on the Hub or,
-    offline, not in the cache."""
+    downloaded (or found in the cache) by huggingface_hub.snapshot_download. Raises FileNotFoundError
+    for something that is neither (a missing path), and naming the fix for an id that is not on the
+    Hub or, offline, not in the cache."""
     spec = os.fspath(path_or_id)
     if os.path.isdir(spec):
         if revision is not None:
@@ -46,7 +46,7 @@ def resolve(path_or_id, *, revision: str | None = None, token=None) -> str:
         return spec
     parts = split_hub_id(spec)
     if parts is None:
-        raise ValueError(f"{spec!r} is neither a directory nor a Hub id (org/name, or org/name@revision): "
+        raise FileNotFoundError(f"{spec!r} is neither a directory nor a Hub id (org/name, or org/name@revision): "
                          "give an mrrm checkpoint, a checkpoint in the authors' layout, or a Hub model id")
     repo, at = parts
     if at is not None and revision is not None and at != revision:

@@ -43,7 +43,7 @@ def test_neither_a_directory_nor_a_hub_id_is_a_clear_error(tmp_path):
     import mrrm
     from mrrm._cli import load_model
 
-    with pytest.raises(ValueError, match="neither a directory nor a Hub id"):
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a Hub id"):
         mrrm.load(str(tmp_path / "missing" / "dir"))
     with pytest.raises(ValueError, match="neither a directory .* nor a Hugging Face Hub id"):
         load_model(str(tmp_path / "missing" / "dir"), device="cpu")
