@@ -125,6 +125,7 @@ def _full_model_class(path_or_id):
     """The class the authors' code trains: AutoModelForImageTextToText (a causal LM for text backbones)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    M.check_backbone_support(path_or_id)
     cfg = AutoConfig.from_pretrained(path_or_id)
     if type(cfg) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText

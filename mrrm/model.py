@@ -615,6 +615,26 @@ class RewardModel(nn.Module):
         return model.eval()
 
 
+# Backbones transformers has natively only from a version on: (model_type, transformers class, version)
+NATIVE_SINCE = {"molmo2": ("Molmo2Config", "5.20"), "qwen3_5": ("Qwen3_5Config", "5.5")}
+
+
+def check_backbone_support(path) -> None:
+    """A clear error, before transformers' own, when the checkpoint's backbone needs a newer transformers
+    than the installed one (Molmo2 is native from 5.20; its released checkpoint's remote code is not run)."""
+    import transformers
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return
+    need = NATIVE_SINCE.get(model_type)
+    if need and not hasattr(transformers, need[0]):
+        raise ImportError(f"{path}: a {model_type} backbone needs transformers >= {need[1]} (native {model_type}); "
+                          f"installed {transformers.__version__}: pip install 'transformers>={need[1]}'")
+
+
 def load_processor(path):
     """(tokenizer, processor or None) saved at `path`: text-only checkpoints have a tokenizer only."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -710,10 +730,13 @@ def _load_mrrm(cls, path, base_model, media_base_dir):
             raise ValueError(f"{path}: a LoRA checkpoint needs its base model (config.base_model or base_model=)")
         from .hub import resolve
 
-        base = AutoModel.from_pretrained(resolve(base_path))
+        base_dir = resolve(base_path)
+        check_backbone_support(base_dir)
+        base = AutoModel.from_pretrained(base_dir)
         ensure_embedding_rows(base, tokenizer)  # a base model without the <|resp_sep|> row
         backbone = _named_load(os.path.join(path, "adapter"), lambda p: PeftModel.from_pretrained(base, p))
     else:
+        check_backbone_support(os.path.join(path, "backbone"))
         backbone = _named_load(os.path.join(path, "backbone"), AutoModel.from_pretrained)
     state = _named_load(os.path.join(path, "value_head.safetensors"), load_file)
     H = text_hidden_size(backbone)

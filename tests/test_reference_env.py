@@ -180,3 +180,13 @@ def test_training_records_the_video_sampling(tmp_path):
     assert model.config.video_sampling == "reference" and model.encoder.video_sampling == "reference"
     model.save_pretrained(str(tmp_path / "m"))
     assert mrrm.load(str(tmp_path / "m")).encoder.video_sampling == "reference"
+
+
+def test_a_backbone_the_installed_transformers_lacks_is_a_clear_error(monkeypatch):
+    """Molmo2 is native from transformers 5.20; below it, loading names the version (checked here by
+    pretending the class is missing)."""
+    from mrrm import model as M
+
+    monkeypatch.setitem(M.NATIVE_SINCE, "molmo2", ("NoSuchMolmo2Config", "99.0"))
+    with pytest.raises(ImportError, match=r"a molmo2 backbone needs transformers >= 99.0 .* pip install"):
+        mrrm.load(os.path.join(ROOT, "checkpoints", "molmo2_released"))
