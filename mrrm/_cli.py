@@ -43,7 +43,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--model, --mode, --max-batch-tokens, --device, --dtype: the same flags, defaults and help in
     every command that scores (score, eval, serve)."""
     ap.add_argument("--model", default=None,
-                    help="checkpoint directory (mrrm or the paper's layout); default: the built-in default model")
+                    help="checkpoint directory (mrrm or the paper's layout) or Hugging Face Hub id (org/name, "
+                         "org/name@revision); default: the built-in default model")
     ap.add_argument("--mode", choices=MODES, default=None, help="scoring mode (default: the model's, joint)")
     ap.add_argument("--max-batch-tokens", type=positive_int, default=None,
                     help="token budget of one packed forward pass (default: the model's)")
@@ -80,11 +81,14 @@ def resolve_dtype(dtype):
 
 def load_model(model=None, *, device=None, dtype=None, mode=None):
     """mrrm.load with the commands' defaults: the device from resolve_device, a dtype by name, and
-    a clear error when `model` is neither None nor a directory."""
+    a clear error when `model` is neither None, a directory nor a Hub id (org/name[@revision]),
+    before anything is downloaded."""
     from .api import load
+    from .hub import split_hub_id
 
-    if model is not None and not os.path.isdir(os.fspath(model)):
-        raise ValueError(f"model {os.fspath(model)!r} is not a directory (an mrrm checkpoint or the paper's layout)")
+    if model is not None and not os.path.isdir(os.fspath(model)) and split_hub_id(os.fspath(model)) is None:
+        raise ValueError(f"model {os.fspath(model)!r} is neither a directory (an mrrm checkpoint or the paper's "
+                         "layout) nor a Hugging Face Hub id (org/name, org/name@revision)")
     return load(None if model is None else os.fspath(model), device=resolve_device(device),
                 dtype=resolve_dtype(dtype), mode=mode or "joint")
 

@@ -40,18 +40,23 @@ def _cached_default(device: str | None, dtype: torch.dtype | None, mode: str):
     return model
 
 
-def load(path=None, *, device=None, dtype=None, mode: str = "joint"):
+def load(path=None, *, device=None, dtype=None, mode: str = "joint", revision: str | None = None, token=None):
     """Load a reward model. path=None: the built-in default (cached; see README). Otherwise an mrrm
-    checkpoint directory (RewardModel.save_pretrained) or the paper's published layout
-    (reward_model_config.json + value_head.pt + adapter directory)."""
+    checkpoint directory (RewardModel.save_pretrained), a checkpoint in the authors' layout
+    (reward_model_config.json + value_head.pt + an adapter or a merged model, e.g. the released
+    yinuoy/MR2-Molmo2-4B-RM), or a Hugging Face Hub id of either ("org/name", at `revision`),
+    downloaded and cached by huggingface_hub (token: HF_TOKEN or `hf auth login` unless given;
+    HF_HUB_OFFLINE=1 reads the cache only)."""
+    from .hub import resolve
     from .model import RewardModel, RewardModelConfig
 
     RewardModelConfig(mode=mode)  # validates the mode
     if path is None:
+        if revision is not None:
+            raise ValueError("revision= applies to a Hub id; the built-in default has none")
         return _cached_default(str(device) if device is not None else None, dtype, mode)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"mrrm.load: {path!r} is not a directory (an mrrm or published checkpoint)")
-    return RewardModel.from_pretrained(path, device=device, dtype=dtype, mode=mode)
+    return RewardModel.from_pretrained(resolve(path, revision=revision, token=token), device=device, dtype=dtype,
+                                       mode=mode)
 
 
 def score(batch, model=None, *, mode=None, max_batch_tokens=None, permutations=1, errors="raise", media_dir=None,

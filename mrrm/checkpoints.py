@@ -37,6 +37,10 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 VALUE_HEAD_FILE = "value_head.pt"
 # the defaults of the authors' MultiResponseRewardModel, for keys an older file may lack
 REFERENCE_DEFAULTS = {"value_head_hidden_dim": None, "value_head_activation": "selu", "resp_repr_mode": "last"}
+# Backbones whose `hidden_states[-1]`, which the authors' reward model reads, is the last decoder layer's
+# output before the final norm under their pinned transformers 4.57.3 (measured there:
+# tests/fixtures/reference_env); under transformers 5.x their code reads the normed state for these too.
+UNNORMED_REFERENCE_TYPES = ("qwen3_vl",)
 
 
 def _fail(path, msg):
@@ -121,6 +125,7 @@ def _full_model_class(path_or_id):
     """The class the authors' code trains: AutoModelForImageTextToText (a causal LM for text backbones)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    M.check_backbone_support(path_or_id)
     cfg = AutoConfig.from_pretrained(path_or_id)
     if type(cfg) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
@@ -146,8 +151,11 @@ def _adapter_embedding_rows(adapter_dir) -> int | None:
     return None
 
 
-def load_reference(cls, path, *, base_model=None, media_base_dir=None):
-    """A RewardModel from a checkpoint the authors' code wrote (see the module docstring)."""
+def load_reference(cls, path, *, base_model=None, media_base_dir=None, final_norm=None):
+    """A RewardModel from a checkpoint the authors' code wrote (see the module docstring). Videos are
+    sampled as their code samples them (video_sampling="reference"). final_norm=None: as their code
+    reads the hidden states under its pinned transformers 4.57.3 (un-normed for UNNORMED_REFERENCE_TYPES);
+    True reads after the final norm, as their code does when run under transformers 5.x."""
     cfg = read_reference_config(path)
     has_adapter = os.path.exists(os.path.join(path, ADAPTER_CONFIG))
     has_full = os.path.exists(os.path.join(path, "config.json"))
@@ -169,7 +177,10 @@ def load_reference(cls, path, *, base_model=None, media_base_dir=None):
     if has_adapter:
         from peft import PeftModel
 
-        full = _full_model_class(base_path).from_pretrained(base_path)
+        from .hub import resolve
+
+        base_dir = resolve(base_path)  # a Hub id: huggingface_hub's cache
+        full = _full_model_class(base_dir).from_pretrained(base_dir)
         saved_rows = _adapter_embedding_rows(path)
         if saved_rows is not None and saved_rows != full.get_input_embeddings().weight.shape[0]:
             full.resize_token_embeddings(saved_rows, mean_resizing=False)  # the adapter brings the rows
@@ -180,10 +191,12 @@ def load_reference(cls, path, *, base_model=None, media_base_dir=None):
         M.ensure_separator_token(tokenizer, full)
     backbone = _bare(full).float().eval()
     head, resolved = _load_value_head(path, cfg, M.text_hidden_size(backbone))
+    if final_norm is None:
+        final_norm = backbone.config.model_type not in UNNORMED_REFERENCE_TYPES
     config = M.RewardModelConfig(
         value_head_type=resolved["value_head_type"], value_head_hidden_dim=resolved["value_head_hidden_dim"],
         value_head_activation=cfg["value_head_activation"], resp_repr_mode=cfg["resp_repr_mode"],
-        base_model=base_path,
+        base_model=base_path, video_sampling="reference", final_norm=final_norm,
         description=f"loaded from the authors' layout at {path} ({'adapter' if has_adapter else 'merged model'})")
     return cls(backbone, tokenizer, processor, config, value_head=head, media_base_dir=media_base_dir)
 

@@ -44,6 +44,9 @@ from .packing import PackedBatch, SampleLayout
 
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
 RESP_SEP = "<|resp_sep|>"
+# private-use markers around special-token text from user strings (transformers' _CONTROL_TOKEN_START
+# / _END, so the processor's own sanitizing reads the same marks)
+CONTROL_START, CONTROL_END = "\U000f0000", "\U000f0001"
 # stands in for the assistant text while the template renders, to find where that text goes
 _CONTENT_SENTINEL = "\x00mrrm:assistant-content\x00"
 
@@ -189,15 +192,15 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, processor=None, *, rope_index_fn=None, chat_template=None, max_length=8192,
-                 media_base_dir=None, video_fps=2.0, video_max_frames=64, one_media_kind=False):
-        from transformers.utils.chat_template_utils import _get_control_token_patterns
-
+                 media_base_dir=None, video_fps=2.0, video_max_frames=64, one_media_kind=False,
+                 video_sampling="qwen"):
         self.tokenizer = tokenizer
         self.processor = processor
         self.rope_index_fn = rope_index_fn
         self.max_length = max_length
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
+        self.video_sampling = video_sampling
         self.one_media_kind = one_media_kind
         self.offset_pooling = _pooling_indexes_whole_sample(processor)
         self.sep_id = tokenizer.convert_tokens_to_ids(RESP_SEP)
@@ -213,8 +216,14 @@ class Encoder:
             raise ValueError("chat_template must be one template string (a dict of named templates is not supported)")
         # Special-token text in user strings is marked and then encoded as plain text.
         specials = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-        self._control_re = _get_control_token_patterns(specials)[0]
+        self._control_re = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)")
         self._special_re = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)")
+        added = sorted(tokenizer.added_tokens_encoder, key=len, reverse=True)
+        self._markers_re = re.compile(f"{CONTROL_START}({'|'.join(map(re.escape, added)) or '(?!)'}){CONTROL_END}"
+                                      f"|[{CONTROL_START}{CONTROL_END}]")
+        self._newline_ids = tokenizer.encode("\n", add_special_tokens=False)
+        # processors that keep marked special-token text plain (transformers' sanitize_control_tokens)
+        self._processor_sanitizes = processor_sanitizes_control_tokens()
         self._leading = self._special_tokens_added(tokenizer)
         types = {}
         if processor is not None:
@@ -240,16 +249,45 @@ class Encoder:
 
     # -- text ------------------------------------------------------------------------------------
     def _mark(self, text: str) -> str:
-        from transformers.utils.chat_template_utils import mark_control_tokens
-
-        return mark_control_tokens(text, self._control_re)
+        """User text with its special-token text wrapped in private-use markers (any markers it already
+        holds dropped first, so none can be forged), for `_ids` to encode as plain text."""
+        text = text.replace(CONTROL_START, "").replace(CONTROL_END, "")
+        return self._control_re.sub(f"{CONTROL_START}\\g<0>{CONTROL_END}", text)
 
     def _ids(self, text: str) -> list[int]:
-        """Token ids of rendered text: the template's special tokens are special, marked
-        special-token text from user strings is plain text (transformers' encode_marked_chat)."""
-        from transformers.utils.chat_template_utils import encode_marked_chat
+        """Token ids of rendered text: the template's special tokens are special, marked special-token
+        text from user strings is plain text. The scheme of transformers' own control-token marking
+        (mark_control_tokens / encode_marked_chat, private helpers that only recent transformers have and
+        whose signature changed): the text is split at the markers, the marked tokens are encoded
+        without added tokens, everything else normally."""
+        pieces = self._markers_re.split(text)
+        ids = self.tokenizer.encode(pieces[0], add_special_tokens=False)
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            as_text = i % 2 == 1  # odd pieces are marked tokens
+            piece_ids = self._encode_piece(piece, as_text)
+            if as_text and self.tokenizer.convert_tokens_to_ids(piece) in piece_ids:
+                raise ValueError(f"cannot keep {piece!r} plain text: the tokenizer produces it from plain text")
+            ids += piece_ids
+        return ids
 
-        return encode_marked_chat(self.tokenizer, text)
+    def _encode_piece(self, piece: str, as_text: bool) -> list[int]:
+        """A piece from the middle of a rendered chat, encoded after a newline that is then removed (so a
+        SentencePiece tokenizer adds no prefix space), ignoring added tokens when `as_text`."""
+        tok = self.tokenizer
+        if as_text and hasattr(tok, "_encode_without_added_tokens"):
+            encode = tok._encode_without_added_tokens
+        elif as_text:  # transformers before the helper: special tokens split into text
+            def encode(t):
+                return tok.encode(t, add_special_tokens=False, split_special_tokens=True)
+        else:
+            def encode(t):
+                return tok.encode(t, add_special_tokens=False)
+        ids = encode("\n" + piece)
+        if ids[:len(self._newline_ids)] == self._newline_ids:
+            return ids[len(self._newline_ids):]
+        return encode(piece)
 
     def _render(self, n_images: int, n_videos: int, prompt: str, assistant: str) -> str:
         user = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
@@ -350,7 +388,8 @@ class Encoder:
             with budget:
                 pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
                 clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
-                                          max_frames=self.video_max_frames, frame_interval=interval) for v in videos]
+                                          max_frames=self.video_max_frames, frame_interval=interval,
+                                          sampling=self.video_sampling) for v in videos]
             return self._encode_loaded(index, sid, prompt, responses, pil_images, clips)
         finally:
             budget.release()  # the decoded media are dropped with this call
@@ -377,10 +416,18 @@ class Encoder:
                 if clips:
                     kwargs["videos_kwargs"] = {"do_sample_frames": False,
                                                "video_metadata": [c.video_metadata() for c in clips]}
+                if self._processor_sanitizes:
+                    kwargs["sanitize_control_tokens"] = True
+                elif CONTROL_START in prefix_text:
+                    import transformers
+
+                    raise SampleError(index, "the prompt holds special-token text, which this transformers "
+                                             f"({transformers.__version__}) cannot keep plain text in a media "
+                                             "sample (its processors lack sanitize_control_tokens); upgrade transformers, or remove it",
+                                      sid)
                 try:
                     out = self.processor(text=[prefix_text], images=pil_images or None,
-                                         videos=[c.frames for c in clips] or None, return_tensors="pt",
-                                         sanitize_control_tokens=True, **kwargs)
+                                         videos=[c.frames for c in clips] or None, return_tensors="pt", **kwargs)
                 except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as e:
                     raise SampleError(index, f"the processor rejected the media: {type(e).__name__}: {e}", sid) from e
                 prefix_ids = out["input_ids"][0].tolist()
@@ -453,6 +500,14 @@ class Encoder:
         if bad and errors == "raise":
             raise BatchError(bad)
         return encoded, bad
+
+
+def processor_sanitizes_control_tokens() -> bool:
+    """Whether transformers' processors take sanitize_control_tokens (keep marked special-token text
+    plain): newer transformers only."""
+    from transformers.processing_utils import TextKwargs
+
+    return "sanitize_control_tokens" in getattr(TextKwargs, "__annotations__", {})
 
 
 def _pooling_indexes_whole_sample(processor) -> bool:

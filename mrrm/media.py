@@ -101,6 +101,17 @@ FRAME_FILE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # Seconds between consecutive frames of a folder (its timestamps are frame position x interval), unless a
 # sample gives "sampling_interval": the authors' default (_generate_timestamps_from_frames, 4.0).
 DEFAULT_FRAME_INTERVAL = 4.0
+# How a video is sampled (RewardModelConfig.video_sampling; a checkpoint scores with what it was trained
+# with): "qwen" is qwen-vl-utils' reader (sample_frame_indices, at the model's video_fps, padded to the
+# temporal patch); "reference" is the authors' code (github yinuoyang01/multi-response-rm,
+# collate_multi_response_reward + molmo_utils.process_vision_info): a file at most REFERENCE_MAX_FPS
+# frames per second with its last frame (molmo_utils' "uniform_last_frame", at most
+# REFERENCE_MAX_FRAMES frames), a frame folder thinned to REFERENCE_FOLDER_MAX_FRAMES frames (their
+# collate's max_video_frames), never padded (the processor gets the frames and metadata as theirs does).
+VIDEO_SAMPLING = ("qwen", "reference")
+REFERENCE_MAX_FPS = 2.0
+REFERENCE_MAX_FRAMES = 384
+REFERENCE_FOLDER_MAX_FRAMES = 16
 # Media per sample (every prompt of the reward benchmarks has at most a few): refused before decoding.
 MAX_IMAGES_PER_SAMPLE = 32
 MAX_VIDEOS_PER_SAMPLE = 8
@@ -467,6 +478,50 @@ def _thin_indices(total_frames: int, max_frames: int, f: int) -> tuple[list[int]
     return _pad_indices(indices, f), len(indices)
 
 
+def reference_sample_times(duration: float, max_frames: int = REFERENCE_MAX_FRAMES,
+                           max_fps: float = REFERENCE_MAX_FPS) -> np.ndarray:
+    """The times (seconds from the first frame) the authors' code samples a video file at: molmo_utils'
+    sample_times in "uniform_last_frame" mode. Every 1 / max_fps seconds plus the last instant when that
+    fits in max_frames, else max_frames times evenly over the duration, both ends included."""
+    if (max_frames - 1) / max_fps < duration:
+        return np.linspace(0, duration, num=max_frames, endpoint=True, dtype=np.float64)
+    return np.concatenate([np.arange(0.0, stop=duration, step=1 / max_fps), [duration]], axis=0)
+
+
+def _plan_reference(total: int, source_fps: float, timeline: Callable[[], _Timeline]) -> tuple[list[int], dict]:
+    """(indices, the processor's video metadata) of a file under the authors' sampling: each sampled
+    time goes to the first frame ending after it (molmo_utils' searchsorted on the frame end times)."""
+    line = timeline()
+    times = reference_sample_times(line.duration)
+    indices = np.minimum(np.searchsorted(line.end_times, times + line.offset, side="right"), len(line.end_times) - 1)
+    meta = {"total_num_frames": int(total), "fps": float(source_fps), "duration": float(line.duration),
+            "frames_indices": (times * source_fps).tolist()}
+    return [int(i) for i in indices], meta
+
+
+def reference_thin_indices(total_frames: int, max_frames: int = REFERENCE_FOLDER_MAX_FRAMES) -> list[int]:
+    """The frames of a folder the authors' collate keeps: all of them up to max_frames, else
+    round(j * (total - 1) / (max - 1)) for j < max, duplicates dropped and refilled from the end."""
+    if total_frames <= max_frames:
+        return list(range(total_frames))
+    kept = []
+    for j in range(max_frames):
+        i = min(int(round(j * (total_frames - 1) / (max_frames - 1))), total_frames - 1)
+        if i not in kept:
+            kept.append(i)
+    i = total_frames - 1
+    while len(kept) < max_frames and i >= 0:
+        if i not in kept:
+            kept.append(i)
+        i -= 1
+    return sorted(kept)
+
+
+def _reference_folder_order(names: list[str]) -> list[str]:
+    """A folder's frames in the authors' order: the .jpeg files by name, then .jpg, then .png."""
+    return [n for suffix in FRAME_FILE_SUFFIXES for n in sorted(names) if n.lower().endswith(suffix)]
+
+
 def thin_frame_list(total_frames: int, max_frames: int, frame_factor: int = 2) -> list[int]:
     """The indices of a frame list of `total_frames` that load_video keeps (with its padding): a caller
     may decode only these frames and hand load_video the shorter list, for the same clip."""
@@ -527,6 +582,7 @@ class VideoClip:
     path: str | None
     source_num_frames: int
     backend: str
+    processor_metadata: dict | None = None  # set by the "reference" sampling: exactly what theirs passes
 
     @property
     def num_frames(self) -> int:
@@ -542,7 +598,11 @@ class VideoClip:
 
     def video_metadata(self) -> dict:
         """The clip as a dict of transformers' ``VideoMetadata`` fields (a processor's
-        ``video_metadata=`` argument accepts it; Qwen3-VL computes timestamps from it)."""
+        ``video_metadata=`` argument accepts it; Qwen3-VL computes timestamps from it). Under the
+        "reference" sampling, the metadata the authors' code passes (molmo_utils': fractional
+        frames_indices = sampled time x fps; a folder's fps = 1 / the mean gap of its kept frames)."""
+        if self.processor_metadata is not None:
+            return {**self.processor_metadata, "width": self.width, "height": self.height}
         return {
             "total_num_frames": self.source_num_frames,
             "fps": self.source_fps,
@@ -558,8 +618,16 @@ class _ReadFailure(Exception):
     """A reason a backend could not read a file (wrapped into MediaError by load_video)."""
 
 
-# Given (total_frames, source_fps), which frame indices to fetch.
-_Chooser = Callable[[int, float], list[int]]
+# Given (total_frames, source_fps, timeline), which frame indices to fetch. timeline() gives the
+# reader's (end time of each frame, duration, time of the first frame) in seconds, computed only when
+# a plan asks for it (the authors' sampling does; qwen-vl-utils' does not).
+_Chooser = Callable[[int, float, Callable[[], "_Timeline"]], list[int]]
+
+
+class _Timeline(NamedTuple):
+    end_times: np.ndarray
+    duration: float
+    offset: float
 
 
 @functools.lru_cache(maxsize=1)
@@ -581,7 +649,14 @@ def _read_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
         source_fps = float(reader.get_avg_fps())
         if not (source_fps > 0 and math.isfinite(source_fps)):
             raise _ReadFailure(f"unknown frame rate ({source_fps})")
-        batch = reader.get_batch(choose(total, source_fps))
+
+        frame_times = reader.get_frame_timestamp
+
+        def timeline():  # as molmo_utils' decord reader: decord's per-frame (start, end) times
+            stamps = np.asarray(frame_times(list(range(total))), dtype=np.float64)
+            return _Timeline(stamps[:, 1], float(stamps[-1, 1] - stamps[0, 0]), float(stamps[0, 0]))
+
+        batch = reader.get_batch(choose(total, source_fps, timeline))
         # decord's bridge may be set globally to torch/tf/mxnet; asnumpy is the native one.
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     finally:
@@ -633,8 +708,12 @@ def _read_pyav(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
         raise _ReadFailure("unknown frame rate")
     if total <= 0:
         raise _ReadFailure("zero frames")
+
+    def timeline():
+        return _pyav_timeline(path)
+
     try:
-        indices = choose(total, source_fps)
+        indices = choose(total, source_fps, timeline)
         kept, decoded = _pyav_decode(path, set(indices))
         if decoded != total:
             if decoded == 0:
@@ -645,11 +724,32 @@ def _read_pyav(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
             if declared > 0 and declared - decoded > max(2, declared // 100):
                 raise _ReadFailure(f"truncated video ({declared} frames declared, {decoded} decoded)")
             total = decoded
-            indices = choose(total, source_fps)
+            indices = choose(total, source_fps, timeline)
             kept, decoded = _pyav_decode(path, set(indices))
     except av.error.FFmpegError as e:
         raise _ReadFailure(f"corrupt or truncated video ({e})") from e
     return np.stack([kept[i] for i in indices]), total, source_fps
+
+
+def _pyav_timeline(path: str) -> _Timeline:
+    """Frame end times, duration and start of the first video stream, as molmo_utils' PyAV reader
+    (load_video_pyav_noseek) computes them from the decoded frames' pts; its comparison of the stream's
+    duration in seconds with the last frame's raw pts is kept as it is."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        fps = stream.average_rate or stream.guessed_rate
+        pts = [frame.pts for frame in container.decode(stream)]
+        base = stream.time_base
+        start = pts[0] * base
+        end = stream.duration
+        if end is not None:
+            end *= base
+        if end is None or end < pts[-1]:
+            end = pts[-1] * base + 1 / fps
+        duration = float(end - start)
+    return _Timeline(np.array([float(p * base) for p in pts[1:]] + [duration]), duration, float(start))
 
 
 _READERS = {"decord": _read_decord, "pyav": _read_pyav}
@@ -714,8 +814,8 @@ def _budgeted(plan: _Chooser, size: tuple[int, int] | None, label: str) -> _Choo
 
     charged = []  # a second reader (after the first failed) re-plans the same frames: charge once
 
-    def choose(total, source_fps):
-        indices = plan(total, source_fps)
+    def choose(total, source_fps, timeline):
+        indices = plan(total, source_fps, timeline)
         if len(indices) * w * h > MAX_VIDEO_DECODED_PIXELS:
             raise MediaError(f"{label}: {len(indices)} frames of {w}x{h} would decode to {len(indices) * w * h / 1e6:.0f} "
                              f"megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
@@ -813,7 +913,7 @@ def _is_frame_folder(src: Any, base_dir) -> bool:
 
 
 def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: int,
-                         interval: float) -> "_SampledFrames":
+                         interval: float, sampling: str = "qwen") -> "_SampledFrames":
     """A frame folder thinned like a frame list (thin_frame_list) and checked against the video budgets
     (MAX_VIDEO_FRAME_PIXELS, MAX_VIDEO_DECODED_PIXELS, the active PixelBudget) from the kept frames'
     headers BEFORE any frame is decoded. Its frame rate is 1 / interval, so frame k is at k * interval
@@ -829,7 +929,12 @@ def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: i
     label = f"frame folder {display!r}"
     names = list_frame_folder(path, label=label)
     total = len(names)
-    indices, sampled = _thin_indices(total, max_frames, f)
+    if sampling == "reference":
+        names = _reference_folder_order(names)
+        indices = reference_thin_indices(total)
+        sampled = len(indices)
+    else:
+        indices, sampled = _thin_indices(total, max_frames, f)
     chosen = sorted(set(indices))  # only the kept frames are opened and decoded
     opener = getattr(src, "open_frame", None)
     sources = {}
@@ -863,7 +968,13 @@ def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: i
             if hasattr(source, "close"):
                 source.close()
     frames = np.stack([decoded[i] for i in indices])
-    return _SampledFrames(frames, indices, sampled, total, 1.0 / interval, display, "frames")
+    meta = None
+    if sampling == "reference":  # molmo_utils' metadata for frames with timestamps (k * interval)
+        times = np.array([i * interval for i in indices], dtype=np.float64)
+        # one frame: theirs divides by the mean of no gaps (nan); mrrm takes 1 / interval
+        rate = 1 / (times[1:] - times[:-1]).mean() if len(times) > 1 else 1 / interval
+        meta = {"total_num_frames": len(indices), "fps": float(rate), "frames_indices": (times * rate).tolist()}
+    return _SampledFrames(frames, indices, sampled, total, 1.0 / interval, display, "frames", meta)
 
 
 class _SampledFrames(NamedTuple):
@@ -876,6 +987,7 @@ class _SampledFrames(NamedTuple):
     source_fps: float
     path: str | None  # the resolved file or frame-folder path, None for a frame list
     backend: str  # "decord", "pyav" or "frames" (a frame list or folder)
+    metadata: dict | None = None  # the processor's video metadata when the sampling fixes it ("reference")
 
 
 def _sample_frame_list(src: Sequence[Any] | np.ndarray, base_dir, max_frames: int, f: int,
@@ -899,15 +1011,20 @@ def _sample_frame_list(src: Sequence[Any] | np.ndarray, base_dir, max_frames: in
 
 
 def _sample_video_file(src: str | os.PathLike, base_dir, fps: float, min_frames: int, max_frames: int, f: int,
-                       backend: str | None) -> _SampledFrames:
-    """A video file decoded by a backend, sampled with _plan_indices (as sample_frame_indices)."""
+                       backend: str | None, sampling: str = "qwen") -> _SampledFrames:
+    """A video file decoded by a backend, sampled with _plan_indices (as sample_frame_indices), or as
+    the authors' code samples it (_plan_reference)."""
     if isinstance(src, str) and (src[:5].lower() == "data:" or _URL_SCHEME.match(src)):
         raise MediaError(f"video source {src[:100]!r}: URLs and data URLs are not supported; give a file path")
     resolved = _resolve_path(src, base_dir)
-    last_plan: list[tuple[list[int], int]] = []  # the plan of the read that succeeded
+    last_plan: list = []  # the plan of the read that succeeded: (indices, sampled, metadata)
 
-    def plan(total: int, source_fps: float) -> list[int]:
-        last_plan[:] = [_plan_indices(total, source_fps, fps, min_frames, max_frames, f)]
+    def plan(total: int, source_fps: float, timeline) -> list[int]:
+        if sampling == "reference":
+            indices, meta = _plan_reference(total, source_fps, timeline)
+            last_plan[:] = [(indices, len(indices), meta)]
+        else:
+            last_plan[:] = [(*_plan_indices(total, source_fps, fps, min_frames, max_frames, f), None)]
         return last_plan[0][0]
 
     # a caller's own name for an opened file (e.g. the reward server's /proc/self/fd path): `media_label`
@@ -918,8 +1035,10 @@ def _sample_video_file(src: str | os.PathLike, base_dir, fps: float, min_frames:
         if display == str(resolved):
             raise
         raise MediaError(str(e).replace(str(resolved), display)) from None
-    indices, sampled = last_plan[0]
-    return _SampledFrames(frames, indices, sampled, total_frames, source_fps, display, name)
+    indices, sampled, meta = last_plan[0]
+    if meta is not None:
+        meta = dict(meta, video_backend=name)
+    return _SampledFrames(frames, indices, sampled, total_frames, source_fps, display, name, meta)
 
 
 def _clip(s: _SampledFrames) -> VideoClip:
@@ -936,6 +1055,7 @@ def _clip(s: _SampledFrames) -> VideoClip:
         path=s.path,
         source_num_frames=int(s.total_frames),
         backend=s.backend,
+        processor_metadata=s.metadata,
     )
 
 
@@ -950,6 +1070,7 @@ def load_video(
     backend: str | None = None,
     frames_fps: float = 2.0,
     frame_interval: float = DEFAULT_FRAME_INTERVAL,
+    sampling: str = "qwen",
 ) -> VideoClip:
     """Decode and sample a video (see the module doc).
 
@@ -960,14 +1081,20 @@ def load_video(
     floor_f(max_frames) frames when longer, and padded by repeating its last frame to a multiple of
     ``frame_factor``. A folder (`list_frame_folder`: its .jpeg/.jpg/.png files in name order) is thinned
     like a frame list BEFORE decoding, its frames ``frame_interval`` seconds apart (the authors' 4.0).
+    sampling="reference" samples files and folders as the authors' code does (VIDEO_SAMPLING; fps,
+    min_frames and max_frames then do not apply to them, and nothing is padded).
     """
     _check_sampling_args(fps, min_frames, max_frames, frame_factor)
+    if sampling not in VIDEO_SAMPLING:
+        raise ValueError(f"sampling must be one of {VIDEO_SAMPLING}, got {sampling!r}")
+    if sampling == "reference":
+        frame_factor = 1
     if isinstance(src, (list, tuple)) or (isinstance(src, np.ndarray) and src.ndim == 4):
         sampled = _sample_frame_list(src, base_dir, max_frames, frame_factor, frames_fps)
     elif isinstance(src, (str, os.PathLike)) and _is_frame_folder(src, base_dir):
-        sampled = _sample_frame_folder(src, base_dir, max_frames, frame_factor, frame_interval)
+        sampled = _sample_frame_folder(src, base_dir, max_frames, frame_factor, frame_interval, sampling)
     elif isinstance(src, (str, os.PathLike)):
-        sampled = _sample_video_file(src, base_dir, fps, min_frames, max_frames, frame_factor, backend)
+        sampled = _sample_video_file(src, base_dir, fps, min_frames, max_frames, frame_factor, backend, sampling)
     else:
         raise MediaError(f"video source: unsupported type {type(src).__name__}")
     return _clip(sampled)

@@ -67,8 +67,18 @@ class RewardModelConfig:
     chat_template: str | None = None           # None: the checkpoint's own (processor, else tokenizer)
     video_fps: float = 2.0
     video_max_frames: int = 64
+    # how videos are sampled (mrrm.media.VIDEO_SAMPLING): "qwen" (qwen-vl-utils' reader at video_fps, what
+    # mrrm-trained checkpoints before this field used) or "reference" (the authors' code: molmo_utils for
+    # files, at most 2 fps with the last frame; frame folders thinned to 16 frames; no padding)
+    video_sampling: str = "qwen"
+    # False: the value head reads the last decoder layer's output BEFORE the backbone's final norm, as
+    # the authors' code does for Qwen3-VL under its pinned transformers 4.57 (there `hidden_states[-1]`
+    # is the un-normed layer output; for Qwen2-VL and Molmo2 it is the normed one)
+    final_norm: bool = True
     base_model: str | None = None              # path or hub id of the base backbone (LoRA checkpoints)
     description: str = ""
+    # how it was trained, written by mrrm.train (command, data, steps, held-out evaluation): the model card's
+    training: dict | None = None
 
     def __post_init__(self):
         if self.value_head_type not in VALUE_HEAD_TYPES:
@@ -84,6 +94,10 @@ class RewardModelConfig:
             raise ValueError(f"resp_repr_mode must be one of {RESP_REPR_MODES}, got {self.resp_repr_mode!r}")
         self.resp_repr_mode = mode
         check_choice("mode", self.mode, MODES)
+        from .media import VIDEO_SAMPLING
+        check_choice("video_sampling", self.video_sampling, VIDEO_SAMPLING)
+        if not isinstance(self.final_norm, bool):
+            raise ValueError(f"final_norm must be a bool, got {self.final_norm!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardModelConfig":
@@ -217,6 +231,17 @@ def supports_packed(base) -> bool:
         and not hasattr(base.config, "vision_config")
 
 
+def _skip_final_norm(base) -> None:
+    """Make the text model's final norm pass its input through (a forward hook: the norm's weights
+    stay in the model and in every checkpoint saved from it)."""
+    norm = getattr(getattr(base, "language_model", base), "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ValueError(f"final_norm=False: the {base.config.model_type} backbone has no language_model.norm to skip")
+    if not getattr(norm, "_mrrm_skipped", False):
+        norm.register_forward_hook(lambda module, args, output: args[0])
+        norm._mrrm_skipped = True
+
+
 def unwrap(backbone):
     """The plain transformers model under a peft wrapper."""
     get = getattr(backbone, "get_base_model", None)
@@ -299,11 +324,14 @@ class RewardModel(nn.Module):
         self.packed = supports_packed(base) if packed is None else (packed and supports_packed(base))
         if self.packed:
             use_mrrm_attention(backbone)
+        if not self.config.final_norm:
+            _skip_final_norm(base)
         rope = getattr(base, "get_rope_index", None)
         self.encoder = Encoder(tokenizer, processor, rope_index_fn=self._rope_index if rope else None,
                                chat_template=self.config.chat_template, max_length=self.config.max_length,
                                media_base_dir=media_base_dir, video_fps=self.config.video_fps,
                                video_max_frames=self.config.video_max_frames,
+                               video_sampling=self.config.video_sampling,
                                one_media_kind=base.config.model_type == "molmo2")
 
     # -- forward --------------------------------------------------------------------------------
@@ -518,6 +546,16 @@ class RewardModel(nn.Module):
         return [None if s is None else [x / counts[i] for x in s] for i, s in enumerate(sums)]
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, layout: str = "mrrm", token=None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None, evaluation=None) -> str:
+        """Upload the model to the Hugging Face Hub as `save_pretrained(layout=...)` writes it, with a
+        generated model card (README.md); `evaluation`: mrrm.eval metrics (dicts or metrics.json paths)
+        for its evaluation table. Returns the commit URL. See mrrm.hub."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, layout=layout, token=token, private=private, revision=revision,
+                           commit_message=commit_message, evaluation=evaluation)
+
     def save_pretrained(self, path, *, layout: str = "mrrm") -> None:
         """layout="mrrm": mrrm_config.json, value_head.safetensors, processor/ (tokenizer + media
         processors), and either adapter/ (a peft LoRA backbone; the base is config.base_model) or
@@ -552,16 +590,21 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, mode=None, base_model=None,
-                        media_base_dir=None) -> "RewardModel":
+                        media_base_dir=None, final_norm=None) -> "RewardModel":
         """Load an mrrm checkpoint, or any checkpoint the authors' code writes (reward_model_config.json +
         value_head.pt with the peft adapter at the root, or a merged full model; see mrrm.checkpoints).
-        `base_model` overrides the base model named by a LoRA checkpoint."""
+        `base_model` overrides the base model named by a LoRA checkpoint; `final_norm` (the authors'
+        layout only; an mrrm checkpoint records its own) as in `checkpoints.load_reference`."""
         from .checkpoints import load_reference
 
         if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            if final_norm is not None:
+                raise ValueError(f"{path}: final_norm= applies to checkpoints in the authors' layout; an mrrm "
+                                 "checkpoint records its own (mrrm_config.json)")
             model = _load_mrrm(cls, path, base_model, media_base_dir)
         elif os.path.exists(os.path.join(path, PUBLISHED_CONFIG_FILE)):
-            model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir)
+            model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir,
+                                   final_norm=final_norm)
         else:
             raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} (mrrm) nor {PUBLISHED_CONFIG_FILE} "
                                     "(the authors' layout) found")
@@ -570,6 +613,26 @@ class RewardModel(nn.Module):
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
+
+
+# Backbones transformers has natively only from a version on: (model_type, transformers class, version)
+NATIVE_SINCE = {"molmo2": ("Molmo2Config", "5.20"), "qwen3_5": ("Qwen3_5Config", "5.5")}
+
+
+def check_backbone_support(path) -> None:
+    """A clear error, before transformers' own, when the checkpoint's backbone needs a newer transformers
+    than the installed one (Molmo2 is native from 5.20; its released checkpoint's remote code is not run)."""
+    import transformers
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return
+    need = NATIVE_SINCE.get(model_type)
+    if need and not hasattr(transformers, need[0]):
+        raise ImportError(f"{path}: a {model_type} backbone needs transformers >= {need[1]} (native {model_type}); "
+                          f"installed {transformers.__version__}: pip install 'transformers>={need[1]}'")
 
 
 def load_processor(path):
@@ -613,10 +676,19 @@ def ensure_embedding_rows(backbone, tokenizer) -> int:
     old = emb.weight.shape[0]
     if needed <= old:
         return 0
+    text = unwrap(backbone).config.get_text_config()
+    base_rows = text.vocab_size
     backbone.resize_token_embeddings(needed, mean_resizing=False)
     emb = backbone.get_input_embeddings()
     with torch.no_grad():
         emb.weight[old:] = emb.weight[:old].float().mean(0, keepdim=True).to(emb.weight.dtype)
+    if getattr(text, "additional_vocab_size", None):
+        # Molmo2 builds its embedding from vocab_size + additional_vocab_size rows, and
+        # resize_token_embeddings overwrites vocab_size with the total: saved so, the checkpoint would
+        # not reload. The new rows join the additional table, as the authors' code grows its
+        # `new_embedding` (and the LM head keeps the base vocabulary, as theirs).
+        text.vocab_size = base_rows
+        text.additional_vocab_size = needed - base_rows
     return needed - old
 
 
@@ -656,10 +728,15 @@ def _load_mrrm(cls, path, base_model, media_base_dir):
         base_path = base_model or config.base_model
         if not base_path:
             raise ValueError(f"{path}: a LoRA checkpoint needs its base model (config.base_model or base_model=)")
-        base = AutoModel.from_pretrained(base_path)
+        from .hub import resolve
+
+        base_dir = resolve(base_path)
+        check_backbone_support(base_dir)
+        base = AutoModel.from_pretrained(base_dir)
         ensure_embedding_rows(base, tokenizer)  # a base model without the <|resp_sep|> row
         backbone = _named_load(os.path.join(path, "adapter"), lambda p: PeftModel.from_pretrained(base, p))
     else:
+        check_backbone_support(os.path.join(path, "backbone"))
         backbone = _named_load(os.path.join(path, "backbone"), AutoModel.from_pretrained)
     state = _named_load(os.path.join(path, "value_head.safetensors"), load_file)
     H = text_hidden_size(backbone)

@@ -20,10 +20,20 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
 MOLMO2_MEDIA_TOKENS = ["<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>", "<|image|>",
                        "<im_low>", "<frame_start>", "<frame_end>", "<|video|>"]
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-FAMILIES = QWEN_FAMILIES + ("molmo2",)
+
+
+def _native(config_class: str) -> bool:
+    """Whether the installed transformers has this backbone natively (Molmo2 from 5.20)."""
+    import transformers
+
+    return hasattr(transformers, config_class)
+
+
+# the families the installed transformers can build (the test matrices parametrize over these)
+FAMILIES = QWEN_FAMILIES + (("molmo2",) if _native("Molmo2Config") else ())
 # Hybrid backbones (linear-attention + full-attention text layers): built like the others, tested
 # in their own modules (tests/test_qwen35.py), so the families above keep their test matrix.
-HYBRID_FAMILIES = ("qwen3_5",)
+HYBRID_FAMILIES = ("qwen3_5",) if _native("Qwen3_5Config") else ()
 ALL_FAMILIES = FAMILIES + HYBRID_FAMILIES
 
 # The families' published chat templates (the `chat_template` their Instruct checkpoints ship;
@@ -368,10 +378,11 @@ def build_processors(family: str = "qwen2_vl", *, patch_size: int | None = None,
 
 
 def processor_class(family: str):
-    from transformers import Molmo2Processor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+    import transformers
 
-    return {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor,
-            "qwen3_5": Qwen3VLProcessor, "molmo2": Molmo2Processor}[family]
+    name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+            "qwen3_5": "Qwen3VLProcessor", "molmo2": "Molmo2Processor"}[family]
+    return getattr(transformers, name)
 
 
 def build_processor(family: str = "qwen2_vl", tokenizer=None, **processor_kw):

@@ -60,6 +60,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
     video_fps: float | None = None       # frames sampled per second of video (None: Qwen-VL's 2.0)
+    video_sampling: str = "qwen"         # qwen (qwen-vl-utils' reader at video_fps) or reference (the authors'
+                                         # molmo_utils sampling); recorded in the checkpoint (mrrm.media)
     head_type: str = "mlp"               # mlp (the paper) or linear (the authors' code's default)
     head_hidden: int = 1024
     head_activation: str = "silu"
@@ -135,6 +137,10 @@ def parse_args(argv=None) -> TrainConfig:
         ap.error(f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} data files")
     if cfg.fsdp and cfg.deepspeed:
         ap.error("--fsdp and --deepspeed are two ways to shard; pick one")
+    from .media import VIDEO_SAMPLING
+
+    if cfg.video_sampling not in VIDEO_SAMPLING:
+        ap.error(f"--video-sampling must be one of {VIDEO_SAMPLING}")
     return cfg
 
 
@@ -162,7 +168,8 @@ def build_model(cfg: TrainConfig):
     rm_cfg = RewardModelConfig(value_head_type=cfg.head_type, value_head_hidden_dim=cfg.head_hidden,
                                value_head_activation=cfg.head_activation, resp_repr_mode=cfg.resp_repr_mode or "last",
                                mode=cfg.mode, max_length=cfg.max_length, max_batch_tokens=cfg.max_batch_tokens,
-                               base_model=cfg.base_model, description="trained with python -m mrrm.train")
+                               base_model=cfg.base_model, video_sampling=cfg.video_sampling,
+                               description="trained with python -m mrrm.train")
     if cfg.video_fps is not None:
         rm_cfg.video_fps = cfg.video_fps
     if cfg.base_model is None:  # the built-in tiny backbone, trained from scratch: no LoRA
@@ -898,6 +905,7 @@ def _finish(st: TrainState) -> dict:
             if not st.sharded_params:
                 summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
+            _record_evaluation(os.path.join(cfg.output_dir, "model"), cfg, st.step, summary["eval"])
         with writing(os.path.join(cfg.output_dir, "summary.json")), \
                 open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
@@ -920,8 +928,47 @@ def _save_final_model(st: TrainState) -> None:
         model = build_model(st.cfg)
         model.load_state_dict(torch.load(os.path.join(newest, "state.pt"), map_location="cpu",
                                          weights_only=False)["model"])
+    model.config.training = training_record(st.cfg, st.step)
     with writing(out):
         model.save_pretrained(out)
+
+
+def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None) -> dict:
+    """What the model card says about training (RewardModelConfig.training): the command that reruns it
+    (the flags that differ from the defaults), the data files, the steps and the held-out evaluation."""
+    import shlex
+
+    args = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value == default or f.name in ("output_dir", "force_resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    record = {"command": shlex.join(["python", "-m", "mrrm.train", *args]), "data": list(cfg.data), "steps": steps}
+    if cfg.eval_data:
+        record["eval_data"] = cfg.eval_data
+    if evaluation:
+        record["eval"] = {k: evaluation[k] for k in ("best_of_n", "n", "per_family") if k in evaluation}
+    return record
+
+
+def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation: dict) -> None:
+    """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved)."""
+    from .model import CONFIG_FILE
+
+    path = os.path.join(model_dir, CONFIG_FILE)
+    with open(path) as fh:
+        saved = json.load(fh)
+    saved["training"] = training_record(cfg, steps, evaluation)
+    with writing(path), open(path, "w") as fh:
+        json.dump(saved, fh, indent=2)
 
 
 def print_table(ev):

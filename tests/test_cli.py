@@ -91,7 +91,7 @@ def test_one_set_of_model_flags_and_one_device_default():
     assert _cli.resolve_dtype("bfloat16") is torch.bfloat16 and _cli.resolve_dtype(None) is None
     with pytest.raises(ValueError, match="not a torch dtype"):
         _cli.resolve_dtype("float128")
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match="neither a directory .* nor a Hugging Face Hub id"):
         _cli.load_model("/no/such/checkpoint")
 
 

@@ -43,8 +43,12 @@ def base_of(entry):
 
 
 def load_checkpoint(name):
+    """final_norm=True: these golden scores come from their code run under transformers 5.x, where the
+    hidden state it reads is the normed one for every family (under their pinned 4.57.3 Qwen3-VL's is
+    not: tests/test_reference_env.py)."""
     entry = GOLDEN["checkpoints"][name]
-    return RewardModel.from_pretrained(os.path.join(ROOT, "checkpoints", name), base_model=base_of(entry))
+    return RewardModel.from_pretrained(os.path.join(ROOT, "checkpoints", name), base_model=base_of(entry),
+                                       final_norm=True)
 
 
 def assert_like_reference(model, entry, what):
@@ -124,14 +128,46 @@ def test_separator_row_follows_the_documented_rule():
     torch.testing.assert_close(emb[:sep], old, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["mrrm", "reference"])
+def test_molmo2_base_without_the_separator_row_saves_and_reloads(layout, tmp_path):
+    """A Molmo2 base whose embedding lacks the <|resp_sep|> row and keeps its media tokens in the
+    additional table (as the released Molmo2 does): the row is appended to the additional table
+    (text_config.vocab_size stays the base vocabulary, as the authors' code grows `new_embedding`),
+    so both layouts reload with the same scores. resize_token_embeddings alone overwrote vocab_size
+    with the total, and the reload built vocab_size + additional_vocab_size rows (651 vs 661)."""
+    from mrrm import tiny
+    from mrrm.model import RewardModelConfig, ensure_separator_token
+
+    tok = tiny.build_tokenizer(family="molmo2", with_separator=False)
+    cfg = tiny.build_config("molmo2", tokenizer=tok, hidden_size=32, heads=2, kv_heads=1, vision_width=16)
+    rows = len(tok)
+    cfg.text_config.vocab_size, cfg.text_config.additional_vocab_size = rows - 10, 10
+    torch.manual_seed(0)
+    backbone = tiny.build_backbone(cfg)
+    proc = tiny.build_processor("molmo2", tok)
+    assert ensure_separator_token(proc.tokenizer, backbone)
+    text = backbone.config.text_config
+    assert (text.vocab_size, text.additional_vocab_size) == (rows - 10, 11)
+    assert backbone.get_input_embeddings().weight.shape[0] == rows + 1
+    model = RewardModel(backbone, proc.tokenizer, proc, RewardModelConfig(value_head_hidden_dim=8)).eval()
+    with torch.no_grad():
+        for p in model.value_head.parameters():
+            p.normal_(0, 0.5)
+    batch = samples()
+    want = model.score(batch)
+    model.save_pretrained(str(tmp_path / layout), layout=layout)
+    got = mrrm.load(str(tmp_path / layout)).score(batch)
+    assert max(abs(a - b) for x, y in zip(got, want) for a, b in zip(x, y)) <= 1e-6
+
+
 def test_base_named_by_the_adapter_and_base_override(tmp_path):
     """Without base_model=, the base comes from adapter_config.json's base_model_name_or_path."""
-    name = "qwen3_vl_mlp_silu_last"
+    name = "qwen2_5_vl_mlp_silu_last"
     ckpt = tmp_path / "ckpt"
     shutil.copytree(os.path.join(ROOT, "checkpoints", name), ckpt)
     cfg_path = ckpt / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = os.path.join(ROOT, "bases", "qwen3_vl")
+    cfg["base_model_name_or_path"] = os.path.join(ROOT, "bases", "qwen2_5_vl")
     cfg_path.write_text(json.dumps(cfg))
     model = mrrm.load(str(ckpt))
     assert model.config.base_model == cfg["base_model_name_or_path"]
@@ -140,7 +176,7 @@ def test_base_named_by_the_adapter_and_base_override(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(OSError):
         mrrm.load(str(ckpt))
-    over = RewardModel.from_pretrained(str(ckpt), base_model=os.path.join(ROOT, "bases", "qwen3_vl"))
+    over = RewardModel.from_pretrained(str(ckpt), base_model=os.path.join(ROOT, "bases", "qwen2_5_vl"))
     assert_like_reference(over, GOLDEN["checkpoints"][name], "base_model= override")
 
 
