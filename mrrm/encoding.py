@@ -32,6 +32,7 @@ prefix (see mrrm.packing).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -49,6 +50,45 @@ RESP_SEP = "<|resp_sep|>"
 CONTROL_START, CONTROL_END = "\U000f0000", "\U000f0001"
 # stands in for the assistant text while the template renders, to find where that text goes
 _CONTENT_SENTINEL = "\x00mrrm:assistant-content\x00"
+
+
+# how much a tokenizer normalizer can shrink text (characters in / characters out), by type; a type not
+# listed (Replace, Strip, ...) can shrink it without bound
+_NORMALIZER_SHRINK = {"NFC": 4, "NFD": 4, "NFKC": 4, "NFKD": 4, "Lowercase": 1, "Prepend": 1, "BertNormalizer": None}
+
+
+def _normalizer_shrink(spec) -> int | None:
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for part in spec.get("normalizers", []):
+            f = _normalizer_shrink(part)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    return _NORMALIZER_SHRINK.get(kind)
+
+
+def text_char_limit(tokenizer, max_length) -> int | None:
+    """A number of characters that text longer than can never fit `max_length` tokens: every token covers at
+    most as many characters as its vocabulary entry is long (byte-level and sentencepiece vocabularies), after
+    a normalizer that shrinks text at most by a known factor. Lets a 10 MB response be refused before the
+    tokenizer spends seconds on it. None when no such bound is known (then only the token count decides)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not max_length or backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot describe itself: no bound
+        return None
+    shrink = _normalizer_shrink(spec.get("normalizer"))
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=0)
+    if shrink is None or longest == 0:
+        return None
+    return int(max_length) * longest * shrink
 
 
 class SampleError(ValueError):
@@ -198,6 +238,7 @@ class Encoder:
         self.processor = processor
         self.rope_index_fn = rope_index_fn
         self.max_length = max_length
+        self.max_text_chars = text_char_limit(tokenizer, max_length)
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
         self.video_sampling = video_sampling
@@ -365,6 +406,10 @@ class Encoder:
             except UnicodeEncodeError as e:
                 raise SampleError(index, f"{what} is not valid Unicode text ({e.reason} at character {e.start})",
                                   sid) from None
+        chars = len(prompt) + sum(map(len, responses))
+        if self.max_text_chars is not None and chars > self.max_text_chars:  # before anything is tokenized
+            raise SampleError(index, f"the text ({chars} characters) cannot fit max_length={self.max_length} tokens "
+                                     f"(more than {self.max_text_chars} characters never do with this tokenizer)", sid)
         return prompt, list(responses)
 
     def _encode(self, sample, index, sid, media_dir):

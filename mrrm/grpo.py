@@ -436,6 +436,7 @@ def _verl_rewards(groups: list[dict], scored: list[list[float | None]], n: int,
 
 DEFAULT_GROUP_TIMEOUT = 120.0  # seconds a group's first rollout waits for the rest (OpenRLHF's client gives up at 180)
 PARTIAL_GROUPS = ("error", "score")
+MIN_WINDOW = 30.0  # seconds a closed group is kept at least: OpenRLHF retries a failed request 5 times, 1 s apart
 ASSEMBLERS = ("auto", "local", "ray")
 
 
@@ -502,8 +503,8 @@ class GroupAssembler:
     Never a plausible wrong reward:
     * a group short of its size after `group_timeout` s: GroupIncomplete for every member
       (partial="error", the default), or scored as it is (partial="score");
-    * more rollouts of a prompt than its size within `window` s (default: the group timeout) of the
-      group's close: GroupOverfull, and from then on every call fails with that message (the trainer
+    * more rollouts of a prompt than its size within `window` s of the group's close (default: the group
+      timeout, at least MIN_WINDOW): GroupOverfull, and from then on every call fails with that message (the trainer
       and the group size disagree for every prompt; a restart with the right size clears it);
     * a uid shared by two prompts, or two sizes for one group: GroupConflict for the whole group;
     * a rollout whose input is invalid (`reject`): RolloutRejected for it alone; it counts as an arrival,
@@ -523,7 +524,8 @@ class GroupAssembler:
             raise ValueError(f"max_pending ({max_pending}) must be at least the group size ({group_size}): "
                              "a group could never be held whole")
         self.score, self.group_size, self.group_timeout, self.partial = score, group_size, group_timeout, partial
-        self.max_pending, self.window = max_pending, float(window if window is not None else group_timeout)
+        self.max_pending = max_pending
+        self.window = float(window) if window is not None else max(float(group_timeout), MIN_WINDOW)
         self.max_recent, self.size_hint = max_recent, size_hint
         self.groups: dict = {}           # key -> its open group, or its closed one for the window
         self._closed_order: collections.deque = collections.deque()  # (expires, key, group), in closing order
@@ -656,7 +658,8 @@ class GroupAssembler:
                 f"the trainer sends fewer samples per prompt than {self.size_hint}, or they reach more than one "
                 "assembler (several reward servers or reward workers that do not share one; use one front server / "
                 "the Ray assembler), or generation takes longer than the group timeout (raise it). Scoring "
-                "partial groups is an explicit choice: partial groups 'score'"))
+                "partial groups is an explicit choice: --partial-groups score (server) or "
+                "reward_kwargs.partial_groups=score (veRL)"))
         elif not g.responses:
             g.future.set_result([])
         else:
@@ -664,9 +667,13 @@ class GroupAssembler:
 
     async def _run(self, g: _Group) -> None:
         try:
-            g.future.set_result(list(await self.score({**g.base, "responses": list(g.responses)})))
+            rewards = list(await self.score({**g.base, "responses": list(g.responses)}))
         except Exception as e:  # noqa: BLE001 - handed to every call of the group
-            g.future.set_exception(e)
+            if not g.future.done():
+                g.future.set_exception(e)
+            return
+        if not g.future.done():  # (an extra rollout that came while it was scored failed the group)
+            g.future.set_result(rewards)
 
     def _forget_expired(self) -> None:
         now = time.monotonic()
@@ -752,18 +759,30 @@ def _in_ray_actor() -> bool:
         return False
 
 
-def ray_assembler(settings: dict, actor_options: dict | None = None):
-    """The named Ray actor (RayGroupAssembler) for these reward settings, created if missing. The name
-    is derived from the settings, so reward functions with other settings get their own."""
-    import ray
+_RAY_ASSEMBLERS: dict = {}  # name -> this process's handle: a named actor lives while some handle to it does
 
-    name = "mrrm-group-assembler-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
-                                                    .encode()).hexdigest()[:16]
-    options = {"name": name, "get_if_exists": True, "max_concurrency": 1 << 16}
-    if str(settings.get("device") or "").startswith("cuda"):
-        options["num_gpus"] = 1
-    options.update(actor_options or {})
-    return ray.remote(RayGroupAssembler).options(**options).remote(settings)
+
+def assembler_name(settings: dict) -> str:
+    """The Ray actor name of the assembler for these reward settings (reward functions with other
+    settings get their own)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return "mrrm-group-assembler-" + digest
+
+
+def ray_assembler(settings: dict, actor_options: dict | None = None):
+    """The named Ray actor (RayGroupAssembler) for these reward settings, created if missing. Each process
+    keeps its handle, so the actor (and the model it holds) lives for the whole run, not for one call."""
+    name = assembler_name(settings)
+    handle = _RAY_ASSEMBLERS.get(name)
+    if handle is None:
+        import ray
+
+        options = {"name": name, "get_if_exists": True, "max_concurrency": 1 << 16}
+        if str(settings.get("device") or "").startswith("cuda"):
+            options["num_gpus"] = 1
+        options.update(actor_options or {})
+        handle = _RAY_ASSEMBLERS[name] = ray.remote(RayGroupAssembler).options(**options).remote(settings)
+    return handle
 
 
 async def compute_score_row(data_source=None, solution_str=None, ground_truth=None, extra_info=None, **kwargs):

@@ -712,7 +712,9 @@ class _ServerState:
         self.assembler = GroupAssembler(self.score_group, group_size=group_size, group_timeout=group_timeout,
                                         max_pending=max_pending, partial=partial_groups,
                                         size_hint="the server's --group-size (unset: the queries of one request)")
-        self.max_frames = getattr(getattr(self.batcher.model, "encoder", None), "video_max_frames", 64)
+        encoder = getattr(self.batcher.model, "encoder", None)
+        self.max_frames = getattr(encoder, "video_max_frames", 64)
+        self.max_text_chars = getattr(encoder, "max_text_chars", None)  # longer text never fits max_length
         self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
         self.pool = media.PixelBudget(DEFAULT_MAX_INFLIGHT_PIXELS, "the server's in-flight media "
                                       "(--max-inflight-megapixels)", shared=True)
@@ -934,6 +936,11 @@ def _parse_query(state: "_ServerState", i: int, query: str, prompt: str, label) 
         out.response = response_of(query, prompt, state.stop_texts)
     except QueryError as e:
         out.refused = f"query[{i}]: {e}"
+        return out
+    if state.max_text_chars is not None and len(out.response) > state.max_text_chars:
+        out.refused = (f"query[{i}]: the response ({len(out.response)} characters) cannot fit the reward model's "
+                       f"max_length (more than {state.max_text_chars} characters never do)")
+        out.response = None
     return out
 
 

@@ -389,3 +389,59 @@ def test_compute_score_row_groups_rows_and_times_out(reward_model):
         asyncio.run(rows(["red"], group_size=1, groupsize=2))
     with pytest.raises(ValueError, match="'uid' and 'prompt'"):
         asyncio.run(compute_score_row("src", "red", "", {"question": "x"}, group_size=1, model=reward_model))
+
+
+def test_compute_score_row_misconfigurations_raise_never_reward(reward_model):
+    """veRL per-row calls: a uid shared by two prompts, more rollouts than group_size and a group short after
+    the timeout each raise an error naming the cause; a validation row's extra_info group_size=1 is scored
+    at once."""
+    import asyncio
+
+    from mrrm.grpo import GroupConflict, GroupOverfull, compute_score_row
+
+    async def rows(items, **kw):
+        return await asyncio.gather(*(compute_score_row("src", a, "", dict(info), model=reward_model, **kw)
+                                      for a, info in items), return_exceptions=True)
+
+    shared = asyncio.run(rows([("red", {"prompt": "Name a colour.", "uid": 7}),
+                               ("4", {"prompt": "What is 2+2?", "uid": 7})], group_size=2))
+    assert all(isinstance(r, GroupConflict) for r in shared) and "one group id names two different prompts" in str(shared[0])
+    eight = asyncio.run(rows([(a, {"prompt": "Name a colour."}) for a in "abcdefgh"], group_size=4))
+    assert all(isinstance(r, GroupOverfull) for r in eight)  # the extra ones came before the first four were scored
+    assert "4 expected, 5 within" in str(next(r for r in eight if isinstance(r, GroupOverfull)))
+    assert "reward_kwargs.group_size" in str(next(r for r in eight if isinstance(r, GroupOverfull)))
+    (val,) = asyncio.run(rows([("red", {"prompt": "Name a colour.", "group_size": 1})], group_size=8, group_timeout=600))
+    assert val["mrrm_group_size"] == 1
+    assert val["score"] == pytest.approx(mrrm.score({"prompt": "Name a colour.", "responses": ["red"]}, reward_model)[0][0],
+                                         rel=1e-5)
+
+
+def test_group_assembler_retries_rejects_and_windows():
+    """GroupAssembler alone (a fake scorer): a retry after the group closed gets the same reward, a
+    rejected rollout counts as an arrival and its retry is refused again, the closed group is forgotten
+    after the window (the same prompt may come back in a later step)."""
+    import asyncio
+
+    from mrrm.grpo import GroupAssembler, RolloutRejected
+
+    calls = []
+
+    async def score(group):
+        calls.append(list(group["responses"]))
+        return [float(len(r)) for r in group["responses"]]
+
+    async def go():
+        a = GroupAssembler(score, group_size=3, group_timeout=5, window=0.3)
+        got = await asyncio.gather(a.add("k", {}, ["a"]), a.add("k", {}, ["bb"]),
+                                   asyncio.sleep(0.05, a.reject("k", {}, "x\ud800", "bad text")))
+        again = await a.add("k", {}, ["bb"])
+        refused = a.reject("k", {}, "x\ud800", "ignored")
+        await asyncio.sleep(0.4)  # past the window: a new group of the same prompt
+        later = await asyncio.gather(*(a.add("k", {}, [r]) for r in ("c", "dd", "eee")))
+        return got, again, refused, later, a
+
+    got, again, refused, later, a = asyncio.run(go())
+    assert got[0] == ([1.0], 2) and got[1] == ([2.0], 2) and isinstance(got[2], RolloutRejected)
+    assert again == ([2.0], 2) and str(refused) == "bad text"
+    assert [r for r, _ in later] == [[1.0], [2.0], [3.0]] and calls == [["a", "bb"], ["c", "dd", "eee"]]
+    assert a.counters["groups"] == 2 and a.counters["rollouts_rejected"] == 1 and a.pending == 0

@@ -16,6 +16,7 @@ import asyncio
 import importlib
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import rl_stubs
 from model_fixtures import build_family, rgb_image
@@ -96,6 +97,28 @@ def test_openrlhf_group_of_four_scored_together(family, openrlhf_rollout):
     assert got == [[pytest.approx(w, **TOL)] for w in want]  # OpenRLHF reads a 1-element list per query
     alone = mrrm.score({"prompt": "What is 2+2?", "responses": [answers[0]]}, model)[0][0]
     assert abs(alone - want[0]) > 1e-3  # scoring one at a time would have given something else
+
+
+def test_openrlhf_several_reward_urls(family, openrlhf_rollout):
+    """OpenRLHF with two --reward.remote_url (round-robin per request). Both naming one front server (the
+    documented setup; its --replicas carry the load): the joint rewards. Naming two separate servers, each
+    sees half of every group: no reward at all (each server's 504 says why), never a half-group's."""
+    model, tok = family.model, family.model.tokenizer
+    answers = ["4", "Four.", "It is 4", "5"]
+    app = create_app(model, group_size=4, group_timeout=30)
+    with running(app) as url:
+        other_name = url.replace("127.0.0.1", "localhost")
+        got = rollout(openrlhf_rollout, [f"{url}/get_reward", f"{other_name}/get_reward"], tok,
+                      chat(tok, "What is 2+2?"), answers)
+    assert got == [[pytest.approx(w, **TOL)] for w in joint_rewards(model, "What is 2+2?", answers)]
+
+    apps = [create_app(model, group_size=4, group_timeout=1) for _ in range(2)]
+    with running(apps[0]) as url0, running(apps[1]) as url1:
+        got = rollout(openrlhf_rollout, [f"{url0}/get_reward", f"{url1}/get_reward"], tok, chat(tok, "What is 2+2?"),
+                      answers)
+        health = [httpx.get(f"{u}/health").json() for u in (url0, url1)]
+    assert got == [None] * 4
+    assert [h["groups_timed_out"] for h in health] == [1, 1] and [h["groups_failed"] for h in health] == [1, 1]
 
 
 def test_openrlhf_token_in_the_url(family, openrlhf_rollout):
@@ -219,3 +242,29 @@ def test_verl_reward_loop_scores_each_prompts_rollouts_together(family, tmp_path
     from mrrm.grpo import _ROW_ASSEMBLERS
     (assembler,) = _ROW_ASSEMBLERS[worker.loop].values()  # one set of reward options in this loop
     assert assembler.counters["groups"] == 4 and assembler.counters["groups_failed"] == 0  # 2 batches x 2 prompts
+
+
+@pytest.mark.slow
+def test_verl_eight_reward_workers_on_ray_share_one_assembler(tmp_path):
+    """veRL's default reward.num_workers=8 on a REAL local Ray (tests/verl_ray_run.py, a subprocess: this
+    module stubs ray): veRL's RewardLoopManager starts the 8 worker actors and its agent loop code sends
+    each rollout to a random one. With compute_score_row every worker forwards to the one named assembler
+    actor: rewards equal joint scoring of each group. The same run with assembler=local (each worker on its
+    own) fails with GroupIncomplete instead of scoring fragments."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("verl_ray_run.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--assemblers", "auto:60,local:5"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    shared, alone = result["auto"], result["local"]
+    assert shared["workers"] == 8 and "error" not in shared, shared.get("error")
+    assert any(name.startswith("mrrm-group-assembler-") for name in shared["actors"])
+    for (q, a), reward, size in zip(result["rows"], shared["rewards"], shared["group_sizes"]):
+        assert reward == pytest.approx(result["want"][q][a], **TOL), (q, a)
+        assert size == 4
+    assert alone["workers"] == 8 and "GroupIncomplete" in alone["error"] and "the Ray assembler" in alone["error"]

@@ -821,3 +821,203 @@ def test_slow_headers_are_cut_off(model):
             assert c.get(f"{url}/health").status_code == 200
             time.sleep(0.3)
             assert c.get(f"{url}/health").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Deployments that depart from the README's (issue 27): joint rewards or an error naming the fix
+# --------------------------------------------------------------------------------------------------
+
+
+def joint(model, question, answers, **media):
+    """Each answer's reward from joint scoring of the distinct answers in canonical order."""
+    distinct = canonical_order([a for a in answers if a])
+    scores = dict(zip(distinct, mrrm.score({"prompt": question, "responses": distinct, **media}, model)[0]))
+    return [scores.get(a) for a in answers]
+
+
+def test_more_rollouts_than_the_group_size_is_a_sticky_409_naming_both_numbers(model):
+    """The trainer sends 3 rollouts of a prompt, the server expects 2: the extra one is refused with both
+    numbers, and from then on every request is (the setting is wrong for every prompt); a retry of a
+    rollout already scored is not an extra one."""
+    p, q = QWEN_PROMPT.format("What is shown?"), QWEN_PROMPT.format("How many dots?")
+    app = create_app(model, group_size=2, group_timeout=30)
+    with running(app) as url:
+        first = _one_query_requests(f"{url}/get_reward", [(p, "a cat", None), (p, "a dog", None)])
+        retry = _one_query_requests(f"{url}/get_reward", [(p, "a dog", None)])[0]
+        extra = _one_query_requests(f"{url}/get_reward", [(p, "a cow", None)])[0]
+        later = _one_query_requests(f"{url}/get_reward", [(q, "three", None), (q, "four", None)])
+        health = httpx.get(f"{url}/health").json()
+    assert [r.status_code for r in first] == [200, 200] and retry.json() == first[1].json()
+    assert extra.status_code == 409 and [r.status_code for r in later] == [409, 409]
+    detail = extra.json()["detail"]
+    assert "2 expected, 3 within" in detail and "--group-size" in detail and "n_samples_per_prompt" in detail
+    assert later[0].json()["detail"] == detail and health["misconfigured"] == detail
+    assert health["groups_overfull"] == 1
+
+
+def test_without_group_size_one_rollout_requests_of_a_prompt_are_refused(model):
+    """A server started without --group-size scores what one request carries. OpenRLHF's one rollout per
+    request would then be scored one by one (a classic reward model's numbers): the second rollout of a
+    prompt is refused instead, naming --group-size."""
+    p = QWEN_PROMPT.format("What is shown?")
+    app = create_app(model)
+    with running(app) as url:
+        one = httpx.post(f"{url}/get_reward", json={"query": [p + "a cat<|im_end|>"], "prompts": [p]})
+        two = httpx.post(f"{url}/get_reward", json={"query": [p + "a dog<|im_end|>"], "prompts": [p]})
+    assert one.status_code == 200 and two.status_code == 409
+    assert "--group-size (unset: the queries of one request)" in two.json()["detail"]
+
+
+def test_a_bad_rollout_costs_one_reward(model):
+    """A lone UTF-16 surrogate in one of four rollouts: 422 for that request only (again on OpenRLHF's
+    retries, at once), and the other three get the joint rewards of the three."""
+    p = QWEN_PROMPT.format("What is shown?")
+    app = create_app(model, group_size=4, group_timeout=30)
+    good = ["a cat", "a dog", "a red car"]
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=60) as c:
+            def post(text):
+                body = '{"query": ["%s%s<|im_end|>"], "prompts": ["%s"]}' % (
+                    json_text(p), text, json_text(p))
+                return c.post(f"{url}/get_reward", content=body.encode(), headers={"Content-Type": "application/json"})
+            got = await asyncio.gather(*(post(t) for t in good + ["bad \\ud800 text"]))
+            retry = await post("bad \\ud800 text")
+            return got, retry
+
+    with running(app) as url:
+        got, retry = asyncio.run(go(url))
+        health = httpx.get(f"{url}/health").json()
+    assert [r.status_code for r in got] == [200, 200, 200, 422]
+    assert "not valid Unicode text" in got[3].json()["detail"] and retry.status_code == 422
+    want = joint(model, "What is shown?", good)
+    assert [r.json()["rewards"][0] for r in got[:3]] == [pytest.approx(w, **TOL) for w in want]
+    assert {r.json()["extra_logs"]["group_size"][0] for r in got[:3]} == {3}
+    assert health["rollouts_rejected"] == 1 and health["groups_failed"] == 0
+
+
+def json_text(s: str) -> str:
+    import json
+
+    return json.dumps(s)[1:-1]
+
+
+def test_validation_rows_with_group_size_1_in_the_label_do_not_wait(model):
+    """A validation set generated with n=1: its label {"group_size": 1} makes each prompt a group of one,
+    answered at once although the server's --group-size is 8."""
+    p = QWEN_PROMPT.format("What is shown?")
+    app = create_app(model, group_size=8, group_timeout=30)
+    with running(app) as url:
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/get_reward", json={"query": [p + "a cat<|im_end|>"], "prompts": [p],
+                                                  "labels": ['{"group_size": 1}']}, timeout=60)
+        took = time.monotonic() - t0
+    assert r.status_code == 200 and took < 10
+    assert r.json()["rewards"] == [pytest.approx(joint(model, "What is shown?", ["a cat"])[0], **TOL)]
+
+
+def test_max_pending_refuses_new_groups_and_never_splits_one(model):
+    """--max-pending below the group size is refused at start; at the limit a NEW group gets 429 while
+    the rollouts of groups already open are always taken (a group is never split)."""
+    with pytest.raises(ValueError, match="max_pending .4. must be at least the group size .8."):
+        create_app(model, group_size=8, max_pending=4)
+    a, b, c = (QWEN_PROMPT.format(f"Question {k}?") for k in "abc")
+    app = create_app(model, group_size=3, group_timeout=30, max_pending=3)
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=60) as cl:
+            def post(p, r):
+                return cl.post(f"{url}/get_reward", json={"query": [p + r + "<|im_end|>"], "prompts": [p]})
+            first = [asyncio.ensure_future(post(a, r)) for r in ("one", "two")]
+            await asyncio.sleep(0.5)
+            second = [asyncio.ensure_future(post(b, "one"))]  # 3 held: group b is the last that fits
+            await asyncio.sleep(0.5)
+            refused = await post(c, "one")  # a new group over the limit
+            rest = [asyncio.ensure_future(post(b, r)) for r in ("two", "three")] + [asyncio.ensure_future(post(a, "three"))]
+            return refused, await asyncio.gather(*first, *second, *rest)
+
+    with running(app) as url:
+        refused, answered = asyncio.run(go(url))
+    assert refused.status_code == 429 and "max_pending 3" in refused.json()["detail"]
+    assert [r.status_code for r in answered] == [200] * 6
+    assert {r.json()["extra_logs"]["group_size"][0] for r in answered} == {3}
+
+
+@pytest.mark.parametrize("prompt,user", [
+    ("A chat between a curious user and an artificial intelligence assistant. USER: What is 2+2? ASSISTANT:",
+     "What is 2+2?"),                                                                                    # Vicuna
+    ("<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n", "What is 2+2?"),                                  # Phi-3
+    ("<|im_start|>user<|im_sep|>What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>", "What is 2+2?"),  # Phi-4
+])
+def test_other_policy_templates_are_taken_apart(model, prompt, user):
+    app = create_app(model)
+    with running(app) as url:
+        r = httpx.post(f"{url}/get_reward", json={"query": [prompt + " 4</s>"], "prompts": [prompt]})
+    assert r.status_code == 200, r.text
+    assert r.json()["rewards"] == [pytest.approx(joint(model, user, [" 4"])[0], **TOL)]
+
+
+def test_an_unknown_template_or_unmatched_placeholder_is_a_422_naming_the_fix(model):
+    """A templated prompt in no known format is never scored as if it were the question; a Llama 3.2
+    Vision <|image|> placeholder with a plain-string label is never scored text-only."""
+    odd = "<|sys|>Be brief.<|human|>What is 2+2?<|bot|>"
+    llama = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is shown?<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    app = create_app(model)
+    plain = create_app(model, prompt_format="plain")
+    with running(app) as url:
+        unknown = httpx.post(f"{url}/get_reward", json={"query": [odd + "4"], "prompts": [odd]})
+        image = httpx.post(f"{url}/get_reward", json={"query": [llama + "a cat<|eot_id|>"], "prompts": [llama],
+                                                      "labels": ["a cat"]})
+    with running(plain) as url:
+        as_is = httpx.post(f"{url}/get_reward", json={"query": [odd + "4"], "prompts": [odd]})
+    assert unknown.status_code == 422 and "--policy-tokenizer" in unknown.json()["detail"]
+    assert image.status_code == 422 and "holds 1 image and 0 video placeholder(s)" in image.json()["detail"]
+    assert as_is.status_code == 200
+    assert as_is.json()["rewards"] == [pytest.approx(joint(model, odd, ["4"])[0], **TOL)]
+
+
+@pytest.mark.slow
+def test_a_10_mb_body_does_not_hold_up_a_small_request(model):
+    """A 10 MB /get_reward body (its response too long for any max_length) sent first, a one-rollout
+    request 0.2 s later: the small one is answered within a second, the big one refused (422) without being
+    tokenized."""
+    p = QWEN_PROMPT.format("What is shown?")
+    big = {"query": [p + "word " * 2_000_000], "prompts": [p]}
+    small = {"query": [QWEN_PROMPT.format("How many?") + "three<|im_end|>"], "prompts": [QWEN_PROMPT.format("How many?")]}
+    app = create_app(model, max_body_bytes=64 * 1024 * 1024)
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def timed(body, delay):
+                await asyncio.sleep(delay)
+                t0 = time.monotonic()
+                r = await c.post(f"{url}/get_reward", json=body)
+                return r, time.monotonic() - t0
+            return await asyncio.gather(timed(big, 0), timed(small, 0.2))
+
+    with running(app) as url:
+        httpx.post(f"{url}/score", json={"samples": [{"prompt": "warm", "responses": ["up"]}]})
+        (r_big, t_big), (r_small, t_small) = asyncio.run(go(url))
+    assert r_small.status_code == 200 and t_small < 1.0, t_small
+    assert r_big.status_code == 422 and "cannot fit the reward model's max_length" in r_big.json()["detail"]
+
+
+@pytest.mark.slow
+def test_replicas_behind_one_front_server(model, tmp_path):
+    """--replicas 2: a second model copy in its own process; requests and groups spread over both, groups
+    assembled once at the front, rewards equal joint scoring."""
+    model.save_pretrained(tmp_path / "rm")
+    front = mrrm.load(str(tmp_path / "rm"))
+    app = create_app(front, group_size=2, group_timeout=60, replicas=2, checkpoint=str(tmp_path / "rm"),
+                     replica_devices_=["cpu", "cpu"])
+    prompts = [f"Question {k}: what is shown?" for k in range(12)]
+    rows = [(QWEN_PROMPT.format(q), a, None) for q in prompts for a in ("a cat", "a dog")]
+    with running(app) as url:
+        got = _one_query_requests(f"{url}/get_reward", rows)
+        health = httpx.get(f"{url}/health").json()
+    assert [r.status_code for r in got] == [200] * len(rows)
+    assert health["replicas"] == 2 and all(b.counters["samples"] > 0 for b in app.app.state.batchers)
+    for k in (0, 5, 11):
+        want = joint(front, prompts[k], ["a cat", "a dog"])
+        assert [got[2 * k + j].json()["rewards"][0] for j in (0, 1)] == [pytest.approx(w, **TOL) for w in want]
