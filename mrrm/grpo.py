@@ -479,6 +479,16 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
+class PendingPool:
+    """Responses held for their groups, counted across GroupAssemblers (the reward server keeps one
+    assembler per client and one pool for all): a NEW group that would bring the count over `limit`
+    is refused (PendingFull)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = None if limit is None else check_int("max_pending", limit)
+        self.used = 0
+
+
 class _Group:
     """One prompt's rollouts: open until `size` arrived (or the timeout), then scored once, then kept
     (closed) for the window so that a client's retry gets the same answer and an extra rollout is seen."""
@@ -510,29 +520,33 @@ class GroupAssembler:
     * a rollout whose input is invalid (`reject`): RolloutRejected for it alone; it counts as an arrival,
       the rest of its group is scored without it.
     A call repeated after its group closed (a client's retry) gets the same rewards (or error) again.
-    `max_pending`: a NEW group that would bring the held responses over it -> PendingFull (an open
-    group's rollouts are always taken, so a group is never split). Counters: groups, groups_timed_out,
+    `max_pending` (or a shared `pool`): a NEW group that would bring the held responses over it ->
+    PendingFull; `max_groups`: a NEW group beyond that many open ones -> PendingFull (an open group's
+    rollouts are always taken, so a group is never split). Counters: groups, groups_timed_out,
     groups_failed, groups_overfull, rollouts_rejected; `pending`: responses held now."""
+
+    COUNTERS = ("groups", "groups_timed_out", "groups_failed", "groups_overfull", "rollouts_rejected")
 
     def __init__(self, score, *, group_size: int, group_timeout: float, partial: str = "error",
                  max_pending: int | None = None, window: float | None = None, max_recent: int = 1 << 17,
-                 size_hint: str = "the group size"):
+                 size_hint: str = "the group size", pool: PendingPool | None = None, max_groups: int | None = None):
         check_int("group_size", group_size)
         check_positive("group_timeout", group_timeout, unit="seconds")
         check_choice("partial", partial, PARTIAL_GROUPS)
-        if max_pending is not None and check_int("max_pending", max_pending) < group_size:
-            raise ValueError(f"max_pending ({max_pending}) must be at least the group size ({group_size}): "
+        self.pool = pool if pool is not None else PendingPool(max_pending)
+        if self.pool.limit is not None and self.pool.limit < group_size:
+            raise ValueError(f"max_pending ({self.pool.limit}) must be at least the group size ({group_size}): "
                              "a group could never be held whole")
+        self.max_groups = check_int("max_groups", max_groups, allow_none=True)
+        self.open_groups = 0
         self.score, self.group_size, self.group_timeout, self.partial = score, group_size, group_timeout, partial
-        self.max_pending = max_pending
         self.window = float(window) if window is not None else max(float(group_timeout), MIN_WINDOW)
         self.max_recent, self.size_hint = max_recent, size_hint
         self.groups: dict = {}           # key -> its open group, or its closed one for the window
         self._closed_order: collections.deque = collections.deque()  # (expires, key, group), in closing order
         self.pending = 0
         self.misconfigured: str | None = None
-        self.counters = {"groups": 0, "groups_timed_out": 0, "groups_failed": 0, "groups_overfull": 0,
-                         "rollouts_rejected": 0}
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
 
     # -- arrivals -----------------------------------------------------------------------------------
     async def add(self, key, base: dict, responses: list[str], *, group_size: int | None = None,
@@ -552,6 +566,7 @@ class GroupAssembler:
         g.responses.extend(responses)
         g.arrived += len(responses)
         self.pending += len(responses)
+        self.pool.used += len(responses)
         self._after_arrival(g)
         rewards = await asyncio.shield(g.future)
         return rewards[lo:lo + len(responses)], len(rewards)
@@ -598,9 +613,13 @@ class GroupAssembler:
         if g is not None and g.size != size:
             self._fail(g, GroupConflict(f"the rollouts of one prompt give two group sizes, {g.size} and {size}"))
         if g is None:
-            if self.max_pending is not None and self.pending + count > self.max_pending:
-                raise PendingFull(f"{self.pending} responses are waiting for their groups (max_pending "
-                                  f"{self.max_pending}); retry later")
+            if self.pool.limit is not None and self.pool.used + count > self.pool.limit:
+                raise PendingFull(f"{self.pool.used} responses are waiting for their groups (max_pending "
+                                  f"{self.pool.limit}); retry later")
+            if self.max_groups is not None and self.open_groups >= self.max_groups:
+                raise PendingFull(f"{self.open_groups} groups of this client are waiting for their rollouts "
+                                  f"(max_groups {self.max_groups}); retry later")
+            self.open_groups += 1
             loop = asyncio.get_running_loop()
             g = self.groups[key] = _Group(key, base, size, signature, loop.create_future())
             g.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
@@ -639,6 +658,8 @@ class GroupAssembler:
         g.closed = True
         g.timer.cancel()
         self.pending -= len(g.responses)
+        self.pool.used -= len(g.responses)
+        self.open_groups -= 1
         g.expires = time.monotonic() + self.window
         self._closed_order.append((g.expires, g.key, g))
         self.counters["groups"] += 1
@@ -684,6 +705,11 @@ class GroupAssembler:
         _, key, g = entry
         if self.groups.get(key) is g:
             del self.groups[key]
+
+    def idle(self) -> bool:
+        """No group open, and none closed within the window."""
+        self._forget_expired()
+        return not self.groups
 
     @property
     def open(self) -> dict:

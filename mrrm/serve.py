@@ -69,6 +69,7 @@ from mrrm.grpo import (
     GroupAssembler,
     GroupError,
     PendingFull,
+    PendingPool,
     fill_empty,
     group_sample,
     ungroup,
@@ -82,6 +83,8 @@ DEFAULT_MAX_QUEUE = 256
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PENDING = 65536    # responses held for their groups at most (then 429)
+DEFAULT_MAX_CLIENT_GROUPS = 8192  # groups one client may hold open at once (then 429 for that client)
+MAX_CLIENTS = 1024             # client namespaces held at once (idle ones are dropped first)
 DEFAULT_MAX_REQUEST_PIXELS = 256_000_000  # decoded image / frame pixels one /score request may hold (~770 MB RGB)
 DEFAULT_MAX_INFLIGHT_PIXELS = 1_024_000_000  # ... all requests together, until scored (~3 GB RGB; then 503)
 DEFAULT_MAX_SAMPLES = 10_000   # samples (or /get_reward queries) in one request
@@ -737,15 +740,22 @@ class _ServerState:
 
     def __init__(self, batchers: list[Batcher], *, mode: str, root: Path | None, max_queue: int, timeout: float,
                  group_size: int, group_timeout: float, max_pending: int, partial_groups: str = "error",
-                 stop_texts=DEFAULT_STOP_TEXTS, frame=None, prompt_format: str = "auto"):
+                 stop_texts=DEFAULT_STOP_TEXTS, frame=None, prompt_format: str = "auto",
+                 max_client_groups: int = DEFAULT_MAX_CLIENT_GROUPS):
         self.batchers, self.mode, self.root, self.max_queue, self.timeout = batchers, mode, root, max_queue, timeout
         self.batcher = batchers[0]  # the front's own model (it encodes for every replica)
         self.stop_texts, self.frame, self.prompt_format = tuple(stop_texts), frame, prompt_format
         # /get_reward's groups across requests: OpenRLHF posts one rollout per request (the same
-        # mrrm.grpo.GroupAssembler gathers veRL's per-row calls)
-        self.assembler = GroupAssembler(self.score_group, group_size=group_size, group_timeout=group_timeout,
-                                        max_pending=max_pending, partial=partial_groups,
-                                        size_hint="the server's --group-size (unset: the queries of one request)")
+        # mrrm.grpo.GroupAssembler gathers veRL's per-row calls). One assembler per client address, so that
+        # another client's prompts never join (or poison) a trainer's groups; one pool of held responses.
+        self.pending_pool = PendingPool(max_pending)
+        self.group_size, self.partial_groups = group_size, partial_groups
+        self._assembler_options = dict(group_size=group_size, group_timeout=group_timeout, partial=partial_groups,
+                                       size_hint="the server's --group-size (unset: the queries of one request)",
+                                       pool=self.pending_pool, max_groups=max_client_groups)
+        self.assemblers: dict[str, GroupAssembler] = {}
+        self.assembler_for("")  # checks the options now (max_pending below the group size is refused at start)
+        self.assemblers.clear()
         encoder = getattr(self.batcher.model, "encoder", None)
         self.max_frames = getattr(encoder, "video_max_frames", 64)
         self.max_text_chars = getattr(encoder, "max_text_chars", None)  # longer text never fits max_length
@@ -760,7 +770,21 @@ class _ServerState:
     def request_group_size(self, queries: int) -> int:
         """The size of a group a request's `queries` (of one prompt) belong to: --group-size, or without it
         (1) the request's own queries (OpenRLHF's batch mode: a request carries whole groups)."""
-        return self.assembler.group_size if self.assembler.group_size > 1 else queries
+        return self.group_size if self.group_size > 1 else queries
+
+    def assembler_for(self, client: str) -> GroupAssembler:
+        """The group assembler of one client (its address): groups are never shared between clients. At
+        MAX_CLIENTS, idle clients' assemblers are dropped first (a misconfigured one is kept, so it stays
+        refused); a new client beyond that gets 429."""
+        a = self.assemblers.get(client)
+        if a is None:
+            if len(self.assemblers) >= MAX_CLIENTS:
+                for name in [n for n, x in self.assemblers.items() if x.idle() and x.misconfigured is None]:
+                    del self.assemblers[name]
+                if len(self.assemblers) >= MAX_CLIENTS:
+                    raise PendingFull(f"{MAX_CLIENTS} clients hold groups at once; retry later")
+            a = self.assemblers[client] = GroupAssembler(self.score_group, **self._assembler_options)
+        return a
 
     def pick(self) -> Batcher:
         """The batcher (model replica) with the least work in hand."""
@@ -837,10 +861,11 @@ class _ServerState:
         return {"status": "ok", "mode": self.mode, "max_batch_tokens": self.batcher.max_batch_tokens,
                 "replicas": len(self.batchers),
                 "queue": sum(b.queue.qsize() for b in self.batchers if b.queue is not None), "max_queue": self.max_queue,
-                **totals, "group_size": self.assembler.group_size, "pending": self.assembler.pending,
-                "partial_groups": self.assembler.partial, "misconfigured": self.assembler.misconfigured,
+                **totals, "group_size": self.group_size, "pending": self.pending_pool.used,
+                "partial_groups": self.partial_groups, "clients": len(self.assemblers),
+                "misconfigured": {c: a.misconfigured for c, a in self.assemblers.items() if a.misconfigured} or None,
                 "media_megapixels_held": round(self.pool.used / 1e6, 3),
-                **self.assembler.counters}
+                **{k: sum(a.counters[k] for a in self.assemblers.values()) for k in GroupAssembler.COUNTERS}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -848,24 +873,73 @@ class _ServerState:
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_ERRORS_SHOWN = 10       # validation errors listed in one answer (then "and N more")
+MAX_DETAIL_CHARS = 2000     # characters of an error answer's detail (an answer never echoes a whole body)
+MAX_JSON_DEPTH = 16         # nesting of a request body (the schemas need 4)
+MAX_OBJECT_KEYS = 256       # keys of one JSON object (the schemas need under 10; OpenRLHF may add a few)
+
+
+def _short(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
 def _describe_validation(errors: list[dict]) -> str:
     parts = []
-    for e in errors:
+    for e in errors[:MAX_ERRORS_SHOWN]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {e.get('msg')}")
-    return "invalid request: " + "; ".join(parts)
+        parts.append(f"{_short(loc, 200)}: {_short(str(e.get('msg')), 200)}")
+    more = f"; and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
+    return "invalid request: " + "; ".join(parts) + more
+
+
+def _loads(raw: bytes):
+    """JSON text -> Python objects: orjson (several times faster) when installed, the standard library for a
+    body with a lone UTF-16 surrogate escape, which orjson refuses and json keeps as it is (so that the bad
+    string is refused where it is used: one rollout, one sample, not the whole body)."""
+    try:
+        import orjson  # optional speed-up (the serve extra installs it), imported where used on purpose
+    except ImportError:
+        return json.loads(raw)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:  # a json.JSONDecodeError (msg, pos)
+        if "surrogate" not in str(e):
+            raise
+    return json.loads(raw)
+
+
+def check_shape(obj, *, max_depth: int = MAX_JSON_DEPTH, max_keys: int = MAX_OBJECT_KEYS) -> None:
+    """Refuse (422) a parsed body nested deeper than `max_depth` or with an object of more than `max_keys`
+    keys, before the schema is checked: validating a million unknown keys, or listing each as an error,
+    would hold the server for seconds and answer tens of megabytes."""
+    stack = [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, dict):
+            if len(x) > max_keys:
+                raise HTTPException(422, f"invalid request: an object with {len(x)} keys (at most {max_keys})")
+            items = x.values()
+        elif isinstance(x, list):
+            items = x
+        else:
+            continue
+        if depth >= max_depth:
+            raise HTTPException(422, f"invalid request: nested deeper than {max_depth} levels")
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
 
 
 def parse_body(model_cls, raw: bytes):
     """A request body -> `model_cls` (pydantic), or the HTTP error: 400 for bytes that are not JSON, 422 for
-    JSON of the wrong shape. Python's json keeps a lone UTF-16 surrogate escape (\\ud800) as it is, so that
-    a bad string is refused where it is used (one rollout, one sample), not for the whole body."""
+    JSON of the wrong shape (bounded nesting and keys first; at most MAX_ERRORS_SHOWN errors listed)."""
     try:
-        obj = json.loads(raw)
+        obj = _loads(raw)
     except UnicodeDecodeError:
         raise HTTPException(400, "malformed JSON body: not UTF-8 text") from None
+    except RecursionError:
+        raise HTTPException(422, f"invalid request: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as e:
-        raise HTTPException(400, f"malformed JSON body: {e.msg} (at character {e.pos})") from None
+        raise HTTPException(400, f"malformed JSON body: {_short(e.msg, 200)} (at character {e.pos})") from None
+    check_shape(obj)
     try:
         return model_cls.model_validate(obj)
     except ValidationError as e:
@@ -886,18 +960,19 @@ async def _read(request: Request, work, *args):
 # --------------------------------------------------------------------------------------------------
 
 
-def _label_fields(label, i: int) -> tuple[dict, int | None]:
-    """(media references, group size) a query's label carries: a dict (or its JSON text) with image /
-    images / video / videos and an optional group_size (e.g. 1 for a validation set generated with n=1),
+def _label_fields(label, i: int) -> tuple[dict, int | None, str | None]:
+    """(media references, group size, uid) a query's label carries: a dict (or its JSON text) with image /
+    images / video / videos, an optional group_size (e.g. 1 for a validation set generated with n=1) and an
+    optional uid (the dataset row's id: its rollouts are grouped by it rather than by the prompt's text),
     as a dataset field passed through OpenRLHF's --data.label_key. Anything else (a ground-truth string,
-    None) carries neither."""
+    None) carries none of them."""
     if isinstance(label, str) and label[:1] == "{":
         try:
             label = json.loads(label)
         except ValueError:
-            return {}, None
+            return {}, None, None
     if not isinstance(label, dict):
-        return {}, None
+        return {}, None, None
     out = {}
     for one, many in (("image", "images"), ("video", "videos")):
         if label.get(one) is not None and label.get(many) is not None:
@@ -916,7 +991,10 @@ def _label_fields(label, i: int) -> tuple[dict, int | None]:
             check_int(f"labels[{i}]['group_size']", size)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-    return out, size
+    uid = label.get("uid")
+    if uid is not None and (isinstance(uid, bool) or not isinstance(uid, (str, int))):
+        raise HTTPException(422, f"labels[{i}]['uid'] must be a string or an integer")
+    return out, size, None if uid is None else str(uid)
 
 
 def _unicode_error(text: str) -> str | None:
@@ -930,12 +1008,14 @@ def _unicode_error(text: str) -> str | None:
 
 @dataclass
 class _Query:
-    key: str          # the group: the prompt text as sent, and the label's media
+    key: str          # the group (within the client's assembler): the label's uid, else the prompt text as sent
+                      # and the label's media
     base: dict        # the sample without responses: the user's message under mrrm's own template, media refs
     group_size: int | None  # the label's group size, if it gives one
     response: str | None    # the response text, or None for a rollout refused on its own
     refused: str = ""       # why it was refused (then `raw` is its query text)
     raw: str = ""
+    signature: str | None = None  # with a uid key: the content every rollout of that uid must share
 
 
 def _parse_query(state: "_ServerState", i: int, query: str, prompt: str, label) -> _Query:
@@ -953,15 +1033,16 @@ def _parse_query(state: "_ServerState", i: int, query: str, prompt: str, label) 
         raise HTTPException(422, f"prompts[{i}]: {e}") from None
     if not turn.text:
         raise HTTPException(422, f"prompts[{i}]: the user's message is empty")
-    media_refs, group_size = _label_fields(label, i)
+    media_refs, group_size, uid = _label_fields(label, i)
     given = (len(media_refs.get("images", [])), len(media_refs.get("videos", [])))
     if (turn.images or turn.videos) and given != (turn.images, turn.videos):
         raise HTTPException(422, f"prompts[{i}] holds {turn.images} image and {turn.videos} video placeholder(s) "
                                  f"but labels[{i}] gives {given[0]} image(s) and {given[1]} video(s); send the "
                                  "media as the label {\"images\": [...], \"videos\": [...]} (paths under "
                                  "--media-root, or base64 images)")
-    key = prompt + "\x00" + json.dumps(media_refs, sort_keys=True)
-    out = _Query(key, {"prompt": turn.text, **media_refs}, group_size, None, raw=query)
+    content = prompt + "\x00" + json.dumps(media_refs, sort_keys=True)
+    key, signature = (content, None) if uid is None else ("uid\x00" + uid, content)
+    out = _Query(key, {"prompt": turn.text, **media_refs}, group_size, None, raw=query, signature=signature)
     bad = _unicode_error(query)
     if bad:
         out.refused = f"query[{i}] {bad}"
@@ -1005,17 +1086,18 @@ async def _get_reward(state: "_ServerState", request: Request) -> Response:
     by_key: dict[str, tuple[_Query, list[int]]] = {}
     refused = []
     try:
+        assembler = state.assembler_for(request.client.host if request.client else "")
         for i, q in enumerate(queries):
             if q.response is None:
                 same = sum(r.key == q.key for r in queries)
-                refused.append(state.assembler.reject(q.key, q.base, q.raw, q.refused,
-                                                      group_size=q.group_size or state.request_group_size(same)))
+                refused.append(assembler.reject(q.key, q.base, q.raw, q.refused, signature=q.signature,
+                                                group_size=q.group_size or state.request_group_size(same)))
             else:
                 by_key.setdefault(q.key, (q, []))[1].append(i)
     except GroupError as e:
         raise _group_http_error(e) from None
-    adds = [state.assembler.add(key, q.base, [queries[i].response for i in rows],
-                                group_size=q.group_size or state.request_group_size(len(rows)))
+    adds = [assembler.add(key, q.base, [queries[i].response for i in rows], signature=q.signature,
+                          group_size=q.group_size or state.request_group_size(len(rows)))
             for key, (q, rows) in by_key.items()]
     if refused:  # this request is answered now; its good rollouts still join (and complete) their groups
         for coro in adds:
@@ -1112,7 +1194,8 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                max_batch_tokens: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout: float = DEFAULT_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                group_size: int = 1, group_timeout: float = DEFAULT_GROUP_TIMEOUT, partial_groups: str = "error",
-               max_pending: int = DEFAULT_MAX_PENDING, policy_tokenizer=None, prompt_format: str = "auto",
+               max_pending: int = DEFAULT_MAX_PENDING, max_client_groups: int = DEFAULT_MAX_CLIENT_GROUPS,
+               policy_tokenizer=None, prompt_format: str = "auto",
                body_timeout: float = 30.0,
                max_request_megapixels: float = DEFAULT_MAX_REQUEST_PIXELS / 1e6,
                max_samples_per_request: int = DEFAULT_MAX_SAMPLES,
@@ -1120,19 +1203,22 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                replicas: int = 1, checkpoint=None, replica_devices_: list[str] | None = None, dtype=None):
     """The ASGI app (FastAPI under the Guard middleware) serving `model` (a RewardModel).
 
-    group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across
-    requests until that many arrived, then scores them in one pass (1, the default: a group is what one
-    request carries). A group short after group_timeout seconds is an error for its requests (504 with the
-    reason), or scored as it is with partial_groups="score"; more rollouts of a prompt than group_size is
-    an error (409) from then on (see mrrm.grpo.GroupAssembler). A label {"group_size": 1} makes that
-    prompt's group one rollout (a validation set generated with n=1). max_pending: responses held at most
-    before a NEW group gets 429. policy_tokenizer: the policy's tokenizer (or a path), whose chat template
-    and stop tokens are stripped from OpenRLHF's prompts and queries (the common templates are known
-    without it; a templated prompt in no known format is a 422 naming it); prompt_format="plain": prompts
-    are the user's message as they are. body_timeout: seconds a request's body may take to arrive (408
-    after). max_request_megapixels: decoded image / frame pixels one request may hold (413 after).
-    max_inflight_megapixels: ... all requests together until their scores are out (503 + Retry-After after).
-    max_samples_per_request: samples of a /score request or queries of a /get_reward one (413 after).
+    group_size: the trainer's samples per prompt; /get_reward holds a prompt's responses across requests until
+    that many arrived, then scores them in one pass (1, the default: a group is what one request carries). A
+    group short after group_timeout seconds is an error for its requests (504 with the reason), or scored as
+    it is with partial_groups="score"; more rollouts of a prompt than group_size is an error (409) from then
+    on (see mrrm.grpo.GroupAssembler). A label {"group_size": 1} makes that prompt's group one rollout (a
+    validation set generated with n=1), a label {"uid": ...} groups rollouts by that id instead of the
+    prompt's text. Groups are kept per client address (another client's prompts never join a trainer's
+    groups). max_pending: responses held at most (all clients) before a NEW group gets 429; max_client_groups:
+    groups one client may hold open (then 429 for that client). policy_tokenizer: the policy's tokenizer (or a
+    path), whose chat template and stop tokens are stripped from OpenRLHF's prompts and queries (the common
+    templates are known without it; a templated prompt in no known format is a 422 naming it);
+    prompt_format="plain": prompts are the user's message as they are. body_timeout: seconds a request's body
+    may take to arrive (408 after). max_request_megapixels: decoded image / frame pixels one request may hold
+    (413 after). max_inflight_megapixels: ... all requests together until their scores are out (503 + Retry-
+    After after). max_samples_per_request: samples of a /score request or queries of a /get_reward one (413
+    after).
     replicas: K > 1 model copies: `model` is replica 0 (it also encodes for all); replicas 1..K-1 are
     processes that load `checkpoint` (None: the built-in default) with `dtype` on `replica_devices_[i]`
     (default: replica_devices(model's device, K)). Requests and groups go to the least loaded replica;
@@ -1141,6 +1227,7 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
                              max_batch_tokens=max_batch_tokens, timeout=timeout)
     check_int("group_size", group_size)
     check_int("max_pending", max_pending)
+    check_int("max_client_groups", max_client_groups)
     check_choice("partial_groups", partial_groups, PARTIAL_GROUPS)
     check_choice("prompt_format", prompt_format, PROMPT_FORMATS)
     check_positive("body_timeout", body_timeout, unit="seconds")
@@ -1159,12 +1246,13 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     stop_texts, frame = _policy_conventions(policy_tokenizer)
     state = _ServerState(batchers, mode=mode, root=root, max_queue=max_queue, timeout=timeout, group_size=group_size,
                          group_timeout=float(group_timeout), max_pending=max_pending, partial_groups=partial_groups,
-                         stop_texts=stop_texts, frame=frame, prompt_format=prompt_format)
+                         stop_texts=stop_texts, frame=frame, prompt_format=prompt_format,
+                         max_client_groups=max_client_groups)
     state.max_request_pixels = int(max_request_megapixels * 1e6)
     state.pool.limit = int(max_inflight_megapixels * 1e6)
     state.max_samples = check_int("max_samples_per_request", max_samples_per_request)
     app = FastAPI(title="mrrm reward server", lifespan=_lifespan(batchers))
-    app.state.batcher, app.state.batchers, app.state.assembler = batchers[0], batchers, state.assembler
+    app.state.batcher, app.state.batchers, app.state.assemblers = batchers[0], batchers, state.assemblers
     app.state.server = state
     app.add_exception_handler(RequestValidationError, _validation_response)
     app.add_exception_handler(HTTPException, _http_error_handler(root))
@@ -1193,7 +1281,7 @@ async def _out_of_memory(request, exc: MemoryError):
 
 def _http_error_handler(root: Path | None):
     async def handler(request, exc: HTTPException):
-        detail = public_detail(exc.detail, root) if isinstance(exc.detail, str) else exc.detail
+        detail = _short(public_detail(exc.detail, root)) if isinstance(exc.detail, str) else exc.detail
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
     return handler
 
@@ -1272,6 +1360,41 @@ def header_timeout_protocol(seconds: float, http: str = "auto"):
     return HeaderDeadline
 
 
+_URL_TOKEN = re.compile(r"/t/[^/\s\"?#]+")
+
+
+def redact(text: str) -> str:
+    """`text` with the token of every `/t/<token>` URL path prefix replaced by ***."""
+    return _URL_TOKEN.sub("/t/***", text)
+
+
+class RedactTokens(logging.Filter):
+    """A logging filter that takes the URL token out of every record (uvicorn's access log writes each
+    request's path, `/t/<token>/get_reward` for the documented OpenRLHF setup)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+def log_config() -> dict:
+    """uvicorn's logging configuration with RedactTokens on every handler."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_tokens"] = {"()": RedactTokens}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_tokens")
+    return config
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -1306,6 +1429,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of its requests) or 'score' (scored as it is)")
     p.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING,
                    help="responses held for their groups at most: a NEW group over it gets 429 (default %(default)s)")
+    p.add_argument("--max-client-groups", type=positive_int, default=DEFAULT_MAX_CLIENT_GROUPS,
+                   help="groups one client (address) may hold open at once: a NEW group over it gets 429 "
+                        "(default %(default)s; a flood from one client cannot hold up another)")
     p.add_argument("--replicas", type=positive_int, default=1,
                    help="model copies behind this one server (default 1): replica i on cuda:i with --device cuda, "
                         "all on the CPU with --device cpu; groups are assembled once, here, for all of them")
@@ -1345,6 +1471,8 @@ def main(argv=None) -> None:
     if not _is_loopback(args.host) and not args.token:
         log.warning("serving on %s without a token: anyone who can reach it can use it (set --token)", args.host)
     logging.basicConfig(level=logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactTokens())
     t0 = time.perf_counter()
     try:
         devices = replica_devices(args.device, args.replicas)
@@ -1354,7 +1482,8 @@ def main(argv=None) -> None:
                          max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
                          max_body_bytes=args.max_body_bytes, group_size=args.group_size,
                          group_timeout=args.group_timeout, partial_groups=args.partial_groups,
-                         max_pending=args.max_pending, policy_tokenizer=args.policy_tokenizer,
+                         max_pending=args.max_pending, max_client_groups=args.max_client_groups,
+                         policy_tokenizer=args.policy_tokenizer,
                          prompt_format=args.prompt_format, body_timeout=args.body_timeout,
                          max_request_megapixels=args.max_request_megapixels,
                          max_inflight_megapixels=args.max_inflight_megapixels,
@@ -1370,7 +1499,7 @@ def main(argv=None) -> None:
     # again on every collection (measured: a third of the server's CPU per one-rollout request went there)
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=log_config(),
                 http=header_timeout_protocol(args.header_timeout, args.http))
 
 

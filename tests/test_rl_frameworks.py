@@ -91,7 +91,8 @@ def test_openrlhf_group_of_four_scored_together(family, openrlhf_rollout):
     app = create_app(model, group_size=4, group_timeout=30)
     with running(app) as url:
         got = rollout(openrlhf_rollout, f"{url}/get_reward", tok, chat(tok, "What is 2+2?"), answers, label="4")
-        assert app.app.state.assembler.counters["groups"] == 1 and app.app.state.assembler.counters["groups_failed"] == 0
+        health = app.app.state.server.health()
+        assert health["groups"] == 1 and health["groups_failed"] == 0
         assert app.app.state.batcher.counters["passes"] == 1
     want = joint_rewards(model, "What is 2+2?", answers)
     assert got == [[pytest.approx(w, **TOL)] for w in want]  # OpenRLHF reads a 1-element list per query

@@ -420,13 +420,13 @@ def test_group_assembly_scores_a_prompts_requests_together(model):
                 assert body["extra_logs"]["group_size"] == [4]
             again = _one_query_requests(f"{url}/get_reward", [rows[order[0]]])[0]  # a client's retry: the same reward
             assert again.json() == got[0].json()
-        assembler = app.app.state.assembler
-        assert counts(assembler) == {"groups": 2, "groups_timed_out": 0, "groups_failed": 0}
-        assert not assembler.open and assembler.pending == 0
+        health = app.app.state.server.health()
+        assert counts(health) == {"groups": 2, "groups_timed_out": 0, "groups_failed": 0}
+        assert health["pending"] == 0 and not any(a.open for a in app.app.state.assemblers.values())
 
 
-def counts(assembler, keys=("groups", "groups_timed_out", "groups_failed")):
-    return {k: assembler.counters[k] for k in keys}
+def counts(health: dict, keys=("groups", "groups_timed_out", "groups_failed")):
+    return {k: health[k] for k in keys}
 
 
 def test_incomplete_group_is_an_error_unless_partial_groups_score(model):
@@ -450,7 +450,7 @@ def test_incomplete_group_is_an_error_unless_partial_groups_score(model):
     want = mrrm.score({"prompt": "What is shown?", "responses": canonical_order(["a cat", "a dog"])}, model)[0]
     by = dict(zip(canonical_order(["a cat", "a dog"]), want))
     assert [r.json()["rewards"][0] for r in got] == [pytest.approx(by["a cat"], **TOL), pytest.approx(by["a dog"], **TOL)]
-    assert app.app.state.assembler.counters["groups_timed_out"] == 1
+    assert app.app.state.server.health()["groups_timed_out"] == 1
 
 
 def test_truncated_prompt_and_stop_tokens(model):
@@ -540,7 +540,7 @@ def test_load_2048_one_query_requests_group_size_8(model):
         health = httpx.get(f"{url}/health").json()
     assert [r.status_code for r in got].count(200) == len(rows), {r.status_code for r in got}
     assert health["rejected"] == 0 and health["timeouts"] == 0
-    assert counts(app.app.state.assembler) == {"groups": 256, "groups_timed_out": 0, "groups_failed": 0}
+    assert counts(app.app.state.server.health()) == {"groups": 256, "groups_timed_out": 0, "groups_failed": 0}
     rewards = {(p, r): resp.json()["rewards"][0] for (p, r, _), resp in zip(rows, got)}
     for k in (0, 97, 255):  # spot-check groups against direct joint scoring
         distinct = canonical_order([f"{w} dots" for w in words])
@@ -851,7 +851,7 @@ def test_more_rollouts_than_the_group_size_is_a_sticky_409_naming_both_numbers(m
     assert extra.status_code == 409 and [r.status_code for r in later] == [409, 409]
     detail = extra.json()["detail"]
     assert "2 expected, 3 within" in detail and "--group-size" in detail and "n_samples_per_prompt" in detail
-    assert later[0].json()["detail"] == detail and health["misconfigured"] == detail
+    assert later[0].json()["detail"] == detail and health["misconfigured"] == {"127.0.0.1": detail}
     assert health["groups_overfull"] == 1
 
 
@@ -1021,3 +1021,127 @@ def test_replicas_behind_one_front_server(model, tmp_path):
     for k in (0, 5, 11):
         want = joint(front, prompts[k], ["a cat", "a dog"])
         assert [got[2 * k + j].json()["rewards"][0] for j in (0, 1)] == [pytest.approx(w, **TOL) for w in want]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile input, round 3 (issue 29): the server's rows
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_text_too_long_for_any_max_length_is_refused_before_tokenizing(model):
+    """An 8 MB response (/score) and forty 10 MB rollouts waiting for their groups (/get_reward) are refused
+    at once, per sample / per rollout, without tokenizing or holding them; the server keeps serving."""
+    limit = model.encoder.max_text_chars
+    assert limit is not None and limit < 8_000_000
+    app = create_app(model, group_size=4, group_timeout=60, max_body_bytes=64 * 1024 * 1024)
+    with running(app) as url:
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/score", json={"samples": [{"prompt": "Hi", "responses": ["x" * 8_000_000, "ok"]}]},
+                       timeout=120)
+        took = time.monotonic() - t0
+        assert r.status_code == 422 and "cannot fit max_length" in r.json()["detail"] and took < 10, (r.text[:300], took)
+        prompts = [QWEN_PROMPT.format(f"Question {k}?") for k in range(40)]
+
+        async def flood():
+            async with httpx.AsyncClient(timeout=120) as c:
+                return await asyncio.gather(*(c.post(f"{url}/get_reward", json={
+                    "query": [p + "y" * 10_000_000], "prompts": [p]}) for p in prompts))
+        got = asyncio.run(flood())
+        health = httpx.get(f"{url}/health").json()
+    assert {g.status_code for g in got} == {422} and "cannot fit the reward model's max_length" in got[0].json()["detail"]
+    assert health["pending"] == 0 and health["rollouts_rejected"] == 40
+
+
+@pytest.mark.slow
+def test_a_million_unknown_keys_are_refused_fast_with_a_short_answer(model):
+    """Three 11 MB bodies of 1e6 unknown keys at once: each a 422 of a few hundred bytes, and /health keeps
+    answering meanwhile (validation is bounded and off the event loop)."""
+    import json as _json
+
+    body = _json.dumps({"samples": [{"prompt": "Hi", "responses": ["a"], **{f"k{i}": 0 for i in range(1_000_000)}}]})
+    app = create_app(model, max_body_bytes=64 * 1024 * 1024)
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def probe():
+                worst = 0.0
+                for _ in range(20):
+                    t0 = time.monotonic()
+                    assert (await c.get(f"{url}/health")).status_code == 200
+                    worst = max(worst, time.monotonic() - t0)
+                    await asyncio.sleep(0.05)
+                return worst
+            posts = [c.post(f"{url}/score", content=body, headers={"Content-Type": "application/json"}) for _ in range(3)]
+            return await asyncio.gather(probe(), *posts)
+
+    with running(app) as url:
+        worst, *answers = asyncio.run(go(url))
+    for a in answers:
+        assert a.status_code == 422 and "an object with 1000002 keys (at most 256)" in a.json()["detail"]
+        assert len(a.content) < 500
+    assert worst < 1.0, worst
+
+
+def test_validation_errors_are_listed_at_most_ten(model):
+    app = create_app(model)
+    with running(app) as url:
+        r = httpx.post(f"{url}/score", json={"samples": [{"prompt": 1, "responses": [2]} for _ in range(50)]})
+    assert r.status_code == 422 and "and 90 more" in r.json()["detail"] and len(r.content) < 2500
+
+
+@pytest.mark.slow
+def test_the_url_token_never_reaches_the_log():
+    """OpenRLHF's documented setup puts the token in the URL (/t/<token>/get_reward): uvicorn's access log
+    writes request paths, and the server's log shows /t/*** instead."""
+    env = {**os.environ, "MRRM_SERVE_TOKEN": TOKEN}
+    with server_process(env=env) as (url, proc):
+        p = QWEN_PROMPT.format("What is shown?")
+        r = httpx.post(f"{url}/t/{TOKEN}/get_reward", json={"query": [p + "a cat<|im_end|>"], "prompts": [p]}, timeout=60)
+        assert r.status_code == 200, r.text
+        httpx.post(f"{url}/t/wrong-{TOKEN}/get_reward", json={})
+        proc.terminate()
+        log = proc.stdout.read().decode()
+    assert "POST /t/***/get_reward" in log and TOKEN not in log
+
+
+def _from(address: str):
+    """An async client whose requests come from another loopback address (another client machine)."""
+    return httpx.AsyncClient(timeout=120, transport=httpx.AsyncHTTPTransport(local_address=address))
+
+
+def test_groups_are_per_client_and_a_flood_cannot_hold_up_a_trainer(model):
+    """Another client (another address) sending the same prompt never takes a slot of the trainer's group;
+    a client flooding distinct one-rollout prompts gets 429 past --max-client-groups while the trainer's
+    groups are scored at once; a misconfigured client is refused alone."""
+    p = QWEN_PROMPT.format("What is shown?")
+    app = create_app(model, group_size=2, group_timeout=3, max_client_groups=5)
+
+    async def go(url):
+        async with _from("127.0.0.1") as trainer, _from("127.0.0.2") as other:
+            def post(c, prompt, r):
+                return c.post(f"{url}/get_reward", json={"query": [prompt + r + "<|im_end|>"], "prompts": [prompt]})
+            stray = asyncio.ensure_future(post(other, p, "a cow"))  # the same prompt, another client
+            flood = [asyncio.ensure_future(post(other, QWEN_PROMPT.format(f"Spam {k}"), "x")) for k in range(20)]
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            mine = await asyncio.gather(post(trainer, p, "a cat"), post(trainer, p, "a dog"))
+            took = time.monotonic() - t0
+            assert (await post(other, QWEN_PROMPT.format("Spam 0"), "y")).status_code == 200  # completes its group
+            extra = await post(other, QWEN_PROMPT.format("Spam 0"), "z")  # ... and then overflows it
+            stray.cancel()
+            for f in flood:
+                f.cancel()
+            return mine, took, [f.result() for f in flood if f.done() and not f.cancelled()], extra
+
+    with running(app) as url:
+        mine, took, flood, extra = asyncio.run(go(url))
+        after = httpx.post(f"{url}/get_reward", json={"query": [p + "a cat<|im_end|>", p + "a dog<|im_end|>"],
+                                                      "prompts": [p, p], "labels": [{"uid": "step2-row0"}] * 2})
+        health = httpx.get(f"{url}/health").json()
+    want = joint(model, "What is shown?", ["a cat", "a dog"])
+    assert [r.json()["rewards"][0] for r in mine] == [pytest.approx(w, **TOL) for w in want] and took < 10
+    assert sum(r.status_code == 429 for r in flood) >= 15 and "max_groups 5" in next(
+        r for r in flood if r.status_code == 429).json()["detail"]
+    assert extra.status_code == 409 and list(health["misconfigured"]) == ["127.0.0.2"]
+    assert after.status_code == 200 and after.json()["rewards"] == [pytest.approx(w, **TOL) for w in want]
