@@ -24,6 +24,7 @@ import shutil
 
 import pytest
 import torch
+from model_fixtures import require_native
 
 import mrrm
 from mrrm.encoding import RESP_SEP
@@ -96,6 +97,7 @@ def test_fixtures_cover_what_the_issue_asks():
 @pytest.mark.parametrize("name", REFERENCE_CHECKPOINTS)
 def test_reference_checkpoint_scores_like_the_authors_code(name):
     entry = GOLDEN["checkpoints"][name]
+    require_native(entry["family"], lambda: load_checkpoint(name))
     model = load_checkpoint(name)
     cfg = json.load(open(os.path.join(ROOT, "checkpoints", name, "reward_model_config.json")))
     assert model.config.value_head_type == cfg["value_head_type"]
@@ -138,6 +140,7 @@ def test_molmo2_base_without_the_separator_row_saves_and_reloads(layout, tmp_pat
     from mrrm import tiny
     from mrrm.model import RewardModelConfig, ensure_separator_token
 
+    require_native("molmo2")
     tok = tiny.build_tokenizer(family="molmo2", with_separator=False)
     cfg = tiny.build_config("molmo2", tokenizer=tok, hidden_size=32, heads=2, kv_heads=1, vision_width=16)
     rows = len(tok)
@@ -201,6 +204,8 @@ def _reference_files(path):
 @pytest.mark.parametrize("family", ["qwen2_vl", "molmo2"])
 def test_save_reference_layout_merged(family, tmp_path):
     entry = GOLDEN["checkpoints"][f"mrrm_saved:{family}_merged"]
+    require_native(family, lambda: RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]),
+                                                               base_model=base_of(entry)))
     model = RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]), base_model=base_of(entry))
     out = tmp_path / "saved"
     model.save_pretrained(str(out), layout="reference")
@@ -223,6 +228,8 @@ def test_save_reference_layout_adapter(family, tmp_path):
     from safetensors import safe_open
 
     entry = GOLDEN["checkpoints"][f"mrrm_saved:{family}_adapter"]
+    require_native(family, lambda: RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]),
+                                                               base_model=base_of(entry)))
     model = RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]), base_model=base_of(entry))
     assert any("lora_" in n for n, _ in model.named_parameters())  # an mrrm LoRA model, unmerged
     assert_like_reference(model, entry, f"{family} mrrm LoRA in memory")
