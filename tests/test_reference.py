@@ -330,3 +330,30 @@ def test_bad_checkpoint_files(tmp_path):
     (ckpt / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match="without adapter weights"):
         RewardModel.from_pretrained(str(ckpt), base_model=os.path.join(ROOT, "bases", "qwen2_vl"))
+
+
+def test_load_backbone_reads_every_weight_of_a_full_model_checkpoint(tmp_path):
+    """A ForConditionalGeneration checkpoint (the Hub's names: model.layers.*, lm_head.weight) loads as
+    the bare backbone with every weight from the file, as the full model's own load reads them
+    (transformers 5.10 left the bare class's text weights at random init, with only a logged
+    report: load_backbone goes through the full class there); a weight missing under every name is
+    an error naming it, never a random weight."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from mrrm.model import load_backbone
+
+    base = os.path.join(ROOT, "bases", "qwen2_vl")
+    got = load_backbone(base).state_dict()
+    want = AutoModelForImageTextToText.from_pretrained(base).model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    state = load_file(bad / "model.safetensors")
+    dropped = next(k for k in state if "layers.1.mlp.up_proj" in k)
+    del state[dropped]
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 backbone weights are not in the checkpoint.*layers\.1\.mlp\.up_proj"):
+        load_backbone(str(bad))
