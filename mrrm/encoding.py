@@ -20,9 +20,10 @@ token right before its <|resp_sep|>, the last response at the last token of the 
 templates the "\\n" after <|im_end|>).
 
 One deliberate difference: special-token text inside the prompt or a response ("<|resp_sep|>",
-"<|image_pad|>", "<|im_end|>", ...) stays plain text, through transformers' own control-token
-marking (`sanitize_control_tokens`): it can neither forge a response boundary nor open a media
-slot. Text without such strings tokenizes exactly as in the authors' code.
+"<|image_pad|>", "<|im_end|>", ...) stays plain text, through the scheme of transformers' own
+control-token marking (`sanitize_control_tokens`; mrrm's own where a transformers lacks it): it can
+neither forge a response boundary nor open a media slot. Text without such strings tokenizes
+exactly as in the authors' code.
 
 `independent` and `single` modes need each response *alone*: the same template with an assistant
 turn holding only that response (what the authors' code builds for N = 1), scored at its last
@@ -265,6 +266,13 @@ class Encoder:
         self._newline_ids = tokenizer.encode("\n", add_special_tokens=False)
         # processors that keep marked special-token text plain (transformers' sanitize_control_tokens)
         self._processor_sanitizes = processor_sanitizes_control_tokens()
+        # Qwen-VL vision blocks, to check the processor's prompt (see `_process_media`)
+        ids = [tokenizer.convert_tokens_to_ids(getattr(processor, a, None) or "") if processor is not None else None
+               for a in ("vision_start_token", "vision_end_token")]
+        self._vision_start_id, self._vision_end_id = (
+            (None, None) if any(i is None or i == tokenizer.unk_token_id for i in ids)
+            or not getattr(processor, "video_token", None) else ids)
+        self._collapse_video_wrapper = False
         self._leading = self._special_tokens_added(tokenizer)
         types = {}
         if processor is not None:
@@ -307,11 +315,15 @@ class Encoder:
             if not piece:
                 continue
             as_text = i % 2 == 1  # odd pieces are marked tokens
-            piece_ids = self._encode_piece(piece, as_text)
-            if as_text and self.tokenizer.convert_tokens_to_ids(piece) in piece_ids:
-                raise ValueError(f"cannot keep {piece!r} plain text: the tokenizer produces it from plain text")
-            ids += piece_ids
+            ids += self._plain_ids(piece) if as_text else self._encode_piece(piece, False)
         return ids
+
+    def _plain_ids(self, token_text: str) -> list[int]:
+        """Ids of one piece of marked special-token text, encoded as plain text."""
+        piece_ids = self._encode_piece(token_text, True)
+        if self.tokenizer.convert_tokens_to_ids(token_text) in piece_ids:
+            raise ValueError(f"cannot keep {token_text!r} plain text: the tokenizer produces it from plain text")
+        return piece_ids
 
     def _encode_piece(self, piece: str, as_text: bool) -> list[int]:
         """A piece from the middle of a rendered chat, encoded after a newline that is then removed (so a
@@ -461,21 +473,11 @@ class Encoder:
                 if clips:
                     kwargs["videos_kwargs"] = {"do_sample_frames": False,
                                                "video_metadata": [c.video_metadata() for c in clips]}
-                if self._processor_sanitizes:
-                    kwargs["sanitize_control_tokens"] = True
-                elif CONTROL_START in prefix_text:
-                    import transformers
-
-                    raise SampleError(index, "the prompt holds special-token text, which this transformers "
-                                             f"({transformers.__version__}) cannot keep plain text in a media "
-                                             "sample (its processors lack sanitize_control_tokens); upgrade transformers, or remove it",
-                                      sid)
                 try:
-                    out = self.processor(text=[prefix_text], images=pil_images or None,
-                                         videos=[c.frames for c in clips] or None, return_tensors="pt", **kwargs)
+                    out, prefix_ids = self._process_media(prefix_text, pil_images, [c.frames for c in clips],
+                                                          kwargs)
                 except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as e:
                     raise SampleError(index, f"the processor rejected the media: {type(e).__name__}: {e}", sid) from e
-                prefix_ids = out["input_ids"][0].tolist()
             else:
                 prefix_ids = list(self._leading) + self._ids(prefix_text)
             text = SampleText(head=head[cut:], responses=marked, tail=tail, prefix_tokens=len(prefix_ids),
@@ -497,6 +499,74 @@ class Encoder:
             pos = self.rope_index_fn(ids, types, enc.media)
             layout.prefix_positions = pos[:, 0, :].to(torch.int64)
         return enc
+
+    def _process_media(self, prefix_text: str, images, videos, kwargs) -> tuple[dict, list[int]]:
+        """(the processor's output, the prefix's token ids) for rendered prefix text with media.
+
+        Special-token text from user strings (marked, see `_mark`) stays plain text: through the
+        processor's own sanitize_control_tokens where it has it (not in transformers 5.20 and older); otherwise each
+        marked piece goes to the processor as <|resp_sep|> (a special token the processor leaves alone
+        and the template never writes in the prompt; like the markers it splits the text on either
+        side), and its plain-text ids replace that token in the output: the ids of the scheme
+        `_ids` follows, and of transformers' sanitizing."""
+        if self._collapse_video_wrapper and videos:
+            prefix_text = self._collapsed_video_wrapper(prefix_text)
+        pieces = []
+        if self._processor_sanitizes:
+            kwargs = dict(kwargs, sanitize_control_tokens=True)
+            text = prefix_text
+        else:
+            if self._markers_re.sub("", prefix_text).count(RESP_SEP):
+                raise ValueError(f"the chat template writes {RESP_SEP} into the prompt")
+
+            def stand_in(m):
+                pieces.append(m.group(1))  # None for a lone marker: it only breaks the text
+                return RESP_SEP
+            text = self._markers_re.sub(stand_in, prefix_text)
+        out = self.processor(text=[text], images=images or None, videos=videos or None, return_tensors="pt",
+                             **kwargs)
+        ids = out["input_ids"][0].tolist()
+        if videos and not self._collapse_video_wrapper and self._nested_vision_start(ids):
+            # this processor wraps every frame itself but keeps the template's wrapper around them all
+            # (Qwen3-VL's processor in transformers 5.10 to 5.20 at least; 4.57 and 5.25 collapse it): collapse
+            # it here, as they do, so the prompt is the one the checkpoint was trained on
+            self._collapse_video_wrapper = True
+            return self._process_media(prefix_text, images, videos, {k: v for k, v in kwargs.items()
+                                                                      if k != "sanitize_control_tokens"})
+        if self._nested_vision_start(ids):
+            raise ValueError("the processor's prompt nests one vision block in another")
+        if pieces:
+            at = [i for i, t in enumerate(ids) if t == self.sep_id]
+            if len(at) != len(pieces):
+                raise RuntimeError(f"expected {len(pieces)} stand-ins for special-token text in the processor's "
+                                   f"output, found {len(at)}")
+            plain, last = [], 0
+            for i, piece in zip(at, pieces):
+                plain += ids[last:i] + (self._plain_ids(piece) if piece else [])
+                last = i + 1
+            ids = plain + ids[last:]
+        return out, ids
+
+    def _collapsed_video_wrapper(self, text: str) -> str:
+        """The template's <|vision_start|><|video_pad|><|vision_end|> as a bare <|video_pad|> (marked
+        user text is never matched: its markers sit between the tokens)."""
+        p = self.processor
+        return text.replace(p.vision_start_token + p.video_token + p.vision_end_token, p.video_token)
+
+    def _nested_vision_start(self, ids: list[int]) -> bool:
+        """Whether a <|vision_start|> opens inside another vision block (before its <|vision_end|>)."""
+        start, end = self._vision_start_id, self._vision_end_id
+        if start is None or end is None:
+            return False
+        depth = 0
+        for t in ids:
+            if t == start:
+                if depth:
+                    return True
+                depth = 1
+            elif t == end:
+                depth = 0
+        return False
 
     def token_types(self, ids: torch.Tensor) -> torch.Tensor:
         """mm_token_type_ids of token ids (0 text, 1 image, 2 video), as the processor marks them."""

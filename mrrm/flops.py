@@ -20,7 +20,8 @@ This is exactly how mrrm runs the modes (mrrm.packing + mrrm.encoding.attach_med
 N sequences and re-encodes the image for each, `joint` and `independent` are one stream.
 
 Components (a multiply-add is 2 FLOPs; biases, norms, activations, rotary and softmax are not
-counted, as FlopCounterMode does not count them):
+counted, as FlopCounterMode does not count them; the counter's counts leave out the rotary-embedding
+modules, which older transformers computes with a matmul: `rotary_flops`):
 - vision: patch embedding (Conv3d: 2 * patches * C*tp*p*p * W), per block qkv + proj
   (2 * 4W^2 per patch) and MLP (2 * 3*W*I gated [Qwen2.5-VL] or 2 * 2*W*I [Qwen2-VL, Qwen3-VL]),
   block attention 4 * W * sum(segment^2) over its segments (one per frame for full-attention
@@ -35,7 +36,7 @@ counted, as FlopCounterMode does not count them):
   + 2*H*HV + Vd*H + 3*H*I) per token (Kd = Hk*dk key width, Vd = HV*dv value width), counted in
   text_linear; its sequence mixing (`text_recurrent`, part of text_attention) is the depthwise
   causal conv (2 * W * (2Kd + Vd) per token) plus the gated delta rule. The delta rule's "dense"
-  count is the chunked algorithm mrrm's torch path runs (transformers' torch_chunk_gated_delta_rule,
+  count is the chunked algorithm mrrm's torch path runs (mrrm.ops.linear_attention.chunk_gated_delta_rule,
   chunks of C = 64): per value head and chunk 4*C^2*dk + 2*C^2*dv + 6*C*dk*dv, over each phase's
   segments padded to its longest (joint: one sequence; single: N sequences; independent: the prefix,
   then the N responses from its state); "useful" is the recurrence's own work, 6 * HV * dk * dv per
@@ -72,7 +73,7 @@ SCORE_AT = ("last", "separator")
 SEPARATOR_TOKENS = 3          # "\n\n<|resp_sep|>\n\n" with Qwen's tokenizer: "\n\n", <|resp_sep|>, "\n\n"
 VALUE_HEAD_HIDDEN = 1024      # the paper's head: Linear(H, 1024) -> SiLU -> Linear(1024, 1)
 VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
-DELTA_RULE_CHUNK = 64         # chunk size of transformers' torch_chunk_gated_delta_rule (mrrm's CPU path)
+DELTA_RULE_CHUNK = 64         # chunk size of mrrm's torch delta rule (linear_attention.chunk_gated_delta_rule)
 
 # The published configs (config.json of Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen3-VL-4B-Instruct),
 # written out so nothing is downloaded. Token ids are Qwen's; they do not affect FLOPs.
@@ -723,10 +724,29 @@ def _module_flops(counter, suffix: str) -> tuple[int, int]:
 
 
 def _global(counter) -> tuple[int, int]:
+    """(all FLOPs, attention bmm FLOPs) of the whole count, rotary embeddings left out (`rotary_flops`)."""
     import torch
 
     ops = counter.get_flop_counts().get("Global", {})
-    return int(sum(ops.values())), int(ops.get(torch.ops.aten.bmm, 0))
+    rotary, rotary_bmm = rotary_flops(counter)
+    return int(sum(ops.values())) - rotary, int(ops.get(torch.ops.aten.bmm, 0)) - rotary_bmm
+
+
+def rotary_flops(counter) -> tuple[int, int]:
+    """(all FLOPs, bmm FLOPs) that a FlopCounterMode count holds inside rotary-embedding modules (a
+    module whose own name starts with "rotary"). The cost model leaves rotary out (it is element-wise:
+    positions times inverse frequencies); transformers 5.15 and older compute those angles as a batched
+    matmul, which the counter sees, later versions as a broadcast multiply, which it does not. Taking
+    them out of every count makes the count the same on every version."""
+    import torch
+
+    total = bmm = 0
+    for name, ops in counter.get_flop_counts().items():
+        parts = name.split(".")
+        if parts[-1].startswith("rotary") and not any(p.startswith("rotary") for p in parts[:-1]):
+            total += int(sum(ops.values()))
+            bmm += int(ops.get(torch.ops.aten.bmm, 0))
+    return total, bmm
 
 
 def _count_vision(reduced: _Reduced, grids, copies: int) -> dict:
@@ -752,11 +772,14 @@ def _count_vision(reduced: _Reduced, grids, copies: int) -> dict:
     if v.family == "qwen2_5_vl":
         window_index, cu_window = vu.get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
         kw.update(window_index=window_index.to(meta), cu_window_seqlens=cu_window)
-    if v.family in ("qwen3_vl", "qwen3_5"):
+    if v.family in ("qwen3_vl", "qwen3_5") and hasattr(vu, "get_vision_interpolation_indices_and_weights"):
         idx, wts = vu.get_vision_interpolation_indices_and_weights(
             grid, visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=v.spatial_merge_size)
         kw.update(interp_indices=idx.to(meta), interp_weights=wts.to(meta))
+    elif v.family in ("qwen3_vl", "qwen3_5"):  # transformers 5.10: the bilinear helper, its own names
+        idx, wts = vu.get_vision_bilinear_indices_and_weights(grid, visual.num_grid_per_side, v.spatial_merge_size)
+        kw.update(bilinear_indices=idx.to(meta), bilinear_weights=wts.to(meta))
     pixels = torch.empty(patches, width, device=meta)
     with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         visual(pixels, grid_thw=grid, **kw)

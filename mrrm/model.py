@@ -14,6 +14,8 @@ every attention call; nothing relies on transformers detecting packed sequences 
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -302,6 +304,44 @@ def padded_batch(inputs: ModelInputs, pad_id: int) -> tuple[dict, tuple[torch.Te
     return dict(input_ids=ids, attention_mask=mask, **media), (row, col)
 
 
+def _forward_takes(module, name: str) -> bool:
+    """Whether `module`'s forward has a parameter `name` (feature detection across transformers versions)."""
+    try:
+        return name in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _media_features_from(base, precomputed: dict | None):
+    """While the backbone runs, its get_image_features / get_video_features return the vision
+    tower's outputs computed before (`precomputed`: {"image"|"video": output}) instead of calling
+    the tower: one_vision_call on a forward without `mm_encoder_outputs`. Each is returned once;
+    a second call, or a call for a kind not computed, is an error rather than a second tower call."""
+    if not precomputed:
+        yield
+        return
+    pending = dict(precomputed)
+
+    def returning(kind):
+        def get_features(*args, **kwargs):
+            if kind not in pending:
+                raise RuntimeError(f"one_vision_call: the backbone asked for {kind} features that were not "
+                                   "computed for this pass (or asked twice)")
+            return pending.pop(kind)
+        return get_features
+
+    base.get_image_features = returning("image")
+    base.get_video_features = returning("video")
+    try:
+        yield
+        if pending:
+            raise RuntimeError(f"one_vision_call: the backbone did not use the {sorted(pending)} features "
+                               "computed for this pass")
+    finally:
+        del base.get_image_features, base.get_video_features
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone, tokenizer, processor=None, config: RewardModelConfig | None = None,
                  value_head: nn.Module | None = None, media_base_dir=None, packed: bool | None = None):
@@ -376,12 +416,14 @@ class RewardModel(nn.Module):
             pos = pos[None].expand(3, -1)
         media = _media_kwargs(inputs, lambda types: types[None])
         ids = dict(input_ids=pb.input_ids[None])
+        precomputed = None
         if self.one_vision_call:
-            media, anchor = self._one_vision_call(media)
+            media, anchor, precomputed = self._one_vision_call(media)
             if anchor is not None:  # no media in this pass: the dummy's output joins at the embeddings
                 ids = dict(inputs_embeds=self.backbone.get_input_embeddings()(pb.input_ids[None]) + anchor)
-        out = self.backbone(**ids, position_ids=pos[:, None, :], attention_mask=None, use_cache=False,
-                            mrrm_varlen=meta, **media)
+        with _media_features_from(base, precomputed):
+            out = self.backbone(**ids, position_ids=pos[:, None, :], attention_mask=None, use_cache=False,
+                                mrrm_varlen=meta, **media)
         return out.last_hidden_state[0]
 
     # ZeRO-3 gathers a module's parameters when the module is called, so every rank must call the
@@ -392,11 +434,16 @@ class RewardModel(nn.Module):
     # whose output joins the embeddings times zero (so the backward runs the same hooks too).
     one_vision_call = False
 
-    def _one_vision_call(self, media: dict) -> tuple[dict, torch.Tensor | None]:
-        """(the backbone's media kwargs with `mm_encoder_outputs` in place of the pixels, None), or
-        (media, a zero scalar holding the dummy image's output) for a pass without media."""
+    def _one_vision_call(self, media: dict) -> tuple[dict, torch.Tensor | None, dict | None]:
+        """(the backbone's media kwargs, None, precomputed) for a pass with media, or (media, a zero
+        scalar holding the dummy image's output, None) for a pass without. The tower's output goes
+        to the backbone as `mm_encoder_outputs` in place of the pixels where its forward takes that
+        (transformers 5.20 has it, 5.15 not); older forwards call their own get_image_features /
+        get_video_features on the pixels, so the pixels stay and `precomputed` ({kind: output})
+        is what those calls return instead (`_media_features_from`)."""
         base = unwrap(self.backbone)
-        parts = [(kind, media.pop(pk), media[gk]) for kind, pk, gk in
+        takes_outputs = _forward_takes(base, "mm_encoder_outputs")
+        parts = [(kind, media.pop(pk) if takes_outputs else media[pk], media[gk]) for kind, pk, gk in
                  (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
                  if pk in media]
         if parts:
@@ -408,20 +455,27 @@ class RewardModel(nn.Module):
                                  device=self.device, dtype=self.dtype)
             grids = torch.tensor([[1, m, m]], device=self.device)
         out = base.get_image_features(pixels, grids, return_dict=True)
-        deep = getattr(out, "deepstack_features", None)  # Qwen3-VL: per layer, per grid
+        # Qwen3-VL's deepstack features: per layer, one tensor per grid (transformers 5.20 on) or one
+        # tensor of all the grids' tokens (before)
+        deep = getattr(out, "deepstack_features", None)
         if not parts:
-            anchor = sum(t.sum() for t in list(out.pooler_output) + [x for d in deep or () for x in d])
-            return media, anchor * 0.0
-        outputs, start = {}, 0
+            flat = [x for d in deep or () for x in ([d] if isinstance(d, torch.Tensor) else d)]
+            anchor = sum(t.sum() for t in list(out.pooler_output) + flat)
+            return media, anchor * 0.0, None
+        outputs, start, row = {}, 0, 0
         for kind, _, grid in parts:
             end = start + grid.shape[0]
+            rows = sum(int(t.shape[0]) for t in out.pooler_output[start:end])
             kw = {"pooler_output": out.pooler_output[start:end]}
             if deep is not None:
-                kw["deepstack_features"] = [d[start:end] for d in deep]
+                kw["deepstack_features"] = [d[row:row + rows] if isinstance(d, torch.Tensor) else d[start:end]
+                                            for d in deep]
             outputs[kind] = type(out)(**kw)
-            start = end
-        media["mm_encoder_outputs"] = outputs
-        return media, None
+            start, row = end, row + rows
+        if takes_outputs:
+            media["mm_encoder_outputs"] = outputs
+            return media, None, None
+        return media, None, outputs
 
     def _hidden_states_padded(self, inputs: ModelInputs) -> torch.Tensor:
         """The generic path for backbones mrrm cannot run packed (e.g. remote-code models): the packed
@@ -635,6 +689,35 @@ def check_backbone_support(path) -> None:
                           f"installed {transformers.__version__}: pip install 'transformers>={need[1]}'")
 
 
+def load_backbone(path, **kwargs):
+    """The bare backbone (no LM head) saved at `path`, every weight from the checkpoint.
+
+    A full model's checkpoint (a ForConditionalGeneration's, as the Hub's Qwen-VL models and the
+    authors' merged models are: `model.layers.*`, `lm_head.weight`) loads into the bare class through
+    transformers' key conversion, which 5.10 lacks for the bare class (5.15 has it): the text
+    weights would stay at their random init with only a logged report. So weights the bare class
+    reports missing send the load through the full-model class (whose conversion those versions
+    have) and its `.model`; weights missing there too are an error naming them."""
+    from transformers import AutoModel
+
+    check_backbone_support(path)
+    model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    if not info.get("missing_keys"):
+        return model
+    from .checkpoints import _bare, _full_model_class
+
+    del model
+    full, info = _full_model_class(path).from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("lm_head."))
+    if missing:
+        import transformers
+
+        raise ValueError(f"{path}: {len(missing)} backbone weights are not in the checkpoint under any name this "
+                         f"transformers ({transformers.__version__}) maps (they would be random): "
+                         f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
+    return _bare(full)
+
+
 def load_processor(path):
     """(tokenizer, processor or None) saved at `path`: text-only checkpoints have a tokenizer only."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -710,7 +793,6 @@ def _named_load(path, load):
 
 def _load_mrrm(cls, path, base_model, media_base_dir):
     from safetensors.torch import load_file
-    from transformers import AutoModel
 
     try:
         with open(os.path.join(path, CONFIG_FILE)) as f:
@@ -732,12 +814,11 @@ def _load_mrrm(cls, path, base_model, media_base_dir):
 
         base_dir = resolve(base_path)
         check_backbone_support(base_dir)
-        base = AutoModel.from_pretrained(base_dir)
+        base = load_backbone(base_dir)
         ensure_embedding_rows(base, tokenizer)  # a base model without the <|resp_sep|> row
         backbone = _named_load(os.path.join(path, "adapter"), lambda p: PeftModel.from_pretrained(base, p))
     else:
-        check_backbone_support(os.path.join(path, "backbone"))
-        backbone = _named_load(os.path.join(path, "backbone"), AutoModel.from_pretrained)
+        backbone = _named_load(os.path.join(path, "backbone"), load_backbone)
     state = _named_load(os.path.join(path, "value_head.safetensors"), load_file)
     H = text_hidden_size(backbone)
     head = build_value_head(head_input_dim(H, config.resp_repr_mode), config.value_head_type,

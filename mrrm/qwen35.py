@@ -53,7 +53,7 @@ class MrrmGatedDeltaNet(Qwen3_5GatedDeltaNet):
         if meta is None:
             raise RuntimeError("mrrm's Gated DeltaNet layer was called without packing metadata (mrrm_varlen); "
                                "run the backbone through RewardModel.forward")
-        if cache is not None:
+        if cache is not None or kwargs.get("cache_params") is not None:  # its name in transformers <= 5.20
             raise RuntimeError("mrrm's Gated DeltaNet layer scores whole sequences and keeps no cache; "
                                "call the backbone with use_cache=False")
         if hidden_states.dim() != 3 or hidden_states.shape[0] != 1:

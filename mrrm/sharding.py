@@ -157,11 +157,8 @@ def prepare_zero3(model) -> None:
         raise SystemExit(f"mrrm.train: DeepSpeed ZeRO-3 is not supported for {kind} backbones (their vision tower "
                          "runs per media kind, differently on each rank); use ZeRO-2, or --fsdp to shard the parameters")
     if kind in PACKED_VL_TYPES:
-        import inspect
-
-        if "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
-            raise SystemExit("mrrm.train: DeepSpeed ZeRO-3 needs a transformers version whose VL models take "
-                             "mm_encoder_outputs (5.24); use ZeRO-2 or --fsdp with this one")
+        # one tower call per pass on every supported transformers: handed over as mm_encoder_outputs
+        # where the forward takes them, else returned by the backbone's own get_*_features calls
         model.one_vision_call = True
     import deepspeed
 

@@ -366,14 +366,17 @@ def build_processors(family: str = "qwen2_vl", *, patch_size: int | None = None,
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     common = dict(patch_size=patch_size or 8, merge_size=2, temporal_patch_size=2)
-    image = Qwen2VLImageProcessor(min_pixels=image_pixels // 4, max_pixels=image_pixels, **common)
+    # sizes as a fresh `size` dict, never min_pixels= / max_pixels=: transformers 5.15 and older write
+    # those into the class's own default `size` dict, so every Qwen2-VL processor built later in the
+    # process without an explicit size would inherit the tiny sizes
+    image = Qwen2VLImageProcessor(size={"shortest_edge": image_pixels // 4, "longest_edge": image_pixels}, **common)
     if family in ("qwen3_vl", "qwen3_5"):  # Qwen3.5's processors are Qwen3-VL's
         from transformers import Qwen3VLVideoProcessor as VideoProcessor
         video = VideoProcessor(size={"shortest_edge": video_pixels // 4, "longest_edge": video_pixels * 16},
                                **common)
     else:
         VideoProcessor = Qwen2VLVideoProcessor
-        video = VideoProcessor(min_pixels=video_pixels // 4, max_pixels=video_pixels, **common)
+        video = VideoProcessor(size={"shortest_edge": video_pixels // 4, "longest_edge": video_pixels}, **common)
     return image, video
 
 

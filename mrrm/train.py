@@ -184,12 +184,10 @@ def build_model(cfg: TrainConfig):
         proc.chat_template = tok.chat_template = tiny.QWEN3_VL_CHAT_TEMPLATE
         rm_cfg.description = "tiny Qwen2-VL-style model trained from scratch with python -m mrrm.train"
         return RewardModel(backbone, tok, proc, rm_cfg)
-    from transformers import AutoModel
-
-    from .model import load_processor
+    from .model import load_backbone, load_processor
 
     tok, proc = load_processor(cfg.base_model)
-    backbone = AutoModel.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    backbone = load_backbone(cfg.base_model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     ensure_separator_token(tok, backbone)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model

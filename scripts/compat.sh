@@ -35,7 +35,7 @@ for v in "${versions[@]}"; do
   fi
   log="$env/pytest.log"
   start=$(date +%s)
-  PYTHONPATH="$PWD" "$env/bin/python" -m pytest $tests -m "not slow" -q -p no:cacheprovider > "$log" 2>&1
+  PYTHONPATH="$PWD" "$env/bin/python" -m pytest $tests -m "not slow" -q -rfEs -p no:cacheprovider > "$log" 2>&1
   rc=$?
   line=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" "$log" | tail -1 | tr -d '=' | sed 's/^ *//')
   echo "transformers $v: ${line:-no summary (see $log)} [$(( $(date +%s) - start )) s]" | tee -a "$results"

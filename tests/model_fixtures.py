@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -45,6 +46,23 @@ class TinyFamily:
     processor: object
     model: RewardModel      # mrrm attention, packed
     reference: torch.nn.Module  # a separate backbone with the same weights, eager attention
+
+
+def require_native(family: str, load=None) -> None:
+    """Go on where the installed transformers has `family` natively (Molmo2 from 5.20). Where it does
+    not: `load()` (loading one of its checkpoints), when given, must be the clear error naming the
+    version it needs and the installed one; then the test skips, for that real absence."""
+    import transformers
+
+    from mrrm.model import NATIVE_SINCE
+
+    need = NATIVE_SINCE.get(family)
+    if need is None or hasattr(transformers, need[0]):
+        return
+    if load is not None:
+        with pytest.raises(ImportError, match=rf"needs transformers >= {need[1]}.*installed {transformers.__version__}"):
+            load()
+    pytest.skip(f"native {family} needs transformers >= {need[1]} (installed {transformers.__version__})")
 
 
 def build_family(family: str, tokenizer=None, seed: int = 0, **config_kw) -> TinyFamily:

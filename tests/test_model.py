@@ -336,6 +336,50 @@ def test_separator_and_media_token_injection(qwen2, tokenizer):
         assert tokenizer.decode(r[enc.layout.response_starts[k]:]) == injected["responses"][k] + "<|im_end|>\n"
 
 
+def _injected_media_samples(tokenizer):
+    """An image and a video sample whose prompt and responses hold the tokenizer's special-token text."""
+    specials = [t for t in tokenizer.all_special_tokens if t != RESP_SEP] + [RESP_SEP]
+    prompt = "What is " + " ".join(specials) + " shown?" + specials[0]
+    responses = ["a cat", "a dog " + specials[-2] + " a car", "x" + RESP_SEP, specials[1] + "the end"]
+    return [{"prompt": prompt, "image": rgb_image(12), "responses": responses},
+            {"prompt": prompt, "video": frame_list(13, n=4), "responses": responses}]
+
+
+def test_special_token_text_in_media_samples_without_processor_sanitizing(fam):
+    """Processors without sanitize_control_tokens (transformers 5.20 and older): special-token text in a
+    media sample's prompt reaches the processor as stand-ins whose plain-text ids replace them, which
+    gives exactly the ids of the processors' own sanitizing where they have it."""
+    import transformers
+
+    from mrrm.encoding import processor_sanitizes_control_tokens
+
+    if not processor_sanitizes_control_tokens():
+        pytest.skip(f"transformers {transformers.__version__}'s processors cannot sanitize: nothing to compare "
+                    "with (test_separator_and_media_token_injection checks this path's streams there)")
+    encoder = copy.copy(fam.model.encoder)
+    encoder._processor_sanitizes = False
+    for sample in _injected_media_samples(fam.tokenizer):
+        want = fam.model.encoder.encode(sample, 0).layout
+        got = encoder.encode(sample, 0).layout
+        assert got.prefix_ids == want.prefix_ids and got.joint_ids == want.joint_ids
+        assert got.response_ids == want.response_ids
+
+
+def test_qwen3_vl_video_has_no_wrapper_around_its_frames(families):
+    """Qwen3-VL wraps each frame in its own vision block (after its timestamp); the template's block
+    around the video is collapsed, as transformers 4.57 and 5.25 do (5.10-5.20's processor keeps it:
+    mrrm collapses it then). Collapsing by hand gives the same ids where the processor already does."""
+    fam = families("qwen3_vl")
+    sample = {"prompt": "Which way?", "video": frame_list(14, n=4), "responses": ["left", "right"]}
+    encoder = copy.copy(fam.model.encoder)
+    ids = encoder.encode(sample, 0).layout.prefix_ids
+    start = fam.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert not encoder._nested_vision_start(ids) and ids.count(start) == 2  # 4 frames: 2 temporal patches
+    assert fam.tokenizer.decode(ids[ids.index(start) - 1:ids.index(start)]).endswith(">")  # a timestamp first
+    encoder._collapse_video_wrapper = True
+    assert encoder.encode(sample, 0).layout.prefix_ids == ids
+
+
 # -- 4. permutations=k: the mean over k cyclic orders ----------------------------------------------
 
 def rotated(sample, shift):

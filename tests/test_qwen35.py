@@ -146,8 +146,12 @@ def _per_sequence_reference(t, idx):
     x = t["x"][idx].T[None]
     W = t["weight"].shape[1]
     conv = F.silu(F.conv1d(x, t["weight"][:, None], t["bias"], padding=W - 1, groups=x.shape[1])[..., :len(idx)])
-    out, _ = recurrent(t["q"][idx][None], t["k"][idx][None], t["v"][idx][None], g=t["g"][idx][None],
-                       beta=t["beta"][idx][None], use_qk_l2norm_in_kernel=True)
+    # q/k heads repeated to the value heads here (transformers 5.20 and older do not repeat them inside),
+    # and every argument named (5.15 and older give the state arguments no defaults)
+    r = t["v"].shape[1] // t["q"].shape[1]
+    q, k = (t[n][idx].repeat_interleave(r, dim=1)[None] for n in ("q", "k"))
+    out, _ = recurrent(q, k, t["v"][idx][None], g=t["g"][idx][None], beta=t["beta"][idx][None], initial_state=None,
+                       output_final_state=False, use_qk_l2norm_in_kernel=True)
     return conv[0].T, out[0]
 
 

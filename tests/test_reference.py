@@ -24,6 +24,7 @@ import shutil
 
 import pytest
 import torch
+from model_fixtures import require_native
 
 import mrrm
 from mrrm.encoding import RESP_SEP
@@ -96,6 +97,7 @@ def test_fixtures_cover_what_the_issue_asks():
 @pytest.mark.parametrize("name", REFERENCE_CHECKPOINTS)
 def test_reference_checkpoint_scores_like_the_authors_code(name):
     entry = GOLDEN["checkpoints"][name]
+    require_native(entry["family"], lambda: load_checkpoint(name))
     model = load_checkpoint(name)
     cfg = json.load(open(os.path.join(ROOT, "checkpoints", name, "reward_model_config.json")))
     assert model.config.value_head_type == cfg["value_head_type"]
@@ -138,6 +140,7 @@ def test_molmo2_base_without_the_separator_row_saves_and_reloads(layout, tmp_pat
     from mrrm import tiny
     from mrrm.model import RewardModelConfig, ensure_separator_token
 
+    require_native("molmo2")
     tok = tiny.build_tokenizer(family="molmo2", with_separator=False)
     cfg = tiny.build_config("molmo2", tokenizer=tok, hidden_size=32, heads=2, kv_heads=1, vision_width=16)
     rows = len(tok)
@@ -201,6 +204,8 @@ def _reference_files(path):
 @pytest.mark.parametrize("family", ["qwen2_vl", "molmo2"])
 def test_save_reference_layout_merged(family, tmp_path):
     entry = GOLDEN["checkpoints"][f"mrrm_saved:{family}_merged"]
+    require_native(family, lambda: RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]),
+                                                               base_model=base_of(entry)))
     model = RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]), base_model=base_of(entry))
     out = tmp_path / "saved"
     model.save_pretrained(str(out), layout="reference")
@@ -223,6 +228,8 @@ def test_save_reference_layout_adapter(family, tmp_path):
     from safetensors import safe_open
 
     entry = GOLDEN["checkpoints"][f"mrrm_saved:{family}_adapter"]
+    require_native(family, lambda: RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]),
+                                                               base_model=base_of(entry)))
     model = RewardModel.from_pretrained(os.path.join(ROOT, entry["source"]), base_model=base_of(entry))
     assert any("lora_" in n for n, _ in model.named_parameters())  # an mrrm LoRA model, unmerged
     assert_like_reference(model, entry, f"{family} mrrm LoRA in memory")
@@ -323,3 +330,30 @@ def test_bad_checkpoint_files(tmp_path):
     (ckpt / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match="without adapter weights"):
         RewardModel.from_pretrained(str(ckpt), base_model=os.path.join(ROOT, "bases", "qwen2_vl"))
+
+
+def test_load_backbone_reads_every_weight_of_a_full_model_checkpoint(tmp_path):
+    """A ForConditionalGeneration checkpoint (the Hub's names: model.layers.*, lm_head.weight) loads as
+    the bare backbone with every weight from the file, as the full model's own load reads them
+    (transformers 5.10 left the bare class's text weights at random init, with only a logged
+    report: load_backbone goes through the full class there); a weight missing under every name is
+    an error naming it, never a random weight."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from mrrm.model import load_backbone
+
+    base = os.path.join(ROOT, "bases", "qwen2_vl")
+    got = load_backbone(base).state_dict()
+    want = AutoModelForImageTextToText.from_pretrained(base).model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    state = load_file(bad / "model.safetensors")
+    dropped = next(k for k in state if "layers.1.mlp.up_proj" in k)
+    del state[dropped]
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 backbone weights are not in the checkpoint.*layers\.1\.mlp\.up_proj"):
+        load_backbone(str(bad))

@@ -516,13 +516,23 @@ def test_deepspeed_zero_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mixe
         assert torch.equal(b["model"][k], c["model"][k]), k
 
 
-def test_zero3_is_refused_where_the_vision_tower_cannot_run_once_per_pass(families, tmp_path):
+def test_zero3_is_refused_where_the_vision_tower_cannot_run_once_per_pass(families):
     """Molmo2 takes images and videos in separate passes and calls its vision tower per media kind."""
     pytest.importorskip("deepspeed")
-    from mrrm.sharding import deepspeed_config, prepare_zero3
+    from model_fixtures import require_native
 
+    from mrrm.sharding import prepare_zero3
+
+    require_native("molmo2")
     with pytest.raises(SystemExit, match="ZeRO-3 is not supported for molmo2"):
         prepare_zero3(families("molmo2").model)
+
+
+def test_deepspeed_config_files(tmp_path):
+    """The shipped ZeRO-3 config reads as stage 3; a stage out of 0-3 is refused."""
+    pytest.importorskip("deepspeed")
+    from mrrm.sharding import deepspeed_config
+
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                            "deepspeed_zero3.json")
     assert deepspeed_config(shipped, max_grad_norm=1.0, bf16=False)["zero_optimization"]["stage"] == 3

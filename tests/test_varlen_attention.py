@@ -758,16 +758,19 @@ def test_block_overlay_equals_transformers_mask():
     transformers = pytest.importorskip("transformers")
     from transformers.masking_utils import create_causal_mask
 
-    cfg = transformers.Molmo2TextConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                                        num_hidden_layers=1, intermediate_size=64)
+    # Molmo2's text config where transformers has it (>= 5.20), else a dense one: the mask reads only
+    # the attention implementation
+    Config = getattr(transformers, "Molmo2TextConfig", transformers.Qwen3Config)
+    cfg = Config(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                 intermediate_size=64)
     cfg._attn_implementation = "sdpa"
     mm_token_type_ids = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0]])
     molmo2_ids = torch.where(mm_token_type_ids == 1, 0, -1)  # as Molmo2Model.forward builds them
     general_ids = torch.tensor([[-1, 3, 3, -1, 0, 0, 3, -1, 0, -1, -1, 5, 5, 5, -1, 0, -1, 3, -1, -1]])
     L = mm_token_type_ids.shape[1]
     for ids in (molmo2_ids, general_ids):
-        want = create_causal_mask(config=cfg, inputs_embeds=torch.zeros(1, L, 32), attention_mask=None, cache=None,
-                                  position_ids=None, block_sequence_ids=ids)
+        # the cache positionally: transformers 5.20 and older name it past_key_values
+        want = create_causal_mask(cfg, torch.zeros(1, L, 32), None, None, position_ids=None, block_sequence_ids=ids)
         assert want.dtype == torch.bool and want.shape == (1, 1, L, L)
         got = reference.attention_mask_dense(0, L, "causal", None, ids[0].to(torch.int32))
         assert torch.equal(got, want[0, 0])

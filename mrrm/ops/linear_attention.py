@@ -14,7 +14,8 @@ So independent mode costs P + sum R tokens per sample, like its attention, and e
 exactly what it would see alone after the prefix. Gradients flow into the prefix through the forked
 state (the children's initial states are gathered from the roots' final states, not detached).
 
-Backends: "torch" (any device; transformers' torch chunked delta rule with batched initial states,
+Backends: "torch" (any device; the chunked delta rule of transformers' torch path as of 5.25,
+`chunk_gated_delta_rule`, with batched initial states,
 and a causal conv1d read through a history index that continues into the parent's last inputs) and
 "fla" (CUDA; flash-linear-attention's varlen `chunk_gated_delta_rule` and `causal_conv1d`, each
 called once for the roots and once for the children with the roots' final states). "auto" picks
@@ -303,9 +304,58 @@ def _find_function(obj, name, module, depth, seen):
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def _torch_delta_rule():
-    return transformers_torch_function("torch_chunk_gated_delta_rule")
+DELTA_RULE_CHUNK = 64
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm=True,
+                           chunk_size: int = DELTA_RULE_CHUNK):
+    """The gated delta rule on padded batches in chunks: q, k [B, L, HV, K] (heads already one per
+    value head), v [B, L, HV, V], g, beta [B, L, HV], initial_state [B, HV, K, V] or None. Returns
+    (out [B, L, HV, V] in v's dtype, the final state [B, HV, K, V] in fp32 or None).
+
+    The algorithm of transformers' torch_chunk_gated_delta_rule in 5.25 (fp32; q and k
+    L2-normalised, q scaled by K^-0.5; per chunk the UT transform solved as a unit lower-triangular
+    system, then a scan over chunks), kept here so that mrrm's torch path computes (and costs,
+    mrrm.flops) the same on every transformers version: 5.15 and older invert the system by forward
+    substitution and apply it with two more matmuls, and up to 5.20 the function needs q/k repeated
+    to the value heads."""
+    out_dtype = v.dtype
+    q, k, v, beta, g = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                        for x in (q, k, v, beta, g))
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * q.shape[-1] ** -0.5
+    B, H, L, K = k.shape
+    V = v.shape[-1]
+    pad = (chunk_size - L % chunk_size) % chunk_size
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
+    n = (L + pad) // chunk_size
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    q, k, k_beta, v_beta = (x.reshape(B, H, n, chunk_size, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+    cum = g.reshape(B, H, n, chunk_size).cumsum(dim=-1)  # log decay from the chunk's start
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [.., i, j]: j -> i
+    ut = (k_beta @ k.transpose(-1, -2)) * decay
+    intra = (q @ k.transpose(-1, -2)) * decay
+    new_v = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+    k_cum = torch.linalg.solve_triangular(ut, k_beta * cum.exp()[..., None], upper=False, unitriangular=True)
+    state = (torch.zeros(B, H, K, V, dtype=new_v.dtype, device=new_v.device) if initial_state is None
+             else initial_state.to(new_v))
+    out = torch.zeros_like(new_v)
+    q = q * cum.exp()[..., None]
+    k = k * (cum[..., -1:] - cum).exp()[..., None]
+    chunk_decay = cum[..., -1].exp()[..., None, None]
+    for i in range(n):
+        v_new = new_v[:, :, i] - k_cum[:, :, i] @ state
+        out[:, :, i] = q[:, :, i] @ state + intra[:, :, i] @ v_new
+        state = state * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ v_new
+    out = out.reshape(B, H, -1, V)[:, :, :L].transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+    return out, (state if output_final_state else None)
 
 
 def _padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -329,13 +379,17 @@ def _delta_torch_phase(q, k, v, g, beta, starts, lengths, initial_state, want_st
     T = q.shape[0]
     index, rows, stream = _pad_index(starts, lengths, T, q.device)
     # zero-padded steps keep the state: g = 0 (no decay) and beta = 0 (no write)
-    out, state = _torch_delta_rule()(_padded(q, index), _padded(k, index), _padded(v, index), g=_padded(g, index),
-                                     beta=_padded(beta, index), initial_state=initial_state,
-                                     output_final_state=want_state, use_qk_l2norm_in_kernel=l2norm)
+    out, state = chunk_gated_delta_rule(_padded(q, index), _padded(k, index), _padded(v, index), _padded(g, index),
+                                        _padded(beta, index), initial_state=initial_state,
+                                        output_final_state=want_state, use_qk_l2norm=l2norm)
     return out.reshape(-1, *out.shape[2:])[rows], stream, state
 
 
 def _delta_torch(q, k, v, g, beta, plan, l2norm):
+    # grouped value heads (HV = r * H, each q/k head serving r consecutive value heads), as Qwen3.5 does
+    if v.shape[1] != q.shape[1]:
+        r = v.shape[1] // q.shape[1]
+        q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
     out_r, idx_r, state = _delta_torch_phase(q, k, v, g, beta, plan.root_starts, plan.root_lengths, None,
                                              plan.has_children, l2norm)
     out = v.new_zeros(v.shape).index_copy(0, idx_r, out_r.to(v.dtype))
