@@ -34,6 +34,7 @@ from .integrity import (
     UnsafeFileError,
     load_torch_file,
     sha256_file,
+    update_manifest,
     verify_manifest,
     write_manifest,
 )
@@ -1070,7 +1071,8 @@ def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None
 
 
 def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation: dict, history=None) -> None:
-    """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved)."""
+    """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved),
+    and rehash that file in model/'s checksum manifest."""
     from .model import CONFIG_FILE
 
     path = os.path.join(model_dir, CONFIG_FILE)
@@ -1079,6 +1081,8 @@ def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation:
     saved["training"] = training_record(cfg, steps, evaluation, history)
     with writing(path), open(path, "w") as fh:
         json.dump(saved, fh, indent=2)
+    with writing(os.path.join(model_dir, MANIFEST)):
+        update_manifest(model_dir, [CONFIG_FILE])
 
 
 def print_table(ev):

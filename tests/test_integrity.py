@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import struct
 
 import pytest
 import torch
@@ -223,8 +224,8 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
     from mrrm.train import parse_args, train
 
     out = str(tmp_path / "run")
-    common = ["--data", colour_data, "--head-hidden", "16", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps",
-              "0", "--save-every", "1", "--keep-last", "5", "--output-dir", out]
+    common = ["--data", colour_data, "--eval-data", colour_data, "--head-hidden", "16", "--batch-size", "8", "--lr",
+              "2e-3", "--warmup-steps", "0", "--save-every", "1", "--keep-last", "5", "--output-dir", out]
     train(parse_args(common + ["--max-steps", "1"]))
     for flags, said in ((["--resp-repr-mode", "first"], "resp_repr_mode 'last' -> 'first'"),
                         (["--head-activation", "gelu"], "head_activation 'silu' -> 'gelu'"),
@@ -239,6 +240,8 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
     record = json.load(open(os.path.join(out, "model", "mrrm_config.json")))["training"]
     assert record["resumed"] == [{"step": 1, "changed": {"video_fps": [None, 1.0], "max_length": [4096, 512],
                                                          "max_steps": [1, 2]}}]
+    assert "eval" in record  # added after model/ was saved, and the file rehashed in model/'s manifest:
+    assert integrity.verify_manifest(os.path.join(out, "model"))
     # a checkpoint without its manifest (and with flipped bytes) is not resumed silently
     newest = os.path.join(out, "checkpoints", "step-00000002")
     os.remove(os.path.join(newest, "checksums.sha256"))
@@ -247,3 +250,61 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
         os.remove(os.path.join(out, "checkpoints", older, "checksums.sha256"))
     with pytest.raises(SystemExit, match="step-00000002 \\(no checksums.sha256 .*pass --resume-unverified"):
         train(parse_args(common + ["--max-steps", "3", "--video-fps", "1", "--max-length", "512"]))
+
+
+# -- row 11: mrrm.load(..., verify=True) ------------------------------------------------------------------------
+def _data_region(path):
+    """The offset of a safetensors file's first tensor byte (after the 8-byte length and the JSON header)."""
+    with open(path, "rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
+
+
+def test_row11_verify_catches_flipped_weight_bytes_in_both_layouts(tmp_path):
+    """Bytes flipped in the data region of model.safetensors load silently and change the scores; with
+    verify=True (mrrm.load, and --verify on the commands) the load is refused naming the file. The authors'
+    layout is covered the same way; a checkpoint without a manifest is a clear error with verify=True."""
+    import mrrm
+    from mrrm._cli import add_model_args, load_model
+    from mrrm.api import build_default_model
+
+    model = build_default_model()
+    sample = {"prompt": "What colour is the image?", "responses": ["red", "a blue square", "green"]}
+    good = model.score(sample)[0]
+    ckpt = tmp_path / "rm"
+    model.save_pretrained(str(ckpt))
+    assert mrrm.load(str(ckpt), verify=True).score(sample)[0] == pytest.approx(good, abs=1e-6)
+    weights = ckpt / "backbone" / "model.safetensors"
+    _flip(str(weights), offset=_data_region(weights) + 64, count=4096)
+    damaged = mrrm.load(str(ckpt)).score(sample)[0]
+    assert damaged != pytest.approx(good, abs=1e-4)  # what verification is for: a silent change of scores
+    with pytest.raises(integrity.ChecksumError, match="backbone/model.safetensors: does not match its SHA-256"):
+        mrrm.load(str(ckpt), verify=True)
+    # --verify on every command that takes --model (their shared arguments), honoured by load_model
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_model_args(ap)
+    args = ap.parse_args(["--model", str(ckpt), "--verify"])
+    assert args.verify and not ap.parse_args([]).verify
+    with pytest.raises(integrity.ChecksumError, match="model.safetensors"):
+        load_model(args.model, device="cpu", verify=args.verify)
+    from mrrm import eval as mrrm_eval
+
+    opts = {**mrrm_eval.DEFAULT_OPTIONS, "model": str(ckpt), "device": "cpu", "verify": True}
+    with pytest.raises(integrity.ChecksumError, match="model.safetensors: does not match"):
+        mrrm_eval._default_scorer(opts)
+    # the authors' layout: value_head.pt and the merged model's files
+    ref = tmp_path / "ref"
+    model.save_pretrained(str(ref), layout="reference")
+    assert "value_head.pt" in integrity.read_manifest(str(ref))
+    mrrm.load(str(ref), verify=True)
+    _flip(str(ref / "value_head.pt"), offset=os.path.getsize(ref / "value_head.pt") - 40, count=1)
+    with pytest.raises(integrity.ChecksumError, match="value_head.pt: does not match"):
+        mrrm.load(str(ref), verify=True)
+    # no manifest: verify=True says so and what to do; a model card added by push_to_hub is no file a loader reads
+    (ref / "README.md").write_text("model card")
+    os.remove(ref / "checksums.sha256")
+    with pytest.raises(integrity.ChecksumError, match="has no checksums.sha256 .*save it again with save_pretrained"):
+        mrrm.load(str(ref), verify=True)
+    # the shipped default model carries its manifest
+    assert mrrm.load(verify=True) is mrrm.load()
