@@ -308,3 +308,27 @@ def test_row11_verify_catches_flipped_weight_bytes_in_both_layouts(tmp_path):
         mrrm.load(str(ref), verify=True)
     # the shipped default model carries its manifest
     assert mrrm.load(verify=True) is mrrm.load()
+
+
+def test_verify_flag_reaches_the_model_load_of_every_command(monkeypatch, capsys):
+    """--verify (mrrm._cli.add_model_args) is in every command that takes --model, and each passes it to the
+    load: score (local and Ray actors), eval, serve. A flag a command ignored would claim a check never made."""
+    from mrrm import _cli, score_cli, score_ray, serve
+    from mrrm import eval as mev
+
+    def fake_load(model=None, **kw):
+        raise ValueError(f"load_model called with verify={kw.get('verify')}")
+
+    for module in (_cli, score_cli, serve, mev):
+        monkeypatch.setattr(module, "load_model", fake_load, raising=False)
+    for parser in (score_cli.build_parser(), mev.build_parser(), serve.build_parser()):
+        assert "--verify" in {s for a in parser._actions for s in a.option_strings}
+    args = score_cli.build_parser().parse_args(["--data", "in.jsonl", "--out", "out.jsonl", "--verify"])
+    with pytest.raises(score_cli.CLIError, match="verify=True"):
+        score_cli._load_model(args)
+    with pytest.raises(ValueError, match="verify=True"):
+        score_ray.ScoreActor(None, "cpu", None, None, None, 1, None, {}, verify=True)
+    with pytest.raises(ValueError, match="verify=True"):
+        mev._default_scorer({**mev.DEFAULT_OPTIONS, "verify": True})
+    with pytest.raises(SystemExit, match="verify=True"):
+        serve.main(["--verify", "--device", "cpu"])
