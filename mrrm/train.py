@@ -31,7 +31,6 @@ from .common import TRAIN_MODES, is_correct
 from .integrity import (
     MANIFEST,
     ChecksumError,
-    UnsafeFileError,
     load_torch_file,
     sha256_file,
     update_manifest,
@@ -120,8 +119,9 @@ class TrainConfig:
     skip_bad: bool = False
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
-    force_resume: bool = False           # resume even when the data or batch settings changed (RESUME_* below)
-    resume_unverified: bool = False      # resume a checkpoint that has no checksum manifest (written by other code)
+    force_resume: bool = False           # resume even when data or step settings changed (RESUME_* above)
+    resume_unverified: bool = False      # resume a checkpoint without a checksum manifest (an older mrrm's, or copied
+                                         # without it), unchecked
     fsdp: bool = False                   # shard the model with FSDP2 over the launch's processes (mrrm.sharding)
     deepspeed: str | None = None         # a DeepSpeed JSON config: ZeRO-2/3 over the launch's processes (mrrm.sharding)
     # media budgets (mrrm.media, checked before decoding); None keeps mrrm.media's defaults
@@ -509,10 +509,8 @@ def load_intact_checkpoint(out_dir, log=print, *, unverified=False):
         if reason is None:
             try:
                 return path, load_torch_file(state_file)
-            except FileNotFoundError as e:
-                reason = f"state.pt does not load ({e})"
-            except ValueError as e:  # refused (pickled code), truncated, empty, not a checkpoint: try the previous one
-                reason = f"state.pt does not load ({e})"
+            except (FileNotFoundError, ValueError) as e:  # refused (pickled code), truncated, empty, not a
+                reason = f"state.pt does not load ({e})"   # checkpoint: try the previous one
         log(f"checkpoint {path} skipped: {reason}")
         bad.append(f"{path} ({reason})")
     if bad:
@@ -703,12 +701,12 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
         if zero3:
             sharding.prepare_zero3(model)
         ddp_model, optimizer = sharding.deepspeed_engine(model, optimizer, ds_cfg)
-        if resumed is not None:  # the optimizer partitions, from DeepSpeed's files in the checkpoint (verified by
-            sharding.load_partitions_safely(ddp_model)  # its manifest, read without unpickling code)
+        if resumed is not None:  # the optimizer partitions: DeepSpeed's files in the checkpoint, verified with the
+            sharding.load_partitions_safely(ddp_model)  # rest (load_intact_checkpoint), read without pickled code
             try:
                 ddp_model.load_checkpoint(os.path.join(resumed, "deepspeed"), tag="zero", load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
-            except UnsafeFileError as e:
+            except ValueError as e:  # UnsafeFileError (a refused partition) or an unreadable one, named
                 raise SystemExit(f"mrrm.train: cannot resume DeepSpeed's partitions: {e}") from None
         accel.print(f"DeepSpeed ZeRO-{ds_cfg.get('zero_optimization', {}).get('stage', 0)} over "
                     f"{accel.num_processes} processes")
