@@ -63,9 +63,15 @@ def _files_under(root: str, skip=()) -> list[str]:
     sorted relative paths with "/" separators. Hidden files and folders (".git", ".gitattributes",
     ".cache/huggingface" of a `hf download --local-dir`) are no part of a model or checkpoint: no loader
     reads them, and they are neither listed nor checked."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    out, seen = [], {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # a linked folder is read by loaders too
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:  # (a link back up would loop)
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
             if name.startswith("."):
                 continue

@@ -205,6 +205,17 @@ def test_manifest_format_is_sha256sum_and_refuses_paths_outside(tmp_path):
     os.remove(tmp_path / "checksums.sha256")
     with pytest.raises(integrity.NoManifest, match="no checksums.sha256"):
         integrity.verify_manifest(str(tmp_path))
+    # a linked folder is covered like any other (loaders follow the link); a link back up is not walked twice
+    elsewhere = tmp_path.parent / (tmp_path.name + "-elsewhere")
+    elsewhere.mkdir()
+    (elsewhere / "x.bin").write_bytes(b"x")
+    os.symlink(elsewhere, tmp_path / "a" / "linked")
+    os.symlink(tmp_path, tmp_path / "a" / "up")
+    integrity.write_manifest(str(tmp_path))
+    assert integrity.verify_manifest(str(tmp_path)) == ["a/linked/x.bin", "a/w.bin"]
+    (elsewhere / "y.bin").write_bytes(b"y")
+    with pytest.raises(integrity.ChecksumError, match="a/linked/y.bin: not listed"):
+        integrity.verify_manifest(str(tmp_path))
 
 
 # -- row 7: a resume with settings that change the model or the data -----------------------------------------
