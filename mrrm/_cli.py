@@ -40,8 +40,8 @@ def add_workers_arg(ap: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
-    """--model, --mode, --max-batch-tokens, --device, --dtype: the same flags, defaults and help in
-    every command that scores (score, eval, serve)."""
+    """--model, --mode, --max-batch-tokens, --device, --dtype, --verify: the same flags, defaults and help
+    in every command that scores (score, eval, serve); load_model(..., verify=args.verify) honours --verify."""
     ap.add_argument("--model", default=None,
                     help="checkpoint directory (mrrm or the paper's layout) or Hugging Face Hub id (org/name, "
                          "org/name@revision); default: the built-in default model")
@@ -50,6 +50,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="token budget of one packed forward pass (default: the model's)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (default: as loaded)")
+    ap.add_argument("--verify", action="store_true",
+                    help="check every file of the checkpoint against the checksums.sha256 that save_pretrained "
+                         "writes before loading (a damaged or changed file is an error naming it); off by default: "
+                         "it reads every byte once more")
 
 
 def resolve_device(device) -> str:
@@ -79,10 +83,10 @@ def resolve_dtype(dtype):
     return getattr(torch, dtype)
 
 
-def load_model(model=None, *, device=None, dtype=None, mode=None):
+def load_model(model=None, *, device=None, dtype=None, mode=None, verify: bool = False):
     """mrrm.load with the commands' defaults: the device from resolve_device, a dtype by name, and
     a clear error when `model` is neither None, a directory nor a Hub id (org/name[@revision]),
-    before anything is downloaded."""
+    before anything is downloaded. verify: mrrm.load's (--verify)."""
     from .api import load
     from .hub import split_hub_id
 
@@ -90,7 +94,7 @@ def load_model(model=None, *, device=None, dtype=None, mode=None):
         raise ValueError(f"model {os.fspath(model)!r} is neither a directory (an mrrm checkpoint or the paper's "
                          "layout) nor a Hugging Face Hub id (org/name, org/name@revision)")
     return load(None if model is None else os.fspath(model), device=resolve_device(device),
-                dtype=resolve_dtype(dtype), mode=mode or "joint")
+                dtype=resolve_dtype(dtype), mode=mode or "joint", verify=verify)
 
 
 # flag -> (mrrm.media constant, the flag's unit in that constant's units)

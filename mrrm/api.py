@@ -40,23 +40,36 @@ def _cached_default(device: str | None, dtype: torch.dtype | None, mode: str):
     return model
 
 
-def load(path=None, *, device=None, dtype=None, mode: str = "joint", revision: str | None = None, token=None):
+def load(path=None, *, device=None, dtype=None, mode: str = "joint", revision: str | None = None, token=None,
+         verify: bool = False):
     """Load a reward model. path=None: the built-in default (cached; see README). Otherwise an mrrm
     checkpoint directory (RewardModel.save_pretrained), a checkpoint in the authors' layout
     (reward_model_config.json + value_head.pt + an adapter or a merged model, e.g. the released
     yinuoy/MR2-Molmo2-4B-RM), or a Hugging Face Hub id of either ("org/name", at `revision`),
     downloaded and cached by huggingface_hub (token: HF_TOKEN or `hf auth login` unless given;
-    HF_HUB_OFFLINE=1 reads the cache only)."""
+    HF_HUB_OFFLINE=1 reads the cache only).
+
+    verify=True checks every file of the checkpoint against the checksums.sha256 that save_pretrained
+    writes before anything is loaded (mrrm.integrity.ChecksumError naming a damaged, missing or added
+    file, or the missing manifest). Off by default: it reads every byte once more (README, "Checkpoint
+    integrity", has the measured cost)."""
     from .hub import resolve
-    from .model import RewardModel, RewardModelConfig
+    from .model import RewardModel, RewardModelConfig, verify_checkpoint
 
     RewardModelConfig(mode=mode)  # validates the mode
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False, got {verify!r}")
     if path is None:
         if revision is not None:
             raise ValueError("revision= applies to a Hub id; the built-in default has none")
+        if verify:
+            if not os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "mrrm_config.json")):
+                raise ValueError("verify=True: this install has no shipped default model files to verify (the "
+                                 "built-in default is then built in memory)")
+            verify_checkpoint(DEFAULT_MODEL_DIR)
         return _cached_default(str(device) if device is not None else None, dtype, mode)
     return RewardModel.from_pretrained(resolve(path, revision=revision, token=token), device=device, dtype=dtype,
-                                       mode=mode)
+                                       mode=mode, verify=verify)
 
 
 def score(batch, model=None, *, mode=None, max_batch_tokens=None, permutations=1, errors="raise", media_dir=None,

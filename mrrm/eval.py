@@ -608,7 +608,7 @@ def _pipelined_batch(chunk_scorer, pairs: list[tuple[int, dict]]) -> tuple[list,
 # -- the run ----------------------------------------------------------------------------------------
 DEFAULT_OPTIONS = dict(model=None, mode=None, permutations=1, limit=None, out=None, order_sensitivity=False,
                        batch_size=32, media_dir=None, seed=0, progress=True, device=None, dtype=None,
-                       max_batch_tokens=None, overwrite=False, pair_order=None, workers=0)
+                       max_batch_tokens=None, overwrite=False, pair_order=None, workers=0, verify=False)
 
 
 def _data_files(data: str) -> list[str]:
@@ -656,7 +656,7 @@ def _default_scorer(opts: dict):
 
     model = opts["model"]
     if not isinstance(model, RewardModel):
-        model = load_model(model, device=opts["device"], dtype=opts["dtype"], mode=opts["mode"])
+        model = load_model(model, device=opts["device"], dtype=opts["dtype"], mode=opts["mode"], verify=opts["verify"])
 
     def scorer(batch):
         return model.score(batch, mode=opts["mode"], max_batch_tokens=opts["max_batch_tokens"])
@@ -697,6 +697,8 @@ def _check_options(benchmark, data, scorer, protocol, options) -> tuple[Benchmar
         raise ValueError(f"limit must be a non-negative integer, got {opts['limit']!r}")
     if opts["mode"] is not None:
         check_choice("mode", opts["mode"], MODES)
+    if not isinstance(opts["verify"], bool):
+        raise ValueError(f"verify must be True or False, got {opts['verify']!r}")
     if not isinstance(opts["seed"], int):
         raise ValueError(f"seed must be an integer, got {opts['seed']!r}")
     check_int("workers", opts["workers"], minimum=0)
@@ -727,7 +729,8 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     options: model, mode, permutations (1), limit, out (DIR for files, cache and resume), order_sensitivity
       (False), batch_size (32 passes per scorer call), media_dir (default: the data file's folder), seed (0),
       progress (True), device, dtype, max_batch_tokens, overwrite (False: resume DIR's cache), workers (0: encode
-      in this process; N: in N worker processes ahead of the model, mrrm.pipeline; the default scorer only).
+      in this process; N: in N worker processes ahead of the model, mrrm.pipeline; the default scorer only),
+      verify (False: check a `model=` path's files against its checksums.sha256 before loading, mrrm.load's).
     """
     bench, opts = _check_options(benchmark, data, scorer, protocol, options)
     data = os.fspath(data)
@@ -1076,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      order_sensitivity=args.order_sensitivity, batch_size=args.batch_size,
                      media_dir=args.media_dir, seed=args.seed, progress=not args.no_progress, device=args.device,
                      dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, overwrite=args.overwrite,
-                     pair_order=args.pair_order, workers=args.workers)
+                     pair_order=args.pair_order, workers=args.workers, verify=args.verify)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

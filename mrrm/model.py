@@ -28,6 +28,7 @@ from torch import nn
 from . import ops
 from .common import ACTIVATIONS, MODES, check_choice, check_int
 from .encoding import RESP_SEP, Encoder, ModelInputs, attach_media, with_cyclic_orders
+from .integrity import MANIFEST, ChecksumError, NoManifest, verify_manifest, write_manifest
 from .ops._validate import tensor_version
 from .packing import pack_micro_batches
 
@@ -618,10 +619,15 @@ class RewardModel(nn.Module):
         layout="reference": what the authors' code loads (see `checkpoints.save_reference`):
         reward_model_config.json, value_head.pt, the processor files, and the peft adapter at the
         root (a LoRA backbone, as their save_checkpoint writes it) or a merged full model (as their
-        merge_lora.py writes it)."""
+        merge_lora.py writes it).
+
+        Both layouts end with `checksums.sha256` (mrrm.integrity): the SHA-256 of every file in `path`, which
+        `from_pretrained(path, verify=True)` checks (and `sha256sum -c checksums.sha256` inside `path`)."""
         if layout == "reference":
             from .checkpoints import save_reference
-            return save_reference(self, path)
+            save_reference(self, path)
+            write_manifest(path)
+            return
         if layout != "mrrm":
             raise ValueError(f"layout must be 'mrrm' or 'reference', got {layout!r}")
         from safetensors.torch import save_file
@@ -641,16 +647,24 @@ class RewardModel(nn.Module):
         else:
             base.save_pretrained(os.path.join(path, "backbone"), safe_serialization=True)
         (self.processor or self.tokenizer).save_pretrained(os.path.join(path, "processor"))
+        write_manifest(path)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, mode=None, base_model=None,
-                        media_base_dir=None, final_norm=None) -> "RewardModel":
+                        media_base_dir=None, final_norm=None, verify: bool = False) -> "RewardModel":
         """Load an mrrm checkpoint, or any checkpoint the authors' code writes (reward_model_config.json +
         value_head.pt with the peft adapter at the root, or a merged full model; see mrrm.checkpoints).
         `base_model` overrides the base model named by a LoRA checkpoint; `final_norm` (the authors'
-        layout only; an mrrm checkpoint records its own) as in `checkpoints.load_reference`."""
+        layout only; an mrrm checkpoint records its own) as in `checkpoints.load_reference`.
+        verify=True: before anything is read, every file in `path` is checked against the
+        checksums.sha256 that save_pretrained wrote (`verify_checkpoint`); a damaged, missing or added
+        file, or a checkpoint without the manifest, raises mrrm.integrity.ChecksumError naming it."""
         from .checkpoints import load_reference
 
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify must be True or False, got {verify!r}")
+        if verify:
+            verify_checkpoint(path)
         if os.path.exists(os.path.join(path, CONFIG_FILE)):
             if final_norm is not None:
                 raise ValueError(f"{path}: final_norm= applies to checkpoints in the authors' layout; an mrrm "
@@ -667,6 +681,28 @@ class RewardModel(nn.Module):
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
+
+
+# Files a model directory may hold besides those its manifest lists: the model card push_to_hub writes after
+# save_pretrained (no loader reads it)
+UNLISTED_MODEL_FILES = ("README.md",)
+
+
+def verify_checkpoint(path) -> list[str]:
+    """Check every file of a saved model against its checksums.sha256 (written by save_pretrained, both
+    layouts). Returns the files checked; raises ChecksumError naming the first that is damaged, missing
+    or not listed, or saying that the checkpoint has no manifest and what to do. A LoRA checkpoint's
+    base model lives elsewhere (config.base_model) and is not covered."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    try:
+        return verify_manifest(path, allow_unlisted=UNLISTED_MODEL_FILES)
+    except NoManifest:
+        raise ChecksumError(f"{path}: verify=True (--verify), but the checkpoint has no {MANIFEST} to check its files "
+                            "against (saved by an older mrrm or by other code). Load it without verification, or "
+                            "load it once from a copy you trust and save it again with save_pretrained, which "
+                            "writes one") from None
 
 
 # Backbones transformers has natively only from a version on: (model_type, transformers class, version)

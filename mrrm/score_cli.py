@@ -323,7 +323,7 @@ class _Run:
 
 def _load_model(args):
     try:
-        return load_model(args.model, device=args.device, dtype=args.dtype, mode=args.mode)
+        return load_model(args.model, device=args.device, dtype=args.dtype, mode=args.mode, verify=args.verify)
     except ValueError as e:
         raise CLIError(str(e)) from None
 

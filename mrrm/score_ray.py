@@ -36,11 +36,11 @@ class ScoreActor:
     giving the reason for each skipped one. Media budgets are the driver's (passed in: mrrm.media's
     module constants do not travel to other processes)."""
 
-    def __init__(self, model, device, dtype, mode, max_batch_tokens, permutations, media_dir, budgets):
+    def __init__(self, model, device, dtype, mode, max_batch_tokens, permutations, media_dir, budgets, verify=False):
         from ._cli import apply_media_budgets, load_model
 
         apply_media_budgets(budgets)
-        self.model = load_model(model, device=device, dtype=dtype, mode=mode)
+        self.model = load_model(model, device=device, dtype=dtype, mode=mode, verify=verify)
         self.mode, self.max_batch_tokens, self.permutations = mode, max_batch_tokens, permutations
         self.media_dir = media_dir
 
@@ -92,7 +92,7 @@ class RayScorer:
                                                        dtype=args.dtype, mode=args.mode,
                                                        max_batch_tokens=args.max_batch_tokens,
                                                        permutations=args.permutations, media_dir=media_dir,
-                                                       budgets=budgets))
+                                                       budgets=budgets, verify=args.verify))
         self._results = iter(ds.iter_rows())
 
     def __call__(self, chunk: list[tuple[int, dict]]) -> list[tuple[list[float] | None, str | None]]:

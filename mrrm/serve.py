@@ -1476,7 +1476,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     try:
         devices = replica_devices(args.device, args.replicas)
-        model = load_model(args.model, device=devices[0], dtype=args.dtype, mode=args.mode)
+        model = load_model(args.model, device=devices[0], dtype=args.dtype, mode=args.mode, verify=args.verify)
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
         app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
                          max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .integrity import load_torch_file
+
 
 def _require_distributed() -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
@@ -165,6 +167,37 @@ def prepare_zero3(model) -> None:
     for linear in head_linears(model.value_head):
         for p in linear.parameters():
             deepspeed.zero.register_external_parameter(model, p)
+
+
+# The classes DeepSpeed's checkpoint files hold besides tensors and plain values, allowed when they are read
+# back (measured with DeepSpeed 0.19.8: ZeRO-2 and ZeRO-3 optimizer partitions hold LossScaler, ZeroStageEnum and,
+# ZeRO-2, fragment_address; DynamicLossScaler takes LossScaler's place in fp16 runs). Nothing else is unpickled.
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def load_partitions_safely(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with mrrm.integrity.load_torch_file (PyTorch's
+    restricted unpickler, DEEPSPEED_CHECKPOINT_CLASSES allowed) instead of DeepSpeed's own
+    torch.load(weights_only=False): a crafted partition file is refused, naming it, before it runs
+    anything. Every file DeepSpeed reads goes through `engine.checkpoint_engine.load`."""
+    import importlib
+
+    allowed = []
+    for module, name in DEEPSPEED_CHECKPOINT_CLASSES:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: a file that needs it is refused, named
+            pass
+
+    def load(path, map_location=None):
+        return load_torch_file(path, map_location=map_location, allowed=allowed)
+
+    engine.checkpoint_engine.load = load
 
 
 def zero3_full_state(engine) -> dict | None:

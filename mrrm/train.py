@@ -28,6 +28,15 @@ import torch
 
 from ._io import WriteError, writing
 from .common import TRAIN_MODES, is_correct
+from .integrity import (
+    MANIFEST,
+    ChecksumError,
+    load_torch_file,
+    sha256_file,
+    update_manifest,
+    verify_manifest,
+    write_manifest,
+)
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
@@ -44,6 +53,24 @@ DEMO_LOSS = "plackett_luce"
 DEMO_RESP_REPR = "response_mean"
 DEMO_VIDEO_FPS = 4.0         # all 8 frames of the demo's 4 fps clips: motion 41% -> 76% (README)
 SCRATCH_LR, LORA_LR = 7e-4, 1e-4
+# What a resume compares with the run that wrote its checkpoint (run_signature: every TrainConfig field, the
+# training files by content), in four kinds. The lists name the exceptions; every other field changes the data
+# or what a step computes (data, data_weights, batch_size, seed, loss, mode, max_length, max_batch_tokens,
+# video_fps, video_sampling, media budgets, schedule, warmup_steps, max_grad_norm, ...): a change is refused,
+# naming each (old -> new), unless --force-resume, which continues with the new values and records them.
+# (1) When to log, evaluate and save, and where: free to change, not recorded.
+RESUME_BOOKKEEPING = ("output_dir", "force_resume", "resume_unverified", "log_every", "eval_every", "save_every",
+                      "keep_last")
+# (2) Free to change and recorded in model/'s training record (`resumed`): how long the run goes (the schedule
+# is stretched over the new total from the resumed step on), what is evaluated, and memory-only settings.
+RESUME_RECORDED = ("max_steps", "epochs", "eval_data", "demo_eval_size", "gradient_checkpointing")
+# (3) Never changed on a resume, not even with --force-resume: they make the checkpoint another model (its
+# head, its representation, its LoRA, its base, its precision), or the checkpoint's optimizer state holds them
+# (lr, weight_decay: loading it would silently keep the old values under a config that claims the new ones).
+RESUME_FIXED = ("base_model", "lora_r", "lora_alpha", "lora_target", "head_type", "head_hidden", "head_activation",
+                "resp_repr_mode", "bf16", "lr", "weight_decay")
+# (4) Checked by the kind of checkpoint instead (_maybe_resume: a sharded one resumes only as it was written).
+RESUME_BY_KIND = ("fsdp", "deepspeed")
 
 
 @dataclass
@@ -92,7 +119,9 @@ class TrainConfig:
     skip_bad: bool = False
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
-    force_resume: bool = False           # resume even when the data or batch settings changed
+    force_resume: bool = False           # resume even when data or step settings changed (RESUME_* above)
+    resume_unverified: bool = False      # resume a checkpoint without a checksum manifest (an older mrrm's, or copied
+                                         # without it), unchecked
     fsdp: bool = False                   # shard the model with FSDP2 over the launch's processes (mrrm.sharding)
     deepspeed: str | None = None         # a DeepSpeed JSON config: ZeRO-2/3 over the launch's processes (mrrm.sharding)
     # media budgets (mrrm.media, checked before decoding); None keeps mrrm.media's defaults
@@ -341,29 +370,54 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_signature(cfg, data_paths) -> dict:
-    """What a resumed run must share with the run that wrote its checkpoint: the training files'
-    content and the settings that decide which samples each step sees and how they are packed."""
-    return {"data": [_sha256(p) for p in data_paths], "data_weights": cfg.data_weights, "batch_size": cfg.batch_size,
-            "seed": cfg.seed, "shuffle_responses": cfg.shuffle_responses, "mode": cfg.mode, "loss": cfg.loss}
+    """What a resumed run is compared with (resume_changes): the training files' content and every
+    setting of the (resolved) config but the bookkeeping ones and those checked by the checkpoint's kind."""
+    skip = set(RESUME_BOOKKEEPING) | set(RESUME_BY_KIND) | {"data"}
+    signature = {"data": [sha256_file(p) for p in data_paths]}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in skip:
+            value = getattr(cfg, f.name)
+            signature[f.name] = list(value) if isinstance(value, tuple) else value
+    return signature
+
+
+_NOT_RECORDED = "<not recorded>"
+
+
+def resume_changes(saved: dict | None, current: dict) -> dict:
+    """The settings `current` changes against the checkpoint's `saved` signature, by kind:
+    {"fixed": [...], "forced": [...], "recorded": [...]}, each a list of (name, old, new). A setting the
+    checkpoint did not record (an older mrrm wrote it) counts as a forced change, old = "<not recorded>"."""
+    saved = saved or {}
+    out = {"fixed": [], "forced": [], "recorded": []}
+    for name, new in current.items():
+        old = saved.get(name, _NOT_RECORDED)
+        if old == new:
+            continue
+        kind = "fixed" if name in RESUME_FIXED and old != _NOT_RECORDED else "recorded" \
+            if name in RESUME_RECORDED else "forced"
+        out[kind].append((name, old, new))
+    return out
+
+
+def _describe(changes) -> str:
+    def one(name, old, new):
+        if name == "data":
+            return "data (the training files' contents)"
+        return f"{name} {old if old == _NOT_RECORDED else repr(old)} -> {new!r}"
+    return ", ".join(one(*c) for c in changes)
 
 
 def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_last, signature=None, states=None,
-                    extra_dir=None):
-    """Atomically: write into a temp dir (state.pt and its SHA-256 in state.sha256), then rename; keep
-    the last `keep_last` checkpoints. `signature` (run_signature) is kept to check a resume against.
-    `states`: (model state, optimizer state) already gathered (a sharded run's full states).
-    `extra_dir`: a directory moved into the checkpoint as `deepspeed/` (DeepSpeed's own files)."""
+                    extra_dir=None, history=None):
+    """Atomically: write into a temp dir, then rename; keep the last `keep_last` checkpoints. The temp dir
+    gets state.pt (model, optimizer, scheduler, RNG, data position, step: tensors and plain values only, so
+    a resume reads it without unpickling code) and a checksum manifest (`checksums.sha256`, mrrm.integrity)
+    over every file in it, written last. `signature` (run_signature) is kept to check a resume against;
+    `history`: the settings changed by earlier resumes (model/'s training record). `states`: (model state,
+    optimizer state) already gathered (a sharded run's full states). `extra_dir`: a directory moved into
+    the checkpoint as `deepspeed/` (DeepSpeed's own partition files), covered by the manifest too."""
     ckpt_root = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"step-{step:08d}")
@@ -374,19 +428,18 @@ def save_checkpoint(out_dir, step, model, optimizer, scheduler, position, keep_l
             os.makedirs(tmp)
             trainable, optim_state = states if states is not None else (model.state_dict(), optimizer.state_dict())
             torch.save({"model": trainable, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(), "position": position, "step": step, "signature": signature},
+                        "rng": rng_state(), "position": position, "step": step, "signature": signature,
+                        "history": list(history or [])},
                        os.path.join(tmp, "state.pt"))
             with open(os.path.join(tmp, "state.pt"), "rb") as fh:
                 os.fsync(fh.fileno())
-            with open(os.path.join(tmp, "state.sha256"), "w") as fh:
-                fh.write(_sha256(os.path.join(tmp, "state.pt")) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+        if extra_dir is not None:
+            os.rename(extra_dir, os.path.join(tmp, "deepspeed"))
+        with writing(os.path.join(tmp, MANIFEST)):
+            write_manifest(tmp)
     except WriteError:
         shutil.rmtree(tmp, ignore_errors=True)  # the space it took; the older checkpoints are untouched
         raise
-    if extra_dir is not None:
-        os.rename(extra_dir, os.path.join(tmp, "deepspeed"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and not d.endswith(".tmp"))
@@ -408,25 +461,54 @@ def latest_checkpoint(out_dir):
     return done[0] if done else None
 
 
-def load_intact_checkpoint(out_dir, log=print):
-    """(path, state) of the newest checkpoint whose state.pt matches its recorded SHA-256 (when it has
-    one) and loads; every checkpoint skipped is named with the reason. (None, None) when there are
-    none; SystemExit when there are some but none is intact (training would otherwise restart silently)."""
+# A checkpoint mrrm wrote before its manifest covered every file: the SHA-256 of state.pt alone
+LEGACY_STATE_SHA = "state.sha256"
+
+
+def _unverified_reason(path) -> str | None:
+    """Why the checkpoint at `path` cannot be verified (None: it can). Raises ChecksumError when a file
+    does not match."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        verify_manifest(path)
+        return None
+    if os.path.exists(os.path.join(path, LEGACY_STATE_SHA)):
+        with open(os.path.join(path, LEGACY_STATE_SHA)) as fh:
+            if fh.read().strip() != sha256_file(os.path.join(path, "state.pt")):
+                raise ChecksumError(f"{os.path.join(path, 'state.pt')}: does not match its SHA-256 ({LEGACY_STATE_SHA}): "
+                                    "the file is damaged")
+        if not os.path.isdir(os.path.join(path, "deepspeed")):
+            return None  # state.pt is all a resume reads: its SHA-256 covers it
+        return f"no {MANIFEST}: its {LEGACY_STATE_SHA} (an older mrrm's) covers state.pt but not deepspeed/"
+    return f"no {MANIFEST} to verify its files against"
+
+
+def load_intact_checkpoint(out_dir, log=print, *, unverified=False):
+    """(path, state) of the newest checkpoint whose files all match its checksum manifest and whose
+    state.pt loads (without unpickling code: mrrm.integrity.load_torch_file); every checkpoint skipped
+    is named with the reason. A checkpoint without a manifest is skipped unless `unverified`
+    (--resume-unverified), which resumes it unchecked and says so. (None, None) when there are none;
+    SystemExit when there are some but none is intact (training would otherwise restart silently)."""
     bad = []
     for path in checkpoints_newest_first(out_dir):
         state_file = os.path.join(path, "state.pt")
         reason = None
         if not os.path.exists(state_file):
             reason = "no state.pt"
-        elif os.path.exists(os.path.join(path, "state.sha256")):
-            with open(os.path.join(path, "state.sha256")) as fh:
-                if fh.read().strip() != _sha256(state_file):
-                    reason = "state.pt does not match its SHA-256 (state.sha256): the file is damaged"
+        else:
+            try:
+                missing = _unverified_reason(path)
+            except ChecksumError as e:
+                reason = str(e)
+            else:
+                if missing is not None and not unverified:
+                    reason = f"{missing}; pass --resume-unverified to resume it unchecked"
+                elif missing is not None:
+                    log(f"checkpoint {path}: {missing}; resuming it UNVERIFIED (--resume-unverified)")
         if reason is None:
             try:
-                return path, torch.load(state_file, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 - truncated / empty / not a checkpoint: try the previous one
-                reason = f"state.pt does not load ({type(e).__name__}: {str(e)[:200]})"
+                return path, load_torch_file(state_file)
+            except (FileNotFoundError, ValueError) as e:  # refused (pickled code), truncated, empty, not a
+                reason = f"state.pt does not load ({e})"   # checkpoint: try the previous one
         log(f"checkpoint {path} skipped: {reason}")
         bad.append(f"{path} ({reason})")
     if bad:
@@ -473,6 +555,7 @@ class TrainState:
     tokens_seen: int = 0             # this rank's tokens since t0
     signature: dict | None = None    # run_signature, saved with every checkpoint
     zero3: bool = False              # DeepSpeed ZeRO-3: parameters partitioned, as under --fsdp
+    history: list = field(default_factory=list)  # settings changed by resumes (_maybe_resume), saved with checkpoints
 
     @property
     def sharded_params(self) -> bool:
@@ -603,7 +686,7 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
         accel.print(f"FSDP2: {units} decoder layers sharded over {accel.num_processes} processes")
     params, optimizer, scheduler = _setup_optim(cfg, model, total_steps)
     signature = run_signature(cfg, data_paths)
-    step, position, resumed = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
+    step, position, resumed, history = _maybe_resume(cfg, model, optimizer, scheduler, accel.print, signature)
     zero3 = False
     if cfg.fsdp:
         ddp_model = model  # no DDP wrapper: FSDP's hooks do the communication
@@ -616,15 +699,19 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
         if zero3:
             sharding.prepare_zero3(model)
         ddp_model, optimizer = sharding.deepspeed_engine(model, optimizer, ds_cfg)
-        if resumed is not None:  # the optimizer partitions, from DeepSpeed's files in the checkpoint
-            ddp_model.load_checkpoint(os.path.join(resumed, "deepspeed"), tag="zero", load_module_strict=True,
-                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        if resumed is not None:  # the optimizer partitions: DeepSpeed's files in the checkpoint, verified with the
+            sharding.load_partitions_safely(ddp_model)  # rest (load_intact_checkpoint), read without pickled code
+            try:
+                ddp_model.load_checkpoint(os.path.join(resumed, "deepspeed"), tag="zero", load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+            except ValueError as e:  # UnsafeFileError (a refused partition) or an unreadable one, named
+                raise SystemExit(f"mrrm.train: cannot resume DeepSpeed's partitions: {e}") from None
         accel.print(f"DeepSpeed ZeRO-{ds_cfg.get('zero_optimization', {}).get('stage', 0)} over "
                     f"{accel.num_processes} processes")
     else:
         ddp_model, optimizer = accel.prepare(model, optimizer)
     st = TrainState(cfg, accel, model, ddp_model, optimizer, scheduler, params, per_file, eval_samples, total_steps,
-                    step=step, position=position, signature=signature, zero3=zero3)
+                    step=step, position=position, signature=signature, zero3=zero3, history=history)
     if accel.is_main_process:
         _drop_log_after(st.log_path, step)
     if accel.is_main_process:
@@ -663,20 +750,39 @@ def _setup_optim(cfg, model, total_steps):
 
 
 def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
-    """(step, position) of the newest intact checkpoint in output_dir, its state loaded; (0, the start)
-    without one. A checkpoint written with other data or batch settings is refused unless
-    --force-resume (the steps it already took would not be the steps of this run)."""
-    resume, state = load_intact_checkpoint(cfg.output_dir, log)
+    """(step, position, checkpoint path, history) of the newest intact checkpoint in output_dir, its state
+    loaded; (0, the start, None, []) without one. The run's settings are compared with the checkpoint's
+    (resume_changes): a change that makes it another model (RESUME_FIXED) is refused; one that changes the
+    data or what a step computes is refused unless --force-resume; each is named, old -> new. The changes
+    that go through are appended to the history that model/'s training record carries."""
+    resume, state = load_intact_checkpoint(cfg.output_dir, log, unverified=cfg.resume_unverified)
     if resume is None:
-        return 0, {"epoch": 0, "offset": 0}, None
-    saved = state.get("signature")
-    if signature is not None and saved is not None and saved != signature:
-        changed = sorted(k for k in signature if saved.get(k) != signature.get(k))
-        if not cfg.force_resume:
-            raise SystemExit(f"mrrm.train: {resume} was written by a run with other {', '.join(changed)}; resuming "
-                             "would not continue that run. Use a new --output-dir, or --force-resume to continue "
-                             "anyway.")
-        log(f"resuming despite changed {', '.join(changed)} (--force-resume)")
+        return 0, {"epoch": 0, "offset": 0}, None, []
+    history = list(state.get("history") or [])
+    if signature is not None:
+        changes = resume_changes(state.get("signature"), signature)
+        if changes["fixed"]:
+            also = f" (and, --force-resume aside: {_describe(changes['forced'])})" if changes["forced"] else ""
+            raise SystemExit(f"mrrm.train: {resume} was written with settings a resume cannot change: "
+                             f"{_describe(changes['fixed'])}{also}. The model's head, representation, LoRA, base "
+                             "and precision make it another model, and its optimizer state holds lr and "
+                             "weight_decay (it would keep the old values): resume with the checkpoint's settings, "
+                             "or use a new --output-dir.")
+        if changes["forced"] and not cfg.force_resume:
+            raise SystemExit(f"mrrm.train: {resume} was written by a run with other settings: "
+                             f"{_describe(changes['forced'])}; resuming would not continue that run. Use the same "
+                             "settings, a new --output-dir, or --force-resume to continue with the new ones (recorded "
+                             "in model/'s training record).")
+        if changes["forced"]:
+            log(f"resuming despite changed {_describe(changes['forced'])} (--force-resume)")
+        if changes["recorded"]:
+            log(f"resuming with {_describe(changes['recorded'])}")
+        changed = {name: [None if old == _NOT_RECORDED else old, new]
+                   for name, old, new in changes["forced"] + changes["recorded"]}
+        if "data" in changed:
+            changed["data"] = "the training files' contents changed"  # (their SHA-256s would tell a reader nothing)
+        if changed:
+            history.append({"step": int(state["step"]), "changed": changed})
     from .sharding import load_full_state, optimizer_state_by_name
 
     kind = "deepspeed" if state["optimizer"].get("deepspeed") else "fsdp" if optimizer_state_by_name(state["optimizer"]) \
@@ -697,7 +803,7 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
     step, position = state["step"], state["position"]
     set_rng_state(state["rng"])
     log(f"resumed from {resume} (step {step})")
-    return step, position, resume
+    return step, position, resume, history
 
 
 def _drop_log_after(log_path, step):
@@ -884,7 +990,7 @@ def _save(st: TrainState) -> None:
             states = (st.model.state_dict(), {"deepspeed": True})
     if st.accel.is_main_process:
         save_checkpoint(cfg.output_dir, st.step, st.model, st.optimizer, st.scheduler, st.position, cfg.keep_last,
-                        signature=st.signature, states=states, extra_dir=extra)
+                        signature=st.signature, states=states, extra_dir=extra, history=st.history)
 
 
 def _finish(st: TrainState) -> dict:
@@ -903,7 +1009,7 @@ def _finish(st: TrainState) -> dict:
             if not st.sharded_params:
                 summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
-            _record_evaluation(os.path.join(cfg.output_dir, "model"), cfg, st.step, summary["eval"])
+            _record_evaluation(os.path.join(cfg.output_dir, "model"), cfg, st.step, summary["eval"], st.history)
         with writing(os.path.join(cfg.output_dir, "summary.json")), \
                 open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
@@ -924,23 +1030,24 @@ def _save_final_model(st: TrainState) -> None:
     if st.sharded_params:
         newest = checkpoints_newest_first(st.cfg.output_dir)[0]
         model = build_model(st.cfg)
-        model.load_state_dict(torch.load(os.path.join(newest, "state.pt"), map_location="cpu",
-                                         weights_only=False)["model"])
-    model.config.training = training_record(st.cfg, st.step)
+        model.load_state_dict(load_torch_file(os.path.join(newest, "state.pt"))["model"])
+    model.config.training = training_record(st.cfg, st.step, history=st.history)
     with writing(out):
         model.save_pretrained(out)
 
 
-def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None) -> dict:
+def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None, history=None) -> dict:
     """What the model card says about training (RewardModelConfig.training): the command that reruns it
-    (the flags that differ from the defaults), the data files, the steps and the held-out evaluation."""
+    (the flags that differ from the defaults), the data files, the steps, the held-out evaluation, and
+    `resumed`: the settings a resume changed, at which step (old -> new), when any did (the command then
+    names the last values, and did not run with them from the start)."""
     import shlex
 
     args = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if value == default or f.name in ("output_dir", "force_resume"):
+        if value == default or f.name in ("output_dir", "force_resume", "resume_unverified"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -952,21 +1059,26 @@ def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None
     record = {"command": shlex.join(["python", "-m", "mrrm.train", *args]), "data": list(cfg.data), "steps": steps}
     if cfg.eval_data:
         record["eval_data"] = cfg.eval_data
+    if history:
+        record["resumed"] = list(history)
     if evaluation:
         record["eval"] = {k: evaluation[k] for k in ("best_of_n", "n", "per_family") if k in evaluation}
     return record
 
 
-def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation: dict) -> None:
-    """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved)."""
+def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation: dict, history=None) -> None:
+    """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved),
+    and rehash that file in model/'s checksum manifest."""
     from .model import CONFIG_FILE
 
     path = os.path.join(model_dir, CONFIG_FILE)
     with open(path) as fh:
         saved = json.load(fh)
-    saved["training"] = training_record(cfg, steps, evaluation)
+    saved["training"] = training_record(cfg, steps, evaluation, history)
     with writing(path), open(path, "w") as fh:
         json.dump(saved, fh, indent=2)
+    with writing(os.path.join(model_dir, MANIFEST)):
+        update_manifest(model_dir, [CONFIG_FILE])
 
 
 def print_table(ev):

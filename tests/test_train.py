@@ -264,7 +264,7 @@ def test_resume_skips_a_damaged_checkpoint_refuses_changed_settings_and_logs_eac
     train(parse_args(common + ["--max-steps", "6"]))
     ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert ckpts == ["step-00000002", "step-00000004", "step-00000006"]
-    assert all(os.path.exists(os.path.join(out, "checkpoints", c, "state.sha256")) for c in ckpts)
+    assert all(os.path.exists(os.path.join(out, "checkpoints", c, "checksums.sha256")) for c in ckpts)
     # flip 64 bytes in the newest checkpoint, empty the one before: resume falls back to step 2, naming both
     newest = os.path.join(out, "checkpoints", "step-00000006", "state.pt")
     raw = bytearray(open(newest, "rb").read())
@@ -275,11 +275,12 @@ def test_resume_skips_a_damaged_checkpoint_refuses_changed_settings_and_logs_eac
     capsys.readouterr()
     train(parse_args(common + ["--max-steps", "8"]))
     said = capsys.readouterr().out
-    assert "step-00000006 skipped: state.pt does not match its SHA-256" in said
+    assert "step-00000006 skipped: " + os.path.join(out, "checkpoints", "step-00000006", "state.pt") + \
+        ": does not match its SHA-256" in said
     assert "step-00000004 skipped" in said and "resumed from" in said and "step-00000002 (step 2)" in said
     assert _steps(out) == list(range(1, 9))  # steps 3-6 redone, each logged once
     # a different batch size is refused (the checkpoint's steps would not be this run's), unless forced
-    with pytest.raises(SystemExit, match="other batch_size"):
+    with pytest.raises(SystemExit, match="other settings: batch_size 16 -> 8"):
         train(parse_args(common + ["--max-steps", "10", "--batch-size", "8"]))
     train(parse_args(common + ["--max-steps", "10", "--batch-size", "8", "--force-resume"]))
     assert _steps(out)[-1] == 10 and len(_steps(out)) == len(set(_steps(out)))
@@ -291,8 +292,10 @@ def test_no_intact_checkpoint_is_an_error_naming_them(tmp_path):
     d = tmp_path / "checkpoints" / "step-00000003"
     d.mkdir(parents=True)
     (d / "state.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(state.pt does not load"):
+    with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(no checksums.sha256"):
         load_intact_checkpoint(str(tmp_path), log=lambda *a: None)
+    with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(state.pt does not load"):
+        load_intact_checkpoint(str(tmp_path), log=lambda *a: None, unverified=True)
     assert load_intact_checkpoint(str(tmp_path / "elsewhere")) == (None, None)
 
 
@@ -514,6 +517,59 @@ def test_deepspeed_zero_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mixe
     c = _state(ds, 3)
     for k in b["model"]:
         assert torch.equal(b["model"][k], c["model"][k]), k
+
+
+class _RunsCode:
+    """A pickle that creates `marker` when DeepSpeed's own loader (torch.load(weights_only=False)) reads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+@pytest.mark.slow
+def test_deepspeed_partitions_are_verified_and_never_unpickle_code(tmp_path, colour_data):
+    """Issue 29 rows 1 and 6 on a real ZeRO-2 run (2 gloo ranks). A flipped byte in one rank's optimizer
+    partition: the resume skips that checkpoint naming the file and resumes the one before (it used to
+    resume the damaged one silently). A partition swapped for a crafted pickle, the checkpoint's
+    checksums recomputed: the resume stops naming the file, and the pickle runs nothing (DeepSpeed's own
+    loader would run it)."""
+    pytest.importorskip("deepspeed")
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    from mrrm.integrity import write_manifest
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          "deepspeed_zero2.json")
+    out = str(tmp_path / "ds")
+    common = ["--data", colour_data, "--save-every", "1", "--keep-last", "5", "--log-every", "1",
+              "--deepspeed", config] + SMALL
+    _torchrun(common + ["--max-steps", "2"], out)
+    step2 = os.path.join(out, "checkpoints", "step-00000002")
+    part = os.path.join(step2, "deepspeed", "zero", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    raw = bytearray(open(part, "rb").read())
+    raw[-200] ^= 0x01  # one bit of the fp32 partition's bytes
+    open(part, "wb").write(bytes(raw))
+    res = _torchrun(common + ["--max-steps", "3"], out)
+    said = res.stdout + res.stderr
+    assert f"checkpoint {step2} skipped: {part}: does not match its SHA-256" in said, said[-3000:]
+    assert "step-00000001 (step 1)" in said
+    # a crafted partition with the checksums made to match
+    step3 = os.path.join(out, "checkpoints", "step-00000003")
+    crafted = os.path.join(step3, "deepspeed", "zero", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, crafted, _use_new_zipfile_serialization=False)
+    if os.path.exists(os.path.join(step3, "checksums.sha256")):
+        write_manifest(step3)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "mrrm.train"] + common
+                         + ["--max-steps", "4", "--output-dir", out], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert not marker.exists(), "a crafted DeepSpeed partition ran code on resume"
+    assert res.returncode != 0
+    assert f"cannot resume DeepSpeed's partitions: {crafted}: refused" in res.stderr, res.stderr[-3000:]
 
 
 def test_zero3_is_refused_where_the_vision_tower_cannot_run_once_per_pass(families):
