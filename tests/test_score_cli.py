@@ -754,3 +754,42 @@ def test_the_writer_lock_is_keyed_by_the_files_identity(model, tmp_path, capsys)
         err = capsys.readouterr().err
         assert "is being written by another running command, possibly under another name" in err
         assert out.read_bytes() == before
+
+
+# -- issue 29: media whose container misstates its size, in one chunk (row 10) -------------------------------
+@pytest.mark.slow
+def test_media_that_misstate_their_size_cost_their_samples_under_a_memory_limit(model, tmp_path):
+    """An ICO whose directory says 256x256 holding a 13000x13000 PNG, a TIFF of 16x16 in a 32768x32768
+    tile and an AVI whose header says 64x64 with 4096x4096 frames, in one chunk, the command held to its
+    own size plus 512 MB: they made `import av` fail and the command exit 1 on every rerun. Now each is
+    an error of its sample, refused before the big allocation, and the chunk's other sample is scored."""
+    pytest.importorskip("av")
+    from faults import avi_of_changing_size, lying_ico, tiff_with_huge_tile
+
+    (tmp_path / "m").mkdir()
+    lying_ico(tmp_path / "m" / "icon.ico")
+    tiff_with_huge_tile(tmp_path / "m" / "tile.tif")
+    avi_of_changing_size(tmp_path / "m" / "clip.avi", 4096)
+    good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "ico", "prompt": "What is it?", "image": "m/icon.ico", "responses": ["a", "b"]},
+        {"id": "tif", "prompt": "What is it?", "image": "m/tile.tif", "responses": ["a", "b"]},
+        {"id": "avi", "prompt": "What happens?", "video": "m/clip.avi", "responses": ["a", "b"]},
+        dict(good, id="ok")])
+    out = tmp_path / "scored.jsonl"
+    code = ("import resource, sys\n"
+            "import mrrm\n"
+            "from mrrm.score_cli import main\n"
+            "mrrm.load(device='cpu').score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
+            "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20),) * 2)\n"
+            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress']))\n")
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["id"] for r in read_jsonl(out)] == ["ok"]
+    errors = {e["id"]: e["error"] for e in read_jsonl(str(out) + ".errors.jsonl")}
+    assert "ICO images are refused" in errors["ico"]
+    assert "stored in 32768x32768 tiles" in errors["tif"]
+    assert "which the decoder refuses" in errors["avi"]
