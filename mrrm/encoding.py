@@ -119,7 +119,8 @@ def _utf8_len(text: str) -> int:
 class TextBudgets:
     """Text refused BEFORE anything is tokenized: characters and UTF-8 bytes per response and per sample
     (the prompt and all responses together); None = no limit. A tokenizer spends seconds and gigabytes on
-    megabytes of text (10 MB: +1.9 GB and 30 s), so text over a budget never reaches it.
+    megabytes of text (10 MB with the built-in tokenizer: +1.9 GB, 16.6 s), so text over a budget never
+    reaches it.
 
     `for_tokenizer` derives the defaults from `text_char_limit` (a sound bound: more characters never fit
     `max_length` tokens), else `max_length * FALLBACK_CHARS_PER_TOKEN`; bytes default to 4 bytes per
