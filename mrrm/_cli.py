@@ -174,7 +174,7 @@ def add_text_budget_args(ap: argparse.ArgumentParser, *, line_reader: bool = Tru
     }
     for flag in TEXT_BUDGET_FLAGS:
         default = ("default: the model's, from its tokenizer: more characters never fit its max_length"
-                   if "chars" in flag else "default: 4 per character of the character budget (UTF-8's most)")
+                   if "chars" in flag else "default: 4 per character of the character budget, UTF-8's most")
         ap.add_argument("--" + flag.replace("_", "-"), type=positive_int, default=None,
                         help=f"text budget, checked before tokenizing: {helps[flag]} ({default})")
     if line_reader:
