@@ -776,7 +776,7 @@ def test_frame_folder_fingerprint(tmp_path):
 @pytest.mark.parametrize("case", ["ico", "tiff_tile", "avi_4096", "avi_2048", "ts"])
 def test_a_container_that_misstates_its_size_is_refused_under_a_memory_limit(tmp_path, case):
     """Each medium in a child process held to what it holds after importing mrrm.media plus 256 MB: an ICO
-    whose directory says 256x256 holding a 13000x13000 PNG (PIL decodes it inside Image.open: +648 MB);
+    whose directory says 256x256 holding a 13000x13000 PNG (PIL decodes it inside Image.open: +645 MB);
     a 150-byte TIFF of 16x16 in a 32768x32768 tile (libtiff allocates the tile: +1 GB); AVIs whose header
     (and first frame) say 64x64 with frames of 4096x4096 (over the per-frame limit: the decoder's own
     max_pixels refuses them) or 2048x2048 (within it: the size check on each decoded frame); an MPEG-TS

@@ -653,7 +653,8 @@ def test_workers_survive_a_tokenizer_abort_under_a_memory_limit(model, tmp_path)
 # -- issue 29: resuming with other settings (row 7) --------------------------------------------------------
 def test_resume_with_other_settings_is_refused_naming_each(model, tmp_path, capsys):
     """--out records the model (path or Hub id@commit, and a content fingerprint), --mode and --permutations
-    in <out>.meta.json. A resume with others mixed models in one file (best differed on 186 of 299 lines);
+    in <out>.meta.json. A resume with others mixed models in one file (issue 29: best differed on 186 of
+    299 lines);
     now it is refused before the model loads, naming each (old -> new), the output untouched. The same
     files under another path resume (a moved checkpoint); an output without a record resumes only with
     --resume-unrecorded."""
@@ -733,7 +734,7 @@ def test_outputs_are_never_written_through_a_symbolic_link(model, tmp_path, caps
 
 def test_the_writer_lock_is_keyed_by_the_files_identity(model, tmp_path, capsys):
     """The lock was `<out>.lock`, keyed by the name: the same file under another name (here a hard link)
-    got a second writer (536 lines for 300 inputs, 236 duplicate ids). The lock is now the output file's
+    got a second writer (issue 29: 536 lines for 300 inputs, 236 duplicate ids). The lock is now the output file's
     own (flock: its device and inode), so the second writer is refused whatever name it uses."""
     import fcntl
 
