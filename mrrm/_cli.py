@@ -3,6 +3,7 @@ arguments with their one set of defaults, and loading a model from them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from .common import MODES, check_positive
@@ -95,6 +96,117 @@ def load_model(model=None, *, device=None, dtype=None, mode=None, verify: bool =
                          "layout) nor a Hugging Face Hub id (org/name, org/name@revision)")
     return load(None if model is None else os.fspath(model), device=resolve_device(device),
                 dtype=resolve_dtype(dtype), mode=mode or "joint", verify=verify)
+
+
+# checkpoint_fingerprint: files up to this size are hashed whole; larger ones (the weights) by their size
+# and three blocks of FINGERPRINT_BLOCK bytes (start, middle, end)
+FINGERPRINT_WHOLE_BYTES = 16 * 2**20
+FINGERPRINT_BLOCK = 2**20
+
+
+def checkpoint_fingerprint(folder: str) -> str:
+    """A cheap content fingerprint of a checkpoint folder (16 hex digits): every file's relative path and
+    size, small files (configs, tokenizer, value head) hashed whole and large ones (weights) sampled at
+    three places. Two different fine-tunes differ in it; it is not a checksum of every byte (a flipped
+    byte in an unsampled part of the weights goes unnoticed). Hidden files and *.md are left out."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower().endswith(".md"):
+                continue
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            with open(path, "rb") as f:  # Hub snapshots hold links to the cache's blobs: followed
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"{rel}\0{size}\0".encode("utf-8", "surrogateescape"))
+                if size <= FINGERPRINT_WHOLE_BYTES:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+                else:
+                    for at in (0, size // 2, size - FINGERPRINT_BLOCK):
+                        f.seek(at)
+                        h.update(f.read(FINGERPRINT_BLOCK))
+    return h.hexdigest()
+
+
+def model_identity(model=None) -> dict:
+    """What a scoring run records about its model (python -m mrrm.score's settings record): {"model": the
+    checkpoint's absolute path, "org/name@commit" for a Hub id, or "built-in default"; "model_fingerprint":
+    checkpoint_fingerprint of its files}. Resolves a Hub id as loading does (the cache, or a download)."""
+    from .api import DEFAULT_MODEL_DIR
+    from .hub import resolve, split_hub_id
+
+    if model is None:
+        if os.path.isdir(DEFAULT_MODEL_DIR):
+            return {"model": "built-in default", "model_fingerprint": checkpoint_fingerprint(DEFAULT_MODEL_DIR)}
+        return {"model": "built-in default", "model_fingerprint": "random tiny model, seed 0"}
+    spec = os.fspath(model)
+    if os.path.isdir(spec):
+        return {"model": os.path.abspath(spec), "model_fingerprint": checkpoint_fingerprint(spec)}
+    parts = split_hub_id(spec)
+    if parts is None:
+        raise ValueError(f"model {spec!r} is neither a directory (an mrrm checkpoint or the paper's layout) nor a "
+                         "Hugging Face Hub id (org/name, org/name@revision)")
+    folder = resolve(spec)
+    return {"model": f"{parts[0]}@{os.path.basename(os.path.normpath(folder))}",
+            "model_fingerprint": checkpoint_fingerprint(folder)}
+
+
+# flag -> the mrrm.encoding.TextBudgets field it sets
+TEXT_BUDGET_FLAGS = {
+    "max_text_chars": "sample_chars",
+    "max_response_chars": "response_chars",
+    "max_text_bytes": "sample_bytes",
+    "max_response_bytes": "response_bytes",
+}
+
+
+def add_text_budget_args(ap: argparse.ArgumentParser, *, line_reader: bool = True) -> None:
+    """--max-text-chars ... --max-response-bytes (the model encoder's TextBudgets, checked before tokenizing)
+    and, for commands that read JSONL, --max-line-bytes (mrrm._io.bounded_lines): the same flags in every
+    command that reads samples."""
+    from ._io import DEFAULT_MAX_LINE_BYTES
+
+    helps = {
+        "max_text_chars": "characters of a sample's prompt and responses together",
+        "max_response_chars": "characters of one response",
+        "max_text_bytes": "UTF-8 bytes of a sample's prompt and responses together",
+        "max_response_bytes": "UTF-8 bytes of one response",
+    }
+    for flag in TEXT_BUDGET_FLAGS:
+        default = ("default: the model's, from its tokenizer: more characters never fit its max_length"
+                   if "chars" in flag else "default: 4 per character of the character budget, UTF-8's most")
+        ap.add_argument("--" + flag.replace("_", "-"), type=positive_int, default=None,
+                        help=f"text budget, checked before tokenizing: {helps[flag]} ({default})")
+    if line_reader:
+        ap.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="longest input line read into memory, in bytes; a longer line is an error of that line, "
+                             f"passed over without being held (default {DEFAULT_MAX_LINE_BYTES}: 16 MiB)")
+
+
+def text_budget_overrides(values) -> dict:
+    """The TextBudgets fields given as flags (a dict or argparse namespace; None = the model's default)."""
+    values = vars(values) if isinstance(values, argparse.Namespace) else values
+    return {field: values[flag] for flag, field in TEXT_BUDGET_FLAGS.items() if values.get(flag) is not None}
+
+
+@contextlib.contextmanager
+def text_budgets_applied(model, values):
+    """The flags' text budgets on `model`'s encoder for the duration (a loaded model may be shared: the
+    cached default is, so its own budgets come back afterwards); yields the budgets in force (None for a
+    model without an mrrm encoder)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not hasattr(encoder, "set_text_budgets"):
+        yield None
+        return
+    before = encoder.text_budgets
+    try:
+        yield encoder.set_text_budgets(**text_budget_overrides(values))
+    finally:
+        encoder.text_budgets = before
 
 
 # flag -> (mrrm.media constant, the flag's unit in that constant's units)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from ._io import DEFAULT_MAX_LINE_BYTES, OverlongLine, bounded_lines
+
 WRAPPER_KEYS = ("ranking_data", "pair_data", "data", "samples")
 
 
@@ -55,19 +57,30 @@ def check_rankings(sample: dict) -> str | None:
     return None
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
+def iter_jsonl(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, dict | None, str | None]]:
     """(where "file:line", object or None, error or None) for every non-blank line of a JSONL file;
-    a line that is not valid JSON, or not a JSON object, is an error naming its line."""
+    a line that is not valid JSON (or not UTF-8, or nested too deeply), not a JSON object, or longer
+    than `max_line_bytes` (passed over without being held: mrrm._io.bounded_lines) is an error naming
+    its line."""
     name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(bounded_lines(f, max_line_bytes), 1):
+            where = f"{name}:{lineno}"
+            if isinstance(line, OverlongLine):
+                yield where, None, line.reason()
+                continue
             if not line.strip():
                 continue
-            where = f"{name}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                continue
+            except UnicodeDecodeError as e:
+                yield where, None, f"invalid JSON (not UTF-8 text: {e.reason} at byte {e.start})"
+                continue
+            except RecursionError:
+                yield where, None, "invalid JSON (nested too deeply to parse)"
                 continue
             if not isinstance(rec, dict):
                 yield where, None, f"a record must be a JSON object, got {type(rec).__name__}"
@@ -75,11 +88,12 @@ def iter_jsonl(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
             yield where, rec, None
 
 
-def iter_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(where, record or None, parse error or None) for every record of a local file."""
+def iter_records(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where, record or None, parse error or None) for every record of a local file (JSONL lines over
+    `max_line_bytes` are errors, passed over without being held)."""
     name = os.path.basename(path)
     if path.endswith(".jsonl"):
-        for where, rec, err in iter_jsonl(path):
+        for where, rec, err in iter_jsonl(path, max_line_bytes):
             yield where, (normalize(rec) if err is None else None), err
     elif path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
@@ -87,6 +101,9 @@ def iter_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
                 obj = json.load(f)
             except json.JSONDecodeError as e:
                 yield f"{name}", None, f"invalid JSON ({e.msg} at line {e.lineno})"
+                return
+            except RecursionError:
+                yield f"{name}", None, "invalid JSON (nested too deeply to parse)"
                 return
         if isinstance(obj, dict):
             key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), list)), None)
@@ -123,10 +140,11 @@ def iter_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
         raise ValueError(f"{path}: unknown data format (expected .jsonl, .json, .parquet or a hub dataset id)")
 
 
-def load_records(path: str) -> tuple[list[dict], list[str], list[BadRecord]]:
+def load_records(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+                 ) -> tuple[list[dict], list[str], list[BadRecord]]:
     """All records of a file, their locations, and the records that could not even be parsed."""
     records, wheres, bad = [], [], []
-    for where, rec, err in iter_records(path):
+    for where, rec, err in iter_records(path, max_line_bytes):
         if err is not None:
             bad.append(BadRecord(where, err))
         else:

@@ -58,10 +58,22 @@ _CONTENT_SENTINEL = "\x00mrrm:assistant-content\x00"
 _NORMALIZER_SHRINK = {"NFC": 4, "NFD": 4, "NFKC": 4, "NFKD": 4, "Lowercase": 1, "Prepend": 1, "BertNormalizer": None}
 
 
+def _replace_shrink(spec) -> int | None:
+    """A Replace normalizer of one fixed string by another (sentencepiece's " " -> "\u2581") shrinks text by
+    at most len(pattern) / len(content), rounded up; a regex pattern or an empty content: no bound."""
+    pattern, content = spec.get("pattern") or {}, spec.get("content")
+    literal = pattern.get("String") if isinstance(pattern, dict) else None
+    if not isinstance(literal, str) or not literal or not isinstance(content, str) or not content:
+        return None
+    return max(1, -(-len(literal) // len(content)))
+
+
 def _normalizer_shrink(spec) -> int | None:
     if spec is None:
         return 1
     kind = spec.get("type")
+    if kind == "Replace":
+        return _replace_shrink(spec)
     if kind == "Sequence":
         factor = 1
         for part in spec.get("normalizers", []):
@@ -90,6 +102,110 @@ def text_char_limit(tokenizer, max_length) -> int | None:
     if shrink is None or longest == 0:
         return None
     return int(max_length) * longest * shrink
+
+
+# Where no sound bound is known (a normalizer that can shrink text without bound, such as BertNormalizer),
+# the default text budget assumes at most this many characters per token of max_length: longer text is
+# refused, naming the budget to raise. Natural text averages under 10 characters per token.
+FALLBACK_CHARS_PER_TOKEN = 32
+
+
+def _utf8_len(text: str) -> int:
+    if text.isascii():  # O(1) for CPython's compact ASCII strings
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+@dataclass(frozen=True)
+class TextBudgets:
+    """Text refused BEFORE anything is tokenized: characters and UTF-8 bytes per response and per sample
+    (the prompt and all responses together); None = no limit. A tokenizer spends seconds and gigabytes on
+    megabytes of text (10 MB with the built-in tokenizer: +1.9 GB, 16.6 s), so text over a budget never
+    reaches it.
+
+    `for_tokenizer` derives the defaults from `text_char_limit` (a sound bound: more characters never fit
+    `max_length` tokens), else `max_length * FALLBACK_CHARS_PER_TOKEN`; bytes default to 4 bytes per
+    character (UTF-8's most), so only a byte budget set lower binds. `note` says where the numbers come
+    from, for the messages."""
+
+    sample_chars: int | None = None
+    response_chars: int | None = None
+    sample_bytes: int | None = None
+    response_bytes: int | None = None
+    note: str = field(default="", compare=False)
+    overridden: frozenset = field(default=frozenset(), compare=False)
+
+    FIELDS = ("sample_chars", "response_chars", "sample_bytes", "response_bytes")
+    # the command-line flag of each budget (python -m mrrm.score / mrrm.eval)
+    FLAGS = {"sample_chars": "--max-text-chars", "response_chars": "--max-response-chars",
+             "sample_bytes": "--max-text-bytes", "response_bytes": "--max-response-bytes"}
+
+    def __post_init__(self):
+        for name in self.FIELDS:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"text budget {name} must be a positive int or None, got {v!r}")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, max_length) -> "TextBudgets":
+        bound = text_char_limit(tokenizer, max_length)
+        if bound is not None:
+            note = f"more characters never fit max_length={max_length} tokens with this tokenizer"
+        elif max_length:
+            bound = int(max_length) * FALLBACK_CHARS_PER_TOKEN
+            note = (f"max_length={max_length} tokens x {FALLBACK_CHARS_PER_TOKEN} characters; this tokenizer's "
+                    "normalizer gives no sound bound")
+        else:
+            return cls()
+        return cls(bound, bound, 4 * bound, 4 * bound, note=note)
+
+    def replace(self, **overrides) -> "TextBudgets":
+        """These budgets with some replaced (None values keep the current one)."""
+        unknown = sorted(set(overrides) - set(self.FIELDS))
+        if unknown:
+            raise TypeError(f"unknown text budget(s) {unknown}; known: {list(self.FIELDS)}")
+        changed = {k: v for k, v in overrides.items() if v is not None}
+        if not changed:
+            return self
+        return dataclasses.replace(self, **changed, overridden=self.overridden | set(changed))
+
+    def check(self, prompt: str, responses: Sequence[str]) -> str | None:
+        """Why this text is over a budget, or None. Characters first (free), then bytes (one encode for
+        text that is not ASCII)."""
+        def over(what, n, unit, name):
+            limit = getattr(self, name)
+            scope = "response" if name.startswith("response") else "sample (prompt and responses)"
+            note = f"; {self.note}" if self.note and name not in self.overridden else ""
+            return (f"{what} is {n} {unit}, over the text budget of {limit} {unit} per {scope} "
+                    f"({self.FLAGS[name]}, or model.encoder.set_text_budgets{note}); it was not tokenized")
+
+        texts = [prompt, *responses]
+        if self.response_chars is not None:
+            for i, r in enumerate(responses):
+                if len(r) > self.response_chars:
+                    return over(f"response {i}", len(r), "characters", "response_chars")
+        if self.sample_chars is not None:
+            chars = sum(map(len, texts))
+            if chars > self.sample_chars:
+                return over("the text", chars, "characters", "sample_chars")
+        if self.response_bytes is not None or self.sample_bytes is not None:
+            sizes = [_utf8_len(t) for t in texts]
+            if self.response_bytes is not None:
+                for i, n in enumerate(sizes[1:]):
+                    if n > self.response_bytes:
+                        return over(f"response {i}", n, "bytes (UTF-8)", "response_bytes")
+            if self.sample_bytes is not None and sum(sizes) > self.sample_bytes:
+                return over("the text", sum(sizes), "bytes (UTF-8)", "sample_bytes")
+        return None
+
+    def check_sample(self, sample: dict) -> str | None:
+        """`check` on a sample dict's prompt (or question) and responses, where they are strings (other
+        problems are the encoder's to report)."""
+        prompt = sample.get("prompt") or sample.get("question")
+        responses = sample.get("responses")
+        prompt = prompt if isinstance(prompt, str) else ""
+        responses = [r for r in responses if isinstance(r, str)] if isinstance(responses, (list, tuple)) else []
+        return self.check(prompt, responses)
 
 
 class SampleError(ValueError):
@@ -240,6 +356,7 @@ class Encoder:
         self.rope_index_fn = rope_index_fn
         self.max_length = max_length
         self.max_text_chars = text_char_limit(tokenizer, max_length)
+        self.text_budgets = TextBudgets.for_tokenizer(tokenizer, max_length)
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
         self.video_sampling = video_sampling
@@ -418,11 +535,16 @@ class Encoder:
             except UnicodeEncodeError as e:
                 raise SampleError(index, f"{what} is not valid Unicode text ({e.reason} at character {e.start})",
                                   sid) from None
-        chars = len(prompt) + sum(map(len, responses))
-        if self.max_text_chars is not None and chars > self.max_text_chars:  # before anything is tokenized
-            raise SampleError(index, f"the text ({chars} characters) cannot fit max_length={self.max_length} tokens "
-                                     f"(more than {self.max_text_chars} characters never do with this tokenizer)", sid)
+        over = self.text_budgets.check(prompt, responses)  # before anything is tokenized
+        if over is not None:
+            raise SampleError(index, over, sid)
         return prompt, list(responses)
+
+    def set_text_budgets(self, **budgets) -> TextBudgets:
+        """Replace some text budgets (sample_chars, response_chars, sample_bytes, response_bytes; None keeps
+        the current one); returns the budgets now in force."""
+        self.text_budgets = getattr(self, "text_budgets", TextBudgets()).replace(**budgets)
+        return self.text_budgets
 
     def _encode(self, sample, index, sid, media_dir):
         if not isinstance(sample, dict):

@@ -68,8 +68,8 @@ mode; a different one in the same DIR is refused (use another DIR or --overwrite
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -78,12 +78,34 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from ._cli import add_media_budget_args, add_model_args, add_workers_arg, apply_media_budgets, load_model, positive_int
-from ._io import WriteError, append_durable, cut_torn_tail, writing
+from ._cli import (
+    TEXT_BUDGET_FLAGS,
+    add_media_budget_args,
+    add_model_args,
+    add_text_budget_args,
+    add_workers_arg,
+    apply_media_budgets,
+    load_model,
+    positive_int,
+    text_budget_overrides,
+    text_budgets_applied,
+)
+from ._io import (
+    DEFAULT_MAX_LINE_BYTES,
+    OutputError,
+    WriteError,
+    append_durable,
+    cut_torn_tail,
+    lock_output,
+    open_output,
+    write_atomic,
+    writing,
+)
 from .common import MODES, check_choice, check_int, is_correct, top_choice
 from .data import check_rankings, iter_records
 
 PROG = "mrrm.eval"
+TEXT_FLAG = {field: flag for flag, field in TEXT_BUDGET_FLAGS.items()}  # TextBudgets field -> flag (dest)
 PROTOCOLS = ("direct", "pairwise")
 CACHE_FILE, META_FILE = "cache.jsonl", "cache_meta.json"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -520,23 +542,31 @@ def _cache_key(item_key: str, protocol: str, order: Sequence[int]) -> str:
 class ScoreCache:
     """Append-only JSONL of finished passes: {"key", "protocol", "order", "scores"} or {..., "error"}.
     Each batch is written, flushed and fsynced before the next is scored; a torn last line (a write cut
-    short by a kill) is cut off on open."""
+    short by a kill) is cut off on open. `fd`: the cache already opened (and locked) by open_output;
+    else `path` is opened here the same way (never through a symbolic link)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, fd: int | None = None):
         self.path, self.entries, self.f = path, {}, None
         if path is None:
             return
-        if os.path.exists(path):
-            cut_torn_tail(path)
-            with open(path, encoding="utf-8") as f:
+        own = fd is None
+        if own:
+            fd, _ = open_output(path, "score cache")
+        try:
+            cut_torn_tail(fd)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                f.seek(0)
                 for lineno, line in enumerate(f, 1):
                     try:
                         rec = json.loads(line)
                         self.entries[_cache_key(rec["key"], rec["protocol"], rec["order"])] = rec
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, RecursionError):
                         raise ValueError(f"{path}:{lineno} is not a score-cache record; remove the file or pass "
                                          "overwrite=True") from None
-        self.f = open(path, "ab", buffering=0)  # unbuffered: see append_durable
+            self.f = os.fdopen(os.dup(fd), "ab", buffering=0)  # unbuffered: see append_durable
+        finally:
+            if own:
+                os.close(fd)
 
     def get(self, item_key, protocol, order):
         return self.entries.get(_cache_key(item_key, protocol, order))
@@ -545,7 +575,7 @@ class ScoreCache:
         for rec in records:
             self.entries[_cache_key(rec["key"], rec["protocol"], rec["order"])] = rec
         if self.f is not None:
-            with writing(self.f.name):
+            with writing(self.path):
                 append_durable(self.f, [(json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records])
 
     def close(self):
@@ -608,7 +638,8 @@ def _pipelined_batch(chunk_scorer, pairs: list[tuple[int, dict]]) -> tuple[list,
 # -- the run ----------------------------------------------------------------------------------------
 DEFAULT_OPTIONS = dict(model=None, mode=None, permutations=1, limit=None, out=None, order_sensitivity=False,
                        batch_size=32, media_dir=None, seed=0, progress=True, device=None, dtype=None,
-                       max_batch_tokens=None, overwrite=False, pair_order=None, workers=0, verify=False)
+                       max_batch_tokens=None, overwrite=False, pair_order=None, workers=0,
+                       max_line_bytes=DEFAULT_MAX_LINE_BYTES, text_budgets=None, verify=False)
 
 
 def _data_files(data: str) -> list[str]:
@@ -625,7 +656,7 @@ def load_items(bench: Benchmark, data: str, opts: dict) -> tuple[list[Item], lis
     items, skipped, rows = [], [], 0
     keys = set()
     for path in _data_files(data):
-        for where, rec, err in iter_records(path):
+        for where, rec, err in iter_records(path, opts["max_line_bytes"]):
             if opts["limit"] is not None and rows >= opts["limit"]:
                 return items, skipped, rows
             rows += 1
@@ -702,6 +733,13 @@ def _check_options(benchmark, data, scorer, protocol, options) -> tuple[Benchmar
     if not isinstance(opts["seed"], int):
         raise ValueError(f"seed must be an integer, got {opts['seed']!r}")
     check_int("workers", opts["workers"], minimum=0)
+    check_int("max_line_bytes", opts["max_line_bytes"])
+    if opts["text_budgets"] is not None:
+        from .encoding import TextBudgets
+
+        if not isinstance(opts["text_budgets"], dict):
+            raise ValueError(f"text_budgets must be a dict of {list(TextBudgets.FIELDS)}, got {opts['text_budgets']!r}")
+        TextBudgets().replace(**opts["text_budgets"])  # validates the names and values
     if opts["workers"] and scorer is not None:
         raise ValueError("workers encode for mrrm's own model; a custom scorer encodes (or not) itself")
     bench = BENCHMARKS[benchmark]
@@ -730,6 +768,8 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
       (False), batch_size (32 passes per scorer call), media_dir (default: the data file's folder), seed (0),
       progress (True), device, dtype, max_batch_tokens, overwrite (False: resume DIR's cache), workers (0: encode
       in this process; N: in N worker processes ahead of the model, mrrm.pipeline; the default scorer only),
+      max_line_bytes (16 MiB: a longer JSONL line is a skipped row, never held whole), text_budgets (a dict of
+      mrrm.encoding.TextBudgets fields, e.g. {"sample_chars": 100000}, set on the default model's encoder).
       verify (False: check a `model=` path's files against its checksums.sha256 before loading, mrrm.load's).
     """
     bench, opts = _check_options(benchmark, data, scorer, protocol, options)
@@ -738,9 +778,18 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     out_dir = opts["out"]
     name = _scorer_name(scorer, opts)
     items, skipped, rows = load_items(bench, data, opts)  # bad data fails here, before DIR is touched
-    cache_path = _open_out_dir(out_dir, bench, data, name, opts)
+    cache_path, cache_fd = _open_out_dir(out_dir, bench, data, name, opts)
+    try:
+        return _run_locked(bench, data, scorer, protocol, opts, t0, name, items, skipped, rows, cache_path, cache_fd)
+    finally:
+        if cache_fd is not None:
+            os.close(cache_fd)  # releases the lock
+
+
+def _run_locked(bench, data, scorer, protocol, opts, t0, name, items, skipped, rows, cache_path, cache_fd) -> dict:
+    out_dir = opts["out"]
     variants = _order_plan(items, opts["order_sensitivity"])
-    cache, needed, passes = _score_items(items, variants, scorer, protocol, opts, cache_path)
+    cache, needed, passes = _score_items(items, variants, scorer, protocol, opts, cache_path, cache_fd)
     evaluated = _drop_failed(items, skipped, _failed_items(needed, cache, protocol))
     per_variant = _sample_results(evaluated, variants, cache, protocol, opts["permutations"])
     per_sample = per_variant.get("original", [])
@@ -762,23 +811,45 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     return result
 
 
-def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, opts: dict) -> str | None:
-    """Create DIR and claim it for this run (cache_meta.json); the cache's path, None without DIR.
-    A DIR whose cache belongs to another run is refused, unless overwrite drops that cache."""
+def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, opts: dict
+                  ) -> tuple[str | None, int | None]:
+    """Create DIR and claim it for this run: its cache opened without following a link and locked by its
+    identity (another run writing the same cache, under any name, is refused), and cache_meta.json.
+    Returns the cache's path and descriptor (None, None without DIR). A DIR whose cache belongs to
+    another run is refused, unless overwrite drops that cache."""
     if out_dir is None:
-        return None
+        return None, None
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out_dir!r}: cannot write there ({e.strerror or type(e).__name__})") from None
     cache_path = os.path.join(out_dir, CACHE_FILE)
+    try:
+        fd, _ = open_output(cache_path, "score cache")
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise ValueError(f"--out {out_dir!r}: cannot write there ({e.strerror or type(e).__name__})") from None
+    try:
+        lock_output(fd, cache_path, "score cache")
+        _claim_out_dir(out_dir, bench, data, name, opts, cache_path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return cache_path, fd
+
+
+def _claim_out_dir(out_dir, bench, data, name, opts, cache_path, fd) -> None:
     meta = {"benchmark": bench.name, "data": os.path.abspath(data) if os.path.exists(data) else data,
             "scorer": name, "mode": opts["mode"], "seed": opts["seed"], "pair_order": opts["pair_order"]}
     meta_path = os.path.join(out_dir, META_FILE)
     if opts["overwrite"]:
-        for p in (cache_path, meta_path):
-            if os.path.exists(p):
-                os.remove(p)
+        with writing(cache_path):
+            os.ftruncate(fd, 0)
+        if os.path.lexists(meta_path):
+            os.remove(meta_path)
+    if os.path.islink(meta_path):
+        raise OutputError(f"{meta_path!r} is a symbolic link; remove it (or pass --overwrite)")
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             old = json.load(f)
@@ -789,9 +860,7 @@ def _open_out_dir(out_dir: str | None, bench: Benchmark, data: str, name: str, o
                              f"{ {k: old.get(k) for k in diff} } vs { {k: meta[k] for k in diff} }); "
                              "use another out directory or overwrite=True (--overwrite)")
     else:
-        with open(meta_path, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-    return cache_path
+        write_atomic(meta_path, json.dumps(meta, indent=1).encode("utf-8"))
 
 
 def _order_plan(items: Sequence[Item], order_sensitivity: bool) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -817,10 +886,10 @@ def _needed_passes(items: Sequence[Item], variants: dict, protocol: str, permuta
     return needed
 
 
-def _score_items(items, variants, scorer, protocol, opts, cache_path) -> tuple[ScoreCache, list, dict]:
+def _score_items(items, variants, scorer, protocol, opts, cache_path, cache_fd=None) -> tuple[ScoreCache, list, dict]:
     """Score the passes the cache lacks (the model is loaded only when there are some); returns the
     closed cache (its entries stay readable), the needed passes, and the "passes" counts of the result."""
-    cache = ScoreCache(cache_path)
+    cache = ScoreCache(cache_path, cache_fd)
     resumed = len(cache.entries)
     try:
         needed = _needed_passes(items, variants, protocol, opts["permutations"])
@@ -828,7 +897,9 @@ def _score_items(items, variants, scorer, protocol, opts, cache_path) -> tuple[S
         from_cache = len(needed) - len(todo)
         if todo and scorer is None:
             scorer = _default_scorer(opts)
-        scored = _run_passes(scorer, todo, protocol, opts, cache, total=len(needed), initial=from_cache)
+        model = getattr(scorer, "model", None) if opts["text_budgets"] else None  # the default scorer's
+        with text_budgets_applied(model, {TEXT_FLAG[k]: v for k, v in (opts["text_budgets"] or {}).items()}):
+            scored = _run_passes(scorer, todo, protocol, opts, cache, total=len(needed), initial=from_cache)
     finally:
         cache.close()
     passes = {"needed": len(needed), "scored_now": scored, "from_cache": from_cache, "cache_entries_at_start": resumed}
@@ -988,7 +1059,7 @@ def render_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_chart(result: dict, path: str) -> None:
+def render_chart(result: dict, path) -> None:
     """Bars of the primary metric per category (and overall), Agg backend, no pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1011,17 +1082,8 @@ def render_chart(result: dict, path: str) -> None:
 
 
 def _write_outputs(out_dir, result, bench, items, per_sample) -> None:
-    def atomic(name: str, text: str) -> None:
-        tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-        with writing(os.path.join(out_dir, name)):
-            try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(text)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
-            os.replace(tmp, os.path.join(out_dir, name))
+    def atomic(name: str, text: str) -> None:  # never through a link at the name (mrrm._io.write_atomic)
+        write_atomic(os.path.join(out_dir, name), text.encode("utf-8"))
 
     atomic("metrics.json", json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")
     atomic("report.md", render_report(result))
@@ -1031,8 +1093,10 @@ def _write_outputs(out_dir, result, bench, items, per_sample) -> None:
                     **({"kendall_tau": m["kendall_tau"], "pairwise_accuracy": m["pairwise_accuracy"]}
                        if bench.kind == "ranking" else {})}, ensure_ascii=False) + "\n"
         for it, m in zip(items, per_sample)))
+    chart = io.BytesIO()
     with writing(os.path.join(out_dir, "report.png")):
-        render_chart(result, os.path.join(out_dir, "report.png"))
+        render_chart(result, chart)
+    write_atomic(os.path.join(out_dir, "report.png"), chart.getvalue())
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -1045,6 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="benchmark file or folder (parquet/JSON/JSONL) or hub id org/name:split")
     add_model_args(ap)
     add_media_budget_args(ap)
+    add_text_budget_args(ap)
     ap.add_argument("--protocol", choices=PROTOCOLS, default="direct")
     ap.add_argument("--permutations", type=positive_int, default=1)
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first n rows only")
@@ -1079,7 +1144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      order_sensitivity=args.order_sensitivity, batch_size=args.batch_size,
                      media_dir=args.media_dir, seed=args.seed, progress=not args.no_progress, device=args.device,
                      dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, overwrite=args.overwrite,
-                     pair_order=args.pair_order, workers=args.workers, verify=args.verify)
+                     pair_order=args.pair_order, workers=args.workers, max_line_bytes=args.max_line_bytes,
+                     text_budgets=text_budget_overrides(args) or None, verify=args.verify)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -118,6 +118,15 @@ MAX_VIDEOS_PER_SAMPLE = 8
 # All the images and video frames one sample decodes together (mrrm.encoding holds them at once and
 # the processor makes a copy): 2**29 pixels (~1.6 GB RGB, ~4-5 GB peak with the copies).
 MAX_SAMPLE_DECODED_PIXELS = 2**29
+# The image formats decoded (PIL format ids): those whose header gives the size that is decoded. Others are
+# refused by name before anything is decoded: an ICO's directory can say 256x256 for a 13000x13000 PNG that
+# PIL decodes inside Image.open (+648 MB); JPEG 2000, ICNS, DDS, PSD, EPS, ... are rare in VLM data and
+# delegate to decoders whose allocations no header check bounds. TIFF is read with its tile size checked too.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM")  # JPEG includes MPO
+# Video containers read with PyAV even where decord is installed: their frame size can change inside the
+# stream (AVI's header can lie about it; MPEG transport / program streams change resolution in-band), and
+# only the PyAV reader sees every decoded frame's size (decord silently rescales to the first one's).
+PYAV_CONTAINERS = ("AVI", "MPEG-TS", "MPEG-PS")
 
 
 def check_media_counts(images: int, videos: int) -> str | None:
@@ -281,12 +290,32 @@ def _b64decode(text: str) -> bytes | None:
 
 
 def _is_image_bytes(data: bytes) -> bool:
-    """Does PIL recognise these bytes as an image? (Header only: cheap.)"""
+    """Does PIL recognise these bytes as an image of IMAGE_FORMATS (header only: cheap), or do they start
+    with the magic number of a format mrrm refuses (then its refusal names it)? Nothing else of another
+    format is parsed: an ICO would be decoded inside Image.open."""
     try:
-        with Image.open(io.BytesIO(data)):
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS):
             return True
     except Exception:
-        return False
+        return _sniff_format(data[:64]) is not None
+
+
+# formats outside IMAGE_FORMATS recognised by their magic number (at least 4 bytes), to be refused by name
+_REFUSED_SNIFFED = ("ICO", "CUR", "ICNS", "JPEG2000", "DDS", "PSD", "EPS", "QOI", "BLP", "FTEX", "AVIF")
+
+
+def _sniff_format(prefix: bytes) -> str | None:
+    """The refused PIL format (_REFUSED_SNIFFED) whose magic number `prefix` starts with, or None."""
+    Image.init()
+    for fmt in _REFUSED_SNIFFED:
+        factory_accept = Image.OPEN.get(fmt)
+        accept = factory_accept[1] if factory_accept else None
+        try:
+            if accept is not None and accept(prefix) is True:
+                return fmt
+        except Exception:  # noqa: BLE001 - a plugin's check on too few bytes
+            continue
+    return None
 
 
 def _classify_string(text: str, base_dir, what: str = "image") -> tuple[str, Any, str]:
@@ -348,7 +377,8 @@ def _image_errors(label: str):
     except FileNotFoundError as e:
         raise MediaError(f"{label}: file not found") from e
     except UnidentifiedImageError as e:
-        raise MediaError(f"{label}: not an image (or an unsupported image format)") from e
+        raise MediaError(f"{label}: not an image (or an unsupported image format; mrrm reads "
+                         f"{', '.join(IMAGE_FORMATS)})") from e
     except Image.DecompressionBombError as e:
         raise MediaError(f"{label}: too large to decode safely ({e})") from e
     except PermissionError as e:
@@ -359,22 +389,65 @@ def _image_errors(label: str):
         raise MediaError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from e
 
 
+@contextlib.contextmanager
+def _open_image(fp: Path | io.BytesIO, label: str):
+    """PIL's Image.open limited to IMAGE_FORMATS (nothing decoded yet); yields (image, the pixels decoding
+    it holds at once: its own, or a TIFF tile's when larger). A format outside the list is refused by
+    name, before PIL parses more than its magic number."""
+    with _image_errors(label):
+        try:
+            image = Image.open(fp, formats=IMAGE_FORMATS)
+        except UnidentifiedImageError:
+            if isinstance(fp, io.BytesIO):
+                fp.seek(0)
+                prefix = fp.read(64)
+            else:
+                with open(fp, "rb") as fh:
+                    prefix = fh.read(64)
+            fmt = _sniff_format(prefix)
+            if fmt is not None:
+                raise MediaError(f"{label}: {fmt} images are refused: mrrm decodes only {', '.join(IMAGE_FORMATS)}, "
+                                 "formats whose header gives the size that is decoded (an ICO's directory, for one, "
+                                 "can declare 256x256 for a far larger picture); convert it to PNG or JPEG") from None
+            raise
+        with image:
+            pixels = image.width * image.height
+            if image.format == "TIFF":  # libtiff allocates a whole tile, whatever the image's size
+                tile = (image.tag_v2.get(322), image.tag_v2.get(323))  # TileWidth, TileLength
+                if all(isinstance(t, int) and t > 0 for t in tile) and tile[0] * tile[1] > pixels:
+                    pixels = tile[0] * tile[1]
+                    image.info["mrrm_tile"] = tile
+            yield image, pixels
+
+
+def _size_text(image: Image.Image, pixels: int) -> str:
+    tile = image.info.get("mrrm_tile")
+    if tile is not None and pixels > image.width * image.height:
+        return (f"{image.width}x{image.height} stored in {tile[0]}x{tile[1]} tiles (decoding holds a whole tile: "
+                f"{pixels / 1e6:.1f} megapixels)")
+    return f"{image.width}x{image.height} = {pixels / 1e6:.1f} megapixels"
+
+
 def _decode_image(fp: Path | io.BytesIO, label: str, *, charge: bool = True) -> Image.Image:
     """Decode an image file or buffer; charged to the active PixelBudget from its header unless the
     caller has charged it already (a frame folder charges all its frames at once)."""
-    with _image_errors(label), Image.open(fp) as image:
-        if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
-            raise MediaError(f"{label}: {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} "
-                             f"megapixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} (mrrm.media.MAX_IMAGE_PIXELS)")
+    with _open_image(fp, label) as (image, pixels):
+        if pixels > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
+            raise MediaError(f"{label}: {_size_text(image, pixels)}, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} "
+                             "megapixels (mrrm.media.MAX_IMAGE_PIXELS)")
         if charge:
-            _charge(image.width * image.height, label)
+            _charge(pixels, label)
         image.load()  # decode everything now: truncated files fail here, not later
         return _to_rgb(image)
 
 
-def _image_size(fp: Path, label: str) -> tuple[int, int]:
-    """(width, height) from an image file's header; nothing decoded."""
-    with _image_errors(label), Image.open(fp) as image:
+def _image_size(fp: Path, label: str, limit: int | None = None, limit_name: str = "") -> tuple[int, int]:
+    """(width, height) from an image file's header; nothing decoded. With `limit`: refused (MediaError)
+    when a TIFF's tile, larger than the image, is over it (the caller checks width x height itself)."""
+    with _open_image(fp, label) as (image, pixels):
+        if limit is not None and pixels > max(limit, image.width * image.height):
+            raise MediaError(f"{label}: {_size_text(image, pixels)}, over the limit of {limit} pixels per frame "
+                             f"({limit_name})")
         return image.width, image.height
 
 
@@ -639,7 +712,59 @@ def _decord():
     return decord
 
 
-def _read_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
+class _FramePlan:
+    """A reader's plan (which frames to keep) with the video budgets: the per-frame limit checked and the
+    kept frames charged BEFORE any is decoded into an array, from the size the container declares, else
+    (no size known) from the first decoded frame's. Every decoded frame's real size is then checked
+    against it (`frame`): a stream whose frame size changes, or whose header lies about it, is refused at
+    the first frame that differs, before that frame is converted or kept."""
+
+    def __init__(self, plan: Callable[[int, float, Callable[[], "_Timeline"]], list[int]],
+                 size: tuple[int, int] | None, label: str):
+        self.plan, self.size, self.label = plan, size, label
+        self.count: int | None = None
+        self.charged = False  # a second reader (after the first failed) re-plans the same frames: charge once
+        if size is not None:
+            self._check_frame(*size)
+
+    def _check_frame(self, w: int, h: int) -> None:
+        if w * h > MAX_VIDEO_FRAME_PIXELS:
+            raise MediaError(f"{self.label}: frames of {w}x{h} are over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
+                             "(mrrm.media.MAX_VIDEO_FRAME_PIXELS)")
+
+    def _charge(self) -> None:
+        w, h = self.size
+        pixels = self.count * w * h
+        if pixels > MAX_VIDEO_DECODED_PIXELS:
+            raise MediaError(f"{self.label}: {self.count} frames of {w}x{h} would decode to {pixels / 1e6:.0f} "
+                             f"megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
+                             "(mrrm.media.MAX_VIDEO_DECODED_PIXELS)")
+        if not self.charged:
+            _charge(pixels, self.label)
+            self.charged = True
+
+    def __call__(self, total: int, source_fps: float, timeline) -> list[int]:
+        indices = self.plan(total, source_fps, timeline)
+        self.count = len(indices)
+        if self.size is not None:
+            self._charge()
+        return indices
+
+    def frame(self, w: int, h: int, ordinal: int) -> None:
+        """A decoded frame's real size, checked before the frame is converted or kept."""
+        if self.size is None:  # the container did not say: the first frame sets the size, charged now
+            self._check_frame(w, h)
+            self.size = (w, h)
+            if self.count is not None:
+                self._charge()
+        elif (w, h) != self.size:
+            declared = "the stream's header says" if ordinal else "the container declares"
+            raise MediaError(f"{self.label}: frame {ordinal} is {w}x{h} but {declared} {self.size[0]}x{self.size[1]}; "
+                             "videos whose frame size changes (or whose header misstates it) are refused: the budgets "
+                             "are charged from one frame size. Re-encode it at one size")
+
+
+def _read_decord(path: str, choose: _FramePlan) -> tuple[np.ndarray, int, float]:
     decord = _decord()
     reader = decord.VideoReader(path, num_threads=1)
     try:
@@ -656,9 +781,17 @@ def _read_decord(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
             stamps = np.asarray(frame_times(list(range(total))), dtype=np.float64)
             return _Timeline(stamps[:, 1], float(stamps[-1, 1] - stamps[0, 0]), float(stamps[0, 0]))
 
-        batch = reader.get_batch(choose(total, source_fps, timeline))
+        indices = choose(total, source_fps, timeline)
+        if choose.size is None:  # no size from the container's header: one frame decoded to learn it
+            first = reader[0]
+            shape = first.shape
+            del first
+            choose.frame(int(shape[1]), int(shape[0]), 0)
+        batch = reader.get_batch(indices)
         # decord's bridge may be set globally to torch/tf/mxnet; asnumpy is the native one.
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+        if frames.ndim == 4:
+            choose.frame(int(frames.shape[2]), int(frames.shape[1]), int(indices[0]) if len(indices) else 0)
     finally:
         del reader
     return frames, total, source_fps
@@ -671,26 +804,41 @@ def _pyav_fps(stream) -> float | None:
     return None
 
 
-def _pyav_decode(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the whole first video stream; keep the wanted frame ordinals as RGB arrays."""
+def _decoder_options() -> dict:
+    """FFmpeg codec options for every PyAV decode: `max_pixels` makes the decoder itself refuse a frame
+    over the per-frame budget before allocating it (10% over MAX_VIDEO_FRAME_PIXELS: FFmpeg checks the
+    width rounded up to its row alignment; the exact check is _FramePlan.frame on each decoded frame)."""
+    return {"max_pixels": str(int(MAX_VIDEO_FRAME_PIXELS * 1.1))}
+
+
+def _pyav_open(path: str):
     import av
 
+    # the same cap while the container is probed (avformat_find_stream_info decodes a few frames)
+    return av.open(path, stream_options=[_decoder_options()] * 16)
+
+
+def _pyav_decode(path: str, wanted: set[int], choose: _FramePlan) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the whole first video stream; every frame's size checked (choose.frame) before the wanted
+    ones are converted to RGB arrays and kept."""
     kept: dict[int, np.ndarray] = {}
     count = 0
-    with av.open(path) as container:
+    with _pyav_open(path) as container:
         stream = container.streams.video[0]
+        stream.codec_context.options = _decoder_options()
         stream.thread_type = "AUTO"
         for count, frame in enumerate(container.decode(stream), start=1):
+            choose.frame(frame.width, frame.height, count - 1)
             if count - 1 in wanted:
                 kept[count - 1] = frame.to_ndarray(format="rgb24")
     return kept, count
 
 
-def _read_pyav(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
+def _read_pyav(path: str, choose: _FramePlan) -> tuple[np.ndarray, int, float]:
     import av
 
     try:
-        container = av.open(path)
+        container = _pyav_open(path)
     except av.error.FFmpegError as e:
         raise _ReadFailure(f"not a video, or corrupt ({e})") from e
     with container:
@@ -714,7 +862,7 @@ def _read_pyav(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
 
     try:
         indices = choose(total, source_fps, timeline)
-        kept, decoded = _pyav_decode(path, set(indices))
+        kept, decoded = _pyav_decode(path, set(indices), choose)
         if decoded != total:
             if decoded == 0:
                 raise _ReadFailure("zero frames")
@@ -725,9 +873,10 @@ def _read_pyav(path: str, choose: _Chooser) -> tuple[np.ndarray, int, float]:
                 raise _ReadFailure(f"truncated video ({declared} frames declared, {decoded} decoded)")
             total = decoded
             indices = choose(total, source_fps, timeline)
-            kept, decoded = _pyav_decode(path, set(indices))
+            kept, decoded = _pyav_decode(path, set(indices), choose)
     except av.error.FFmpegError as e:
-        raise _ReadFailure(f"corrupt or truncated video ({e})") from e
+        raise _ReadFailure(f"corrupt or truncated video, or a frame over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
+                           f"(mrrm.media.MAX_VIDEO_FRAME_PIXELS), which the decoder refuses ({e})") from e
     return np.stack([kept[i] for i in indices]), total, source_fps
 
 
@@ -735,10 +884,9 @@ def _pyav_timeline(path: str) -> _Timeline:
     """Frame end times, duration and start of the first video stream, as molmo_utils' PyAV reader
     (load_video_pyav_noseek) computes them from the decoded frames' pts; its comparison of the stream's
     duration in seconds with the last frame's raw pts is kept as it is."""
-    import av
-
-    with av.open(path) as container:
+    with _pyav_open(path) as container:
         stream = container.streams.video[0]
+        stream.codec_context.options = _decoder_options()
         fps = stream.average_rate or stream.guessed_rate
         pts = [frame.pts for frame in container.decode(stream)]
         base = stream.time_base
@@ -755,10 +903,20 @@ def _pyav_timeline(path: str) -> _Timeline:
 _READERS = {"decord": _read_decord, "pyav": _read_pyav}
 
 
-def _is_avi(path: Path) -> bool:
+def _pyav_container(path: Path) -> str | None:
+    """Which of PYAV_CONTAINERS a file is, from its first bytes (None for any other): AVI (RIFF....AVI ),
+    an MPEG transport stream (a 0x47 sync byte every 188 bytes, or every 192 in M2TS), an MPEG program
+    stream (a pack header 00 00 01 BA)."""
     with open(path, "rb") as fh:
-        head = fh.read(12)
-    return head[:4] == b"RIFF" and head[8:12] == b"AVI "
+        head = fh.read(580)
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI"
+    for first, step in ((0, 188), (4, 192)):
+        if len(head) >= first + 2 * step + 1 and all(head[first + k * step] == 0x47 for k in range(3)):
+            return "MPEG-TS"
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "MPEG-PS"
+    return None
 
 
 def _backends_to_try(backend: str | None, path: Path) -> list[str]:
@@ -772,8 +930,9 @@ def _backends_to_try(backend: str | None, path: Path) -> list[str]:
             _require_av()
         return [backend]
     # decord returns wrong frames when it seeks in AVI files with B-frames (dmlc/decord#195, #252;
-    # reproduced here): AVI goes to PyAV unless decord is asked for by name.
-    if _decord() is not None and not _is_avi(path):
+    # reproduced here), and rescales every frame of a stream whose size changes to the first one's:
+    # the containers of PYAV_CONTAINERS go to PyAV unless decord is asked for by name.
+    if _decord() is not None and _pyav_container(path) is None:
         return ["decord", "pyav"]
     _require_av()
     return ["pyav"]
@@ -787,14 +946,15 @@ def _require_av() -> None:
 
 
 def _probe_frame_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of the first video stream from the container's header (PyAV, nothing decoded);
-    None when PyAV is missing or cannot tell (the readers then report what is wrong)."""
+    """(width, height) of the first video stream from the container's header (PyAV, nothing decoded
+    beyond what probing the stream decodes, under the decoder's max_pixels); None when PyAV is missing
+    or cannot tell (then the first decoded frame sets it, before any frame is kept)."""
     try:
-        import av
+        import av  # noqa: F401
     except ImportError:
         return None
     try:
-        with av.open(str(path)) as container:
+        with _pyav_open(str(path)) as container:
             if not container.streams.video:
                 return None
             ctx = container.streams.video[0].codec_context
@@ -803,43 +963,18 @@ def _probe_frame_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _budgeted(plan: _Chooser, size: tuple[int, int] | None, label: str) -> _Chooser:
-    """`plan` checking, before any frame is decoded, that the frames it picks fit the budgets."""
-    if size is None:
-        return plan
-    w, h = size
-    if w * h > MAX_VIDEO_FRAME_PIXELS:
-        raise MediaError(f"{label}: frames of {w}x{h} are over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
-                         "(mrrm.media.MAX_VIDEO_FRAME_PIXELS)")
-
-    charged = []  # a second reader (after the first failed) re-plans the same frames: charge once
-
-    def choose(total, source_fps, timeline):
-        indices = plan(total, source_fps, timeline)
-        if len(indices) * w * h > MAX_VIDEO_DECODED_PIXELS:
-            raise MediaError(f"{label}: {len(indices)} frames of {w}x{h} would decode to {len(indices) * w * h / 1e6:.0f} "
-                             f"megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
-                             "(mrrm.media.MAX_VIDEO_DECODED_PIXELS)")
-        if not charged:
-            _charge(len(indices) * w * h, label)
-            charged.append(True)
-        return indices
-    return choose
-
-
 def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[np.ndarray, int, float, str]:
     label = f"video file {str(path)!r}"
     _check_file(path, label)
     if path.stat().st_size == 0:
         raise MediaError(f"{label}: empty file")
-    size = _probe_frame_size(path)
-    plan = _budgeted(plan, size, label)
+    budgeted = _FramePlan(plan, _probe_frame_size(path), label)
     failures = []
     for name in _backends_to_try(backend, path):
         try:
-            frames, total, source_fps = _READERS[name](str(path), plan)
+            frames, total, source_fps = _READERS[name](str(path), budgeted)
         except MediaError:
-            raise  # over a budget: no other reader would do better
+            raise  # over a budget, or a frame size that changes: no other reader would do better
         except _ReadFailure as e:
             failures.append(f"{name}: {e}")
         except Exception as e:  # decord raises RuntimeError / DECORDError with little detail
@@ -848,8 +983,6 @@ def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[n
             if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
                 failures.append(f"{name}: unexpected frame array {frames.dtype} {tuple(frames.shape)}")
                 continue
-            if size is None:  # the header could not be read before decoding: charged now
-                _charge(frames.shape[0] * frames.shape[1] * frames.shape[2], label)
             return frames, total, source_fps, name
     raise MediaError(f"{label}: cannot read as a video ({'; '.join(failures)})")
 
@@ -943,7 +1076,8 @@ def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: i
         for i in chosen:
             frame_label = f"{label}: frame {names[i]!r}"
             sources[i] = opener(names[i]) if opener is not None else path / names[i]
-            w, h = _image_size(Path(os.fspath(sources[i])), frame_label)
+            w, h = _image_size(Path(os.fspath(sources[i])), frame_label, MAX_VIDEO_FRAME_PIXELS,
+                               "mrrm.media.MAX_VIDEO_FRAME_PIXELS")
             if w * h > MAX_VIDEO_FRAME_PIXELS:
                 raise MediaError(f"{frame_label}: {w}x{h} is over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
                                  "per frame (mrrm.media.MAX_VIDEO_FRAME_PIXELS)")

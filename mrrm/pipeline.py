@@ -8,6 +8,12 @@ encodes parts of the chunks it is sent; tensors come back through shared memory
 memory stays bounded. Order is kept (chunks and samples come back in the order sent) and a bad
 sample is a per-sample error with the encoder's reason, as in-process.
 
+A worker process that dies while encoding (a native crash: the tokenizer or a decoder aborting, the
+memory limit) breaks the whole process pool, and every part in flight with it. Such parts are encoded
+again one sample at a time in a separate single-worker process (checked alive first): the sample that
+kills it again is a per-sample error naming how the worker died, the others are encoded as usual, and
+the main pool is started afresh. One such sample costs itself, not the run.
+
 When it pays: with the model on a GPU and spare CPU cores, encoding is most of a scoring run's time
 and the workers take it off the model's critical path. On a machine whose cores the model's forward
 already uses (a CPU-only run), the workers compete with it for the same cores: measured on the
@@ -18,7 +24,10 @@ from __future__ import annotations
 import collections
 import itertools
 import pickle
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 _ENCODER = None  # the worker's encoder, set once by _init_worker
@@ -35,6 +44,10 @@ def _init_worker(blob: bytes, budgets: dict) -> None:
     _ENCODER = pickle.loads(blob)
 
 
+def _alive() -> bool:
+    return True
+
+
 def _encode_part(samples: list, start: int, media_dir) -> list:
     """(EncodedSample or None, reason or None) per sample; indices continue from `start`."""
     from .encoding import SampleError
@@ -48,32 +61,117 @@ def _encode_part(samples: list, start: int, media_dir) -> list:
     return out
 
 
+@dataclass
+class _Part:
+    """A slice of samples sent to the pool, kept so that it can be encoded again if the pool breaks."""
+    future: Future
+    samples: list
+    start: int
+    media_dir: object
+    pool: ProcessPoolExecutor
+
+
+def _how_it_died(processes) -> str:
+    codes = sorted({p.exitcode for p in processes if getattr(p, "exitcode", None) not in (None, 0)})
+    if not codes:
+        return "it exited abruptly"
+    how = []
+    for code in codes:
+        if code < 0:
+            try:
+                how.append(f"killed by {signal.Signals(-code).name}")
+            except ValueError:
+                how.append(f"killed by signal {-code}")
+        else:
+            how.append(f"exit status {code}")
+    return ", ".join(how)
+
+
+class WorkerDied(RuntimeError):
+    """The encoding workers cannot run at all (a fresh worker died before taking any sample)."""
+
+
 class EncodePool:
-    """`workers` processes encoding with a copy of `encoder`."""
+    """`workers` processes encoding with a copy of `encoder`; a worker that dies on a sample costs that
+    sample (see the module doc)."""
 
     def __init__(self, encoder, workers: int):
-        import torch.multiprocessing as mp
-
         from ._cli import current_media_budgets
         from .common import check_int
 
         check_int("workers", workers)
         self.workers = workers
-        self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                         initargs=(pickle.dumps(encoder), current_media_budgets()))
+        self._initargs = (pickle.dumps(encoder), current_media_budgets())
+        self._pool = self._new_pool(workers)
+        self._isolation: ProcessPoolExecutor | None = None
+        self.deaths = 0  # samples that killed a worker
 
-    def submit(self, samples: list, media_dir=None) -> list[Future]:
-        """Encode `samples` split over the workers; `gather` the futures for the results in order."""
+    def _new_pool(self, workers: int) -> ProcessPoolExecutor:
+        import torch.multiprocessing as mp
+
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=self._initargs)
+
+    def submit(self, samples: list, media_dir=None) -> list[_Part]:
+        """Encode `samples` split over the workers; `gather` the parts for the results in order."""
         size = max(1, -(-len(samples) // self.workers))
-        return [self._pool.submit(_encode_part, samples[lo:lo + size], lo, media_dir)
+        return [_Part(self._pool.submit(_encode_part, samples[lo:lo + size], lo, media_dir), samples[lo:lo + size], lo,
+                      media_dir, self._pool)
                 for lo in range(0, len(samples), size)]
 
-    @staticmethod
-    def gather(futures: list[Future]) -> list:
-        return [item for f in futures for item in f.result()]
+    def gather(self, parts: list[_Part]) -> list:
+        out = []
+        for part in parts:
+            try:
+                out += part.future.result()
+            except BrokenProcessPool:
+                out += self._recover(part)
+        return out
+
+    def _recover(self, part: _Part) -> list:
+        """The part's results after its pool broke: the main pool replaced (once per break), the part's
+        samples encoded one by one in the isolation worker."""
+        if part.pool is self._pool:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = self._new_pool(self.workers)
+        return [self._encode_alone(sample, part.start + i, part.media_dir) for i, sample in enumerate(part.samples)]
+
+    def _isolation_pool(self) -> ProcessPoolExecutor:
+        """A single-worker pool that has shown it can start (it ran a no-op), so that its death on the next
+        task is that task's doing. WorkerDied when a fresh worker cannot even start."""
+        if self._isolation is None:
+            pool = self._new_pool(1)
+            try:
+                pool.submit(_alive).result()
+            except BrokenProcessPool:
+                processes = list(getattr(pool, "_processes", {}).values())
+                pool.shutdown(wait=True)
+                raise WorkerDied(f"a fresh encoding worker process died before taking any sample "
+                                 f"({_how_it_died(processes)}): the workers cannot run here (memory limit? run "
+                                 "without workers to see the error)") from None
+            self._isolation = pool
+        return self._isolation
+
+    def _encode_alone(self, sample, index: int, media_dir) -> tuple:
+        pool = self._isolation_pool()
+        future = pool.submit(_encode_part, [sample], index, media_dir)
+        processes = list(getattr(pool, "_processes", {}).values())  # the worker, for its exit status
+        try:
+            return future.result()[0]
+        except BrokenProcessPool:
+            pool.shutdown(wait=True)
+            self._isolation = None
+            self.deaths += 1
+            return None, (f"the encoding worker process died on this sample ({_how_it_died(processes)}); it was "
+                          "encoded alone in a fresh worker to be sure. A native crash of the tokenizer or a media "
+                          "decoder, or the memory limit: lower the text or media budgets, or score it without "
+                          "--workers to see the error")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._isolation is not None:
+            self._isolation.shutdown(wait=True)
+            self._isolation = None
 
 
 def encoded_ahead(pool: EncodePool, chunks: Iterable[list], media_dir=None, prefetch: int = 2) -> Iterator[tuple]:

@@ -53,6 +53,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ._io import DEFAULT_MAX_LINE_BYTES, WriteError, write_atomic
+
 PROG = "mrrm.prefgraph"
 EXACT_LIMIT = 20
 DP_MAX = 24  # beyond this the DP's 2^n tables no longer fit in memory reasonably
@@ -109,12 +111,13 @@ def parse_judgment(rec: dict, where: str) -> Judgment:
     return Judgment(rec["prompt_id"], a, b, win, rec.get("judge"), where, prompt, media)
 
 
-def read_judgments(path: str) -> tuple[list[Judgment], list[str]]:
-    """All valid judgments of a JSONL file and the problems of the others (by line)."""
+def read_judgments(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Judgment], list[str]]:
+    """All valid judgments of a JSONL file and the problems of the others (by line; a line over
+    `max_line_bytes` is one, passed over without being held)."""
     from .data import iter_jsonl
 
     good, bad = [], []
-    for where, rec, err in iter_jsonl(path):
+    for where, rec, err in iter_jsonl(path, max_line_bytes):
         if err is not None:
             bad.append(f"{where}: {err}")
             continue
@@ -418,11 +421,11 @@ def agreement(graphs_train: dict, ranked: dict, heldout: Sequence[Judgment]) -> 
             "majority_judgments": maj_counted}
 
 
-def read_responses(path: str) -> dict:
+def read_responses(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict:
     """{prompt key: record} from a published-schema file (JSONL / JSON / parquet) keyed by prompt_id or id."""
     from .data import load_records
 
-    records, wheres, bad = load_records(path)
+    records, wheres, bad = load_records(path, max_line_bytes)
     if bad:
         raise ValueError(f"{path}: unreadable records: " + "; ".join(map(str, bad[:5])))
     out = {}
@@ -489,11 +492,8 @@ def build_rankings(judgments: Sequence[Judgment], *, responses: dict | None = No
 
 
 def _write_jsonl(path: str, records: Iterable[dict]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Replaced in one step, never written through a link at its name (mrrm._io.write_atomic)."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -511,14 +511,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--judge-weights", default=None, help="JSON file {judge: weight}")
     ap.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="largest prompt solved exactly (default 20)")
     ap.add_argument("--skip-bad", action="store_true", help="skip invalid judgment lines instead of stopping")
+    ap.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                    help="longest JSONL line read into memory; a longer one is an invalid line, passed over without "
+                         f"being held (default {DEFAULT_MAX_LINE_BYTES}: 16 MiB)")
     args = ap.parse_args(argv)
     try:
-        judgments, bad = read_judgments(args.judgments)
+        if args.max_line_bytes < 1:
+            raise ValueError(f"--max-line-bytes must be a positive integer, got {args.max_line_bytes}")
+        judgments, bad = read_judgments(args.judgments, args.max_line_bytes)
         for line in bad:
             print(f"{PROG}: {line}", file=sys.stderr)
         if bad and not args.skip_bad:
             raise ValueError(f"{len(bad)} invalid judgment line(s) (listed above); fix them or pass --skip-bad")
-        responses = read_responses(args.responses) if args.responses else None
+        responses = read_responses(args.responses, args.max_line_bytes) if args.responses else None
         weights = None
         if args.judge_weights:
             with open(args.judge_weights, encoding="utf-8") as f:
@@ -532,11 +537,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     report["invalid_lines"] = len(bad)
-    os.makedirs(args.out, exist_ok=True)
-    _write_jsonl(os.path.join(args.out, "rankings.jsonl"), records)
-    _write_jsonl(os.path.join(args.out, f"rankings_k{args.k}.jsonl"), var_records)
-    with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        _write_jsonl(os.path.join(args.out, "rankings.jsonl"), records)
+        _write_jsonl(os.path.join(args.out, f"rankings_k{args.k}.jsonl"), var_records)
+        write_atomic(os.path.join(args.out, "report.json"), json.dumps(report, indent=1).encode("utf-8"))
+    except WriteError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: --out {args.out!r}: cannot write there ({e.strerror or type(e).__name__})",
+              file=sys.stderr)
+        return 1
     held = report.get("holdout", {})
     print(f"{PROG}: {report['prompts']} prompts ({report['solver']['exact']} exact, {report['solver']['heuristic']} "
           f"heuristic), violated weight share {report['violated_share']:.4f}, {report['variants']} k={args.k} variants"

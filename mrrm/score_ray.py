@@ -34,13 +34,17 @@ def _require_ray():
 class ScoreActor:
     """One model replica: scores a batch of samples (one local-engine chunk) with errors skipped,
     giving the reason for each skipped one. Media budgets are the driver's (passed in: mrrm.media's
-    module constants do not travel to other processes)."""
+    module constants do not travel to other processes), and so are the text budgets given as flags
+    (`text_budgets`: TextBudgets fields; the others are the model's own)."""
 
-    def __init__(self, model, device, dtype, mode, max_batch_tokens, permutations, media_dir, budgets, verify=False):
+    def __init__(self, model, device, dtype, mode, max_batch_tokens, permutations, media_dir, budgets,
+                 text_budgets=None, verify=False):
         from ._cli import apply_media_budgets, load_model
 
         apply_media_budgets(budgets)
         self.model = load_model(model, device=device, dtype=dtype, mode=mode, verify=verify)
+        if text_budgets:
+            self.model.encoder.set_text_budgets(**text_budgets)
         self.mode, self.max_batch_tokens, self.permutations = mode, max_batch_tokens, permutations
         self.media_dir = media_dir
 
@@ -82,7 +86,7 @@ class RayScorer:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         actors = args.actors or (gpus if gpus else max(1, cpus - 1))
-        from ._cli import current_media_budgets
+        from ._cli import current_media_budgets, text_budget_overrides
 
         budgets = current_media_budgets()  # the driver's, set from the flags
         ds = ray.data.read_json(self._tmp.name, lines=True)
@@ -92,7 +96,8 @@ class RayScorer:
                                                        dtype=args.dtype, mode=args.mode,
                                                        max_batch_tokens=args.max_batch_tokens,
                                                        permutations=args.permutations, media_dir=media_dir,
-                                                       budgets=budgets, verify=args.verify))
+                                                       budgets=budgets, text_budgets=text_budget_overrides(args),
+                                                       verify=args.verify))
         self._results = iter(ds.iter_rows())
 
     def __call__(self, chunk: list[tuple[int, dict]]) -> list[tuple[list[float] | None, str | None]]:

@@ -30,3 +30,21 @@ def test_training_data_with_a_huge_rank_is_a_bad_sample(tmp_path):
     per_file, bad = train.prepare(build_default_model(), [str(path)], None, skip_bad=True, log=lambda *a: None)
     assert len(per_file[0]) == 1 and len(bad) == 1
     assert "rankings must be integers 1..2" in str(bad[0]) and "huge" in str(bad[0])
+
+
+def test_jsonl_reader_reports_bad_lines_by_line_and_never_holds_a_long_one(tmp_path):
+    """mrrm.data.iter_jsonl (training, mrrm.eval and mrrm.prefgraph read JSONL through it): a line nested
+    too deeply raised RecursionError, and one line of bad UTF-8 failed the whole file; a line over
+    max_line_bytes is passed over in blocks. Each is now an error of its line, the others are read."""
+    from mrrm.data import iter_jsonl
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"id": 1}\n' + b"[" * 4000 + b"\n" + b'{"id": "\xff\xfe"}\n'
+                     + b'{"id": "' + b"x" * 5000 + b'"}\n' + b'{"id": 5}\n')
+    got = list(iter_jsonl(str(path), max_line_bytes=4096))
+    assert [(where, rec) for where, rec, _ in got] == [("data.jsonl:1", {"id": 1}), ("data.jsonl:2", None),
+                                                       ("data.jsonl:3", None), ("data.jsonl:4", None),
+                                                       ("data.jsonl:5", {"id": 5})]
+    errors = [err for _, _, err in got]
+    assert "nested too deeply" in errors[1] and "not UTF-8" in errors[2]
+    assert "the line is 5010 bytes, over the limit of 4096 bytes per line" in errors[3]

@@ -676,3 +676,46 @@ def test_a_write_failing_mid_run_names_the_file_and_the_rerun_resumes(tmp_path):
     got = json.loads((out / "metrics.json").read_text())
     want = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     assert 0 < got["passes"]["from_cache"] < 8 and got["metrics"] == want["metrics"]
+
+
+# -- issue 29: the line reader and the writers shared with python -m mrrm.score -----------------------------
+def test_jsonl_rows_too_long_or_too_deep_are_skipped_rows_and_outputs_never_follow_links(tmp_path, capsys):
+    """A JSONL row nested 200000 arrays deep raised RecursionError out of mrrm.eval (the whole run); a row
+    over max_line_bytes is passed over without being held. Both are skipped rows now. The out directory's
+    files are written without following links: a pre-created cache.jsonl link is refused (its target
+    untouched), a metrics.json link is replaced, not written through; a second run on the same out
+    directory (its cache locked by identity) is refused."""
+    import fcntl
+    import os
+
+    Image.new("RGB", (16, 16), (200, 200, 0)).save(tmp_path / "img.png")
+    good = {"id": "g1", "prompt": "Which?", "image": "img.png", "responses": [r("a", 0.9), r("b", 0.1)],
+            "rankings": [1, 2]}
+    data = tmp_path / "mr2.jsonl"
+    data.write_bytes(json.dumps(good).encode() + b"\n" + b"[" * 4000 + b"\n"
+                     + json.dumps(dict(good, id="long", prompt="x" * 5000)).encode() + b"\n"
+                     + json.dumps(dict(good, id="g2")).encode() + b"\n")
+    res = run("mr2bench-image", data, tmp_path, max_line_bytes=4096)
+    assert res["evaluated"] == 2
+    reasons = [row["reason"] for row in res["skipped_rows"]]
+    assert any("nested too deeply" in x for x in reasons)
+    assert any("over the limit of 4096 bytes per line (--max-line-bytes)" in x for x in reasons)
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(victim, linked / "cache.jsonl")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        mev.run("mr2bench-image", str(data), KnownScorer(), out=str(linked), progress=False)
+    assert victim.read_text() == "precious\n"
+
+    out = tmp_path / "out"
+    os.remove(out / "metrics.json")
+    os.symlink(victim, out / "metrics.json")
+    run("mr2bench-image", data, tmp_path, max_line_bytes=4096)
+    assert victim.read_text() == "precious\n" and not os.path.islink(out / "metrics.json")
+    with open(out / "cache.jsonl", "a+b") as held:  # another run writing this directory
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="is being written by another running command"):
+            run("mr2bench-image", data, tmp_path, max_line_bytes=4096)

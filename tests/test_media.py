@@ -6,6 +6,7 @@ solid colour per frame, so a decoded frame is identified by its nearest referenc
 import base64
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -764,3 +765,59 @@ def test_frame_folder_fingerprint(tmp_path):
     assert media_fingerprint(folder) != fp
     (folder / "frame_0002.png").rename(folder / "frame_0009.png")  # the same pixels in another place
     assert media_fingerprint(folder) not in (fp,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Containers that misstate what they hold (issue 29, row 10): budgets from the size that is decoded
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ico", "tiff_tile", "avi_4096", "avi_2048", "ts"])
+def test_a_container_that_misstates_its_size_is_refused_under_a_memory_limit(tmp_path, case):
+    """Each medium in a child process held to what it holds after importing mrrm.media plus 256 MB: an ICO
+    whose directory says 256x256 holding a 13000x13000 PNG (PIL decodes it inside Image.open: +645 MB);
+    a 150-byte TIFF of 16x16 in a 32768x32768 tile (libtiff allocates the tile: +1 GB); AVIs whose header
+    (and first frame) say 64x64 with frames of 4096x4096 (over the per-frame limit: the decoder's own
+    max_pixels refuses them) or 2048x2048 (within it: the size check on each decoded frame); an MPEG-TS
+    whose resolution changes in-band (decord would rescale it silently: TS goes to PyAV). Each is refused
+    by name, with nothing decoded past the first differing frame."""
+    from faults import avi_of_changing_size, load_under_memory_limit, lying_ico, tiff_with_huge_tile, ts_of_changing_size
+
+    if case == "ico":
+        path, kind, expect = lying_ico(tmp_path / "icon.ico"), "image", r"ICO images are refused"
+    elif case == "tiff_tile":
+        path, kind, expect = (tiff_with_huge_tile(tmp_path / "tiny.tif"), "image",
+                              r"16x16 stored in 32768x32768 tiles .* over the limit of 50 megapixels")
+    elif case == "avi_4096":
+        pytest.importorskip("av")
+        path, kind, expect = (avi_of_changing_size(tmp_path / "big.avi", 4096), "video",
+                              r"a frame over the limit of 8294400 pixels .*which the decoder refuses")
+    elif case == "avi_2048":
+        pytest.importorskip("av")
+        path, kind, expect = (avi_of_changing_size(tmp_path / "mid.avi", 2048), "video",
+                              r"frame 1 is 2048x2048 but the stream's header says 64x64")
+    else:
+        pytest.importorskip("av")
+        path, kind, expect = (ts_of_changing_size(tmp_path / "changing.ts"), "video",
+                              r"frame 16 is 1024x1024 but the stream's header says 64x64")
+    got = load_under_memory_limit(path, kind, headroom_mb=256)
+    assert got["type"] == "MediaError", got
+    assert re.search(expect, got["error"]), got
+    assert got["grew_mb"] < 100, got  # refused before the big allocation, not saved by the limit
+    assert got["charged"] <= 64 * 64 * 32  # at most the declared size was charged
+
+
+def test_refused_image_formats_are_named_wherever_the_image_comes_from(tmp_path):
+    """An ICO (its directory cannot be trusted, and PIL decodes it while opening) is refused by name as a
+    path, as bytes and as base64; the formats mrrm reads still load."""
+    import base64
+
+    from faults import lying_ico
+
+    ico = lying_ico(tmp_path / "small.ico", inner_size=64)
+    for src in (str(ico), ico.read_bytes(), base64.b64encode(ico.read_bytes()).decode()):
+        with pytest.raises(MediaError, match="ICO images are refused"):
+            media.load_image(src)
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM"):
+        assert media.load_image(_encode(np.zeros((6, 5, 3), np.uint8), fmt)).size == (5, 6)

@@ -265,3 +265,26 @@ def test_python_m_entry_point(tmp_path):
     rec = json.loads((tmp_path / "o" / "rankings.jsonl").read_text())
     assert rec["responses"] == ["x", "y", "z"] and rec["rankings"] == [2, 1, 3]
     assert len((tmp_path / "o" / "rankings_k2.jsonl").read_text().splitlines()) == 1
+
+
+def test_outputs_replace_links_and_long_or_deep_lines_are_invalid_lines(tmp_path):
+    """The output files replace a link at their name (its target untouched: report.json was written
+    through one); a judgment line nested too deeply or over --max-line-bytes is an invalid line (skipped
+    with --skip-bad), never a crash nor held whole."""
+    import os
+
+    rows = [{"prompt_id": "q1", "a": i, "b": i + 1, "winner": "b", "judge": "j"} for i in range(3)]
+    path = tmp_path / "j.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode() + b"[" * 4000 + b"\n"
+                     + b'{"prompt_id": "' + b"q" * 3000 + b'"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for name in ("report.json", "rankings.jsonl"):
+        os.symlink(victim, out / name)
+    assert main(["--judgments", str(path), "--out", str(out), "--holdout", "0", "--skip-bad",
+                 "--max-line-bytes", "2048"]) == 0
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(out / "report.json") and not os.path.islink(out / "rankings.jsonl")
+    assert json.loads((out / "report.json").read_text())["invalid_lines"] == 2

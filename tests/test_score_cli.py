@@ -272,6 +272,7 @@ def test_resume_from_a_killed_write(model, media, tmp_path, monkeypatch, state):
     errors = Path(str(out) + ".errors.jsonl")
     out.write_bytes(reference.read_bytes())
     errors.write_bytes(ref_errors.read_bytes())
+    Path(str(out) + ".meta.json").write_bytes(Path(str(reference) + ".meta.json").read_bytes())  # its settings
     # chunks of 3 JSON objects: lines 1-4 | 5-8 | 9-12 | 13-14
     # outputs t0 i1 | i2 | i3 | t4 5     errors (by line) 2 4 | 5 8 | 9 10 12 | -
     if state == "torn_output":      # killed while writing the 1st chunk's scores (its errors are complete)
@@ -476,16 +477,18 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(model, media
 
 def test_a_second_writer_of_the_same_out_is_refused(model, tmp_path, capsys):
     """Two score commands on one --out would interleave and duplicate lines: while one holds the
-    output's lock, another is refused (exit 2, nothing written); the lock file goes with the run."""
+    output's lock (a flock on the output file itself), another is refused (exit 2, nothing written); no
+    lock file is left behind."""
     import fcntl
 
     data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a colour.", "responses": ["red", "blue"]}])
     out = tmp_path / "scored.jsonl"
-    with open(str(out) + ".lock", "a+b") as held:
+    out.write_bytes(b"")
+    with open(out, "a+b") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's run, in effect
         assert run(data, out) == 2
-        assert "is being written by another running score command" in capsys.readouterr().err
-        assert not out.exists()
+        assert "is being written by another running command" in capsys.readouterr().err
+        assert out.read_bytes() == b""
         fcntl.flock(held.fileno(), fcntl.LOCK_UN)
     assert run(data, out) == 0
     assert len(read_jsonl(out)) == 1 and not os.path.exists(str(out) + ".lock")
@@ -529,3 +532,265 @@ def test_resume_without_its_errors_file_says_so(model, tmp_path, capsys):
     assert run(data, out) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and "errors file" in err and "is missing" in err
+
+
+# -- issue 29: long lines, text budgets, workers that die (row 3) -----------------------------------------
+def test_long_and_deeply_nested_lines_are_errors_of_their_line(model, tmp_path, capsys):
+    """A line nested 200000 arrays deep (100 KB) made json raise RecursionError: exit 1 on every rerun,
+    nothing written. A line over --max-line-bytes (default 16 MiB) is passed over in blocks, never held.
+    Both are now errors of their line; the rest is scored (exit 0), and a rerun resumes past them."""
+    max_line = 16 * 2**20  # mrrm._io.DEFAULT_MAX_LINE_BYTES
+    good = {"id": "g", "prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = tmp_path / "in.jsonl"
+    with open(data, "wb") as f:
+        f.write(json.dumps(good).encode() + b"\n")
+        f.write(b"[" * 200_000 + b"\n")
+        f.write(b'{"id": "huge", "prompt": "p", "responses": ["' + b"x" * (max_line + 10) + b'"]}\n')
+        f.write(json.dumps(dict(good, id="g2")).encode() + b"\n")
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0
+    assert [r["id"] for r in read_jsonl(out)] == ["g", "g2"]
+    errors = read_jsonl(str(out) + ".errors.jsonl")
+    assert [e["line"] for e in errors] == [2, 3]
+    assert "nested too deeply" in errors[0]["error"]
+    assert f"over the limit of {max_line} bytes per line (--max-line-bytes)" in errors[1]["error"]
+    before = out.read_bytes()
+    assert run(data, out) == 0 and out.read_bytes() == before  # resumed: nothing left, nothing redone
+
+
+@pytest.mark.slow
+def test_a_line_longer_than_memory_is_never_held(model, tmp_path):
+    """A 1 GiB line (a sparse file: no disk) under an address-space limit of the command's own size plus
+    300 MB: reading it whole raised MemoryError (exit 1, every rerun); now it is passed over in 1 MiB blocks
+    and recorded as an error of its line, and the lines after it are scored."""
+    good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = tmp_path / "in.jsonl"
+    with open(data, "wb") as f:
+        f.write(json.dumps(dict(good, id="a")).encode() + b"\n" + b'{"prompt": "')
+        f.seek(2**30, os.SEEK_CUR)  # a hole of 1 GiB of zero bytes, all on one line
+        f.write(b'"}\n' + json.dumps(dict(good, id="b")).encode() + b"\n")
+    out = tmp_path / "scored.jsonl"
+    code = ("import resource, sys\n"
+            "import mrrm\n"
+            "from mrrm.score_cli import main\n"
+            "m = mrrm.load(device='cpu')\n"
+            "m.score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
+            "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20),) * 2)\n"
+            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress']))\n")
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]
+    (err,) = read_jsonl(str(out) + ".errors.jsonl")
+    assert err["line"] == 2 and f"the line is {2**30 + 14} bytes, over the limit" in err["error"]
+
+
+def test_text_budgets_refuse_before_tokenizing(model, tmp_path, monkeypatch):
+    """--max-response-chars, --max-text-bytes and --max-line-bytes: a sample over one is an error naming the
+    flag, found when its line is read (it never reaches the model or the tokenizer); the default budgets
+    are the model's own (more characters never fit its max_length)."""
+    good = {"id": "g", "prompt": "Name a colour.", "responses": ["red", "blue"]}
+    lines = [good, {"id": "long-response", "prompt": "p", "responses": ["a" * 61, "b"]},
+             {"id": "many-bytes", "prompt": "p", "responses": ["\u00e9" * 60, "\u00e8" * 60]},
+             {"id": "long-line", "prompt": "p", "responses": ["ok"], "meta": "m" * 1200}, dict(good, id="g2")]
+    data = write_jsonl(tmp_path / "in.jsonl", lines)
+    seen = []
+    real_ids = model.encoder._ids
+    monkeypatch.setattr(model.encoder, "_ids", lambda text: seen.append(len(text)) or real_ids(text))
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out, "--max-response-chars", 60, "--max-text-bytes", 200, "--max-line-bytes", 1000) == 0
+    assert [r["id"] for r in read_jsonl(out)] == ["g", "g2"]
+    errors = {e["id"]: e["error"] for e in read_jsonl(str(out) + ".errors.jsonl")}
+    assert "response 0 is 61 characters, over the text budget of 60 characters per response " \
+           "(--max-response-chars" in errors["long-response"]
+    assert "the text is 241 bytes (UTF-8), over the text budget of 200 bytes" in errors["many-bytes"]
+    assert "over the limit of 1000 bytes per line (--max-line-bytes)" in errors[None]
+    assert max(seen) < 200  # nothing over a budget was tokenized
+    # the model's own budgets: more characters than its tokenizer could ever fit into max_length
+    limit = model.encoder.max_text_chars
+    data2 = write_jsonl(tmp_path / "in2.jsonl", [{"id": "big", "prompt": "p", "responses": ["x " * limit, "y"]}])
+    seen.clear()
+    out2 = tmp_path / "scored2.jsonl"
+    assert run(data2, out2) == 0
+    (err,) = read_jsonl(str(out2) + ".errors.jsonl")
+    assert f"over the text budget of {limit} characters per response" in err["error"]
+    assert f"more characters never fit max_length={model.config.max_length}" in err["error"] and not seen
+
+
+@pytest.mark.slow
+def test_workers_survive_a_tokenizer_abort_under_a_memory_limit(model, tmp_path):
+    """The exit 134 of the issue, with --workers 2: a 10 MB response let through by raised text budgets
+    makes the tokenizer abort ("memory allocation failed") in its worker under an address-space limit
+    (the command's own size plus 800 MB; tokenizing it takes ~1.9 GB). That sample is an error naming
+    the worker's death; the others are scored and the run exits 0 (before: BrokenProcessPool, exit 1)."""
+    good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = write_jsonl(tmp_path / "in.jsonl", [dict(good, id="a"), {"id": "bomb", "prompt": "p",
+                                                                     "responses": ["hello world " * 900_000, "y"]},
+                                                dict(good, id="b"), dict(good, id="c")])
+    out = tmp_path / "scored.jsonl"
+    big = str(100_000_000)
+    code = ("import resource, sys\n"
+            "import mrrm\n"
+            "from mrrm.score_cli import main\n"
+            "mrrm.load(device='cpu')\n"
+            "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (800 << 20),) * 2)\n"
+            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress',\n"
+            f"               '--workers', '2', '--batch-size', '2', '--max-text-chars', {big!r},\n"
+            f"               '--max-response-chars', {big!r}, '--max-text-bytes', {big!r}, '--max-response-bytes', {big!r}]))\n")
+    env = dict(os.environ, MALLOC_ARENA_MAX="2",
+               PYTHONPATH=str(REPO) + os.pathsep + str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b", "c"]
+    (err,) = read_jsonl(str(out) + ".errors.jsonl")
+    assert err["id"] == "bomb" and "the encoding worker process died on this sample (killed by SIGABRT)" in err["error"]
+
+
+# -- issue 29: resuming with other settings (row 7) --------------------------------------------------------
+def test_resume_with_other_settings_is_refused_naming_each(model, tmp_path, capsys):
+    """--out records the model (path or Hub id@commit, and a content fingerprint), --mode and --permutations
+    in <out>.meta.json. A resume with others mixed models in one file (issue 29: best differed on 186 of
+    299 lines);
+    now it is refused before the model loads, naming each (old -> new), the output untouched. The same
+    files under another path resume (a moved checkpoint); an output without a record resumes only with
+    --resume-unrecorded."""
+    import shutil
+
+    from mrrm.api import DEFAULT_MODEL_DIR
+
+    samples = [{"id": f"s{i}", "prompt": f"Question {i}?", "responses": ["yes", "no", "maybe"]} for i in range(5)]
+    data = write_jsonl(tmp_path / "in.jsonl", samples[:3])
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0
+    write_jsonl(data, samples)  # two more samples to score
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert run(data, out, "--mode", "independent", "--permutations", 2) == 2
+    err = capsys.readouterr().err
+    assert "mode: 'joint' -> 'independent'" in err and "permutations: 1 -> 2" in err
+    assert "--mode joint --permutations 1" in err  # how to resume with the recorded ones
+    settings = json.loads((tmp_path / "scored.jsonl.meta.json").read_text())
+    assert settings["model"] == "built-in default" and settings["mode"] == "joint" and settings["permutations"] == 1
+    assert len(settings["model_fingerprint"]) == 16
+    other = tmp_path / "other-model"
+    shutil.copytree(DEFAULT_MODEL_DIR, other)
+    (other / "mrrm_config.json").write_text((other / "mrrm_config.json").read_text().replace("}", ' }'))
+    assert run(data, out, "--model", other) == 2
+    err = capsys.readouterr().err
+    assert f"model: 'built-in default' -> {str(other)!r}" in err and "model content fingerprint:" in err
+    assert out.read_bytes() == before
+    # the same files under another path: the model moved, the resume goes on
+    copy = tmp_path / "copy-of-default"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    assert run(data, out, "--model", copy) == 0
+    assert "the model moved" in capsys.readouterr().err
+    assert [r["id"] for r in read_jsonl(out)] == [s["id"] for s in samples]
+    # no record at all: refused unless told
+    os.remove(str(out) + ".meta.json")
+    write_jsonl(data, samples + [dict(samples[0], id="s5")])
+    assert run(data, out, "--model", copy) == 2
+    assert "--resume-unrecorded" in capsys.readouterr().err
+    assert run(data, out, "--model", copy, "--resume-unrecorded") == 0
+    assert json.loads((tmp_path / "scored.jsonl.meta.json").read_text())["model"] == str(copy)
+    assert len(read_jsonl(out)) == 6
+
+
+# -- issue 29: symbolic links and the writer lock (row 8) ---------------------------------------------------
+def test_outputs_are_never_written_through_a_symbolic_link(model, tmp_path, capsys):
+    """A pre-created <out>.errors.jsonl link had its target truncated and overwritten; a dangling --out link
+    was followed (its target created). Outputs are opened with O_NOFOLLOW: a link at an output's name is
+    refused (exit 2) and nothing anywhere is written; the settings record replaces a link, never its
+    target."""
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a colour.", "responses": ["red", "blue"]}])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "scored.jsonl"
+    os.symlink(victim, str(out) + ".errors.jsonl")
+    assert run(data, out) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n" and not out.exists()
+    os.remove(str(out) + ".errors.jsonl")
+
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "target.jsonl"
+    dangling = tmp_path / "dangling.jsonl"
+    os.symlink(target, dangling)
+    assert run(data, dangling) == 2
+    assert "--out" in capsys.readouterr().err and not target.exists()
+
+    linked = tmp_path / "linked.jsonl"
+    os.symlink(victim, linked)
+    assert run(data, linked) == 2 and victim.read_text() == "precious\n"
+
+    os.symlink(victim, str(out) + ".meta.json")
+    assert run(data, out) == 0
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(str(out) + ".meta.json") and len(read_jsonl(out)) == 1
+
+
+def test_the_writer_lock_is_keyed_by_the_files_identity(model, tmp_path, capsys):
+    """The lock was `<out>.lock`, keyed by the name: the same file under another name (here a hard link)
+    got a second writer (issue 29: 536 lines for 300 inputs, 236 duplicate ids). The lock is now the output file's
+    own (flock: its device and inode), so the second writer is refused whatever name it uses."""
+    import fcntl
+
+    samples = [{"id": f"s{i}", "prompt": "Name a colour.", "responses": ["red", "blue"]} for i in range(4)]
+    data = write_jsonl(tmp_path / "in.jsonl", samples[:2])
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0
+    write_jsonl(data, samples)
+    alias = tmp_path / "alias.jsonl"
+    os.link(out, alias)
+    before = out.read_bytes()
+    # a run writing `out`, as either version of the lock has it: the file itself and the old <out>.lock
+    with open(out, "a+b") as held, open(str(out) + ".lock", "a+b") as held_name:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held_name.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert run(data, alias) == 2
+        err = capsys.readouterr().err
+        assert "is being written by another running command, possibly under another name" in err
+        assert out.read_bytes() == before
+
+
+# -- issue 29: media whose container misstates its size, in one chunk (row 10) -------------------------------
+@pytest.mark.slow
+def test_media_that_misstate_their_size_cost_their_samples_under_a_memory_limit(model, tmp_path):
+    """An ICO whose directory says 256x256 holding a 13000x13000 PNG, a TIFF of 16x16 in a 32768x32768
+    tile and an AVI whose header says 64x64 with 4096x4096 frames, in one chunk, the command held to its
+    own size plus 512 MB: they made `import av` fail and the command exit 1 on every rerun. Now each is
+    an error of its sample, refused before the big allocation, and the chunk's other sample is scored."""
+    pytest.importorskip("av")
+    from faults import avi_of_changing_size, lying_ico, tiff_with_huge_tile
+
+    (tmp_path / "m").mkdir()
+    lying_ico(tmp_path / "m" / "icon.ico")
+    tiff_with_huge_tile(tmp_path / "m" / "tile.tif")
+    avi_of_changing_size(tmp_path / "m" / "clip.avi", 4096)
+    good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "ico", "prompt": "What is it?", "image": "m/icon.ico", "responses": ["a", "b"]},
+        {"id": "tif", "prompt": "What is it?", "image": "m/tile.tif", "responses": ["a", "b"]},
+        {"id": "avi", "prompt": "What happens?", "video": "m/clip.avi", "responses": ["a", "b"]},
+        dict(good, id="ok")])
+    out = tmp_path / "scored.jsonl"
+    code = ("import resource, sys\n"
+            "import mrrm\n"
+            "from mrrm.score_cli import main\n"
+            "mrrm.load(device='cpu').score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
+            "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20),) * 2)\n"
+            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress']))\n")
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["id"] for r in read_jsonl(out)] == ["ok"]
+    errors = {e["id"]: e["error"] for e in read_jsonl(str(out) + ".errors.jsonl")}
+    assert "ICO images are refused" in errors["ico"]
+    assert "stored in 32768x32768 tiles" in errors["tif"]
+    assert "which the decoder refuses" in errors["avi"]
