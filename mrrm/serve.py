@@ -60,7 +60,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mrrm import media
-from mrrm._cli import add_media_budget_args, add_model_args, apply_media_budgets, load_model, positive_int, resolve_device
+from mrrm._cli import (
+    add_media_budget_args,
+    add_model_args,
+    add_text_budget_args,
+    apply_media_budgets,
+    load_model,
+    positive_int,
+    resolve_device,
+    text_budget_overrides,
+)
 from mrrm.common import MODES, check_choice, check_int, check_positive
 from mrrm.encoding import BatchError, SampleError
 from mrrm.grpo import (
@@ -758,7 +767,7 @@ class _ServerState:
         self.assemblers.clear()
         encoder = getattr(self.batcher.model, "encoder", None)
         self.max_frames = getattr(encoder, "video_max_frames", 64)
-        self.max_text_chars = getattr(encoder, "max_text_chars", None)  # longer text never fits max_length
+        self.encoder = encoder  # its text budgets refuse a rollout before it is held or tokenized
         self.max_request_pixels = DEFAULT_MAX_REQUEST_PIXELS
         self.pool = media.PixelBudget(DEFAULT_MAX_INFLIGHT_PIXELS, "the server's in-flight media "
                                       "(--max-inflight-megapixels)", shared=True)
@@ -1052,10 +1061,10 @@ def _parse_query(state: "_ServerState", i: int, query: str, prompt: str, label) 
     except QueryError as e:
         out.refused = f"query[{i}]: {e}"
         return out
-    if state.max_text_chars is not None and len(out.response) > state.max_text_chars:
-        out.refused = (f"query[{i}]: the response ({len(out.response)} characters) cannot fit the reward model's "
-                       f"max_length (more than {state.max_text_chars} characters never do)")
-        out.response = None
+    budgets = getattr(state.encoder, "text_budgets", None)
+    over = budgets.check(turn.text, [out.response]) if budgets is not None else None
+    if over is not None:
+        out.refused, out.response = f"query[{i}]: {over}", None
     return out
 
 
@@ -1410,6 +1419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mrrm.serve", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     add_media_budget_args(p)
+    add_text_budget_args(p, line_reader=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--media-root", default=None, help="directory media paths must lie under (default: paths refused)")
@@ -1478,6 +1488,7 @@ def main(argv=None) -> None:
         devices = replica_devices(args.device, args.replicas)
         model = load_model(args.model, device=devices[0], dtype=args.dtype, mode=args.mode, verify=args.verify)
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
+        model.encoder.set_text_budgets(**text_budget_overrides(args))  # this process's own model: set for good
         app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
                          max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
                          max_body_bytes=args.max_body_bytes, group_size=args.group_size,

@@ -1000,7 +1000,7 @@ def test_a_10_mb_body_does_not_hold_up_a_small_request(model):
         httpx.post(f"{url}/score", json={"samples": [{"prompt": "warm", "responses": ["up"]}]})
         (r_big, t_big), (r_small, t_small) = asyncio.run(go(url))
     assert r_small.status_code == 200 and t_small < 1.0, t_small
-    assert r_big.status_code == 422 and "cannot fit the reward model's max_length" in r_big.json()["detail"]
+    assert r_big.status_code == 422 and "over the text budget" in r_big.json()["detail"]
 
 
 @pytest.mark.slow
@@ -1040,7 +1040,7 @@ def test_text_too_long_for_any_max_length_is_refused_before_tokenizing(model):
         r = httpx.post(f"{url}/score", json={"samples": [{"prompt": "Hi", "responses": ["x" * 8_000_000, "ok"]}]},
                        timeout=120)
         took = time.monotonic() - t0
-        assert r.status_code == 422 and "cannot fit max_length" in r.json()["detail"] and took < 10, (r.text[:300], took)
+        assert r.status_code == 422 and "over the text budget" in r.json()["detail"] and took < 10, (r.text[:300], took)
         prompts = [QWEN_PROMPT.format(f"Question {k}?") for k in range(40)]
 
         async def flood():
@@ -1049,7 +1049,7 @@ def test_text_too_long_for_any_max_length_is_refused_before_tokenizing(model):
                     "query": [p + "y" * 10_000_000], "prompts": [p]}) for p in prompts))
         got = asyncio.run(flood())
         health = httpx.get(f"{url}/health").json()
-    assert {g.status_code for g in got} == {422} and "cannot fit the reward model's max_length" in got[0].json()["detail"]
+    assert {g.status_code for g in got} == {422} and "over the text budget" in got[0].json()["detail"]
     assert health["pending"] == 0 and health["rollouts_rejected"] == 40
 
 
