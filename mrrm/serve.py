@@ -648,8 +648,13 @@ class Guard:
     only be given a URL, e.g. OpenRLHF's `--reward.remote_url`), always compared in constant time. The
     body is read here (at most max_body_bytes + one chunk) and replayed to the app."""
 
-    def __init__(self, app, *, token: str | None, max_body_bytes: int, body_timeout: float = 30.0):
+    def __init__(self, app, *, token: str | None, max_body_bytes: int, body_timeout: float = 30.0,
+                 direct: dict | None = None, public=None):
+        """direct: {path: async handler(body bytes, client address) -> JSON bytes} served here for POST,
+        without the app's routing (HTTPException -> {"detail"} with its status; `public(detail)` is what a
+        client may see of a message)."""
         self.app, self.token, self.max_body_bytes, self.body_timeout = app, token, max_body_bytes, body_timeout
+        self.direct, self.public = direct or {}, public or (lambda detail: detail)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -703,7 +708,28 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        handler = self.direct.get(scope.get("path")) if scope.get("method") == "POST" else None
+        if handler is not None:
+            return await self._serve_direct(handler, body, scope, send)
         return await self.app(scope, replay, send)
+
+    async def _serve_direct(self, handler, body: bytes, scope, send) -> None:
+        headers = {}
+        try:
+            status, payload = 200, await handler(body, (scope.get("client") or ("",))[0])
+        except HTTPException as e:
+            detail = _short(self.public(e.detail)) if isinstance(e.detail, str) else e.detail
+            status, payload, headers = e.status_code, _dumps({"detail": detail}), e.headers or {}
+        except MemoryError:
+            status, payload = 503, _dumps({"detail": "the server ran out of memory handling this request; retry later"})
+            headers = {"Retry-After": "1"}
+        except Exception:  # noqa: BLE001 - a bug: logged, answered 500, the server keeps serving
+            log.exception("%s failed", redact(scope.get("path", "")))
+            status, payload = 500, _dumps({"detail": "internal error (logged by the server)"})
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        raw_headers += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1086,16 +1112,21 @@ def _group_http_error(e: GroupError) -> HTTPException:
     return HTTPException(e.status, str(e), headers={"Retry-After": "1"} if isinstance(e, PendingFull) else None)
 
 
-async def _get_reward(state: "_ServerState", request: Request) -> Response:
-    """OpenRLHF's remote reward protocol: one reward per query. The queries of a prompt are scored
-    together as one group: those of this request and, with --group-size N, those of other requests
-    too (GroupAssembler), as OpenRLHF sends one rollout per request. A query whose own text is bad is
-    refused (422) and counts as one of its group's rollouts; the rest of the group is scored."""
-    queries = await _read(request, _parse_reward_request, state)
+async def get_reward(state: "_ServerState", raw: bytes, client: str) -> bytes:
+    """OpenRLHF's remote reward protocol: the body of a /get_reward request from `client` (its address) ->
+    the JSON answer, one reward per query (HTTPException on an error). The queries of a prompt are scored
+    together as one group: those of this request and, with --group-size N, those of other requests too
+    (GroupAssembler), as OpenRLHF sends one rollout per request. A query whose own text is bad is refused
+    (422) and counts as one of its group's rollouts; the rest of the group is scored. Guard serves it
+    straight from the body it read (the framework's routing is most of a one-rollout request's cost)."""
+    if len(raw) <= SMALL_BODY_BYTES:
+        queries = _parse_reward_request(raw, state)
+    else:
+        queries = await asyncio.to_thread(_parse_reward_request, raw, state)
     by_key: dict[str, tuple[_Query, list[int]]] = {}
     refused = []
     try:
-        assembler = state.assembler_for(request.client.host if request.client else "")
+        assembler = state.assembler_for(client)
         for i, q in enumerate(queries):
             if q.response is None:
                 same = sum(r.key == q.key for r in queries)
@@ -1130,13 +1161,17 @@ async def _get_reward(state: "_ServerState", request: Request) -> Response:
     for (_, rows), (values, size) in zip(by_key.values(), parts):
         for i, v in zip(rows, values):
             rewards[i], sizes[i] = float(v), size
-    return _json({"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}})
+    return _dumps({"rewards": rewards, "scores": list(rewards), "extra_logs": {"group_size": sizes}})
+
+
+def _dumps(content) -> bytes:
+    """JSON bytes, serialised once without FastAPI's generic encoder (per-request cost matters for
+    one-rollout requests); a NaN is an error, never sent."""
+    return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _json(content) -> Response:
-    """A JSON response serialised once, without FastAPI's generic encoder (per-request cost matters for
-    one-rollout requests); a NaN is an error, never sent."""
-    return Response(json.dumps(content, allow_nan=False, separators=(",", ":")).encode(), media_type="application/json")
+    return Response(_dumps(content), media_type="application/json")
 
 
 def _parse_score_request(raw: bytes, state: "_ServerState") -> ScoreRequest:
@@ -1163,8 +1198,9 @@ def _add_routes(app: FastAPI, state: _ServerState) -> None:
             budget.release()
 
     @app.post("/get_reward")
-    async def get_reward(request: Request):
-        return await _get_reward(state, request)
+    async def get_reward_route(request: Request):  # the same as Guard's direct path (when the app is served bare)
+        body = await get_reward(state, await request.body(), request.client.host if request.client else "")
+        return Response(body, media_type="application/json")
 
 
 def _lifespan(batchers: list[Batcher]):
@@ -1267,7 +1303,9 @@ def create_app(model, *, mode: str | None = None, media_root=None, token: str | 
     app.add_exception_handler(HTTPException, _http_error_handler(root))
     app.add_exception_handler(MemoryError, _out_of_memory)
     _add_routes(app, state)
-    return Guard(app, token=token, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    return Guard(app, token=token, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
+                 direct={"/get_reward": lambda body, client: get_reward(state, body, client)},
+                 public=lambda detail: public_detail(detail, root))
 
 
 _ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*")
@@ -1463,6 +1501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                    help="'auto' (default): prompts are chat-templated (known formats or --policy-tokenizer's) or "
                         "plain text without template markup; 'plain': every prompt is the user's message as it is")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request (off by default: a GRPO run sends one request per rollout, and the "
+                        "line costs ~20%% of a one-rollout request's server time; URL tokens are written as /t/***)")
     p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
                    help="HTTP parser (default auto: httptools when installed, else h11)")
     return p
@@ -1510,7 +1551,7 @@ def main(argv=None) -> None:
     # again on every collection (measured: a third of the server's CPU per one-rollout request went there)
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=log_config(),
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=log_config(), access_log=args.access_log,
                 http=header_timeout_protocol(args.header_timeout, args.http))
 
 

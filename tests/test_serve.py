@@ -1095,7 +1095,7 @@ def test_the_url_token_never_reaches_the_log():
     """OpenRLHF's documented setup puts the token in the URL (/t/<token>/get_reward): uvicorn's access log
     writes request paths, and the server's log shows /t/*** instead."""
     env = {**os.environ, "MRRM_SERVE_TOKEN": TOKEN}
-    with server_process(env=env) as (url, proc):
+    with server_process("--access-log", env=env) as (url, proc):
         p = QWEN_PROMPT.format("What is shown?")
         r = httpx.post(f"{url}/t/{TOKEN}/get_reward", json={"query": [p + "a cat<|im_end|>"], "prompts": [p]}, timeout=60)
         assert r.status_code == 200, r.text
