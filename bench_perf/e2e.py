@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrrm import ops, tiny
-from mrrm.encoding import SEPARATOR_TEXT, EncodedSample
-from mrrm.model import RewardModel, RewardModelConfig, padded_batch
+from mrrm import ops
+from mrrm.data.encoding import SEPARATOR_TEXT, EncodedSample
+from mrrm.model import tiny
+from mrrm.model.parts import RewardModelConfig
+from mrrm.model.reward_model import RewardModel, padded_batch
 
 MODES = ("single", "joint", "independent")
 PATHS = MODES + ("published",)
@@ -53,7 +55,7 @@ def real_config(name: str, tok):
     """A published architecture (mrrm.flops.ARCHITECTURES, e.g. "qwen3_vl_4b") at its real widths and
     depth, with the media token ids of mrrm's offline tokenizer (the vocabulary size stays the real
     one, so the published path's logits cost what they cost)."""
-    from mrrm import flops
+    from mrrm.eval import flops
 
     cfg = flops.backbone_config(name)
     ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIAL_TOKENS}
@@ -156,7 +158,7 @@ def vision_patches(enc: EncodedSample) -> int:
 
 def analytic_ratios(h: Harness, enc: EncodedSample, n: int, convention: str = "dense") -> tuple[float, float]:
     """mrrm.flops' single/joint and single/independent FLOPs ratios for exactly the shapes of `enc`."""
-    from mrrm import flops
+    from mrrm.eval import flops
 
     lens = [len(r) for r in enc.layout.response_ids]
     grids = [g for g in (enc.image_grid_thw, enc.video_grid_thw) if g is not None]
@@ -238,7 +240,7 @@ def count_flops(fn) -> int:
     reference (the counter does not see the C++ kernels, and charges CPU SDPA nothing)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mrrm.flops import reference_ops
+    from mrrm.eval.flops import reference_ops
 
     with reference_ops(), FlopCounterMode(display=False) as counter:
         fn()
@@ -275,7 +277,7 @@ def train_samples(h: Harness, kind, batch, n, resp_tokens, seed=0, mixed=False):
 
 def train_step_fn(model: RewardModel, samples, device, dtype, loss="best"):
     """One forward + backward of the listwise loss over `samples` in one joint micro-batch."""
-    from mrrm.train import listwise_loss
+    from mrrm.train.recipe import listwise_loss
 
     encs = [e for e, _ in samples]
     ranks = [r for _, r in samples]

@@ -3,7 +3,7 @@ handed out in launch order (CUDA issues blocks in linear block-index order, x fa
 free slot (SMs x resident programs per SM), each busy for its work (tiles visited, plus a fixed
 cost per program). The ratio makespan / ideal (total work / slots, but never below the longest
 program) says how much of a launch is tail. No GPU needed: the dK/dV block order of
-mrrm/kernels/varlen_attention.py was chosen with it.
+kernels/varlen_attention.py was chosen with it.
 
     python -m bench_perf.schedule          # the table of orders at 16k / 64k causal and ragged batches
 """

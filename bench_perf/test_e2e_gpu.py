@@ -11,7 +11,7 @@ ratio of the same shapes (useful: visible attention pairs, what the Triton kerne
 import pytest
 import torch
 
-from mrrm import tiny
+from mrrm.model import tiny
 
 from . import e2e
 

@@ -21,7 +21,7 @@ convention: the one the counter uses), their single / independent twins, and the
 """
 import pytest
 
-from mrrm import flops
+from mrrm.eval import flops
 
 from .conftest import SMALL
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrrm import ops, reference
+from mrrm import ops
+from mrrm.ops import oracle as reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = cuda
@@ -281,20 +282,22 @@ def test_value_head_cudagraph_gpu(benchmark, what, split_k):
     forward alone and forward + backward, for each forward K split; plus the host cost per call."""
     from triton.testing import do_bench_cudagraph
 
-    from mrrm.kernels import value_head as vh
+    from mrrm.ops.value_head import gather_value_head_triton
 
     hidden, positions, w1, b1, w2, b2 = _head_inputs()
+    from mrrm.kernels import value_head as vh
+
     cfg = dataclasses.replace(vh.choose_config(positions.shape[0]), fwd_split_k=split_k)
     scale = 1.0 / math.sqrt(hidden.shape[1])
     if what == "forward":
         def run():
             with torch.no_grad():
-                return vh.gather_value_head_triton(hidden, positions, w1, b1, w2, b2, scale=scale, config=cfg)
+                return gather_value_head_triton(hidden, positions, w1, b1, w2, b2, scale=scale, config=cfg)
     else:
         grad_out = torch.ones(positions.shape[0], device="cuda")
 
         def run():  # the gradients as autograd.grad returns them (no accumulation into .grad)
-            y = vh.gather_value_head_triton(hidden, positions, w1, b1, w2, b2, scale=scale, config=cfg)
+            y = gather_value_head_triton(hidden, positions, w1, b1, w2, b2, scale=scale, config=cfg)
             return torch.autograd.grad(y, (hidden, w1, b1, w2, b2), grad_out)
     run()
     graph_ms = do_bench_cudagraph(run, rep=100, return_mode="median")

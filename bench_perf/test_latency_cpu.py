@@ -13,7 +13,7 @@ right-padded rows with an attention mask): real tokens per second and peak memor
 import pytest
 import torch
 
-from mrrm import tiny
+from mrrm.model import tiny
 
 from . import e2e
 from .conftest import SMALL
@@ -97,15 +97,15 @@ def test_train_step_cpu(benchmark, harness, layout, batch_kind):
 
 def test_score_file_encoding_workers_cpu(benchmark, tmp_path):
     """Scoring a file with the default model (python -m mrrm.score's loop): encoding in this process
-    vs in 2 worker processes ahead of the model (mrrm.pipeline; pool start-up outside the timing, the
+    vs in 2 worker processes ahead of the model (mrrm.data.pipeline; pool start-up outside the timing, the
     model's forward on one thread so the workers have the other core). Interleaved rounds, medians;
     the same chunks, so the scores are identical (asserted)."""
     import statistics
     import time
 
     import mrrm
-    from mrrm import demo
-    from mrrm.pipeline import EncodePool, encoded_ahead
+    from mrrm.data.pipeline import EncodePool, encoded_ahead
+    from mrrm.train import demo
 
     path = demo.generate(100 if SMALL else 400, 11, tmp_path / "demo")
     import json

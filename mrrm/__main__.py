@@ -1,5 +1,5 @@
 """`python -m mrrm <command> [args]`: the `mrrm` command (mrrm.cli)."""
-from .cli import main
+from mrrm.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,6 +20,8 @@ import shutil
 import stat
 from typing import IO, Any, Iterator, NamedTuple
 
+from mrrm.errors import OutputError, WriteError
+
 # The longest input line read into memory (bytes, without its line end). Parsing one costs up to ~25x its
 # size in Python objects (a 16 MiB line of `[{},{},...]` grew the peak RSS by 399 MB): a longer line is a
 # per-line error, passed over without being held. Room for a sample's text under the text budgets and an
@@ -74,11 +76,6 @@ def parse_json_line(raw: bytes) -> tuple[Any, str | None]:
         return None, f"invalid JSON: {e}"
     except RecursionError:
         return None, "invalid JSON: nested too deeply to parse (arrays or objects inside each other)"
-
-
-class OutputError(ValueError):
-    """An output path that cannot be written safely: a symbolic link, not a regular file, or held by
-    another running writer. str() names the path and the fix."""
 
 
 def _describe_link(path: str) -> str:
@@ -158,13 +155,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
-
-
-class WriteError(OSError):
-    """A file could not be written; str() names the file, the cause and the free space there."""
-
-    def __str__(self) -> str:
-        return f"cannot write {self.filename!r}: {self.strerror}"
 
 
 def _free_space(path: str) -> str:

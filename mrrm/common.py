@@ -16,7 +16,7 @@ MODES = ("joint", "independent", "single")
 TRAIN_MODES = ("joint", "independent")
 
 # the value head's hidden activation; the C++ (csrc/value_head.cpp) and Triton
-# (mrrm/kernels/value_head.py) kernels implement exactly these (tests/test_value_head.py checks it)
+# (kernels/value_head.py) kernels implement exactly these (tests/test_value_head.py checks it)
 ACTIVATIONS = ("silu", "gelu", "relu", "selu", "tanh")
 
 
@@ -66,3 +66,9 @@ def is_correct(keys: Sequence, rankings: Sequence) -> bool:
         raise ValueError(f"is_correct: {len(keys)} keys for {len(rankings)} rankings")
     top = top_choice(keys)
     return top is not None and rankings[top] == min(rankings)
+
+
+def tensor_version(t):
+    """The tensor's in-place version counter; None for inference-mode tensors, which have none
+    (identity alone then decides a memo hit in the per-forward metadata caches)."""
+    return None if t.is_inference() else t._version

@@ -20,21 +20,11 @@ import hashlib
 import os
 import re
 
+from mrrm.errors import ChecksumError, NoManifest, UnsafeFileError
+
 MANIFEST = "checksums.sha256"
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 _BLOCK = 8 << 20
-
-
-class ChecksumError(ValueError):
-    """A file does not match its manifest, is missing, or is not covered by one; str() names it."""
-
-
-class NoManifest(ChecksumError):
-    """The directory has no manifest at all (saved before mrrm wrote one, or by other code)."""
-
-
-class UnsafeFileError(ValueError):
-    """A torch file that holds more than tensors and plain values (pickled code references)."""
 
 
 def sha256_file(path: str) -> str:

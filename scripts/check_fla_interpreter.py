@@ -44,7 +44,7 @@ def first_config(self, *args, **kwargs):  # the interpreter cannot time configs:
 autotuner.Autotuner.run = first_config
 
 from mrrm.ops import linear_attention as la  # noqa: E402
-from mrrm.packing import SampleLayout, pack  # noqa: E402
+from mrrm.data.packing import SampleLayout, pack  # noqa: E402
 
 assert la.fla_available(), "fla did not import from the patched copy"
 layouts = [SampleLayout(prefix_ids=list(range(P)), response_ids=[[1] * r for r in rs], separator_ids=[9])

@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import mrrm
-    from mrrm import tiny
-    from mrrm.model import RewardModel, RewardModelConfig, verify_checkpoint
+    from mrrm.model import tiny
+    from mrrm.model.parts import RewardModelConfig, verify_checkpoint
+    from mrrm.model.reward_model import RewardModel
 
     tmp = None
     out = args.out

@@ -11,7 +11,7 @@ peft 0.18, molmo_utils), on tiny models: the released checkpoint's format and vi
         --molmo2-remote-code /tmp/ref/molmo2_remote --out tests/fixtures/reference_env
 
 Nothing here imports mrrm (its compiled ops are built for another torch): the tiny tokenizer's corpus
-and the text/image samples are read from mrrm/tiny.py and scripts/reference_fixtures.py by path.
+and the text/image samples are read from mrrm/model/tiny.py and scripts/reference_fixtures.py by path.
 
 It writes under --out (data only: the remote code is deleted from every saved checkpoint):
 

@@ -112,7 +112,7 @@ def build_base(family, out, seed):
     """A tiny base checkpoint: weights, processor, tokenizer without <|resp_sep|>."""
     from transformers import AutoModelForImageTextToText
 
-    from mrrm import tiny
+    from mrrm.model import tiny
 
     path = os.path.join(out, "bases", family)
     tok = tiny.build_tokenizer(family=family, with_separator=False)
@@ -257,7 +257,8 @@ def mrrm_to_reference(ref, bases, out, golden, samples):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-    from mrrm.model import RewardModel, RewardModelConfig, ensure_separator_token, load_processor
+    from mrrm.model.parts import RewardModelConfig, ensure_separator_token, load_processor
+    from mrrm.model.reward_model import RewardModel
 
     scratch = os.path.join(out, "_tmp", "mrrm_saved")
     for family in ("qwen2_vl", "molmo2"):

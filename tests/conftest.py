@@ -38,7 +38,7 @@ def _seed():
 @pytest.fixture(scope="module")
 def tokenizer():
     """mrrm's offline tokenizer (tests that build tiny models)."""
-    from mrrm import tiny
+    from mrrm.model import tiny
 
     return tiny.build_tokenizer()
 

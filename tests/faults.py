@@ -13,7 +13,7 @@ def file_size_limit(nbytes: int):
 
 
 class AbortingEncoder:
-    """A stand-in for an Encoder in worker processes (mrrm.pipeline): encodes a sample to its "id", and
+    """A stand-in for an Encoder in worker processes (mrrm.data.pipeline): encodes a sample to its "id", and
     aborts the process (SIGABRT, as a native library failing an allocation does) on a sample with
     "abort": true. Picklable, importable by the spawned workers (tests/ is on their sys.path)."""
 
@@ -128,7 +128,7 @@ def ts_of_changing_size(path, big: int = 1024, small: int = 64):
 # "grew_mb"}. MALLOC_ARENA_MAX keeps glibc from reserving a 64 MB arena per thread under the limit.
 _LOAD_UNDER_LIMIT = r"""
 import json, resource, sys
-from mrrm import media
+from mrrm.data import media
 def vm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize"))
@@ -152,8 +152,8 @@ print(json.dumps(out))
 
 
 def load_under_memory_limit(path, kind: str = "image", headroom_mb: int = 256) -> dict:
-    """mrrm.media.load_image / load_video (kind "video", or a backend name) of `path` in a child process
-    under an address-space limit of what it holds after importing mrrm.media plus `headroom_mb`."""
+    """mrrm.data.media.load_image / load_video (kind "video", or a backend name) of `path` in a child process
+    under an address-space limit of what it holds after importing mrrm.data.media plus `headroom_mb`."""
     import json
     import os
     import subprocess

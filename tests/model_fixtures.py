@@ -1,7 +1,7 @@
 """Shared builders for the model tests: tiny Qwen-VL reward models, an independent reference
 scorer (plain transformers forward, eager attention, one sample at a time) and small media.
 
-Everything is built offline from configs (mrrm.tiny); nothing touches the hub.
+Everything is built offline from configs (mrrm.model.tiny); nothing touches the hub.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mrrm import tiny
-from mrrm.model import RewardModel, RewardModelConfig, head_linears
+from mrrm.model import tiny
+from mrrm.model.parts import RewardModelConfig, head_linears
+from mrrm.model.reward_model import RewardModel
 
 FAMILIES = tiny.FAMILIES
 HIDDEN = 64  # tiny.build_config's default hidden size
@@ -54,7 +55,7 @@ def require_native(family: str, load=None) -> None:
     version it needs and the installed one; then the test skips, for that real absence."""
     import transformers
 
-    from mrrm.model import NATIVE_SINCE
+    from mrrm.model.parts import NATIVE_SINCE
 
     need = NATIVE_SINCE.get(family)
     if need is None or hasattr(transformers, need[0]):

@@ -10,7 +10,9 @@ from importlib import metadata
 import pytest
 
 import mrrm
-from mrrm import api, cli, demo
+from mrrm import cli
+from mrrm.model import api
+from mrrm.train import demo
 
 
 def test_every_command_is_a_module_main():
@@ -54,23 +56,24 @@ def test_python_m_mrrm_runs_a_command():
 
 def test_mrrm_score_is_only_the_function():
     """`mrrm.score` stays the function whatever is imported: `import mrrm.score` is refused (the
-    command is mrrm.score_cli), so the signature, the docstring and pickling are the function's."""
-    with pytest.raises(ImportError, match="mrrm.score_cli"):
+    command is mrrm.cli.score_file), so the signature, the docstring and pickling are the function's."""
+    with pytest.raises(ImportError, match="mrrm.cli.score_file"):
         importlib.import_module("mrrm.score")
     assert mrrm.score is api.score
     assert list(inspect.signature(mrrm.score).parameters)[:2] == ["batch", "model"]
     assert pickle.loads(pickle.dumps(mrrm.score)) is api.score
-    assert cli.COMMANDS["score"] == "mrrm.score_cli"
+    assert cli.COMMANDS["score"] == "mrrm.cli.score_file"
 
 
 def test_one_set_of_model_flags_and_one_device_default():
     """score, eval and serve take --model/--mode/--max-batch-tokens/--device/--dtype from one place
-    (mrrm._cli.add_model_args): the same defaults, choices and help; one device rule."""
+    (mrrm._args.add_model_args): the same defaults, choices and help; one device rule."""
     import torch
 
-    from mrrm import _cli, score_cli, serve
-    from mrrm import eval as mev
+    from mrrm.cli import score_file as score_cli
     from mrrm.common import MODES
+    from mrrm.eval import benchmarks as mev
+    from mrrm.rl import serve
 
     flags = ("--model", "--mode", "--max-batch-tokens", "--device", "--dtype")
 
@@ -81,36 +84,39 @@ def test_one_set_of_model_flags_and_one_device_default():
     specs = [spec(m.build_parser()) for m in (score_cli, mev, serve)]
     assert specs[0] == specs[1] == specs[2]
     assert specs[0]["--mode"][1] == MODES and specs[0]["--device"][0] is None
-    assert _cli.resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert _cli.resolve_device("cpu") == "cpu"
+    assert api.resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert api.resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="device 'gpu0'"):
-        _cli.resolve_device("gpu0")
+        api.resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            _cli.resolve_device("cuda:0")
-    assert _cli.resolve_dtype("bfloat16") is torch.bfloat16 and _cli.resolve_dtype(None) is None
+            api.resolve_device("cuda:0")
+    assert api.resolve_dtype("bfloat16") is torch.bfloat16 and api.resolve_dtype(None) is None
     with pytest.raises(ValueError, match="not a torch dtype"):
-        _cli.resolve_dtype("float128")
+        api.resolve_dtype("float128")
     with pytest.raises(ValueError, match="neither a directory .* nor a Hugging Face Hub id"):
-        _cli.load_model("/no/such/checkpoint")
+        api.load_model("/no/such/checkpoint")
 
 
 def test_media_budget_flags_in_every_command_that_reads_media(monkeypatch, tmp_path, capsys):
     """--max-image-megapixels ... --max-videos-per-sample: the same flags in score, eval, serve and
-    train; they set mrrm.media's budgets (checked before decoding) for the run."""
+    train; they set mrrm.data.media's budgets (checked before decoding) for the run."""
     import json
 
     from PIL import Image
 
-    from mrrm import _cli, media, score_cli, serve, train
-    from mrrm import eval as mev
+    from mrrm.cli import score_file as score_cli
+    from mrrm.data import budgets, media
+    from mrrm.eval import benchmarks as mev
+    from mrrm.rl import serve
+    from mrrm.train import recipe as train
 
-    for const, _ in _cli.MEDIA_BUDGETS.values():  # restored after the test
+    for const, _ in budgets.MEDIA_BUDGETS.values():  # restored after the test
         monkeypatch.setattr(media, const, getattr(media, const))
-    flags = {"--" + f.replace("_", "-") for f in _cli.MEDIA_BUDGETS}
+    flags = {"--" + f.replace("_", "-") for f in budgets.MEDIA_BUDGETS}
     for parser in (score_cli.build_parser(), mev.build_parser(), serve.build_parser()):
         assert flags <= {s for a in parser._actions for s in a.option_strings}
-    assert set(_cli.MEDIA_BUDGETS) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(budgets.MEDIA_BUDGETS) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [{"prompt": "p", "responses": ["a", "b"], "images": ["a.png"]},

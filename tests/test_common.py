@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from mrrm import demo, train
-from mrrm import eval as mev
-from mrrm.api import build_default_model
 from mrrm.common import MODES, TRAIN_MODES, check_int, check_positive, is_correct, top_choice
+from mrrm.eval import benchmarks as mev
+from mrrm.model.api import build_default_model
+from mrrm.train import demo
+from mrrm.train import recipe as train
 
 
 def test_top_choice_and_its_tie_rule():

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mrrm import ops
-from mrrm.api import build_default_model
+from mrrm.model.api import build_default_model
 
 torch.manual_seed(0)
 LENGTHS = [7, 13, 1, 9]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from mrrm import train
-from mrrm.api import build_default_model
-from mrrm.data import check_rankings
+from mrrm.data.records import check_rankings
+from mrrm.model.api import build_default_model
+from mrrm.train import recipe as train
 
 
 @pytest.mark.parametrize("rankings,reason", [
@@ -36,7 +36,7 @@ def test_jsonl_reader_reports_bad_lines_by_line_and_never_holds_a_long_one(tmp_p
     """mrrm.data.iter_jsonl (training, mrrm.eval and mrrm.prefgraph read JSONL through it): a line nested
     too deeply raised RecursionError, and one line of bad UTF-8 failed the whole file; a line over
     max_line_bytes is passed over in blocks. Each is now an error of its line, the others are read."""
-    from mrrm.data import iter_jsonl
+    from mrrm.data.records import iter_jsonl
 
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"id": 1}\n' + b"[" * 4000 + b"\n" + b'{"id": "\xff\xfe"}\n'

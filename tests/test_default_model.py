@@ -1,13 +1,13 @@
-"""The shipped default model (mrrm/default_model) on a fresh, unseen seed of the demo task."""
+"""The shipped default model (mrrm/model/default_model) on a fresh, unseen seed of the demo task."""
 import json
 import os
 
 import pytest
 
 import mrrm
-from mrrm import demo
-from mrrm.api import DEFAULT_MODEL_DIR
 from mrrm.common import is_correct
+from mrrm.model.api import DEFAULT_MODEL_DIR
+from mrrm.train import demo
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """mrrm.demo: the synthetic multimodal preference task.
 
-Checks that a split is deterministic, in the published schema, readable through mrrm.media, that
+Checks that a split is deterministic, in the published schema, readable through mrrm.data.media, that
 its answers can be read back from the pixels by simple hand-written decoders (so a model can learn
 them), that nothing but the pixels tells the right answer (slot, length, candidate set), and that
 the rankings are graded (a near miss above a wild miss).
@@ -22,8 +22,8 @@ from PIL import Image
 ndimage = pytest.importorskip("scipy.ndimage")
 pytest.importorskip("av")
 
-from mrrm import demo  # noqa: E402
-from mrrm.media import load_image, load_video  # noqa: E402
+from mrrm.data.media import load_image, load_video  # noqa: E402
+from mrrm.train import demo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_SPLIT = 500  # 100 per family
@@ -44,7 +44,7 @@ def correct_answer(sample: dict) -> str:
 
 
 def pixels(sample: dict, base_dir: Path) -> np.ndarray:
-    """[H, W, 3] for an image, [F, H, W, 3] for a video, read through mrrm.media as a user would."""
+    """[H, W, 3] for an image, [F, H, W, 3] for a video, read through mrrm.data.media as a user would."""
     if "image" in sample:
         return np.asarray(load_image(sample["image"], base_dir=base_dir))
     return load_video(sample["video"], base_dir=base_dir).frames.permute(0, 2, 3, 1).numpy()
@@ -220,7 +220,7 @@ def test_schema_and_media(split):
         assert media_keys == ({"video"} if family == "motion" else {"image"})
         rel = r[media_keys.pop()]
         assert not Path(rel).is_absolute() and (base / rel).is_file()
-    # Every media file loads through mrrm.media (the users' loader) at the intended size.
+    # Every media file loads through mrrm.data.media (the users' loader) at the intended size.
     for r in rows:
         x = pixels(r, base)
         if "image" in r:

@@ -60,7 +60,7 @@ def test_meta_tensors_fall_back_to_reference(monkeypatch):
 
 def test_env_reference_routes_the_public_op(monkeypatch):
     """MRRM_OPS=reference must reach the reference implementation, not just the chooser."""
-    import mrrm.reference as reference
+    import mrrm.ops.oracle as reference
 
     called = {}
     real = reference.listwise_ce

@@ -16,16 +16,16 @@ import pytest
 from model_fixtures import write_mp4
 from PIL import Image
 
-from mrrm import eval as mev
-from mrrm import media
-from mrrm.encoding import BatchError, SampleError
+from mrrm.data import media
+from mrrm.data.encoding import BatchError, SampleError
+from mrrm.eval import benchmarks as mev
 
 SCORE = re.compile(r"\[s=(-?[0-9.]+)\]")
 
 
 class KnownScorer:
     """mrrm.score's contract with known scores: a response "... [s=0.7]" scores 0.7, plus `first_bonus`
-    for the response in the first position. Media are decoded with mrrm.media, and unreadable ones are
+    for the response in the first position. Media are decoded with mrrm.data.media, and unreadable ones are
     rejected with a BatchError naming the sample, as the model does."""
 
     def __init__(self, first_bonus=0.0, table=None):

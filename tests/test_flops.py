@@ -15,10 +15,10 @@ import torch
 from model_fixtures import HEAD_DIM, frame_list, rgb_image
 from torch.utils.flop_counter import FlopCounterMode
 
-from mrrm import flops
-from mrrm.encoding import SEPARATOR_TEXT
-from mrrm.flops import backbone_spec, count_flops, image_grid, ratio, scoring_flops, video_grid
-from mrrm.tiny import QWEN_FAMILIES
+from mrrm.data.encoding import SEPARATOR_TEXT
+from mrrm.eval import flops
+from mrrm.eval.flops import backbone_spec, count_flops, image_grid, ratio, scoring_flops, video_grid
+from mrrm.model.tiny import QWEN_FAMILIES
 
 SAMPLES = {
     # 80 x 48 pixels -> 10 x 6 patches of 8 -> 5 x 3 tokens: Qwen2.5-VL's 2 x 2 windows end partial
@@ -88,9 +88,9 @@ def test_analytic_equals_counter_on_full_tiny_model(families, family, kind, monk
 
 def test_independent_useful_counts_only_visible_pairs():
     """The useful convention counts the shared-prefix mask's visible pairs: checked against the mask
-    mrrm.reference builds for the packed stream."""
-    from mrrm.packing import SampleLayout, pack
-    from mrrm.reference import attention_mask_dense
+    mrrm.ops.oracle builds for the packed stream."""
+    from mrrm.data.packing import SampleLayout, pack
+    from mrrm.ops.oracle import attention_mask_dense
 
     cfg = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
            "intermediate_size": 128}

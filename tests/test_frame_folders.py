@@ -1,4 +1,4 @@
-"""Videos given as a folder of frame images outside mrrm.media itself: the reward server's --media-root
+"""Videos given as a folder of frame images outside mrrm.data.media itself: the reward server's --media-root
 confinement (the folder and every frame it reads checked under the root), the sample fields the
 authors' reference reads ("question", "sampling_interval"), and scoring with the built-in model."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrrm import media
-from mrrm.encoding import SampleError, _frame_interval
+from mrrm.data import media
+from mrrm.data.encoding import SampleError, _frame_interval
 
 
 def frames(folder, n=4, size=(16, 16)):
@@ -19,7 +19,7 @@ def frames(folder, n=4, size=(16, 16)):
 
 
 def test_served_frame_folders_stay_under_the_media_root(tmp_path):
-    from mrrm.serve import ConfinedFolder, MediaRejected, load_video_field
+    from mrrm.rl.serve import ConfinedFolder, MediaRejected, load_video_field
 
     root = (tmp_path / "root").resolve()
     frames(root / "clips" / "c1")
@@ -78,7 +78,7 @@ def test_the_model_scores_frame_folders_and_the_question_field(tmp_path):
     spaced = model.score({"prompt": "Which way?", "video": str(folder), "sampling_interval": 4.0,
                           "responses": responses})[0]
     assert spaced == by_prompt
-    from mrrm.encoding import BatchError
+    from mrrm.data.encoding import BatchError
     (tmp_path / "none").mkdir()
     with pytest.raises(BatchError, match=r"sample 1 \(id='b'\): frame folder .*none.*no frame images"):
         model.score([{"prompt": "x", "video": str(folder), "responses": ["a"]},

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_fixtures import build_family
 
-from mrrm.encoding import SampleError
-from mrrm.serve import create_app
+from mrrm.data.encoding import SampleError
+from mrrm.rl.serve import create_app
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats(allow_nan=False)

@@ -20,7 +20,7 @@ import torch
 from model_fixtures import build_family, rgb_image
 
 import mrrm
-from mrrm.grpo import RewardFunction, canonical_order, completion_text, compute_score, prompt_text
+from mrrm.rl.grpo import RewardFunction, canonical_order, completion_text, compute_score, prompt_text
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = dict(rel=1e-4, abs=1e-6)  # packing differs between the two sides, hence the rounding
@@ -256,7 +256,7 @@ def test_grpo_trainer_logs_mrrm_rewards(reward_model, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from mrrm import tiny
+    from mrrm.model import tiny
 
     tok = tiny.build_tokenizer()
     torch.manual_seed(0)
@@ -364,7 +364,7 @@ def test_compute_score_row_groups_rows_and_times_out(reward_model):
     one group; a group short of group_size is scored as it is after group_timeout; bad kwargs refused."""
     import asyncio
 
-    from mrrm.grpo import GroupIncomplete, compute_score_row
+    from mrrm.rl.grpo import GroupIncomplete, compute_score_row
 
     info = {"prompt": "Name a colour."}
 
@@ -397,7 +397,7 @@ def test_compute_score_row_misconfigurations_raise_never_reward(reward_model):
     at once."""
     import asyncio
 
-    from mrrm.grpo import GroupConflict, GroupOverfull, compute_score_row
+    from mrrm.rl.grpo import GroupConflict, GroupOverfull, compute_score_row
 
     async def rows(items, **kw):
         return await asyncio.gather(*(compute_score_row("src", a, "", dict(info), model=reward_model, **kw)
@@ -422,7 +422,7 @@ def test_group_assembler_retries_rejects_and_windows():
     after the window (the same prompt may come back in a later step)."""
     import asyncio
 
-    from mrrm.grpo import GroupAssembler, RolloutRejected
+    from mrrm.rl.grpo import GroupAssembler, RolloutRejected
 
     calls = []
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 from hub_server import HubStandIn
 
-from mrrm.hub import split_hub_id
+from mrrm.model.hub import split_hub_id
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "reference_env")
@@ -41,7 +41,7 @@ def test_hub_ids_are_told_apart_from_paths():
 
 def test_neither_a_directory_nor_a_hub_id_is_a_clear_error(tmp_path):
     import mrrm
-    from mrrm._cli import load_model
+    from mrrm.model.api import load_model
 
     with pytest.raises(FileNotFoundError, match="neither a directory nor a Hub id"):
         mrrm.load(str(tmp_path / "missing" / "dir"))
@@ -60,7 +60,7 @@ def test_push_to_hub_then_load_by_id_online_and_offline(tmp_path):
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": cache, "HF_TOKEN": "hf_standin_token"}
         online = run(f"""
             import json, mrrm
-            from mrrm._cli import load_model
+            from mrrm.model.api import load_model
             model = mrrm.load({CHECKPOINT!r})
             local = model.score({SAMPLE!r})[0]
             url = model.push_to_hub("org/rm", layout="reference")
@@ -110,7 +110,7 @@ def test_push_to_hub_then_load_by_id_online_and_offline(tmp_path):
 
 def test_model_card_from_a_training_record():
     import mrrm
-    from mrrm.hub import model_card
+    from mrrm.model.hub import model_card
 
     model = mrrm.load()
     model.config.training = {"command": "python -m mrrm.train --data a.jsonl --max-steps 10", "data": ["a.jsonl"],

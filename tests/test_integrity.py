@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mrrm import integrity
+from mrrm.errors import MrrmError
 
 # a bare pickle.dump writes protocol 4, which torch's restricted reader warns about before refusing it
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -62,7 +63,7 @@ def _flip(path, offset=None, count=16):
 def _tiny_checkpoint(out, step=1, extra=None):
     """A training checkpoint of a small module, as mrrm.train writes it; `extra` (a folder) moved in as
     deepspeed/ the way a DeepSpeed run's partition files are."""
-    from mrrm.train import save_checkpoint
+    from mrrm.train.recipe import save_checkpoint
 
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -78,7 +79,7 @@ def test_row1_a_crafted_state_pt_with_recomputed_checksums_never_runs_code(tmp_p
     """Resume reads checkpoints/step-*/state.pt: a crafted pickle (its checksums recomputed) is refused by
     name and runs nothing; the torch files of every other load path are read the same way (a static check
     over mrrm/: every torch.load has weights_only=True, and nothing unpickles a file)."""
-    from mrrm.train import load_intact_checkpoint
+    from mrrm.train.recipe import load_intact_checkpoint
 
     ckpt = _tiny_checkpoint(tmp_path / "run")
     marker = tmp_path / "code-ran"
@@ -87,7 +88,7 @@ def test_row1_a_crafted_state_pt_with_recomputed_checksums_never_runs_code(tmp_p
     said, refused = [], None
     try:
         load_intact_checkpoint(str(tmp_path / "run"), log=said.append)
-    except SystemExit as e:
+    except MrrmError as e:
         refused = str(e)
     assert not marker.exists(), "the crafted state.pt ran code on resume"
     assert re.search(r"step-00000001/state.pt: refused: it holds more than tensors", refused or ""), refused
@@ -101,7 +102,7 @@ def test_row1_a_crafted_state_pt_with_recomputed_checksums_never_runs_code(tmp_p
             integrity.load_torch_file(str(tmp_path / name))
         assert not marker.exists(), name
     # every torch.load call in the package is restricted, and nothing unpickles a file (pickle.loads of the
-    # encoder that mrrm.pipeline itself sends to its worker processes reads no file)
+    # encoder that mrrm.data.pipeline itself sends to its worker processes reads no file)
     import ast
 
     loads = 0
@@ -123,7 +124,7 @@ def test_row1_a_crafted_state_pt_with_recomputed_checksums_never_runs_code(tmp_p
 def test_row1_value_head_pt_of_the_authors_layout_never_runs_code(tmp_path):
     """The authors' value_head.pt (a plain state dict) is read with weights_only=True: a crafted one is a
     clear error naming it, and runs nothing."""
-    from mrrm.checkpoints import _load_value_head
+    from mrrm.model.checkpoints import _load_value_head
 
     marker = tmp_path / "code-ran"
     torch.save({"weight": _RunsCode(marker)}, tmp_path / "value_head.pt")
@@ -139,7 +140,7 @@ def test_row6_every_file_of_a_checkpoint_is_verified_partitions_included(tmp_pat
     state.pt: a flipped byte in one, a file missing or a file added makes the resume skip that checkpoint,
     naming the file, and fall back to an older intact one; a checkpoint without a manifest is resumed only
     with --resume-unverified (said in the log), else skipped naming the flag."""
-    from mrrm.train import load_intact_checkpoint
+    from mrrm.train.recipe import load_intact_checkpoint
 
     out = tmp_path / "run"
     for step in (1, 2):
@@ -181,7 +182,7 @@ def test_row6_every_file_of_a_checkpoint_is_verified_partitions_included(tmp_pat
     os.remove(out / "checkpoints" / "step-00000001" / "checksums.sha256")
     with open(newest / "state.sha256", "w") as fh:
         fh.write(integrity.sha256_file(str(newest / "state.pt")) + "\n")
-    with pytest.raises(SystemExit, match="covers state.pt but not deepspeed/; pass --resume-unverified"):
+    with pytest.raises(MrrmError, match="covers state.pt but not deepspeed/; pass --resume-unverified"):
         load_intact_checkpoint(str(out), log=lambda *a: None)
     shutil.rmtree(newest / "deepspeed")
     assert load_intact_checkpoint(str(out), log=lambda *a: None)[0].endswith("step-00000002")
@@ -232,7 +233,7 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
     (resp_repr_mode, head_activation) and the optimizer state's (lr) even with --force-resume; the data's
     (video_fps, max_length) unless --force-resume, which then records them in model/'s training record.
     Cadence settings change freely. A checkpoint without its manifest is refused unless --resume-unverified."""
-    from mrrm.train import parse_args, train
+    from mrrm.train.recipe import parse_args, train
 
     out = str(tmp_path / "run")
     common = ["--data", colour_data, "--eval-data", colour_data, "--head-hidden", "16", "--batch-size", "8", "--lr",
@@ -241,9 +242,9 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
     for flags, said in ((["--resp-repr-mode", "first"], "resp_repr_mode 'last' -> 'first'"),
                         (["--head-activation", "gelu"], "head_activation 'silu' -> 'gelu'"),
                         (["--lr", "1e-3", "--force-resume"], "lr 0.002 -> 0.001")):
-        with pytest.raises(SystemExit, match="settings a resume cannot change: " + re.escape(said)):
+        with pytest.raises(MrrmError, match="settings a resume cannot change: " + re.escape(said)):
             train(parse_args(common + ["--max-steps", "2"] + flags))
-    with pytest.raises(SystemExit, match=re.escape("other settings: video_fps None -> 1.0, max_length 4096 -> 512;")):
+    with pytest.raises(MrrmError, match=re.escape("other settings: video_fps None -> 1.0, max_length 4096 -> 512;")):
         train(parse_args(common + ["--max-steps", "2", "--video-fps", "1", "--max-length", "512"]))
     # logging cadence is free; --force-resume continues with the new data settings and says so in model/
     train(parse_args(common + ["--max-steps", "2", "--video-fps", "1", "--max-length", "512", "--force-resume",
@@ -259,7 +260,7 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
     _flip(os.path.join(newest, "state.pt"), offset=200)
     for older in ("step-00000001",):
         os.remove(os.path.join(out, "checkpoints", older, "checksums.sha256"))
-    with pytest.raises(SystemExit, match="step-00000002 \\(no checksums.sha256 .*pass --resume-unverified"):
+    with pytest.raises(MrrmError, match="step-00000002 \\(no checksums.sha256 .*pass --resume-unverified"):
         train(parse_args(common + ["--max-steps", "3", "--video-fps", "1", "--max-length", "512"]))
 
 
@@ -275,8 +276,8 @@ def test_row11_verify_catches_flipped_weight_bytes_in_both_layouts(tmp_path):
     verify=True (mrrm.load, and --verify on the commands) the load is refused naming the file. The authors'
     layout is covered the same way; a checkpoint without a manifest is a clear error with verify=True."""
     import mrrm
-    from mrrm._cli import add_model_args, load_model
-    from mrrm.api import build_default_model
+    from mrrm._args import add_model_args
+    from mrrm.model.api import build_default_model, load_model
 
     model = build_default_model()
     sample = {"prompt": "What colour is the image?", "responses": ["red", "a blue square", "green"]}
@@ -299,7 +300,7 @@ def test_row11_verify_catches_flipped_weight_bytes_in_both_layouts(tmp_path):
     assert args.verify and not ap.parse_args([]).verify
     with pytest.raises(integrity.ChecksumError, match="model.safetensors"):
         load_model(args.model, device="cpu", verify=args.verify)
-    from mrrm import eval as mrrm_eval
+    from mrrm.eval import benchmarks as mrrm_eval
 
     opts = {**mrrm_eval.DEFAULT_OPTIONS, "model": str(ckpt), "device": "cpu", "verify": True}
     with pytest.raises(integrity.ChecksumError, match="model.safetensors: does not match"):
@@ -322,15 +323,18 @@ def test_row11_verify_catches_flipped_weight_bytes_in_both_layouts(tmp_path):
 
 
 def test_verify_flag_reaches_the_model_load_of_every_command(monkeypatch, capsys):
-    """--verify (mrrm._cli.add_model_args) is in every command that takes --model, and each passes it to the
+    """--verify (mrrm._args.add_model_args) is in every command that takes --model, and each passes it to the
     load: score (local and Ray actors), eval, serve. A flag a command ignored would claim a check never made."""
-    from mrrm import _cli, score_cli, score_ray, serve
-    from mrrm import eval as mev
+    from mrrm.cli import score_file as score_cli
+    from mrrm.cli import score_ray
+    from mrrm.eval import benchmarks as mev
+    from mrrm.model import api
+    from mrrm.rl import serve
 
     def fake_load(model=None, **kw):
         raise ValueError(f"load_model called with verify={kw.get('verify')}")
 
-    for module in (_cli, score_cli, serve, mev):
+    for module in (api, score_cli, serve, mev):
         monkeypatch.setattr(module, "load_model", fake_load, raising=False)
     for parser in (score_cli.build_parser(), mev.build_parser(), serve.build_parser()):
         assert "--verify" in {s for a in parser._actions for s in a.option_strings}

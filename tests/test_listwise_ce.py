@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
 
-from mrrm import ops, reference
+from mrrm import ops
+from mrrm.ops import oracle as reference
 from mrrm.ops._dispatch import load_C
 
 LOSSES = reference.LOSSES

@@ -1,4 +1,4 @@
-"""mrrm.media: image sources, video decoding and sampling (decord and PyAV), fingerprints.
+"""mrrm.data.media: image sources, video decoding and sampling (decord and PyAV), fingerprints.
 
 Every file is made on the fly in tmp_path. Videos are written with PyAV (libx264, crf 0) with one
 solid colour per frame, so a decoded frame is identified by its nearest reference colour.
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mrrm import media
-from mrrm.media import MediaError, VideoClip, load_image, load_video, media_fingerprint, sample_frame_indices
+from mrrm.data import media
+from mrrm.data.media import MediaError, VideoClip, load_image, load_video, media_fingerprint, sample_frame_indices
 
 HAS_DECORD = media._decord() is not None
 requires_decord = pytest.mark.skipif(not HAS_DECORD, reason="decord is not importable")
@@ -514,11 +514,11 @@ def test_fingerprint_of_pixels_and_lists(png, pixels):
 
 def test_image_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
     """A tiny PNG declaring 81 megapixels is refused from its header (nothing decoded); the limit is
-    mrrm.media.MAX_IMAGE_PIXELS."""
+    mrrm.data.media.MAX_IMAGE_PIXELS."""
     from PIL import Image as PILImage
     from PIL import ImageFile
 
-    from mrrm import media as m
+    from mrrm.data import media as m
     path = tmp_path / "huge.png"
     PILImage.new("L", (9000, 9000)).save(path, optimize=True)  # 81 MP of black: a few hundred KB
     assert path.stat().st_size < 1_000_000
@@ -536,7 +536,7 @@ def test_image_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
 def test_video_budgets_are_checked_before_decoding(tmp_path, monkeypatch, backend):
     """Frame size from the container's header, and the sampled frames' pixels, against
     MAX_VIDEO_FRAME_PIXELS / MAX_VIDEO_DECODED_PIXELS before any reader decodes a frame."""
-    from mrrm import media as m
+    from mrrm.data import media as m
 
     path = write_video(tmp_path / "v.mp4", num_frames=24, size=32)
     calls = []
@@ -603,10 +603,10 @@ def test_media_are_charged_from_headers_before_decoding(tmp_path, png, pixels, m
 
 
 def test_a_sample_s_media_together_are_budgeted(tmp_path, pixels, monkeypatch):
-    """mrrm.media.MAX_SAMPLE_DECODED_PIXELS: all of one sample's images and frames together, refused
+    """mrrm.data.media.MAX_SAMPLE_DECODED_PIXELS: all of one sample's images and frames together, refused
     per sample before the one that would cross it is decoded; the next sample starts afresh."""
-    from mrrm.api import build_default_model
-    from mrrm.encoding import SampleError
+    from mrrm.data.encoding import SampleError
+    from mrrm.model.api import build_default_model
 
     model = build_default_model()
     b64 = base64.b64encode(_encode(pixels)).decode()
@@ -616,7 +616,7 @@ def test_a_sample_s_media_together_are_budgeted(tmp_path, pixels, monkeypatch):
     model.encoder.encode(two, 0)
     model.encoder.encode(two, 1)  # the budget is per sample
     with pytest.raises(SampleError, match=r"sample 2: base64 image string: decoding .* take the sample's media "
-                                          r"\(mrrm.media.MAX_SAMPLE_DECODED_PIXELS\) over its limit"):
+                                          r"\(mrrm.data.media.MAX_SAMPLE_DECODED_PIXELS\) over its limit"):
         model.encoder.encode({**two, "images": [b64] * 3}, 2)
 
 
@@ -775,7 +775,7 @@ def test_frame_folder_fingerprint(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["ico", "tiff_tile", "avi_4096", "avi_2048", "ts"])
 def test_a_container_that_misstates_its_size_is_refused_under_a_memory_limit(tmp_path, case):
-    """Each medium in a child process held to what it holds after importing mrrm.media plus 256 MB: an ICO
+    """Each medium in a child process held to what it holds after importing mrrm.data.media plus 256 MB: an ICO
     whose directory says 256x256 holding a 13000x13000 PNG (PIL decodes it inside Image.open: +645 MB);
     a 150-byte TIFF of 16x16 in a 32768x32768 tile (libtiff allocates the tile: +1 GB); AVIs whose header
     (and first frame) say 64x64 with frames of 4096x4096 (over the per-frame limit: the decoder's own

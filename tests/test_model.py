@@ -32,9 +32,10 @@ from model_fixtures import (
 )
 
 import mrrm
-from mrrm import tiny
-from mrrm.encoding import RESP_SEP, BatchError
-from mrrm.model import RewardModel, RewardModelConfig
+from mrrm.data.encoding import RESP_SEP, BatchError
+from mrrm.model import tiny
+from mrrm.model.parts import RewardModelConfig
+from mrrm.model.reward_model import RewardModel
 
 ATOL = 1e-5          # packed / reference, independent / single, permutation averages (fp32)
 ATOL_RELOAD = 1e-6   # the same weights loaded back
@@ -57,14 +58,14 @@ def qwen2(families):
 
 @pytest.fixture(scope="module")
 def mp4_path(tmp_path_factory):
-    """8 frames of 32x32 at 4 fps (2 s): mrrm.media samples 4 frames at 2 fps."""
+    """8 frames of 32x32 at 4 fps (2 s): mrrm.data.media samples 4 frames at 2 fps."""
     pytest.importorskip("av")
     return str(write_mp4(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=8, fps=4, size=32))
 
 
 @pytest.fixture(scope="module")
 def mixed_batch(mp4_path):
-    """Images, a frame-list video, an mp4 read through mrrm.media, text only; N = 1..8."""
+    """Images, a frame-list video, an mp4 read through mrrm.data.media, text only; N = 1..8."""
     return [
         {"prompt": "What is shown?", "image": rgb_image(1), "responses": ["a cat", "a dog", "a red car"]},
         {"prompt": "Say hi.", "responses": ["hello there"]},
@@ -168,7 +169,7 @@ def test_several_images_in_one_sample(qwen2, how, tmp_path):
 
 
 def test_single_sample_dict_and_mp4_read_through_media(qwen2, mixed_batch):
-    """A bare dict is one sample; the mp4 sample goes through mrrm.media (4 frames sampled)."""
+    """A bare dict is one sample; the mp4 sample goes through mrrm.data.media (4 frames sampled)."""
     mp4_sample = mixed_batch[3]
     enc = qwen2.model.encoder.encode(mp4_sample)
     t, h, w = enc.video_grid_thw[0].tolist()
@@ -215,7 +216,7 @@ def test_independent_equals_single_and_is_order_free(fam, mixed_batch):
 
 
 def test_one_vision_call_per_pass_equals_the_backbone_s_own_calls(fam, mixed_batch):
-    """one_vision_call (ZeRO-3's mode, mrrm.sharding): every pass calls the vision tower exactly once
+    """one_vision_call (ZeRO-3's mode, mrrm.train.sharding): every pass calls the vision tower exactly once
     (images and videos together; a dummy image in a pass without media), and scores AND gradients
     equal the backbone's own calls (one per media kind, none without media)."""
     if fam.family == "molmo2":
@@ -351,7 +352,7 @@ def test_special_token_text_in_media_samples_without_processor_sanitizing(fam):
     gives exactly the ids of the processors' own sanitizing where they have it."""
     import transformers
 
-    from mrrm.encoding import processor_sanitizes_control_tokens
+    from mrrm.data.encoding import processor_sanitizes_control_tokens
 
     if not processor_sanitizes_control_tokens():
         pytest.skip(f"transformers {transformers.__version__}'s processors cannot sanitize: nothing to compare "
@@ -458,7 +459,7 @@ def test_score_with_encoding_workers(qwen2, mixed_batch):
     """workers=N encodes in worker processes: the same scores; errors='skip' gives None in a bad
     sample's place (chunks scored while the next encode), errors='raise' one BatchError naming every
     bad sample before any compute; a running EncodePool can be reused across calls."""
-    from mrrm.pipeline import EncodePool
+    from mrrm.data.pipeline import EncodePool
 
     model = qwen2.model
     want = model.score(mixed_batch)
@@ -642,7 +643,7 @@ def test_bad_samples_raise_or_skip(qwen2, mixed_batch, tmp_path, monkeypatch):
 # -- 8. the public entry points with the built-in default ----------------------------------------
 
 def test_mrrm_score_with_builtin_default():
-    from mrrm import api
+    from mrrm.model import api
 
     out = mrrm.score({"prompt": "What is shown?", "image": rgb_image(41), "responses": ["a cat", "a dog", "a car"]})
     assert isinstance(out, list) and len(out) == 1 and len(out[0]) == 3
@@ -708,7 +709,7 @@ def test_cuda_scores_match_cpu(qwen2):
 
 @pytest.mark.parametrize("damaged", ["value_head.safetensors", "backbone/model.safetensors", "mrrm_config.json"])
 def test_damaged_checkpoint_file_is_named(tmp_path, damaged):
-    from mrrm.api import build_default_model
+    from mrrm.model.api import build_default_model
 
     build_default_model().save_pretrained(tmp_path)
     f = tmp_path / damaged

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mrrm import tiny
-from mrrm.model import RewardModel, RewardModelConfig
+from mrrm.model import tiny
+from mrrm.model.parts import RewardModelConfig
+from mrrm.model.reward_model import RewardModel
 
 TOL = dict(rtol=1e-5, atol=2e-5)  # fp32, different attention kernels and summation orders
 

@@ -1,4 +1,4 @@
-"""mrrm.packing: layouts -> packed varlen batches, checked against a plain-Python oracle, and the key
+"""mrrm.data.packing: layouts -> packed varlen batches, checked against a plain-Python oracle, and the key
 equivalence: shared_prefix attention over an `independent` pack == causal attention over `single`."""
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mrrm import ops, reference
-from mrrm.packing import MODES, PackedBatch, SampleLayout, pack, pack_micro_batches, sample_num_tokens, split_scores
+from mrrm import ops
+from mrrm.data.packing import (
+    MODES,
+    PackedBatch,
+    SampleLayout,
+    pack,
+    pack_micro_batches,
+    sample_num_tokens,
+    split_scores,
+)
+from mrrm.ops import oracle as reference
 
 FAST = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.data_too_large])
@@ -87,7 +96,7 @@ def joint_body(l):
 
 def oracle(layouts, mode):
     """Per token: id, position rows, segment; per sequence: length, sample, prefix length; per
-    score: position and start. Written independently of mrrm.packing, as directly as possible."""
+    score: position and start. Written independently of mrrm.data.packing, as directly as possible."""
     K = 3 if any(l.prefix_positions is not None and l.prefix_positions.dim() == 2 for l in layouts) else 1
     ids, pos, seg, seq_lens, seq_sample, prefix_lens, scores, starts = [], [[] for _ in range(K)], [], [], [], [], [], []
 

@@ -1,4 +1,4 @@
-"""mrrm.pipeline: encoding in worker processes. A worker that dies on a sample costs that sample."""
+"""mrrm.data.pipeline: encoding in worker processes. A worker that dies on a sample costs that sample."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ def test_a_worker_that_dies_costs_its_sample_not_the_run():
     keeps working for the next chunk."""
     from faults import AbortingEncoder
 
-    from mrrm.pipeline import EncodePool
+    from mrrm.data.pipeline import EncodePool
 
     pool = EncodePool(AbortingEncoder(), 2)
     try:

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from mrrm import prefgraph
-from mrrm.eval import kendall_tau_b
-from mrrm.prefgraph import (
+from mrrm.eval import prefgraph
+from mrrm.eval.benchmarks import kendall_tau_b
+from mrrm.eval.prefgraph import (
     build_graphs,
     exact_order,
     heuristic_order,

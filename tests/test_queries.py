@@ -1,8 +1,8 @@
-"""mrrm.queries: OpenRLHF's templated prompts and decoded queries back to (user message, media, response)."""
+"""mrrm.rl.queries: OpenRLHF's templated prompts and decoded queries back to (user message, media, response)."""
 import pytest
 
-from mrrm import tiny
-from mrrm.queries import QueryError, collapse_media_pads, response_of, strip_stop_texts, template_frame, user_turn
+from mrrm.model import tiny
+from mrrm.rl.queries import QueryError, collapse_media_pads, response_of, strip_stop_texts, template_frame, user_turn
 
 QWEN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 

@@ -32,11 +32,12 @@ from model_fixtures import (
 )
 
 import mrrm
-from mrrm import tiny
-from mrrm.model import RewardModel, RewardModelConfig
+from mrrm.data.packing import SampleLayout, pack
+from mrrm.model import tiny
+from mrrm.model.parts import RewardModelConfig
+from mrrm.model.qwen35 import LORA_TARGET
+from mrrm.model.reward_model import RewardModel
 from mrrm.ops import linear_attention as la
-from mrrm.packing import SampleLayout, pack
-from mrrm.qwen35 import LORA_TARGET
 
 ATOL = 1e-5
 
@@ -245,7 +246,7 @@ def test_packed_joint_equals_eager_transformers(fam, batch, monkeypatch):
         linear_calls.append(args[5])
         return real_rule(*args, **kwargs)
     monkeypatch.setattr(mrrm.ops, "varlen_attention", spy_attention)
-    monkeypatch.setattr("mrrm.qwen35.gated_delta_rule_varlen", spy_rule)
+    monkeypatch.setattr("mrrm.model.qwen35.gated_delta_rule_varlen", spy_rule)
     assert fam.model.packed
     got = fam.model.score(batch)
     assert_close(got, want, ATOL, "joint, one micro-batch")
@@ -277,7 +278,7 @@ def test_independent_equals_single_and_needs_both_forks(fam, batch, monkeypatch)
     joint = model.score(batch)
     assert max_abs_diff(joint, ind) > 100 * ATOL  # joint responses see the earlier ones
 
-    import mrrm.qwen35 as q35
+    import mrrm.model.qwen35 as q35
     real_conv, real_rule = q35.causal_conv1d_varlen, q35.gated_delta_rule_varlen
     for drop in ("conv", "recurrent", "both"):
         with monkeypatch.context() as m:
@@ -329,7 +330,7 @@ def test_independent_gradients_equal_the_single_passes(fam, batch):
 
 
 def test_linear_layer_refuses_calls_without_packing(fam):
-    from mrrm.qwen35 import MrrmGatedDeltaNet, use_mrrm_linear_attention
+    from mrrm.model.qwen35 import MrrmGatedDeltaNet, use_mrrm_linear_attention
 
     layer = next(m for m in fam.model.backbone.modules() if isinstance(m, MrrmGatedDeltaNet))
     with pytest.raises(RuntimeError, match="mrrm_varlen"):
@@ -352,7 +353,7 @@ def test_save_load_round_trip(fam, batch, tmp_path):
 # -- training through the public entry point -----------------------------------------------------
 
 def test_training_independent_with_lora_lowers_the_loss(tmp_path, tokenizer):
-    from mrrm.train import TrainConfig, build_model, train
+    from mrrm.train.recipe import TrainConfig, build_model, train
 
     base = str(tmp_path / "base")
     with torch.random.fork_rng(devices=[]):
@@ -394,7 +395,7 @@ def test_flops_analytic_equals_counter_on_the_tiny_model(fam, kind, monkeypatch)
     forward, the CPU linear-attention path) and on its meta-device reduced copy: exact integers."""
     from test_flops import SAMPLES, _count_real, _separated, _shape_of
 
-    from mrrm.flops import count_flops, scoring_flops
+    from mrrm.eval.flops import count_flops, scoring_flops
 
     model = fam.model
     enc = _separated(model, model.encoder.encode(SAMPLES[kind], 0))
@@ -415,7 +416,7 @@ def test_flops_analytic_equals_counter_on_the_tiny_model(fam, kind, monkeypatch)
 
 
 def test_flops_of_the_linear_layers():
-    from mrrm.flops import backbone_spec, scoring_flops
+    from mrrm.eval.flops import backbone_spec, scoring_flops
 
     spec = backbone_spec("qwen3_5_9b")
     t = spec.text

@@ -27,8 +27,9 @@ import torch
 from model_fixtures import require_native
 
 import mrrm
-from mrrm.encoding import RESP_SEP
-from mrrm.model import RewardModel, text_hidden_size, unwrap
+from mrrm.data.encoding import RESP_SEP
+from mrrm.model.parts import text_hidden_size, unwrap
+from mrrm.model.reward_model import RewardModel
 
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
 GOLDEN = json.load(open(os.path.join(ROOT, "golden.json")))
@@ -137,8 +138,8 @@ def test_molmo2_base_without_the_separator_row_saves_and_reloads(layout, tmp_pat
     (text_config.vocab_size stays the base vocabulary, as the authors' code grows `new_embedding`),
     so both layouts reload with the same scores. resize_token_embeddings alone overwrote vocab_size
     with the total, and the reload built vocab_size + additional_vocab_size rows (651 vs 661)."""
-    from mrrm import tiny
-    from mrrm.model import RewardModelConfig, ensure_separator_token
+    from mrrm.model import tiny
+    from mrrm.model.parts import RewardModelConfig, ensure_separator_token
 
     require_native("molmo2")
     tok = tiny.build_tokenizer(family="molmo2", with_separator=False)
@@ -341,7 +342,7 @@ def test_load_backbone_reads_every_weight_of_a_full_model_checkpoint(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForImageTextToText
 
-    from mrrm.model import load_backbone
+    from mrrm.model.checkpoints import load_backbone
 
     base = os.path.join(ROOT, "bases", "qwen2_vl")
     got = load_backbone(base).state_dict()

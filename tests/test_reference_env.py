@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import mrrm
-from mrrm import media
-from mrrm.model import RewardModel
+from mrrm.data import media
+from mrrm.model.reward_model import RewardModel
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "reference_env")
@@ -177,7 +177,7 @@ def test_video_sampling_is_validated():
 
 def test_training_records_the_video_sampling(tmp_path):
     """python -m mrrm.train --video-sampling reference trains (and saves) with the authors' sampling."""
-    from mrrm.train import TrainConfig, build_model
+    from mrrm.train.recipe import TrainConfig, build_model
 
     model = build_model(TrainConfig(video_sampling="reference"))
     assert model.config.video_sampling == "reference" and model.encoder.video_sampling == "reference"
@@ -188,7 +188,7 @@ def test_training_records_the_video_sampling(tmp_path):
 def test_a_backbone_the_installed_transformers_lacks_is_a_clear_error(monkeypatch):
     """Molmo2 is native from transformers 5.20; below it, loading names the version (checked here by
     pretending the class is missing)."""
-    from mrrm import model as M
+    from mrrm.model import parts as M
 
     monkeypatch.setitem(M.NATIVE_SINCE, "molmo2", ("NoSuchMolmo2Config", "99.0"))
     with pytest.raises(ImportError, match=r"a molmo2 backbone needs transformers >= 99.0 .* pip install"):

@@ -23,8 +23,8 @@ from model_fixtures import build_family, rgb_image
 from serving import running
 
 import mrrm
-from mrrm.grpo import canonical_order
-from mrrm.serve import create_app
+from mrrm.rl.grpo import canonical_order
+from mrrm.rl.serve import create_app
 
 rl_stubs.install(["ray", "vllm"])  # before any framework import: both import ray at the top
 openrlhf = pytest.importorskip("openrlhf", reason="installed by .ci/run: pip install --no-deps -r requirements-rl-nodeps.txt")
@@ -240,7 +240,7 @@ def test_verl_reward_loop_scores_each_prompts_rollouts_together(family, tmp_path
         for (q, a), out in zip(batch, outs):
             assert out["reward_score"] == pytest.approx(want[q][a], **TOL), (q, a)
             assert out["reward_extra_info"]["mrrm_group_size"] == 4
-    from mrrm.grpo import _ROW_ASSEMBLERS
+    from mrrm.rl.grpo import _ROW_ASSEMBLERS
     (assembler,) = _ROW_ASSEMBLERS[worker.loop].values()  # one set of reward options in this loop
     assert assembler.counters["groups"] == 4 and assembler.counters["groups_failed"] == 0  # 2 batches x 2 prompts
 

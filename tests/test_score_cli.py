@@ -1,4 +1,4 @@
-"""`python -m mrrm.score` (mrrm.score_cli): JSONL in, scores + best out; bad lines by line number;
+"""`python -m mrrm.score` (mrrm.cli.score_file): JSONL in, scores + best out; bad lines by line number;
 resume after an interruption without duplicates or losses.
 
 Uses the built-in default model (a random tiny Qwen2-VL, fast on CPU) with images written by PIL
@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 import mrrm
-from mrrm import score_cli
-from mrrm.score_cli import main
+from mrrm.cli import score_file as score_cli
+from mrrm.cli.score_file import main
 
 REPO = Path(__file__).resolve().parents[1]
 SCORE_TOL = dict(rel=1e-4, abs=1e-7)  # chunking changes the packing, hence the rounding
@@ -513,7 +513,7 @@ def test_lone_surrogate_is_a_per_sample_error(model, tmp_path):
 def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """An --out whose directory cannot be made (here: below a regular file) exits 2 naming it, before
     any model is loaded."""
-    import mrrm.score_cli as sc
+    import mrrm.cli.score_file as sc
 
     data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a colour.", "responses": ["red", "blue"]}])
     (tmp_path / "afile").write_text("x")
@@ -572,7 +572,7 @@ def test_a_line_longer_than_memory_is_never_held(model, tmp_path):
     out = tmp_path / "scored.jsonl"
     code = ("import resource, sys\n"
             "import mrrm\n"
-            "from mrrm.score_cli import main\n"
+            "from mrrm.cli.score_file import main\n"
             "m = mrrm.load(device='cpu')\n"
             "m.score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
             "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
@@ -633,7 +633,7 @@ def test_workers_survive_a_tokenizer_abort_under_a_memory_limit(model, tmp_path)
     big = str(100_000_000)
     code = ("import resource, sys\n"
             "import mrrm\n"
-            "from mrrm.score_cli import main\n"
+            "from mrrm.cli.score_file import main\n"
             "mrrm.load(device='cpu')\n"
             "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
             "resource.setrlimit(resource.RLIMIT_AS, (vm + (800 << 20),) * 2)\n"
@@ -660,7 +660,7 @@ def test_resume_with_other_settings_is_refused_naming_each(model, tmp_path, caps
     --resume-unrecorded."""
     import shutil
 
-    from mrrm.api import DEFAULT_MODEL_DIR
+    from mrrm.model.api import DEFAULT_MODEL_DIR
 
     samples = [{"id": f"s{i}", "prompt": f"Question {i}?", "responses": ["yes", "no", "maybe"]} for i in range(5)]
     data = write_jsonl(tmp_path / "in.jsonl", samples[:3])
@@ -780,7 +780,7 @@ def test_media_that_misstate_their_size_cost_their_samples_under_a_memory_limit(
     out = tmp_path / "scored.jsonl"
     code = ("import resource, sys\n"
             "import mrrm\n"
-            "from mrrm.score_cli import main\n"
+            "from mrrm.cli.score_file import main\n"
             "mrrm.load(device='cpu').score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
             "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
             "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20),) * 2)\n"

@@ -28,9 +28,9 @@ from PIL import Image
 from serving import running
 
 import mrrm
-from mrrm import tiny
-from mrrm.grpo import canonical_order
-from mrrm.serve import create_app
+from mrrm.model import tiny
+from mrrm.rl.grpo import canonical_order
+from mrrm.rl.serve import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = dict(rel=1e-4, abs=1e-6)
@@ -629,7 +629,7 @@ def test_slow_or_lying_body_gets_408(model):
 def test_error_details_hide_server_paths(model, tmp_path):
     """Media errors name the file relative to --media-root; other absolute paths (server directories,
     decoder sources) are hidden."""
-    from mrrm.serve import public_detail
+    from mrrm.rl.serve import public_detail
 
     (tmp_path / "bad.png").write_bytes(b"not an image")
     rgb_image(3).save(tmp_path / "ok.png")
@@ -720,7 +720,7 @@ def test_confinement_holds_while_the_file_is_swapped_for_a_symlink(model, tmp_pa
 def test_frame_list_is_thinned_before_decoding(model, monkeypatch):
     """A video given as 300 frames: the server decodes only the frames the model keeps, and the
     scores equal scoring the whole list directly."""
-    from mrrm import media
+    from mrrm.data import media
 
     frames = [rgb_image(k % 7).resize((16, 16)) for k in range(300)]
     sample = {"prompt": "What happens?", "responses": ["it moves", "nothing"]}
@@ -737,8 +737,8 @@ def test_frame_list_is_thinned_before_decoding(model, monkeypatch):
 
 
 def test_too_many_images_per_sample_refused_before_decoding(model, monkeypatch):
-    from mrrm import media
-    from mrrm.encoding import SampleError
+    from mrrm.data import media
+    from mrrm.data.encoding import SampleError
 
     b64 = png_b64(rgb_image(1).resize((8, 8)))
     decoded = []
@@ -801,7 +801,7 @@ def test_slow_headers_are_cut_off(model):
     normal request on the same server is answered, and keep-alive requests keep working."""
     import socket
 
-    from mrrm.serve import header_timeout_protocol
+    from mrrm.rl.serve import header_timeout_protocol
 
     app = create_app(model)
     with running(app, http=header_timeout_protocol(1.0)) as url:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mrrm import tiny
-from mrrm.train import (
+from mrrm.errors import MrrmError
+from mrrm.model import tiny
+from mrrm.train.recipe import (
     DEMO_LOSS,
     DEMO_RESP_REPR,
     DEMO_STEPS,
@@ -133,7 +134,7 @@ def test_validation_lists_exactly_the_bad_samples(tmp_path, colour_data, capsys)
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     model = build_model(TrainConfig(head_hidden=16))
-    with pytest.raises(SystemExit, match="4 bad sample"):
+    with pytest.raises(MrrmError, match="4 bad sample"):
         prepare(model, [str(path)], None, skip_bad=False)
     report = capsys.readouterr().out
     for line_no in (2, 3, 4, 5):
@@ -214,7 +215,7 @@ def test_two_gloo_processes_match_one(tmp_path, colour_data):
 @pytest.mark.slow
 def test_demo_task_needs_the_pixels(tmp_path):
     """The same short run learns the colour family with the images and stays near chance without."""
-    from mrrm import demo
+    from mrrm.train import demo
 
     train_path = str(demo.generate(800, 11, str(tmp_path / "train"), families=["colour"]))
     eval_path = str(demo.generate(200, 12, str(tmp_path / "eval"), families=["colour"]))
@@ -280,28 +281,28 @@ def test_resume_skips_a_damaged_checkpoint_refuses_changed_settings_and_logs_eac
     assert "step-00000004 skipped" in said and "resumed from" in said and "step-00000002 (step 2)" in said
     assert _steps(out) == list(range(1, 9))  # steps 3-6 redone, each logged once
     # a different batch size is refused (the checkpoint's steps would not be this run's), unless forced
-    with pytest.raises(SystemExit, match="other settings: batch_size 16 -> 8"):
+    with pytest.raises(MrrmError, match="other settings: batch_size 16 -> 8"):
         train(parse_args(common + ["--max-steps", "10", "--batch-size", "8"]))
     train(parse_args(common + ["--max-steps", "10", "--batch-size", "8", "--force-resume"]))
     assert _steps(out)[-1] == 10 and len(_steps(out)) == len(set(_steps(out)))
 
 
 def test_no_intact_checkpoint_is_an_error_naming_them(tmp_path):
-    from mrrm.train import load_intact_checkpoint
+    from mrrm.train.recipe import load_intact_checkpoint
 
     d = tmp_path / "checkpoints" / "step-00000003"
     d.mkdir(parents=True)
     (d / "state.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(no checksums.sha256"):
+    with pytest.raises(MrrmError, match=r"no intact checkpoint to resume from: .*step-00000003 \(no checksums.sha256"):
         load_intact_checkpoint(str(tmp_path), log=lambda *a: None)
-    with pytest.raises(SystemExit, match=r"no intact checkpoint to resume from: .*step-00000003 \(state.pt does not load"):
+    with pytest.raises(MrrmError, match=r"no intact checkpoint to resume from: .*step-00000003 \(state.pt does not load"):
         load_intact_checkpoint(str(tmp_path), log=lambda *a: None, unverified=True)
     assert load_intact_checkpoint(str(tmp_path / "elsewhere")) == (None, None)
 
 
 def test_unwritable_output_dir_is_named_before_anything_loads(tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(SystemExit, match=r"--output-dir .*afile/out.*: cannot write there"):
+    with pytest.raises(MrrmError, match=r"--output-dir .*afile/out.*: cannot write there"):
         train(parse_args(["--output-dir", str(tmp_path / "afile" / "out"), "--max-steps", "1"]))
 
 
@@ -333,15 +334,15 @@ def test_a_sharding_request_that_would_not_be_honoured_is_refused():
     """accelerate configs asking for FSDP or DeepSpeed: refused with a message saying what the run
     would have been (on CPU accelerate silently runs DDP), and refused where they are active, until
     mrrm.train trains correctly under them; plain data-parallel runs pass."""
-    from mrrm.train import check_sharding_request
+    from mrrm.train.recipe import check_sharding_request
 
     check_sharding_request({}, "DistributedType.MULTI_CPU")
     check_sharding_request({"ACCELERATE_USE_FSDP": "false"}, "DistributedType.NO")
-    with pytest.raises(SystemExit, match="asks for FSDP but this run is MULTI_CPU .*silently train unsharded"):
+    with pytest.raises(MrrmError, match="asks for FSDP but this run is MULTI_CPU .*silently train unsharded"):
         check_sharding_request({"ACCELERATE_USE_FSDP": "true"}, "DistributedType.MULTI_CPU")
-    with pytest.raises(SystemExit, match="asks for DEEPSPEED but this run is NO"):
+    with pytest.raises(MrrmError, match="asks for DEEPSPEED but this run is NO"):
         check_sharding_request({"ACCELERATE_USE_DEEPSPEED": "true"}, "DistributedType.NO")
-    with pytest.raises(SystemExit, match="accelerate's FSDP is not supported.*pass --fsdp"):
+    with pytest.raises(MrrmError, match="accelerate's FSDP is not supported.*pass --fsdp"):
         check_sharding_request({"ACCELERATE_USE_FSDP": "true"}, "DistributedType.FSDP")
 
 
@@ -365,7 +366,7 @@ def mixed_media_data(tmp_path_factory):
     """24 demo samples alternating an image family (colour) and a video family (motion): with
     --max-batch-tokens 120 an image pass holds two samples and a video pass one, so in a step one
     rank may run images only, the other a video, each a different number of passes."""
-    from mrrm import demo
+    from mrrm.train import demo
 
     d = tmp_path_factory.mktemp("mixed")
     return str(demo.generate(24, 3, d, families=["colour", "motion"]))
@@ -426,7 +427,7 @@ def test_fsdp_on_two_gloo_ranks_matches_ddp_saves_full_checkpoints_and_resumes(t
     assert [r["step"] for r in _log(fsdp) if "loss" in r] == [1, 2, 3]
     # a sharded checkpoint is not resumed without --fsdp (its optimizer state is keyed by name)
     shutil.rmtree(os.path.join(fsdp, "checkpoints", "step-00000003"))
-    with pytest.raises(SystemExit, match="was written by a run with --fsdp; resume it the same way"):
+    with pytest.raises(MrrmError, match="was written by a run with --fsdp; resume it the same way"):
         train(parse_args(common + ["--output-dir", fsdp]))
 
 
@@ -452,7 +453,7 @@ def test_a_rank_that_draws_no_sample_neither_hangs_nor_changes_the_result(tmp_pa
 
 
 def test_fsdp_needs_a_distributed_launch(tmp_path, colour_data):
-    with pytest.raises(SystemExit, match="--fsdp shards the model over the processes of a distributed launch"):
+    with pytest.raises(MrrmError, match="--fsdp shards the model over the processes of a distributed launch"):
         train(parse_args(["--data", colour_data, "--max-steps", "1", "--fsdp", "--output-dir", str(tmp_path)] + SMALL))
 
 
@@ -577,22 +578,22 @@ def test_zero3_is_refused_where_the_vision_tower_cannot_run_once_per_pass(famili
     pytest.importorskip("deepspeed")
     from model_fixtures import require_native
 
-    from mrrm.sharding import prepare_zero3
+    from mrrm.train.sharding import prepare_zero3
 
     require_native("molmo2")
-    with pytest.raises(SystemExit, match="ZeRO-3 is not supported for molmo2"):
+    with pytest.raises(MrrmError, match="ZeRO-3 is not supported for molmo2"):
         prepare_zero3(families("molmo2").model)
 
 
 def test_deepspeed_config_files(tmp_path):
     """The shipped ZeRO-3 config reads as stage 3; a stage out of 0-3 is refused."""
     pytest.importorskip("deepspeed")
-    from mrrm.sharding import deepspeed_config
+    from mrrm.train.sharding import deepspeed_config
 
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                            "deepspeed_zero3.json")
     assert deepspeed_config(shipped, max_grad_norm=1.0, bf16=False)["zero_optimization"]["stage"] == 3
     bad = tmp_path / "zero4.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
-    with pytest.raises(SystemExit, match="stage must be 0-3, got 4"):
+    with pytest.raises(MrrmError, match="stage must be 0-3, got 4"):
         deepspeed_config(str(bad), max_grad_norm=1.0, bf16=False)

@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from mrrm import ops, reference
+from mrrm import ops
 from mrrm.common import ACTIVATIONS
+from mrrm.ops import oracle as reference
 from mrrm.ops._dispatch import OP_BACKENDS, load_C
 
 CPU_BACKENDS = ("reference", "cpu")
@@ -324,10 +325,10 @@ def test_one_activation_list_across_python_cpp_and_triton():
     import re
     from pathlib import Path
 
-    from mrrm.model import ACTIVATION_MODULES
+    from mrrm.model.parts import ACTIVATION_MODULES
     root = Path(__file__).resolve().parents[1]
     cpp = re.findall(r'name == "(\w+)"', (root / "csrc" / "value_head.cpp").read_text())
-    triton_src = (root / "mrrm" / "kernels" / "value_head.py").read_text()
+    triton_src = (root / "kernels" / "value_head.py").read_text()
     triton_names = re.findall(r'ACTIVATION == "(\w+)"', triton_src)
     assert tuple(cpp) == ACTIVATIONS
     # the forward and the derivative each branch on every name but the last, which is their `else`

@@ -29,8 +29,10 @@ pytest.importorskip("triton")
 
 from conftest import HAS_CUDA, requires_cuda  # noqa: E402
 
-from mrrm import ops, reference  # noqa: E402
+from mrrm import ops
 from mrrm.kernels import value_head as vh  # noqa: E402
+from mrrm.ops import oracle as reference
+from mrrm.ops.value_head import gather_value_head_triton  # noqa: E402
 
 ACTIVATIONS = reference.ACTIVATIONS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +90,7 @@ def check(hidden, positions, w1, b1, w2, b2, *, tol, activation="silu", scale=0.
     M = positions.shape[0]
     grad_out = torch.randn(M, dtype=torch.float64, device=hidden.device)
     kw = dict(activation=activation, scale=scale)
-    y, grads = run(vh.gather_value_head_triton, hidden, positions, w1, b1, w2, b2, grad_out, config=config, **kw)
+    y, grads = run(gather_value_head_triton, hidden, positions, w1, b1, w2, b2, grad_out, config=config, **kw)
     y_ref, grads_ref = run_reference(hidden, positions, w1, b1, w2, b2, grad_out, **kw)
 
     assert y.dtype == torch.promote_types(hidden.dtype, w1.dtype)
@@ -157,7 +159,7 @@ def test_single_row():
 def test_empty_positions():
     hidden, positions, w1, b1, w2, b2 = make_inputs(5, 16, 16, [])
     leaves = [t.clone().requires_grad_() for t in (hidden, w1, b1, w2, b2)]
-    y = vh.gather_value_head_triton(leaves[0], positions, *leaves[1:], config=SMALL)
+    y = gather_value_head_triton(leaves[0], positions, *leaves[1:], config=SMALL)
     assert y.shape == (0,)
     grads = torch.autograd.grad(y.sum(), leaves, allow_unused=True)
     for g, t in zip(grads, leaves):
@@ -186,7 +188,7 @@ def test_strided_hidden():
     strided = wide[:, :72]
     assert strided.stride(0) == 80
     grad_out = torch.randn(19, dtype=torch.float64, device=hidden.device)
-    y, grads = run(vh.gather_value_head_triton, strided, positions, w1, b1, w2, b2, grad_out, config=SMALL)
+    y, grads = run(gather_value_head_triton, strided, positions, w1, b1, w2, b2, grad_out, config=SMALL)
     y_ref, grads_ref = run_reference(hidden, positions, w1, b1, w2, b2, grad_out)
     for name, x, ref in zip(NAMES, (y, *grads), (y_ref, *grads_ref)):
         assert rel_err(x, ref) <= FP32_TOL, name
@@ -207,7 +209,7 @@ def test_partial_requires_grad(which):
     _, grads_ref = run_reference(hidden, positions, w1, b1, w2, b2, grad_out)
     hidden = hidden.clone().requires_grad_(which == "hidden_only")
     head = [t.clone().requires_grad_(which == "head_only") for t in (w1, b1, w2, b2)]
-    y = vh.gather_value_head_triton(hidden, positions, *head, config=SMALL)
+    y = gather_value_head_triton(hidden, positions, *head, config=SMALL)
     leaves = [hidden] if which == "hidden_only" else head
     grads = torch.autograd.grad(y, leaves, grad_out.float())
     refs = grads_ref[:1] if which == "hidden_only" else grads_ref[1:]
@@ -220,7 +222,7 @@ def test_no_grad_inference_and_public_op():
     y_ref = reference.gather_value_head(hidden.double(), positions, w1.double(), b1.double(), w2.double(),
                                         b2.double(), activation="gelu", scale=0.5)
     with torch.no_grad():
-        y = vh.gather_value_head_triton(hidden, positions, w1, b1, w2, b2, activation="gelu", scale=0.5,
+        y = gather_value_head_triton(hidden, positions, w1, b1, w2, b2, activation="gelu", scale=0.5,
                                         config=SMALL)
     assert rel_err(y, y_ref) <= FP32_TOL
     # The public op routes backend="triton" here (default blocks).
@@ -231,8 +233,8 @@ def test_no_grad_inference_and_public_op():
 def test_deterministic():
     inputs = make_inputs(37, 72, 40, unique_positions(37, 19))
     grad_out = torch.randn(19, dtype=torch.float64, device=inputs[0].device)
-    y1, g1 = run(vh.gather_value_head_triton, *inputs, grad_out, config=SMALL)
-    y2, g2 = run(vh.gather_value_head_triton, *inputs, grad_out, config=SMALL)
+    y1, g1 = run(gather_value_head_triton, *inputs, grad_out, config=SMALL)
+    y2, g2 = run(gather_value_head_triton, *inputs, grad_out, config=SMALL)
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
@@ -287,8 +289,8 @@ def test_cuda_deterministic():
     inputs = make_inputs(4096, 2560, 1024, _paper_positions(4096, 64, False), hidden_dtype=torch.bfloat16,
                          device="cuda")
     grad_out = torch.randn(64, dtype=torch.float64, device="cuda")
-    y1, g1 = run(vh.gather_value_head_triton, *inputs, grad_out)
-    y2, g2 = run(vh.gather_value_head_triton, *inputs, grad_out)
+    y1, g1 = run(gather_value_head_triton, *inputs, grad_out)
+    y2, g2 = run(gather_value_head_triton, *inputs, grad_out)
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 

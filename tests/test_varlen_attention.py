@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import mrrm.kernels.varlen_attention as va
-from mrrm import reference
+from mrrm.ops import oracle as reference
 from mrrm.ops import varlen_attention
+from mrrm.ops.varlen_attention import varlen_attention_triton
 
 # the op module (the package attribute of the same name is the function, as for listwise_ce)
 attention_ops = importlib.import_module("mrrm.ops.varlen_attention")
@@ -158,7 +159,7 @@ def test_triton_multi_block_tiles(mask):
     q, k, v = rand_qkv(T, 4, 2, 32, device=TRITON_DEVICE)
     do = torch.randn(T, 4, 32).to(TRITON_DEVICE)
     seg_arg = seg if mask == "shared_prefix" else None
-    out, grads = fwd_bwd(lambda a, b, c: va.varlen_attention_triton(a, b, c, cu, max(lengths), mask=mask,
+    out, grads = fwd_bwd(lambda a, b, c: varlen_attention_triton(a, b, c, cu, max(lengths), mask=mask,
                                                                     segment_ids=seg_arg, softmax_scale=0.3,
                                                                     configs=cfg), q, k, v, do)
     ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
@@ -181,7 +182,7 @@ def test_triton_strided_inputs_and_fp16():
         fused = qkv.to(dtype).requires_grad_(True)
         q, k, v = fused[:, :Hq], fused[:, Hq:Hq + Hkv], fused[:, Hq + Hkv:]
         assert q.stride(0) == (Hq + 2 * Hkv) * D
-        out = va.varlen_attention_triton(q, k, v, cu, max(lengths), mask="shared_prefix", segment_ids=seg,
+        out = varlen_attention_triton(q, k, v, cu, max(lengths), mask="shared_prefix", segment_ids=seg,
                                          configs=SMALL)
         (g,) = torch.autograd.grad(out, fused, do.to(dtype))
         f32 = qkv.clone().requires_grad_(True)
@@ -427,17 +428,17 @@ def test_segments_restarting_per_sequence_are_valid(small_blocks):
 def test_launcher_rejects_float64_and_bad_configs():
     q, k, v, cu = _inputs(dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
-        va.varlen_attention_triton(q, k, v, cu, 6)
+        varlen_attention_triton(q, k, v, cu, 6)
     with pytest.raises(ValueError):
-        va.varlen_attention_triton(q.float(), k.float(), v.float(), cu, 6, configs={"fwd": va.KernelConfig(16, 32)})
+        varlen_attention_triton(q.float(), k.float(), v.float(), cu, 6, configs={"fwd": va.KernelConfig(16, 32)})
     with pytest.raises(ValueError):
-        va.varlen_attention_triton(q.float(), k.float(), v.float(), cu, 6, configs={"dkdv": va.KernelConfig(24, 24)})
+        varlen_attention_triton(q.float(), k.float(), v.float(), cu, 6, configs={"dkdv": va.KernelConfig(24, 24)})
 
 
 def test_empty_stream():
     q, k, v = (torch.zeros(0, 2, 16, device=TRITON_DEVICE, requires_grad=True) for _ in range(3))
     cu = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
-    out = va.varlen_attention_triton(q, k, v, cu, 0)
+    out = varlen_attention_triton(q, k, v, cu, 0)
     assert out.shape == (0, 2, 16)
     out.sum().backward()
     assert q.grad.shape == q.shape
@@ -694,7 +695,7 @@ def test_triton_blocks_rect_tiles_and_fp16(mask):
     for dtype, tol, configs, scale in ((torch.float32, ATOL, cfg, 0.3), (torch.float16, 5e-3, SMALL, None)):
         q32, k32, v32 = rand_qkv(T, Hq, Hkv, D, device=TRITON_DEVICE)
         q, k, v = (x.detach().to(dtype).requires_grad_(True) for x in (q32, k32, v32))
-        out, grads = fwd_bwd(lambda a, b, c: va.varlen_attention_triton(a, b, c, cu, max(lengths), mask=mask,
+        out, grads = fwd_bwd(lambda a, b, c: varlen_attention_triton(a, b, c, cu, max(lengths), mask=mask,
                                                                         segment_ids=seg, block_ids=blk,
                                                                         softmax_scale=scale, configs=configs),
                              q, k, v, do.to(dtype))
@@ -927,7 +928,7 @@ def test_blocks_in_the_prefix_are_valid(small_blocks):
 def test_triton_launcher_rejects_blocks_with_bidirectional():
     q, k, v, cu = _inputs()
     with pytest.raises(ValueError, match="bidirectional"):
-        va.varlen_attention_triton(q, k, v, cu, 6, mask="bidirectional",
+        varlen_attention_triton(q, k, v, cu, 6, mask="bidirectional",
                                    block_ids=torch.zeros(10, dtype=torch.int32))
 
 

@@ -49,7 +49,7 @@ def main() -> None:
     from model_fixtures import build_family
 
     import mrrm
-    from mrrm.grpo import canonical_order
+    from mrrm.rl.grpo import canonical_order
 
     fam = build_family("qwen2_vl")
     model, tok = fam.model, fam.model.tokenizer

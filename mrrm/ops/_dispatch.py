@@ -1,6 +1,6 @@
 """Backend choice for the ops.
 
-Backends: `reference` (pure torch, mrrm.reference), `cpu` (mrrm._C C++ kernels; torch's own CPU
+Backends: `reference` (pure torch, mrrm.ops.oracle), `cpu` (mrrm._C C++ kernels; torch's own CPU
 attention kernels for varlen_attention), `triton` (mrrm.kernels; on CPU tensors only under
 TRITON_INTERPRET=1), `cuda` (CUDA C++ in mrrm._C), `flash` (flash-attn's varlen function, plain
 causal attention only, when installed).

@@ -37,9 +37,3 @@ def check_offsets(name, offsets, total, *, allow_empty_groups, what):
         raise ValueError(f"{name}: group {i} is empty ({name}[{i}] == {name}[{i + 1}] == {int(vals[i])}); "
                          f"every group needs at least one {what.rstrip('s')}")
     return vals
-
-
-def tensor_version(t: torch.Tensor):
-    """The tensor's in-place version counter; None for inference-mode tensors, which have none
-    (identity alone then decides a memo hit in the per-forward metadata caches)."""
-    return None if t.is_inference() else t._version

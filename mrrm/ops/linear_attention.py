@@ -1,7 +1,7 @@
 """Gated DeltaNet (Qwen3.5's linear attention) over a packed stream, with state forks at the prefix.
 
 A recurrent layer cannot be masked the way attention is: what a token sees is the state its own
-history left behind. mrrm's packed layouts (`mrrm.packing`) turn into *segments* of that history:
+history left behind. mrrm's packed layouts (`mrrm.data.packing`) turn into *segments* of that history:
 
 - joint and single: every sequence of `cu_seqlens` is one segment from a zero state (a *root*);
 - independent (mask "shared_prefix"): the prefix of a sequence (segment id 0) is a root, and every
@@ -74,7 +74,7 @@ def _check_int_vector(name: str, t, dim: int = 1) -> torch.Tensor:
 
 def recurrent_plan(cu_seqlens: torch.Tensor, mask: str = "causal", segment_ids: torch.Tensor | None = None
                    ) -> RecurrentPlan:
-    """The segments of a packed stream (`mrrm.packing.PackedBatch` metadata): for mask "causal" one
+    """The segments of a packed stream (`mrrm.data.packing.PackedBatch` metadata): for mask "causal" one
     root per sequence; for "shared_prefix" the prefix of each sequence (segment id 0, at its start)
     is a root and each response (a run of one segment id > 0) a child of it."""
     cu = _check_int_vector("cu_seqlens", cu_seqlens)

@@ -1,6 +1,6 @@
 """listwise_ce: segmented softmax cross-entropy over ragged groups of scores.
 
-Where it lives: reference `mrrm.reference.listwise_ce`; CPU `csrc/listwise_ce.cpp`; GPU
+Where it lives: reference `mrrm.ops.oracle.listwise_ce`; CPU `csrc/listwise_ce.cpp`; GPU
 `csrc/cuda/listwise_ce.cu` (both in mrrm._C); backend choice `mrrm.ops._dispatch`; tests
 `tests/test_listwise_ce.py`, `tests/test_custom_ops.py`.
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
-from ._dispatch import C_or_raise, choose_backend
-from ._validate import FLOAT_DTYPES, check_offsets, check_tensor
+from mrrm.ops import oracle as reference
+from mrrm.ops._dispatch import C_or_raise, choose_backend
+from mrrm.ops._validate import FLOAT_DTYPES, check_offsets, check_tensor
 
 _INT_DTYPES = (torch.int64, torch.int32)
 
@@ -124,7 +124,7 @@ def listwise_ce(scores, group_offsets, targets, *, loss="best", reduction="mean"
     loss='soft': targets float [M], a probability distribution per group (sums to 1).
     reduction: 'mean' over the B groups (a group of one response counts, with loss 0), 'sum', or
     'none' ([B]). Differentiable in scores only.
-    Backends (mrrm.ops._dispatch): reference (mrrm.reference), cpu and cuda (the custom op
+    Backends (mrrm.ops._dispatch): reference (mrrm.ops.oracle), cpu and cuda (the custom op
     mrrm::listwise_ce_fwd_bwd above: mrrm._C's C++ / CUDA C++).
     """
     if check_inputs:

@@ -1,7 +1,7 @@
 """gather_value_head: the value head evaluated on the M score rows of a [T, H] hidden state only.
 
-Where it lives: reference `mrrm.reference.gather_value_head`; CPU `csrc/value_head.cpp` (mrrm._C); GPU
-`mrrm/kernels/value_head.py` (Triton); backend choice `mrrm.ops._dispatch`; tests `tests/test_value_head.py`,
+Where it lives: reference `mrrm.ops.oracle.gather_value_head`; CPU `csrc/value_head.cpp` (mrrm._C); GPU
+`kernels/value_head.py` (Triton); backend choice `mrrm.ops._dispatch`; tests `tests/test_value_head.py`,
 `tests/test_value_head_triton.py`, `tests/test_custom_ops.py`.
 
 Common practice runs the head on all T tokens and then gathers M of them; here the M rows are
@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..common import ACTIVATIONS, check_choice
-from ._dispatch import C_or_raise, choose_backend
-from ._validate import FLOAT_DTYPES, check_tensor
+from mrrm.common import ACTIVATIONS, check_choice
+from mrrm.ops import oracle as reference
+from mrrm.ops._dispatch import C_or_raise, choose_backend
+from mrrm.ops._validate import FLOAT_DTYPES, check_tensor
 
 
 def _validate(hidden, positions, w1, b1, w2, b2, activation, scale):
@@ -66,7 +66,7 @@ def gather_value_head_fwd(hidden: Tensor, positions: Tensor, w1: Tensor, b1: Ten
         out, z = C_or_raise("gather_value_head").gather_value_head_fwd(hidden, positions, w1, b1, w2, b2, activation,
                                                                        scale)
         return out.to(out_dtype), (z if store_z else z.new_empty(0, w1.shape[0])), positions.new_zeros(1, dtype=torch.int32)
-    from ..kernels import value_head as kvh
+    from mrrm.kernels import value_head as kvh
     return kvh.forward(hidden, positions, w1, b1, w2, b2, activation, scale, kvh.unflatten_config(config, positions.shape[0]),
                        store_z=store_z, detect_repeats=detect_repeats)
 
@@ -89,7 +89,7 @@ def gather_value_head_bwd(grad_out: Tensor, hidden: Tensor, positions: Tensor, w
         g = C_or_raise("gather_value_head").gather_value_head_bwd(grad_out, hidden, positions, w1, w2, z, activation,
                                                                   scale, need_hidden)
     else:
-        from ..kernels import value_head as kvh
+        from mrrm.kernels import value_head as kvh
         g = kvh.backward(grad_out, hidden, positions, w1, b1, w2, b2, z, repeats, activation, scale,
                          kvh.unflatten_config(config, positions.shape[0]), need_hidden)
     g_hidden, g_w1, g_b1, g_w2, g_b2 = g
@@ -131,7 +131,7 @@ def gather_value_head(hidden, positions, w1, b1, w2, b2, *, activation="silu", s
     hidden [T, H]; positions int64 [M] (repeats allowed; their gradients add up); w1 [D, H], b1 [D],
     w2 [1, D], b2 [1] in nn.Linear layouts; activation in silu, gelu (erf), relu, selu, tanh.
     The result has the promoted dtype of hidden and w1; accumulation is fp32.
-    Backends (mrrm.ops._dispatch): reference (mrrm.reference), cpu and triton (the custom ops
+    Backends (mrrm.ops._dispatch): reference (mrrm.ops.oracle), cpu and triton (the custom ops
     mrrm::gather_value_head_fwd / _bwd above).
     """
     if check_inputs:
@@ -153,3 +153,24 @@ def call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, backend,
     # hidden as is on the CPU: the C++ reads the M rows through its strides (no [T, H] copy)
     return gather_value_head_fwd(hidden, positions.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(),
                                  b2.contiguous(), activation, float(scale), store_z, need_hidden, backend, config)[0]
+
+
+def gather_value_head_triton(hidden, positions, w1, b1, w2, b2, *, activation="silu", scale=1.0,
+                             config=None):
+    """scale * (act(hidden[positions] @ w1.T + b1) @ w2.T + b2) -> [M] with Triton kernels.
+
+    Inputs as in mrrm.ops.gather_value_head, which validates them; here positions are NOT range
+    checked (that would cost a host sync): out-of-range positions read and write out of bounds.
+    Repeated positions are allowed (their hidden-state gradients add up, with atomic adds, so
+    not bitwise reproducible; with unique positions every result is deterministic).
+    `config` overrides the block sizes (tests use small blocks in the interpreter). fp32, fp16 and
+    bf16 only: float64 goes to the reference by the dispatch's rule (mrrm.ops._dispatch).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if torch.float64 in (hidden.dtype, w1.dtype):
+        raise ValueError("gather_value_head (triton) accumulates in fp32 and takes float16, bfloat16 and float32; "
+                         "use backend='reference' (or mrrm.ops.gather_value_head, whose 'auto' picks it) for float64")
+    from mrrm.kernels import value_head as kvh  # triton: optional, imported on use
+
+    return call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, "triton", kvh.flatten_config(config))

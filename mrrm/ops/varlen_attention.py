@@ -1,7 +1,7 @@
 """varlen_attention: attention over a packed stream of sequences (no padding).
 
-Where it lives: reference `mrrm.reference.varlen_attention`; CPU: torch's flash-attention kernels per
-bucket (below); GPU: `mrrm/kernels/varlen_attention.py` (Triton); flash-attn's function (`backend="flash"`);
+Where it lives: reference `mrrm.ops.oracle.varlen_attention`; CPU: torch's flash-attention kernels per
+bucket (below); GPU: `kernels/varlen_attention.py` (Triton); flash-attn's function (`backend="flash"`);
 backend choice `mrrm.ops._dispatch`; tests `tests/test_varlen_attention.py`, `tests/test_custom_ops.py`.
 
 Masks: `causal` (joint scoring), `bidirectional` (vision encoders), `shared_prefix` (independent
@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
-from ._dispatch import choose_backend
-from ._validate import FLOAT_DTYPES, check_offsets, check_tensor
+from mrrm.ops import oracle as reference
+from mrrm.ops._dispatch import choose_backend
+from mrrm.ops._validate import FLOAT_DTYPES, check_offsets, check_tensor
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, block_ids=None):
@@ -201,7 +201,7 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, ma
                          configs: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
     if backend == "cpu":
         return _cpu_forward(q, k, v, cu_seqlens.tolist(), mask, segment_ids, block_ids, scale)
-    from ..kernels import varlen_attention as va
+    from mrrm.kernels import varlen_attention as va
     out, lse, _ = va.attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, block_ids=block_ids,
                                        softmax_scale=scale, configs=va.unflatten_configs(configs),
                                        meta=va.cached_shared_prefix_metadata(cu_seqlens, segment_ids)
@@ -223,7 +223,7 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          scale: float, backend: str, configs: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "cpu":
         return _cpu_backward(dout, q, k, v, out, lse, cu_seqlens.tolist(), mask, segment_ids, block_ids, scale)
-    from ..kernels import varlen_attention as va
+    from mrrm.kernels import varlen_attention as va
     dq, dk, dv, _ = va.attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, mask=mask,
                                           block_ids=block_ids, softmax_scale=scale,
                                           configs=va.unflatten_configs(configs),
@@ -277,7 +277,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
     `deterministic`: the Triton backward never uses atomics, so it is always deterministic; the
     flag is kept for flash-attn's signature. `check_inputs=False` skips the validation (which
     syncs with the device) for callers that built the metadata themselves, e.g. the model.
-    Backends (mrrm.ops._dispatch): reference (mrrm.reference), cpu and triton (the custom ops
+    Backends (mrrm.ops._dispatch): reference (mrrm.ops.oracle), cpu and triton (the custom ops
     mrrm::varlen_attention_fwd / _bwd above), flash (flash-attn's own op).
     """
     if check_inputs:
@@ -310,3 +310,27 @@ def _max_seqlen(cu_seqlens, max_seqlen):
     if max_seqlen is not None:
         return int(max_seqlen)
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, block_ids=None,
+                            softmax_scale=None, deterministic=False, configs=None):
+    """Triton flash attention over a packed stream; see the module docstring. Inputs are assumed
+    valid (the public op `mrrm.ops.varlen_attention` validates them). `block_ids` (int32 [T] or
+    None, -1 = no block; `causal` / `shared_prefix` only, blocks inside the prefix for the latter):
+    tokens of one sequence sharing a block id >= 0 also see each other in both directions.
+    Returns [T, Hq, D] in q's dtype, differentiable in q, k, v. Under the default BACKWARD_VARIANT
+    ("split") the backward uses no atomics, so it is deterministic whatever `deterministic` says. `configs` overrides the block table
+    (see `uniform_configs`)."""
+    from mrrm.kernels import varlen_attention as va  # triton: optional, imported on use
+
+    del deterministic  # always deterministic
+    if mask not in va.MASK_IDS:
+        raise ValueError(f"mask must be one of {tuple(va.MASK_IDS)}, got {mask!r}")
+    if mask == "shared_prefix" and segment_ids is None:
+        raise ValueError("mask='shared_prefix' needs segment_ids")
+    va._check_blocks(mask, block_ids)
+    va._check_dtype(q)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return varlen_attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), mask, segment_ids, block_ids,
+                                float(softmax_scale), "triton", va.flatten_configs(configs))[0]
