@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mrrm import ops
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = cuda
@@ -52,7 +52,7 @@ def _layout(total_tokens, n_resp):
 
 def _useful_pairs(seg_one, mask):
     """Visible (query, key) pairs of one sample (the FLOP count that matters)."""
-    vis = reference.attention_mask_dense(0, SEQ, mask, seg_one.cpu() if mask == "shared_prefix" else None)
+    vis = oracle.attention_mask_dense(0, SEQ, mask, seg_one.cpu() if mask == "shared_prefix" else None)
     return int(vis.sum())
 
 
@@ -87,7 +87,7 @@ def test_varlen_attention_gpu(benchmark, impl, mask, n_resp, T):
         fn = lambda: ops.varlen_attention(q, k, v, cu, SEQ, mask=mask, segment_ids=segment_ids,  # noqa: E731
                                           backend="triton", check_inputs=False)
     elif impl == "eager":
-        fn = lambda: reference.varlen_attention(q, k, v, cu, SEQ, mask=mask, segment_ids=segment_ids)  # noqa: E731
+        fn = lambda: oracle.varlen_attention(q, k, v, cu, SEQ, mask=mask, segment_ids=segment_ids)  # noqa: E731
     elif impl in ("sdpa_flash", "sdpa_cudnn"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -58,7 +58,7 @@ def test_gather_value_head_cpu(benchmark, impl):
         fn = lambda: (scale * (F.silu(hidden @ w1.t() + b1) @ w2.t() + b2).squeeze(-1))[positions]  # noqa: E731
     benchmark.group = f"gather_value_head fwd+bwd T={T} H={H} M={M} D={D}"
     benchmark.extra_info.update(T=T, H=H, M=M, D=D, impl=impl)
-    ref = ops.gather_value_head(hidden, positions, w1, b1, w2, b2, scale=scale, backend="reference")
+    ref = ops.gather_value_head(hidden, positions, w1, b1, w2, b2, scale=scale, backend="torch")
     torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-6)  # the benchmarked thing is right
     benchmark.pedantic(_fwd_bwd, args=(fn, [hidden, w1, b1, w2, b2]), rounds=7, warmup_rounds=1)
 
@@ -90,7 +90,7 @@ def test_listwise_ce_cpu(benchmark, impl):
         fn = lambda: _padded_ce(scores, offsets, sizes, targets)  # noqa: E731
     benchmark.group = f"listwise_ce fwd+bwd B={B} N=2..8"
     benchmark.extra_info.update(B=B, impl=impl)
-    torch.testing.assert_close(fn(), ops.listwise_ce(scores, offsets, targets, backend="reference"))
+    torch.testing.assert_close(fn(), ops.listwise_ce(scores, offsets, targets, backend="torch"))
     benchmark.pedantic(_fwd_bwd, args=(fn, [scores]), rounds=50, warmup_rounds=3)
 
 

@@ -830,7 +830,7 @@ def _last_dim_contiguous(x):
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"varlen_attention (triton) supports float16, bfloat16 and float32, got {q.dtype}; "
-                         "use backend='reference' for float64")
+                         "use backend='torch' for float64")
 
 
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, *, mask="causal", segment_ids=None, block_ids=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from mrrm._io import DEFAULT_MAX_LINE_BYTES
 from mrrm.common import MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,7 +70,6 @@ def add_text_budget_args(ap: argparse.ArgumentParser, *, line_reader: bool = Tru
     """--max-text-chars ... --max-response-bytes (the model encoder's TextBudgets, checked before tokenizing)
     and, for commands that read JSONL, --max-line-bytes (mrrm._io.bounded_lines): the same flags in every
     command that reads samples."""
-    from mrrm._io import DEFAULT_MAX_LINE_BYTES
 
     helps = {
         "max_text_chars": "characters of a sample's prompt and responses together",

@@ -44,9 +44,10 @@ def first_config(self, *args, **kwargs):  # the interpreter cannot time configs:
 autotuner.Autotuner.run = first_config
 
 from mrrm.ops import linear_attention as la  # noqa: E402
+from mrrm.ops._dispatch import fla_available  # noqa: E402
 from mrrm.data.packing import SampleLayout, pack  # noqa: E402
 
-assert la.fla_available(), "fla did not import from the patched copy"
+assert fla_available(), "fla did not import from the patched copy"
 layouts = [SampleLayout(prefix_ids=list(range(P)), response_ids=[[1] * r for r in rs], separator_ids=[9])
            for P, rs in ((5, [3, 1, 4]), (70, [66, 2]), (3, [7]))]
 pb = pack(layouts, "independent")

@@ -51,7 +51,7 @@ def _shape_of(model, enc):
 
 def _count_real(model, enc, mode, monkeypatch) -> dict:
     """FlopCounterMode over the real model's forward in `mode`: total and the part inside the vision tower."""
-    monkeypatch.setenv("MRRM_OPS", "reference")
+    monkeypatch.setenv("MRRM_OPS", "torch")
     (inputs,) = list(model.micro_batches([enc], mode, 1 << 20))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(inputs)

@@ -19,7 +19,7 @@ from mrrm.data.packing import (
     sample_num_tokens,
     split_scores,
 )
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle as torch_ops
 
 FAST = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.data_too_large])
@@ -349,7 +349,7 @@ def qkv_of(batch: PackedBatch):
 def attend(batch: PackedBatch, mask=None):
     q, k, v = qkv_of(batch)
     mask = batch.mask if mask is None else mask
-    return reference.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, mask=mask,
+    return torch_ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, mask=mask,
                                       segment_ids=batch.segment_ids if mask == "shared_prefix" else None)
 
 
@@ -421,7 +421,7 @@ def test_packed_metadata_accepted_by_public_op():
                SampleLayout([], [[20, 21], [22]], [10, 11]),
                SampleLayout([5], [[30]], [])]
     ind, sgl = pack(layouts, "independent"), pack(layouts, "single")
-    for backend in ("reference", "cpu"):
+    for backend in ("torch", "cpu"):
         outs = []
         for batch in (ind, sgl):
             q, k, v = qkv_of(batch)

@@ -38,6 +38,7 @@ from mrrm.model.parts import RewardModelConfig
 from mrrm.model.qwen35 import LORA_TARGET
 from mrrm.model.reward_model import RewardModel
 from mrrm.ops import linear_attention as la
+from mrrm.ops._dispatch import fla_available
 
 ATOL = 1e-5
 
@@ -220,12 +221,14 @@ def test_ops_validate_their_inputs():
         la.causal_conv1d_varlen(t["x"], t["weight"], None, plan, activation="gelu")
     with pytest.raises(TypeError, match="RecurrentPlan"):
         la.causal_conv1d_varlen(t["x"], t["weight"], None, pb.cu_seqlens)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="unknown backend"):
+        la.causal_conv1d_varlen(t["x"], t["weight"], None, plan, backend="tpu")
+    with pytest.raises(RuntimeError, match="no 'cuda' backend"):
         la.causal_conv1d_varlen(t["x"], t["weight"], None, plan, backend="cuda")
     with pytest.raises(ValueError, match="no function"):
         la.transformers_torch_function("not_a_function")
     assert la.transformers_torch_function("torch_chunk_gated_delta_rule").__name__ == "torch_chunk_gated_delta_rule"
-    if not la.fla_available():
+    if not fla_available():
         with pytest.raises(RuntimeError, match="fla"):
             la.causal_conv1d_varlen(t["x"], t["weight"], None, plan, backend="fla")
 
@@ -447,7 +450,7 @@ def test_flops_of_the_linear_layers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fla's Triton kernels; on the CPU "
                     "only in the interpreter with local patches: scripts/check_fla_interpreter.py)")
 def test_fla_backend_matches_torch_values_and_gradients():
-    if not la.fla_available():
+    if not fla_available():
         pytest.skip("flash-linear-attention is not installed (pip install 'mrrm[fla]')")
     pb = pack(_layouts(), "independent")
     plan = la.recurrent_plan(pb.cu_seqlens.cuda(), pb.mask, pb.segment_ids.cuda())  # the plan itself: host

@@ -19,10 +19,10 @@ from conftest import requires_cuda
 
 from mrrm import ops
 from mrrm.common import ACTIVATIONS
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle as torch_ops
 from mrrm.ops._dispatch import OP_BACKENDS, load_C
 
-CPU_BACKENDS = ("reference", "cpu")
+CPU_BACKENDS = ("torch", "cpu")
 needs_C = pytest.mark.skipif(load_C() is None, reason="mrrm._C is not built")
 
 
@@ -59,7 +59,7 @@ def oracle(inputs, activation, scale, upstream):
     hidden, positions, w1, b1, w2, b2 = inputs
     leaves = [t.detach().to("cpu", torch.float64).requires_grad_(True) for t in (hidden, w1, b1, w2, b2)]
     h, a1, c1, a2, c2 = leaves
-    out = reference.gather_value_head(h, positions.cpu(), a1, c1, a2, c2, activation=activation, scale=scale)
+    out = torch_ops.gather_value_head(h, positions.cpu(), a1, c1, a2, c2, activation=activation, scale=scale)
     (out * upstream.cpu()).sum().backward()
     return out.detach(), [t.grad for t in leaves]
 
@@ -206,7 +206,7 @@ def test_gradcheck_reference(activation):
     hidden, positions, w1, b1, w2, b2 = _gradcheck_inputs(activation, 1e-6)
     leaves = tuple(t.requires_grad_(True) for t in (hidden, w1, b1, w2, b2))
     assert torch.autograd.gradcheck(
-        lambda h, a1, c1, a2, c2: reference.gather_value_head(h, positions, a1, c1, a2, c2, activation=activation,
+        lambda h, a1, c1, a2, c2: torch_ops.gather_value_head(h, positions, a1, c1, a2, c2, activation=activation,
                                                               scale=0.7), leaves)
 
 
@@ -280,7 +280,7 @@ def test_C_checks_inputs_itself():
 
 
 def test_auto_backend_on_cpu_is_the_cpp_kernel():
-    assert ops.choose_backend("gather_value_head", torch.device("cpu")) in ("cpu", "reference")
+    assert ops.choose_backend("gather_value_head", torch.device("cpu")) in ("cpu", "torch")
 
 
 # ---- GPU backends ----------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_one_activation_list_across_python_cpp_and_triton():
     # the forward and the derivative each branch on every name but the last, which is their `else`
     assert set(triton_names) == set(ACTIVATIONS[:-1]) and len(triton_names) == 2 * (len(ACTIVATIONS) - 1)
     assert tuple(ACTIVATION_MODULES) == ACTIVATIONS
-    assert reference.ACTIVATIONS is ACTIVATIONS
+    assert torch_ops.ACTIVATIONS is ACTIVATIONS
     x = torch.linspace(-2, 2, 9)
     for name in ACTIVATIONS:  # the reference has each, and it is the model module's function
-        torch.testing.assert_close(reference.activation_fn(name)(x), ACTIVATION_MODULES[name]()(x))
+        torch.testing.assert_close(torch_ops.activation_fn(name)(x), ACTIVATION_MODULES[name]()(x))

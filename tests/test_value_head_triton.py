@@ -31,10 +31,10 @@ from conftest import HAS_CUDA, requires_cuda  # noqa: E402
 
 from mrrm import ops
 from mrrm.kernels import value_head as vh  # noqa: E402
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle
 from mrrm.ops.value_head import gather_value_head_triton  # noqa: E402
 
-ACTIVATIONS = reference.ACTIVATIONS
+ACTIVATIONS = oracle.ACTIVATIONS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small blocks for the interpreter (its cost is per program): none divides M, H or D below.
@@ -75,7 +75,7 @@ def run(fn, hidden, positions, w1, b1, w2, b2, grad_out, **kw):
 def run_reference(hidden, positions, w1, b1, w2, b2, grad_out, **kw):
     """The reference in fp64 on the same rounded inputs."""
     f64 = [t.double() for t in (hidden, w1, b1, w2, b2)]
-    return run(reference.gather_value_head, f64[0], positions, *f64[1:], grad_out.double(), **kw)
+    return run(oracle.gather_value_head, f64[0], positions, *f64[1:], grad_out.double(), **kw)
 
 
 def rel_err(x, ref):
@@ -219,7 +219,7 @@ def test_partial_requires_grad(which):
 
 def test_no_grad_inference_and_public_op():
     hidden, positions, w1, b1, w2, b2 = make_inputs(37, 72, 40, unique_positions(37, 19))
-    y_ref = reference.gather_value_head(hidden.double(), positions, w1.double(), b1.double(), w2.double(),
+    y_ref = oracle.gather_value_head(hidden.double(), positions, w1.double(), b1.double(), w2.double(),
                                         b2.double(), activation="gelu", scale=0.5)
     with torch.no_grad():
         y = gather_value_head_triton(hidden, positions, w1, b1, w2, b2, activation="gelu", scale=0.5,

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 import mrrm.kernels.varlen_attention as va
-from mrrm.ops import oracle as reference
-from mrrm.ops import varlen_attention
+from mrrm.ops import oracle, varlen_attention
 from mrrm.ops.varlen_attention import varlen_attention_triton
 
 # the op module (the package attribute of the same name is the function, as for listwise_ce)
@@ -90,7 +89,7 @@ SHAPES = [(2, 2, 72), (4, 1, 40), (8, 2, 16), (4, 4, 32)]
 
 
 # the last shape runs shared_prefix only on triton: the interpreter costs per program instance
-BACKEND_CASES = [(b, m, s) for b in ("reference", "cpu", "triton") for m in ("causal", "bidirectional", "shared_prefix")
+BACKEND_CASES = [(b, m, s) for b in ("torch", "cpu", "triton") for m in ("causal", "bidirectional", "shared_prefix")
                  for s in SHAPES if not (b == "triton" and s == SHAPES[-1] and m != "shared_prefix")]
 
 
@@ -106,7 +105,7 @@ def test_backend_matches_reference(backend, mask, shape, small_blocks):
     seg_arg = seg if mask == "shared_prefix" else None
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg_arg,
                                                           backend=backend), q, k, v, do)
-    ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+    ref_out, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                             segment_ids=seg_arg), q, k, v, do)
     assert out.shape == (T, Hq, D) and out.dtype == q.dtype
     assert_close(out, ref_out, what=f"{backend} out")
@@ -133,7 +132,7 @@ def test_cpu_buckets_of_equal_and_padded_lengths(mask):
     q, k, v = rand_qkv(T, 4, 2, 24)
     do = torch.randn(T, 4, 24, generator=torch.Generator().manual_seed(9))
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, 64, mask=mask, backend="cpu"), q, k, v, do)
-    ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, 64, mask=mask), q, k, v, do)
+    ref_out, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, 64, mask=mask), q, k, v, do)
     assert_close(out, ref_out, what="cpu out")
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert_close(g, rg, what=f"cpu d{name}")
@@ -142,7 +141,7 @@ def test_cpu_buckets_of_equal_and_padded_lengths(mask):
 def test_reference_mask_rule():
     """The oracle itself: shared_prefix visibility is `same sequence, j <= i, seg[j] in (0, seg[i])`."""
     cu, seg, _ = make_layout([(3, [2, 2])])
-    vis = reference.attention_mask_dense(0, 7, "shared_prefix", seg)
+    vis = oracle.attention_mask_dense(0, 7, "shared_prefix", seg)
     for i in range(7):
         for j in range(7):
             assert bool(vis[i, j]) == (j <= i and (int(seg[j]) == 0 or int(seg[j]) == int(seg[i])))
@@ -162,7 +161,7 @@ def test_triton_multi_block_tiles(mask):
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention_triton(a, b, c, cu, max(lengths), mask=mask,
                                                                     segment_ids=seg_arg, softmax_scale=0.3,
                                                                     configs=cfg), q, k, v, do)
-    ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+    ref_out, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                             segment_ids=seg_arg, softmax_scale=0.3),
                                  q, k, v, do)
     assert_close(out, ref_out, what="out")
@@ -186,7 +185,7 @@ def test_triton_strided_inputs_and_fp16():
                                          configs=SMALL)
         (g,) = torch.autograd.grad(out, fused, do.to(dtype))
         f32 = qkv.clone().requires_grad_(True)
-        ref = reference.varlen_attention(f32[:, :Hq], f32[:, Hq:Hq + Hkv], f32[:, Hq + Hkv:], cu, max(lengths),
+        ref = oracle.varlen_attention(f32[:, :Hq], f32[:, Hq:Hq + Hkv], f32[:, Hq + Hkv:], cu, max(lengths),
                                          mask="shared_prefix", segment_ids=seg)
         (rg,) = torch.autograd.grad(ref, f32, do)
         assert out.dtype == dtype
@@ -421,7 +420,7 @@ def test_segments_restarting_per_sequence_are_valid(small_blocks):
     q, k, v, cu = _inputs()
     seg = torch.tensor([0, 0, 1, 2, 0, 0, 1, 1, 2, 2], dtype=torch.int32)
     out = varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg, backend="cpu")
-    ref = reference.varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg)
+    ref = oracle.varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg)
     assert_close(out, ref)
 
 
@@ -515,7 +514,7 @@ def test_gpu_low_precision_vs_fp32_reference(mask, shape, dtype):
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg_arg),
                          q, k, v, do)
     q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-    ref, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+    ref, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                         segment_ids=seg_arg), q32, k32, v32, do.float())
     assert out.dtype == dtype
     assert (out.float() - ref).abs().max().item() <= 2e-2
@@ -615,7 +614,7 @@ def block_layout(mask, device):
 
 
 BLOCK_SHAPES = SHAPES[:2]  # (2, 2, 72): D not a power of 2; (4, 1, 40): GQA 4
-BLOCK_CASES = [(b, m, s) for b in ("reference", "cpu", "triton") for m in ("causal", "shared_prefix")
+BLOCK_CASES = [(b, m, s) for b in ("torch", "cpu", "triton") for m in ("causal", "shared_prefix")
                for s in (SHAPES if b != "triton" else BLOCK_SHAPES)]
 
 
@@ -630,7 +629,7 @@ def test_blocks_backend_matches_reference(backend, mask, shape, small_blocks):
     do = torch.randn(T, Hq, D, generator=torch.Generator().manual_seed(6)).to(device)
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg,
                                                           block_ids=blk, backend=backend), q, k, v, do)
-    ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+    ref_out, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                             segment_ids=seg, block_ids=blk),
                                  q, k, v, do)
     assert out.shape == (T, Hq, D) and out.dtype == q.dtype
@@ -661,7 +660,7 @@ def test_atomic_dq_backward_matches_reference(mask, blocks, monkeypatch):
     do = torch.randn(T, 4, 40, generator=torch.Generator().manual_seed(8)).to(TRITON_DEVICE)
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg,
                                                           block_ids=blk, backend="triton"), q, k, v, do)
-    ref_out, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+    ref_out, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                             segment_ids=seg, block_ids=blk), q, k, v, do)
     assert_close(out, ref_out, what="out")
     for name, g, rg in zip("qkv", grads, ref_grads):
@@ -699,7 +698,7 @@ def test_triton_blocks_rect_tiles_and_fp16(mask):
                                                                         segment_ids=seg, block_ids=blk,
                                                                         softmax_scale=scale, configs=configs),
                              q, k, v, do.to(dtype))
-        ref, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+        ref, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                             segment_ids=seg, block_ids=blk,
                                                                             softmax_scale=scale),
                                  q32, k32, v32, do)
@@ -709,7 +708,7 @@ def test_triton_blocks_rect_tiles_and_fp16(mask):
             assert_close(g, rg, atol=4 * tol, rtol=4 * tol, what=f"{dtype} d{name}")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
 def test_blocks_change_exactly_the_rows_they_widen(backend, mask, small_blocks):
     """The mask matters: a block token with a later token of its block in its sequence sees more
@@ -773,19 +772,19 @@ def test_block_overlay_equals_transformers_mask():
         # the cache positionally: transformers 5.20 and older name it past_key_values
         want = create_causal_mask(cfg, torch.zeros(1, L, 32), None, None, position_ids=None, block_sequence_ids=ids)
         assert want.dtype == torch.bool and want.shape == (1, 1, L, L)
-        got = reference.attention_mask_dense(0, L, "causal", None, ids[0].to(torch.int32))
+        got = oracle.attention_mask_dense(0, L, "causal", None, ids[0].to(torch.int32))
         assert torch.equal(got, want[0, 0])
-        assert not torch.equal(got, reference.attention_mask_dense(0, L, "causal", None))
+        assert not torch.equal(got, oracle.attention_mask_dense(0, L, "causal", None))
     # and inside a packed stream: the same mask for the sequence at offset 7
     packed = torch.cat([torch.full((7,), 2), general_ids[0]]).to(torch.int32)
-    assert torch.equal(reference.attention_mask_dense(7, 7 + L, "causal", None, packed), got)
+    assert torch.equal(oracle.attention_mask_dense(7, 7 + L, "causal", None, packed), got)
 
 
 def test_reference_block_mask_rule():
     """The oracle's rule, pair by pair: base mask OR same non-negative block id, for shared_prefix."""
     cu, seg, _ = make_layout([(6, [2, 3])])
     blk = torch.tensor([0, -1, 1, 0, 1, 1, -1, -1, -1, -1, -1], dtype=torch.int32)
-    vis = reference.attention_mask_dense(0, 11, "shared_prefix", seg, blk)
+    vis = oracle.attention_mask_dense(0, 11, "shared_prefix", seg, blk)
     for i in range(11):
         for j in range(11):
             base = j <= i and (int(seg[j]) == 0 or int(seg[j]) == int(seg[i]))
@@ -921,7 +920,7 @@ def test_blocks_in_the_prefix_are_valid(small_blocks):
     seg = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 1], dtype=torch.int32)
     blk = torch.tensor([0, 0, -1, -1, 0, -1, 0, -1, -1, -1], dtype=torch.int32)
     out = varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg, block_ids=blk, backend="cpu")
-    assert_close(out, reference.varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg,
+    assert_close(out, oracle.varlen_attention(q, k, v, cu, 6, mask="shared_prefix", segment_ids=seg,
                                                  block_ids=blk))
 
 
@@ -943,7 +942,7 @@ def test_flash_cannot_serve_blocks_and_auto_never_picks_it(monkeypatch):
     blk = torch.tensor([0, 0, -1, -1, 0, -1, 0, -1, -1, -1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="block_ids"):
         varlen_attention(q, k, v, cu, 6, block_ids=blk, backend="flash")
-    assert _dispatch.choose_backend("varlen_attention", torch.device("cuda")) in ("triton", "reference")
+    assert _dispatch.choose_backend("varlen_attention", torch.device("cuda")) in ("triton", "torch")
 
 
 @pytest.mark.parametrize("mask", ["causal", "shared_prefix"])
@@ -968,7 +967,7 @@ def test_gpu_blocks_low_precision_vs_fp32_reference(mask, dtype):
     out, grads = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), mask=mask, segment_ids=seg,
                                                           block_ids=blk), q, k, v, do)
     q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-    ref, ref_grads = fwd_bwd(lambda a, b, c: reference.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
+    ref, ref_grads = fwd_bwd(lambda a, b, c: oracle.varlen_attention(a, b, c, cu, max(lengths), mask=mask,
                                                                         segment_ids=seg, block_ids=blk),
                              q32, k32, v32, do.float())
     assert (out.float() - ref).abs().max().item() <= 2e-2

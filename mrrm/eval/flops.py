@@ -631,7 +631,7 @@ def reference_ops():
     """mrrm's ops dispatch meta tensors to the pure-torch reference (the only backend meta tensors can
     pass through); pin that choice for the count even if MRRM_OPS names another backend."""
     old = os.environ.get("MRRM_OPS")
-    os.environ["MRRM_OPS"] = "reference"
+    os.environ["MRRM_OPS"] = "torch"
     try:
         yield
     finally:
@@ -662,7 +662,7 @@ def _reduced_backbone(config) -> _Reduced:
     import torch
     from transformers import AutoModel
 
-    from mrrm.model.reward_model import use_mrrm_attention
+    from mrrm.model.reward_model import use_mrrm_attention  # torch only for the measured count: the analytic one imports none
 
     key = json.dumps(config.to_dict(), sort_keys=True, default=str)
     if key in _REDUCED_CACHE:
@@ -845,7 +845,7 @@ def _buildable_config(config):
 
 def _synthetic_batch(mode: str, prefix_tokens: int, responses: list[int], sep: int, score_at: str):
     """mrrm's packing of one sample of these lengths in `mode` (token ids are irrelevant to FLOPs)."""
-    from mrrm.data.packing import SampleLayout, pack
+    from mrrm.data.packing import SampleLayout, pack  # torch only for the measured count: the analytic one imports none
 
     n = len(responses)
     if score_at == "separator":  # every response followed by its separator, alone and joined
@@ -865,7 +865,7 @@ def _count_text(reduced: _Reduced, pb):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mrrm.model.reward_model import VarlenMeta
+    from mrrm.model.reward_model import VarlenMeta  # torch only for the measured count: the analytic one imports none
 
     meta = torch.device("meta")
     T = pb.num_tokens
@@ -873,7 +873,7 @@ def _count_text(reduced: _Reduced, pb):
     # every mode so the reference builds its [L, L] masks on meta (masks are 0 FLOPs either way).
     varlen = VarlenMeta(pb.cu_seqlens, pb.max_seqlen, pb.mask, pb.segment_ids.to(meta))
     if reduced.text_layer_kinds:  # the linear layers' plan, from the host copy (mrrm.model.qwen35.plan_for)
-        from mrrm.ops.linear_attention import recurrent_plan
+        from mrrm.ops.linear_attention import recurrent_plan  # torch only for the measured count: the analytic one imports none
 
         varlen.recurrent_plan = recurrent_plan(pb.cu_seqlens, pb.mask, pb.segment_ids)
     embeds = torch.empty(1, T, reduced.spec.text.hidden_size, device=meta)
@@ -910,15 +910,15 @@ def _count_value_head(hidden, pb, H: int, head_hidden: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mrrm import ops
-    from mrrm.model.parts import build_value_head
+    from mrrm import ops  # torch only for the measured count: the analytic one imports none
+    from mrrm.model.parts import build_value_head  # torch only for the measured count: the analytic one imports none
 
     meta = torch.device("meta")
     with meta:
         head = build_value_head(H, "mlp", head_hidden)
     with reference_ops(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         ops.gather_value_head(hidden, pb.score_positions.to(meta), head[0].weight, head[0].bias, head[2].weight,
-                              head[2].bias, scale=1.0 / math.sqrt(H), backend="reference", check_inputs=False)
+                              head[2].bias, scale=1.0 / math.sqrt(H), backend="torch", check_inputs=False)
     return _global(counter)[0]
 
 

@@ -54,6 +54,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mrrm._io import DEFAULT_MAX_LINE_BYTES, WriteError, write_atomic
+from mrrm.data.records import iter_jsonl, load_records
 
 PROG = "mrrm.prefgraph"
 EXACT_LIMIT = 20
@@ -114,7 +115,6 @@ def parse_judgment(rec: dict, where: str) -> Judgment:
 def read_judgments(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Judgment], list[str]]:
     """All valid judgments of a JSONL file and the problems of the others (by line; a line over
     `max_line_bytes` is one, passed over without being held)."""
-    from mrrm.data.records import iter_jsonl
 
     good, bad = [], []
     for where, rec, err in iter_jsonl(path, max_line_bytes):
@@ -423,7 +423,6 @@ def agreement(graphs_train: dict, ranked: dict, heldout: Sequence[Judgment]) -> 
 
 def read_responses(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict:
     """{prompt key: record} from a published-schema file (JSONL / JSON / parquet) keyed by prompt_id or id."""
-    from mrrm.data.records import load_records
 
     records, wheres, bad = load_records(path, max_line_bytes)
     if bad:

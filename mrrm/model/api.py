@@ -8,7 +8,10 @@ import os
 import torch
 
 from mrrm.data.encoding import SampleError
+from mrrm.model import tiny
 from mrrm.model.hub import resolve, split_hub_id
+from mrrm.model.parts import RewardModelConfig, verify_checkpoint
+from mrrm.model.reward_model import RewardModel
 
 DEFAULT_DESCRIPTION = ("built-in default: a RANDOM tiny Qwen2-VL-style model (untrained; hidden 64, 2 layers, "
                        "vision width 32, patch 8). Its scores carry no meaning until `python -m mrrm.train` "
@@ -19,9 +22,6 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 def build_default_model(seed: int = 0):
     """The built-in default: shipped weights when the package has them (mrrm/model/default_model/), else a
     random tiny model built deterministically from `seed` (labelled as such in its config)."""
-    from mrrm.model import tiny
-    from mrrm.model.parts import RewardModelConfig
-    from mrrm.model.reward_model import RewardModel
 
     if os.path.exists(os.path.join(DEFAULT_MODEL_DIR, "mrrm_config.json")):
         return RewardModel.from_pretrained(DEFAULT_MODEL_DIR)
@@ -58,8 +58,6 @@ def load(path=None, *, device=None, dtype=None, mode: str = "joint", revision: s
     writes before anything is loaded (mrrm.integrity.ChecksumError naming a damaged, missing or added
     file, or the missing manifest). Off by default: it reads every byte once more (README, "Checkpoint
     integrity", has the measured cost)."""
-    from mrrm.model.parts import RewardModelConfig, verify_checkpoint
-    from mrrm.model.reward_model import RewardModel
 
     RewardModelConfig(mode=mode)  # validates the mode
     if not isinstance(verify, bool):

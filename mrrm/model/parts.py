@@ -13,6 +13,7 @@ from torch import nn
 
 from mrrm.common import ACTIVATIONS, MODES, check_choice, check_int
 from mrrm.data.encoding import RESP_SEP
+from mrrm.data.media import VIDEO_SAMPLING
 from mrrm.integrity import MANIFEST, ChecksumError, NoManifest, verify_manifest
 
 TEXT_ATTENTION = "mrrm_varlen"
@@ -80,7 +81,6 @@ class RewardModelConfig:
             raise ValueError(f"resp_repr_mode must be one of {RESP_REPR_MODES}, got {self.resp_repr_mode!r}")
         self.resp_repr_mode = mode
         check_choice("mode", self.mode, MODES)
-        from mrrm.data.media import VIDEO_SAMPLING
         check_choice("video_sampling", self.video_sampling, VIDEO_SAMPLING)
         if not isinstance(self.final_norm, bool):
             raise ValueError(f"final_norm must be a bool, got {self.final_norm!r}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 
-RESP_SEP = "<|resp_sep|>"
+from mrrm.data.encoding import RESP_SEP
+
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
 # Molmo2's media tokens (its processor expands <|image|> / <|video|> into these), in the order the

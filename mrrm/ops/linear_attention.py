@@ -19,7 +19,8 @@ Backends: "torch" (any device; the chunked delta rule of transformers' torch pat
 and a causal conv1d read through a history index that continues into the parent's last inputs) and
 "fla" (CUDA; flash-linear-attention's varlen `chunk_gated_delta_rule` and `causal_conv1d`, each
 called once for the roots and once for the children with the roots' final states). "auto" picks
-"fla" for CUDA tensors when `fla` is importable, else "torch"; MRRM_LINEAR_ATTENTION forces one.
+"fla" for CUDA tensors when `fla` is importable, else "torch"; the choice is mrrm.ops._dispatch's (ops
+"causal_conv1d" and "gated_delta_rule"; MRRM_OPS forces one).
 
     plan = recurrent_plan(cu_seqlens, mask, segment_ids)
     x = causal_conv1d_varlen(x [T, D], weight [D, W], bias [D] | None, plan, activation="silu")
@@ -27,17 +28,15 @@ called once for the roots and once for the children with the roots' final states
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from mrrm.ops._dispatch import choose_backend
+
 MASKS = ("causal", "shared_prefix")
-BACKENDS = ("auto", "torch", "fla")
-ENV = "MRRM_LINEAR_ATTENTION"
 CONV_ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -132,34 +131,6 @@ def recurrent_plan(cu_seqlens: torch.Tensor, mask: str = "causal", segment_ids: 
     child = child & ~lone
     return RecurrentPlan(run_begin[root], root_len, run_begin[child], run_len[child],
                          root_index[run_seq[child]], T)
-
-
-# --------------------------------------------------------------------------------------------------
-# backend choice
-# --------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def fla_available() -> bool:
-    try:
-        import fla.modules.causal_conv1d  # noqa: F401
-        import fla.ops.gated_delta_rule  # noqa: F401
-    except Exception:  # not installed, or its Triton import fails on this machine
-        return False
-    return True
-
-
-def choose_backend(device: torch.device, backend: str | None = None) -> str:
-    """'torch' or 'fla' for tensors on `device` (backend None: MRRM_LINEAR_ATTENTION, else 'auto')."""
-    choice = backend if backend is not None else os.environ.get(ENV, "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"linear attention backend must be one of {BACKENDS}, got {choice!r} "
-                         f"({'argument' if backend is not None else ENV})")
-    if choice == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "torch"
-    if choice == "fla" and not fla_available():
-        raise RuntimeError("linear attention backend 'fla' needs flash-linear-attention: pip install 'mrrm[fla]' "
-                           "(fla-core)")
-    return choice
 
 
 def _check_plan(plan, T: int) -> RecurrentPlan:
@@ -257,7 +228,7 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if activation not in CONV_ACTIVATIONS:
         raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
     _check_plan(plan, x.shape[0])
-    if choose_backend(x.device, backend) == "fla":
+    if choose_backend("causal_conv1d", x.device, backend) == "fla":
         return _conv_fla(x, weight, bias, plan, activation)
     return _conv_torch(x, weight, bias, plan, activation)
 
@@ -443,6 +414,6 @@ def gated_delta_rule_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     _check_plan(plan, T)
     if T == 0:
         return v.new_zeros(v.shape)
-    if choose_backend(q.device, backend) == "fla":
+    if choose_backend("gated_delta_rule", q.device, backend) == "fla":
         return _delta_fla(q, k, v, g, beta, plan, use_qk_l2norm)
     return _delta_torch(q, k, v, g, beta, plan, use_qk_l2norm)

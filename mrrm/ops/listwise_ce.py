@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle
 from mrrm.ops._dispatch import C_or_raise, choose_backend
 from mrrm.ops._validate import FLOAT_DTYPES, check_offsets, check_tensor
 
@@ -24,10 +24,10 @@ def _validate(scores, group_offsets, targets, loss, reduction):
     check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES)
     dev = scores.device
     check_tensor("group_offsets", group_offsets, ndim=1, dtypes=(torch.int64,), device=dev)
-    if loss not in reference.LOSSES:
-        raise ValueError(f"loss must be one of {reference.LOSSES}, got {loss!r}")
-    if reduction not in reference.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    if loss not in oracle.CE_LOSSES:
+        raise ValueError(f"loss must be one of {oracle.CE_LOSSES}, got {loss!r}")
+    if reduction not in oracle.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {oracle.REDUCTIONS}, got {reduction!r}")
     M = scores.shape[0]
     offs = check_offsets("group_offsets", group_offsets, M, allow_empty_groups=False, what="scores")
     B = offs.numel() - 1
@@ -130,6 +130,6 @@ def listwise_ce(scores, group_offsets, targets, *, loss="best", reduction="mean"
     if check_inputs:
         _validate(scores, group_offsets, targets, loss, reduction)
     which = choose_backend("listwise_ce", scores.device, backend, scores.dtype)
-    if which == "reference":
-        return reference.listwise_ce(scores, group_offsets, targets, loss=loss, reduction=reduction)
+    if which == "torch":
+        return oracle.listwise_ce(scores, group_offsets, targets, loss=loss, reduction=reduction)
     return listwise_ce_fwd_bwd(scores, group_offsets, targets, loss, reduction)[0]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mrrm.common import ACTIVATIONS  # noqa: F401  (re-exported: mrrm.ops.oracle.ACTIVATIONS)
 
 MASKS = ("causal", "bidirectional", "shared_prefix")
-LOSSES = ("best", "plackett_luce", "soft")
+CE_LOSSES = ("best", "plackett_luce", "soft")  # listwise_ce's `loss` (the training losses are mrrm.train.LOSSES)
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mrrm.common import ACTIVATIONS, check_choice
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle
 from mrrm.ops._dispatch import C_or_raise, choose_backend
 from mrrm.ops._validate import FLOAT_DTYPES, check_tensor
 
@@ -66,7 +66,7 @@ def gather_value_head_fwd(hidden: Tensor, positions: Tensor, w1: Tensor, b1: Ten
         out, z = C_or_raise("gather_value_head").gather_value_head_fwd(hidden, positions, w1, b1, w2, b2, activation,
                                                                        scale)
         return out.to(out_dtype), (z if store_z else z.new_empty(0, w1.shape[0])), positions.new_zeros(1, dtype=torch.int32)
-    from mrrm.kernels import value_head as kvh
+    from mrrm.kernels import value_head as kvh  # triton is optional: its kernels load when a triton backend runs
     return kvh.forward(hidden, positions, w1, b1, w2, b2, activation, scale, kvh.unflatten_config(config, positions.shape[0]),
                        store_z=store_z, detect_repeats=detect_repeats)
 
@@ -89,7 +89,7 @@ def gather_value_head_bwd(grad_out: Tensor, hidden: Tensor, positions: Tensor, w
         g = C_or_raise("gather_value_head").gather_value_head_bwd(grad_out, hidden, positions, w1, w2, z, activation,
                                                                   scale, need_hidden)
     else:
-        from mrrm.kernels import value_head as kvh
+        from mrrm.kernels import value_head as kvh  # triton is optional: its kernels load when a triton backend runs
         g = kvh.backward(grad_out, hidden, positions, w1, b1, w2, b2, z, repeats, activation, scale,
                          kvh.unflatten_config(config, positions.shape[0]), need_hidden)
     g_hidden, g_w1, g_b1, g_w2, g_b2 = g
@@ -137,8 +137,8 @@ def gather_value_head(hidden, positions, w1, b1, w2, b2, *, activation="silu", s
     if check_inputs:
         _validate(hidden, positions, w1, b1, w2, b2, activation, scale)
     which = choose_backend("gather_value_head", hidden.device, backend, torch.promote_types(hidden.dtype, w1.dtype))
-    if which == "reference":
-        return reference.gather_value_head(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
+    if which == "torch":
+        return oracle.gather_value_head(hidden, positions, w1, b1, w2, b2, activation=activation, scale=scale)
     return call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, which, None)
 
 
@@ -170,7 +170,7 @@ def gather_value_head_triton(hidden, positions, w1, b1, w2, b2, *, activation="s
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if torch.float64 in (hidden.dtype, w1.dtype):
         raise ValueError("gather_value_head (triton) accumulates in fp32 and takes float16, bfloat16 and float32; "
-                         "use backend='reference' (or mrrm.ops.gather_value_head, whose 'auto' picks it) for float64")
+                         "use backend='torch' (or mrrm.ops.gather_value_head, whose 'auto' picks it) for float64")
     from mrrm.kernels import value_head as kvh  # triton: optional, imported on use
 
     return call_compiled(hidden, positions, w1, b1, w2, b2, activation, scale, "triton", kvh.flatten_config(config))

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mrrm.ops import oracle as reference
+from mrrm.ops import oracle
 from mrrm.ops._dispatch import choose_backend
 from mrrm.ops._validate import FLOAT_DTYPES, check_offsets, check_tensor
 
@@ -41,8 +41,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale,
         max_seqlen = longest
     elif int(max_seqlen) < longest:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence in cu_seqlens ({longest})")
-    if mask not in reference.MASKS:
-        raise ValueError(f"mask must be one of {reference.MASKS}, got {mask!r}")
+    if mask not in oracle.MASKS:
+        raise ValueError(f"mask must be one of {oracle.MASKS}, got {mask!r}")
     if mask == "shared_prefix":
         if segment_ids is None:
             raise ValueError("mask='shared_prefix' needs segment_ids (int32 [T]: 0 = shared prefix, i >= 1 = response i)")
@@ -132,7 +132,7 @@ def _bucket_mask(spans, L, valid, mask, segment_ids, block_ids, dtype, device):
     if dense:
         m = torch.zeros(len(spans), L, L, dtype=torch.bool)
         for g, (lo, hi) in enumerate(spans):
-            m[g, :hi - lo, :hi - lo] = reference.attention_mask_dense(lo, hi, mask, segment_ids, block_ids).cpu()
+            m[g, :hi - lo, :hi - lo] = oracle.attention_mask_dense(lo, hi, mask, segment_ids, block_ids).cpu()
             m[g, hi - lo:, 0] = True
         keep = m[:, None]
     elif mask == "bidirectional" and not bool(valid.all()):
@@ -201,7 +201,7 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, ma
                          configs: Optional[list[int]] = None) -> tuple[Tensor, Tensor]:
     if backend == "cpu":
         return _cpu_forward(q, k, v, cu_seqlens.tolist(), mask, segment_ids, block_ids, scale)
-    from mrrm.kernels import varlen_attention as va
+    from mrrm.kernels import varlen_attention as va  # triton is optional: its kernels load when a triton backend runs
     out, lse, _ = va.attention_forward(q, k, v, cu_seqlens, max_seqlen, mask=mask, block_ids=block_ids,
                                        softmax_scale=scale, configs=va.unflatten_configs(configs),
                                        meta=va.cached_shared_prefix_metadata(cu_seqlens, segment_ids)
@@ -223,7 +223,7 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          scale: float, backend: str, configs: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "cpu":
         return _cpu_backward(dout, q, k, v, out, lse, cu_seqlens.tolist(), mask, segment_ids, block_ids, scale)
-    from mrrm.kernels import varlen_attention as va
+    from mrrm.kernels import varlen_attention as va  # triton is optional: its kernels load when a triton backend runs
     dq, dk, dv, _ = va.attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, mask=mask,
                                           block_ids=block_ids, softmax_scale=scale,
                                           configs=va.unflatten_configs(configs),
@@ -284,8 +284,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", seg
         max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, mask, segment_ids, softmax_scale, block_ids)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     which = choose_backend("varlen_attention", q.device, backend, q.dtype)
-    if which == "reference":
-        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, mask=mask, segment_ids=segment_ids,
+    if which == "torch":
+        return oracle.varlen_attention(q, k, v, cu_seqlens, max_seqlen, mask=mask, segment_ids=segment_ids,
                                           block_ids=block_ids, softmax_scale=scale)
     if which == "flash":
         if block_ids is not None:

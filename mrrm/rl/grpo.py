@@ -45,6 +45,7 @@ from typing import Any, Sequence
 from mrrm.common import MODES, check_choice, check_int, check_positive
 from mrrm.data import media
 from mrrm.errors import GroupConflict, GroupError, GroupIncomplete, GroupOverfull, PendingFull, RolloutRejected
+from mrrm.model.api import load_model
 
 __all__ = ["RewardFunction", "compute_score", "compute_score_row", "GroupAssembler", "RayGroupAssembler", "GroupError",
            "GroupIncomplete", "GroupOverfull", "GroupConflict", "RolloutRejected", "PendingFull", "canonical_order",
@@ -173,7 +174,6 @@ def _resolve_model(model, device=None, dtype=None, mode="joint"):
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(path, device, dtype, mode):
-    from mrrm.model.api import load_model
 
     return load_model(path, device=device, dtype=dtype, mode=mode)
 

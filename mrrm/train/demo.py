@@ -74,6 +74,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mrrm._io import WriteError, writing
+
 __all__ = [
     "FAMILIES",
     "VOCAB",
@@ -507,7 +509,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="image and video side in pixels (default 64)")
     parser.add_argument("--video-frames", type=int, default=8, help=f"frames per video at {VIDEO_FPS} fps (default 8)")
     args = parser.parse_args(argv)
-    from mrrm._io import WriteError, writing
 
     start = time.perf_counter()
     try:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mrrm.errors import ConfigError
 from mrrm.integrity import load_torch_file
+from mrrm.model.parts import PACKED_VL_TYPES, TEXT_ONLY_ATTENTION_TYPES, head_linears, unwrap
 
 
 def _require_distributed() -> None:
@@ -152,7 +153,6 @@ def prepare_zero3(model) -> None:
     """Ready a RewardModel for ZeRO-3 before `deepspeed_engine`: one vision-tower call per pass, and
     the value head's weights registered as external parameters of the model (the fused head reads
     them directly). Refuses backbones whose media path cannot make one call per pass."""
-    from mrrm.model.parts import PACKED_VL_TYPES, TEXT_ONLY_ATTENTION_TYPES, head_linears, unwrap
 
     base = unwrap(model.backbone)
     kind = base.config.model_type
