@@ -96,6 +96,8 @@ def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, int, bool
                         out.append((t, child.lineno, in_function, why(child.lineno)))
             elif isinstance(child, ast.ImportFrom):
                 for a in child.names:
+                    if child.module == "mrrm" and a.name.startswith("__"):  # the package's metadata (__version__)
+                        continue
                     t = target(child.module, child.level, a.name)
                     if t:
                         out.append((t, child.lineno, in_function, why(child.lineno)))

@@ -28,6 +28,7 @@ def test_usage_and_unknown_command(capsys):
     assert cli.main(["--help"]) == 0
     assert cli.main(["scroe"]) == 2
     assert "unknown command 'scroe'" in capsys.readouterr().err
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"mrrm {mrrm.__version__}\n"
 
 
 def test_command_runs_the_module_with_its_arguments(tmp_path, capsys):

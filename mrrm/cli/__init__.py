@@ -17,6 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mrrm import __version__
+
 # command -> module whose main(argv) runs it
 COMMANDS = {
     "score": "mrrm.cli.score_file",
@@ -36,8 +38,11 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-V", "--version"):
+        print(f"mrrm {__version__}")
+        return 0
     if not args or args[0] in ("-h", "--help"):
-        print("usage: mrrm <command> [args]   (or python -m mrrm <command> [args])\n\n" + usage())
+        print("usage: mrrm <command> [args]   (or python -m mrrm <command> [args]; mrrm --version)\n\n" + usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
