@@ -1,12 +1,12 @@
-"""Turn pytest-benchmark JSON into the speedup plot and the README's results table.
+"""Turn pytest-benchmark JSON into the speedup plot and the results tables of docs/results.md.
 
     pytest bench_perf --benchmark-only --benchmark-json bench_perf/results/cpu.json
-    python -m bench_perf.report bench_perf/results/cpu.json [bench_perf/results/gpu.json] [--readme README.md]
+    python -m bench_perf.report bench_perf/results/cpu.json [bench_perf/results/gpu.json] [--readme docs/results.md]
 
 Writes bench_perf/speedup.png (speedup of joint over single scoring vs N: the analytic FLOPs ratio of
 the 4B architectures, the CPU latency ratio of the small model, and the GPU latency ratio of the 4B
 model when a GPU run's JSON is given; image and video prompts) and prints the results table; with
---readme it replaces the block between the README's `<!-- results:begin -->` and
+--readme FILE (docs/results.md) it replaces the block between that file's `<!-- results:begin -->` and
 `<!-- results:end -->` markers. Every number comes from the JSON files named on the command line.
 """
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench_perf.report", description=__doc__.split("\n")[0])
     ap.add_argument("json", nargs="+", help="pytest-benchmark JSON files (CPU run, optional GPU run)")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(__file__), "speedup.png"))
-    ap.add_argument("--readme", default=None, help="README to update between the results markers")
+    ap.add_argument("--readme", default=None, help="page to update between the results markers (docs/results.md)")
     args = ap.parse_args(argv)
     rows = load(args.json)
     plot(rows, args.png)

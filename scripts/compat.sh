@@ -2,7 +2,7 @@
 # The supported-transformers matrix: the quick test subset (pytest -m "not slow") under each transformers
 # version, each in its own venv over this environment's packages (--system-site-packages: the same torch,
 # peft, huggingface_hub; only transformers differs). Prints one summary line per version and writes them
-# to compat-results.txt (the README's "Supported transformers" table comes from it).
+# to compat-results.txt (the "Supported transformers versions" table of docs/from-the-authors-code.md comes from it).
 #
 #   bash scripts/compat.sh                    # the matrix: 5.10.4 (veRL 0.9.1: <5.11), 5.15.0 (OpenRLHF 0.11.2),
 #                                             # 5.20.0 (first native Molmo2), 5.25.0 (newest)

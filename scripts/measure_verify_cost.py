@@ -6,7 +6,7 @@ Builds a random Qwen2-VL-style reward model (tiny's config at the given width an
 give ~380 MB of safetensors), saves it with save_pretrained (which writes checksums.sha256), then loads it
 `--reps` times each way, alternating (the page cache warm for both: the first, cold load is dropped), and
 prints the medians, the verification alone (mrrm.model.verify_checkpoint), and its share of a load.
-The README's "Checkpoint integrity" quotes its output.
+docs/scoring.md (Checkpoints: "Checkpoint integrity") quotes its output.
 """
 from __future__ import annotations
 
