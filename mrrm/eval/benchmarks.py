@@ -31,7 +31,7 @@ mr2bench-image/-video        prompt|question, responses, rankings (1 = best,    
 Metrics the official script does not compute (macro accuracy of mmrb/mm-rlhf/videorewardbench, all of
 MR2Bench's) are labelled "mrrm addition" in the report and listed under "mrrm_additions".
 
-Definitions and rules (the README repeats them):
+Definitions and rules (docs/evaluation.md repeats them):
 
 - A sample counts as correct only when the model's top choice is unique and is a human-preferred
   response (human rank 1; for MR2Bench any of several tied rank-1 responses counts). Equal model

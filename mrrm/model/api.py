@@ -47,7 +47,7 @@ def _cached_default(device: str | None, dtype: torch.dtype | None, mode: str):
 
 def load(path=None, *, device=None, dtype=None, mode: str = "joint", revision: str | None = None, token=None,
          verify: bool = False):
-    """Load a reward model. path=None: the built-in default (cached; see README). Otherwise an mrrm
+    """Load a reward model. path=None: the built-in default (cached; docs/scoring.md). Otherwise an mrrm
     checkpoint directory (RewardModel.save_pretrained), a checkpoint in the authors' layout
     (reward_model_config.json + value_head.pt + an adapter or a merged model, e.g. the released
     yinuoy/MR2-Molmo2-4B-RM), or a Hugging Face Hub id of either ("org/name", at `revision`),
@@ -56,7 +56,7 @@ def load(path=None, *, device=None, dtype=None, mode: str = "joint", revision: s
 
     verify=True checks every file of the checkpoint against the checksums.sha256 that save_pretrained
     writes before anything is loaded (mrrm.integrity.ChecksumError naming a damaged, missing or added
-    file, or the missing manifest). Off by default: it reads every byte once more (README, "Checkpoint
+    file, or the missing manifest). Off by default: it reads every byte once more (docs/scoring.md, "Checkpoint
     integrity", has the measured cost)."""
 
     RewardModelConfig(mode=mode)  # validates the mode

@@ -43,16 +43,16 @@ LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
 # layout every response is read at its separator's newlines (the same token for all of them), which
 # a from-scratch model must learn to route its answer into; hidden 128 learned that faster per second
-# than 64 (README "Training", measured alternatives).
+# than 64 (docs/results.md, "Training the demo": measured alternatives).
 TINY_DEMO_BACKBONE = dict(hidden_size=128, layers=2, heads=4, kv_heads=2, rope_theta=10000.0)
 DEMO_STEPS = 6000            # the no-argument demo: 7-8 minutes of steps on 2 cores (13-15 steps/s)
 # The demo's loss: its rankings are graded (nearer misses rank higher), and Plackett-Luce over them
-# leaves the first plateau where the best-only loss stays at ln 4 for thousands of steps (README).
+# leaves the first plateau where the best-only loss stays at ln 4 for thousands of steps (docs/results.md).
 DEMO_LOSS = "plackett_luce"
 # The demo's response representation: the mean over each response's tokens (an option of the authors'
-# reward model) learned the demo task faster from scratch than the last token (README).
+# reward model) learned the demo task faster from scratch than the last token (docs/results.md).
 DEMO_RESP_REPR = "response_mean"
-DEMO_VIDEO_FPS = 4.0         # all 8 frames of the demo's 4 fps clips: motion 41% -> 76% (README)
+DEMO_VIDEO_FPS = 4.0         # all 8 frames of the demo's 4 fps clips: motion 41% -> 76% (docs/results.md)
 SCRATCH_LR, LORA_LR = 7e-4, 1e-4
 # What a resume compares with the run that wrote its checkpoint (run_signature: every TrainConfig field, the
 # training files by content), in four kinds. The lists name the exceptions; every other field changes the data
