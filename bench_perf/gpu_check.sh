@@ -78,15 +78,15 @@ if ! timeout 60 python3 -X faulthandler /tmp/mrrm_err.py >> "$LOG" 2>&1; then
 else
   tail -2 "$LOG"
 fi
-timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:xdist "tests/test_value_head.py::test_C_checks_inputs_itself" \
-  "tests/test_listwise_ce.py::test_C_checks_inputs_itself" 2>&1 | tail -8 | tee -a "$LOG"
+timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:xdist "tests/ops/test_value_head.py::test_C_checks_inputs_itself" \
+  "tests/ops/test_listwise_ce.py::test_C_checks_inputs_itself" 2>&1 | tail -8 | tee -a "$LOG"
 fi
 
 if want tests; then
 stage "CUDA op tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider $XDIST -rfE \
-  tests/test_varlen_attention.py tests/test_value_head.py tests/test_value_head_triton.py \
-  tests/test_listwise_ce.py tests/test_dispatch.py "tests/test_model.py::test_cuda_scores_match_cpu" 2>&1 \
+  tests/ops/test_varlen_attention.py tests/ops/test_value_head.py tests/ops/test_value_head_triton.py \
+  tests/ops/test_listwise_ce.py tests/ops/test_dispatch.py "tests/model/test_model.py::test_cuda_scores_match_cpu" 2>&1 \
   | tee -a "$LOG" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -30 > "$OUT/tests_summary.tmp"

@@ -16,7 +16,7 @@ MODES = ("joint", "independent", "single")
 TRAIN_MODES = ("joint", "independent")
 
 # the value head's hidden activation; the C++ (csrc/value_head.cpp) and Triton
-# (kernels/value_head.py) kernels implement exactly these (tests/test_value_head.py checks it)
+# (kernels/value_head.py) kernels implement exactly these (tests/ops/test_value_head.py checks it)
 ACTIVATIONS = ("silu", "gelu", "relu", "selu", "tanh")
 
 

@@ -10,7 +10,7 @@ copy of DIR gets `tl.cast(i_t, tl.int64)` instead. The child compares backend="f
 path (mrrm.ops.linear_attention) on an independent-mode stream (prefixes forked to several
 responses, a prefix and a response longer than one 64-token chunk): outputs and the gradients of
 every input, the prefix's through the forked states. Prints the largest differences; exits 1 past
-the tolerance. On a CUDA machine, tests/test_qwen35.py::test_fla_backend_matches_torch_values_and_gradients
+the tolerance. On a CUDA machine, tests/model/test_qwen35.py::test_fla_backend_matches_torch_values_and_gradients
 checks the same natively.
 
 To get DIR:  pip download fla-core==0.6.0 --no-deps -d /tmp/fla && unzip /tmp/fla/*.whl -d DIR

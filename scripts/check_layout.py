@@ -15,7 +15,8 @@ layers below it (an "upward" import is a breach), and no group of modules import
 
 Also a breach: a module of mrrm/ that is in none of these (outside its subpackage), an import inside a
 function without a comment on its line or the line above saying why (an optional dependency, or what
-the lazy import saves), and a README.md over README_MAX_LINES lines.
+the lazy import saves), a test file outside the tests/ folder of its layer (tests/core, tests/ops, ...,
+tests/cli mirror the package), and a README.md over README_MAX_LINES lines.
 
     python scripts/check_layout.py
 """
@@ -31,6 +32,8 @@ README_MAX_LINES = 300
 CORE = {"mrrm.errors", "mrrm.common", "mrrm._io", "mrrm.integrity", "mrrm._args"}
 ENTRY = {"mrrm", "mrrm.__main__", "mrrm.score", "mrrm.serve", "mrrm.grpo", "mrrm.prefgraph", "mrrm.flops",
          "mrrm.demo", "mrrm.tour"}
+TEST_FOLDERS = ("core", "ops", "data", "model", "train", "eval", "rl", "cli")  # tests/<folder>/ mirrors mrrm
+TESTS_AT_ROOT = ("test_docs.py",)  # about the repository (README, docs/), not a module
 LAYERS = {"core": 0, "kernels": 1, "ops": 2, "data": 3, "model": 4, "train": 5, "eval": 5, "rl": 5, "cli": 6,
           "entry": 7}
 
@@ -173,6 +176,12 @@ def check() -> list[str]:
                                 "comment saying why it is not at the top of the file")
     for comp in cycles(graph):
         problems.append("import circle: " + " <-> ".join(comp))
+    for test in sorted((ROOT / "tests").rglob("test_*.py")):
+        rel = test.relative_to(ROOT / "tests")
+        if rel.parts[0] == "fixtures":
+            continue
+        if len(rel.parts) == 1 and rel.name not in TESTS_AT_ROOT or len(rel.parts) > 1 and rel.parts[0] not in TEST_FOLDERS:
+            problems.append(f"tests/{rel}: tests mirror the package: put it in tests/<{'|'.join(TEST_FOLDERS)}>/")
     readme = ROOT / "README.md"
     n = len(readme.read_text().splitlines())
     if n > README_MAX_LINES:

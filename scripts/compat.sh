@@ -7,7 +7,7 @@
 #   bash scripts/compat.sh                    # the matrix: 5.10.4 (veRL 0.9.1: <5.11), 5.15.0 (OpenRLHF 0.11.2),
 #                                             # 5.20.0 (first native Molmo2), 5.25.0 (newest)
 #   bash scripts/compat.sh 5.15.0             # one version (CI runs this one)
-#   COMPAT_VENVS=DIR COMPAT_TESTS="tests/test_x.py" bash scripts/compat.sh ...
+#   COMPAT_VENVS=DIR COMPAT_TESTS="tests/model/test_x.py" bash scripts/compat.sh ...
 #
 # Exits non-zero when a version's run fails. The venvs are kept under COMPAT_VENVS (default /tmp/mrrm-compat).
 set -uo pipefail

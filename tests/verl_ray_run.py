@@ -4,7 +4,7 @@
 `mrrm.grpo.compute_score_row` as the reward function, every worker forwards its rows to the one named
 assembler actor, so each prompt's rollouts are scored together.
 
-Run by tests/test_rl_frameworks.py in a subprocess (the other tests there stub ray in-process):
+Run by tests/rl/test_rl_frameworks.py in a subprocess (the other tests there stub ray in-process):
 
     python tests/verl_ray_run.py OUT_DIR [--num-workers N] [--assemblers auto:60,local:5] [--n N]
 

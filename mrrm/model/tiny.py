@@ -33,7 +33,7 @@ def _native(config_class: str) -> bool:
 # the families the installed transformers can build (the test matrices parametrize over these)
 FAMILIES = QWEN_FAMILIES + (("molmo2",) if _native("Molmo2Config") else ())
 # Hybrid backbones (linear-attention + full-attention text layers): built like the others, tested
-# in their own modules (tests/test_qwen35.py), so the families above keep their test matrix.
+# in their own modules (tests/model/test_qwen35.py), so the families above keep their test matrix.
 HYBRID_FAMILIES = ("qwen3_5",) if _native("Qwen3_5Config") else ()
 ALL_FAMILIES = FAMILIES + HYBRID_FAMILIES
 

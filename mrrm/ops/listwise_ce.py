@@ -2,7 +2,7 @@
 
 Where it lives: reference `mrrm.ops.oracle.listwise_ce`; CPU `csrc/listwise_ce.cpp`; GPU
 `csrc/cuda/listwise_ce.cu` (both in mrrm._C); backend choice `mrrm.ops._dispatch`; tests
-`tests/test_listwise_ce.py`, `tests/test_custom_ops.py`.
+`tests/ops/test_listwise_ce.py`, `tests/ops/test_custom_ops.py`.
 
 The compiled kernels (C++ on the CPU, CUDA C++ on the GPU) compute each group's loss AND the
 gradient of that loss with respect to the group's scores in one pass; the backward only scales the

@@ -1,8 +1,8 @@
 """gather_value_head: the value head evaluated on the M score rows of a [T, H] hidden state only.
 
 Where it lives: reference `mrrm.ops.oracle.gather_value_head`; CPU `csrc/value_head.cpp` (mrrm._C); GPU
-`kernels/value_head.py` (Triton); backend choice `mrrm.ops._dispatch`; tests `tests/test_value_head.py`,
-`tests/test_value_head_triton.py`, `tests/test_custom_ops.py`.
+`kernels/value_head.py` (Triton); backend choice `mrrm.ops._dispatch`; tests `tests/ops/test_value_head.py`,
+`tests/ops/test_value_head_triton.py`, `tests/ops/test_custom_ops.py`.
 
 Common practice runs the head on all T tokens and then gathers M of them; here the M rows are
 gathered first (never a [T, H] copy, never the head on T tokens) and the backward writes only those

@@ -2,7 +2,7 @@
 
 Where it lives: reference `mrrm.ops.oracle.varlen_attention`; CPU: torch's flash-attention kernels per
 bucket (below); GPU: `kernels/varlen_attention.py` (Triton); flash-attn's function (`backend="flash"`);
-backend choice `mrrm.ops._dispatch`; tests `tests/test_varlen_attention.py`, `tests/test_custom_ops.py`.
+backend choice `mrrm.ops._dispatch`; tests `tests/ops/test_varlen_attention.py`, `tests/ops/test_custom_ops.py`.
 
 Masks: `causal` (joint scoring), `bidirectional` (vision encoders), `shared_prefix` (independent
 scoring: each response sees the shared prefix and itself only). `causal` and `shared_prefix` take

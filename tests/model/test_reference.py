@@ -31,7 +31,7 @@ from mrrm.data.encoding import RESP_SEP
 from mrrm.model.parts import text_hidden_size, unwrap
 from mrrm.model.reward_model import RewardModel
 
-ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "reference")
 GOLDEN = json.load(open(os.path.join(ROOT, "golden.json")))
 SCORE_TOL = 1e-5
 
@@ -47,7 +47,7 @@ def base_of(entry):
 def load_checkpoint(name):
     """final_norm=True: these golden scores come from their code run under transformers 5.x, where the
     hidden state it reads is the normed one for every family (under their pinned 4.57.3 Qwen3-VL's is
-    not: tests/test_reference_env.py)."""
+    not: tests/model/test_reference_env.py)."""
     entry = GOLDEN["checkpoints"][name]
     return RewardModel.from_pretrained(os.path.join(ROOT, "checkpoints", name), base_model=base_of(entry),
                                        final_norm=True)

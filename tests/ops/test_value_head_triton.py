@@ -35,7 +35,7 @@ from mrrm.ops import oracle
 from mrrm.ops.value_head import gather_value_head_triton  # noqa: E402
 
 ACTIVATIONS = oracle.ACTIVATIONS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Small blocks for the interpreter (its cost is per program): none divides M, H or D below.
 SMALL = vh.ValueHeadConfig(fwd_block_m=16, fwd_block_d=16, fwd_block_k=32, fwd_warps=4, fwd_stages=1,

@@ -24,7 +24,7 @@ from mrrm.errors import MrrmError
 # a bare pickle.dump writes protocol 4, which torch's restricted reader warns about before refusing it
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _RunsCode:

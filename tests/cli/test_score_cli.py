@@ -22,7 +22,7 @@ import mrrm
 from mrrm.cli import score_file as score_cli
 from mrrm.cli.score_file import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCORE_TOL = dict(rel=1e-4, abs=1e-7)  # chunking changes the packing, hence the rounding
 
 

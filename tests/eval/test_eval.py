@@ -625,7 +625,7 @@ def test_python_m_entry_point_and_empty_run(tmp_path):
     out = tmp_path / "empty"
     proc = subprocess.run([sys.executable, "-m", "mrrm.eval", "--benchmark", "mr2bench-image", "--data", str(path),
                            "--limit", "0", "--out", str(out), "--no-progress"], capture_output=True, text=True,
-                          cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+                          cwd=str(Path(__file__).resolve().parents[2]), timeout=120)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows"] == 0 and metrics["evaluated"] == 0 and metrics["metrics"]["best_of_n"] is None
@@ -657,7 +657,7 @@ def test_a_write_failing_mid_run_names_the_file_and_the_rerun_resumes(tmp_path):
     path = write_mr2_image(tmp_path)
     rows = [{**MR2_ROWS[i % 2], "id": f"m{i}", "image": "img.png"} for i in range(8)]
     path.write_text(json.dumps({"ranking_data": rows}))
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
 
     def cli(out, **kw):
         return subprocess.run([sys.executable, "-m", "mrrm.eval", "--benchmark", "mr2bench-image", "--data", str(path),

@@ -25,7 +25,7 @@ pytest.importorskip("av")
 from mrrm.data.media import load_image, load_video  # noqa: E402
 from mrrm.train import demo  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_SPLIT = 500  # 100 per family
 
 

@@ -257,7 +257,7 @@ def test_verl_eight_reward_workers_on_ray_share_one_assembler(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).with_name("verl_ray_run.py")
+    script = Path(__file__).resolve().parents[1] / "verl_ray_run.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--assemblers", "auto:60,local:5"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

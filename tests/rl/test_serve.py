@@ -32,7 +32,7 @@ from mrrm.model import tiny
 from mrrm.rl.grpo import canonical_order
 from mrrm.rl.serve import create_app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOL = dict(rel=1e-4, abs=1e-6)
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -326,7 +326,7 @@ def test_one_activation_list_across_python_cpp_and_triton():
     from pathlib import Path
 
     from mrrm.model.parts import ACTIVATION_MODULES
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cpp = re.findall(r'name == "(\w+)"', (root / "csrc" / "value_head.cpp").read_text())
     triton_src = (root / "kernels" / "value_head.py").read_text()
     triton_names = re.findall(r'ACTIVATION == "(\w+)"', triton_src)

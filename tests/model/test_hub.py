@@ -15,7 +15,7 @@ from hub_server import HubStandIn
 
 from mrrm.model.hub import split_hub_id
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "reference_env")
 CHECKPOINT = os.path.join(FIXTURES, "checkpoints", "qwen2_vl_merged")
 SAMPLE = {"prompt": "What colour is the square?", "image": os.path.join(FIXTURES, "media", "images", "red_square.png"),

@@ -22,7 +22,7 @@ from model_fixtures import build_family, rgb_image
 import mrrm
 from mrrm.rl.grpo import RewardFunction, canonical_order, completion_text, compute_score, prompt_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOL = dict(rel=1e-4, abs=1e-6)  # packing differs between the two sides, hence the rounding
 
 PROMPTS = ["What is shown in the image?", "How many dots are there?", "Which colour is the circle?"]

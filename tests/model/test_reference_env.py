@@ -25,7 +25,7 @@ from mrrm.data import media
 from mrrm.model.reward_model import RewardModel
 
 transformers = pytest.importorskip("transformers")
-ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "reference_env")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "reference_env")
 GOLDEN = json.load(open(os.path.join(ROOT, "golden.json")))
 SAMPLES = GOLDEN["samples"]["text"] + GOLDEN["samples"]["image"] + GOLDEN["samples"]["video"]
 SCORE_TOL = 1e-4  # the bound; measured at most 2.4e-7 where no transformers difference enters

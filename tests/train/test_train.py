@@ -350,7 +350,7 @@ def test_a_sharding_request_that_would_not_be_honoured_is_refused():
 def test_the_shipped_fsdp_example_config_is_refused_on_cpu(tmp_path, colour_data):
     """`accelerate launch --config_file examples/accelerate_fsdp.yaml` on this CPU machine: it used
     to print "done" after an unsharded DDP run; now every rank stops before loading, naming why."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(["accelerate", "launch", "--config_file", os.path.join(repo, "examples", "accelerate_fsdp.yaml"),
                            "--num_processes", "2", "-m", "mrrm.train", "--data", colour_data, "--max-steps", "1",
@@ -474,7 +474,7 @@ def test_deepspeed_zero_on_two_gloo_ranks_matches_ddp_and_resumes(tmp_path, mixe
         pytest.skip("torchrun not on PATH")
     import mrrm
 
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
                           f"deepspeed_zero{stage}.json")
     if stage == 3:
         cfg = json.load(open(config))
@@ -542,7 +542,7 @@ def test_deepspeed_partitions_are_verified_and_never_unpickle_code(tmp_path, col
         pytest.skip("torchrun not on PATH")
     from mrrm.integrity import write_manifest
 
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
                           "deepspeed_zero2.json")
     out = str(tmp_path / "ds")
     common = ["--data", colour_data, "--save-every", "1", "--keep-last", "5", "--log-every", "1",
@@ -590,7 +590,7 @@ def test_deepspeed_config_files(tmp_path):
     pytest.importorskip("deepspeed")
     from mrrm.train.sharding import deepspeed_config
 
-    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
                            "deepspeed_zero3.json")
     assert deepspeed_config(shipped, max_grad_norm=1.0, bf16=False)["zero_optimization"]["stage"] == 3
     bad = tmp_path / "zero4.json"
