@@ -3,7 +3,6 @@ arguments with their one set of defaults, and loading a model from them."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 from mrrm._io import DEFAULT_MAX_LINE_BYTES
 from mrrm.common import MODES
@@ -92,19 +91,3 @@ def text_budget_overrides(values) -> dict:
     """The TextBudgets fields given as flags (a dict or argparse namespace; None = the model's default)."""
     values = vars(values) if isinstance(values, argparse.Namespace) else values
     return {field: values[flag] for flag, field in TEXT_BUDGET_FLAGS.items() if values.get(flag) is not None}
-
-
-@contextlib.contextmanager
-def text_budgets_applied(model, values):
-    """The flags' text budgets on `model`'s encoder for the duration (a loaded model may be shared: the
-    cached default is, so its own budgets come back afterwards); yields the budgets in force (None for a
-    model without an mrrm encoder)."""
-    encoder = getattr(model, "encoder", None)
-    if encoder is None or not hasattr(encoder, "set_text_budgets"):
-        yield None
-        return
-    before = encoder.text_budgets
-    try:
-        yield encoder.set_text_budgets(**text_budget_overrides(values))
-    finally:
-        encoder.text_budgets = before

@@ -66,7 +66,6 @@ from mrrm._args import (
     add_workers_arg,
     positive_int,
     text_budget_overrides,
-    text_budgets_applied,
 )
 from mrrm._io import (
     OutputError,
@@ -82,7 +81,7 @@ from mrrm._io import (
     writing,
 )
 from mrrm.common import top_choice
-from mrrm.data.budgets import add_media_budget_args, apply_media_budgets
+from mrrm.data.budgets import add_media_budget_args, budgets_applied, media_budgets_from_args
 from mrrm.errors import CLIError
 from mrrm.model.api import load_model, model_identity, skip_reason
 
@@ -407,7 +406,7 @@ def main(argv=None) -> int:
         _log("error: --actors is for --engine ray")
         return 2
     try:
-        apply_media_budgets(args)
+        media_budgets_from_args(args)  # checked before anything is read; set on the model's encoder when it loads
     except ValueError as e:
         _log(f"error: {e}")
         return 2
@@ -586,7 +585,9 @@ def _run_locked(args, paths: _Paths, outputs: _Outputs) -> int:
     t_load = time.perf_counter()
     model = _load_model(args) if args.engine == "local" else None  # --engine ray: the actors load it
     load_s = time.perf_counter() - t_load
-    with text_budgets_applied(model, args) as budgets:
+    # the flags' budgets on the model's encoder for the run (encoding workers get them with it)
+    with budgets_applied(model, text=text_budget_overrides(args), media=media_budgets_from_args(args)) as applied:
+        budgets = applied.text
         if model is None:  # --engine ray: the actors apply the model's budgets; the flags given are checked here too
             from mrrm.data.encoding import TextBudgets
 

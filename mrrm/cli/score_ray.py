@@ -21,7 +21,11 @@ import os
 import tempfile
 from typing import Iterable, Iterator
 
+from mrrm._args import text_budget_overrides
+from mrrm.data.budgets import media_budgets_from_args
+from mrrm.data.media import DEFAULT_MEDIA_BUDGETS, MediaBudgets
 from mrrm.errors import CLIError
+from mrrm.model.api import load_model, skip_reason
 
 
 def _require_ray():
@@ -35,25 +39,21 @@ def _require_ray():
 
 class ScoreActor:
     """One model replica: scores a batch of samples (one local-engine chunk) with errors skipped,
-    giving the reason for each skipped one. Media budgets are the driver's (passed in: mrrm.data.media's
-    module constants do not travel to other processes), and so are the text budgets given as flags
-    (`text_budgets`: TextBudgets fields; the others are the model's own)."""
+    giving the reason for each skipped one. The budgets are the driver's, passed in and set on the
+    loaded model's encoder (the actor's own process): `media_budgets` (a MediaBudgets; None: the
+    defaults) and the text budgets given as flags (`text_budgets`: TextBudgets fields; the others are
+    the model's own)."""
 
-    def __init__(self, model, device, dtype, mode, max_batch_tokens, permutations, media_dir, budgets,
-                 text_budgets=None, verify=False):
-        from mrrm.data.budgets import apply_media_budgets
-        from mrrm.model.api import load_model
-
-        apply_media_budgets(budgets)
+    def __init__(self, model, device, dtype, mode, max_batch_tokens, permutations, media_dir,
+                 media_budgets: MediaBudgets | None = None, text_budgets=None, verify=False):
         self.model = load_model(model, device=device, dtype=dtype, mode=mode, verify=verify)
+        self.model.encoder.set_media_budgets(media_budgets or DEFAULT_MEDIA_BUDGETS)
         if text_budgets:
             self.model.encoder.set_text_budgets(**text_budgets)
         self.mode, self.max_batch_tokens, self.permutations = mode, max_batch_tokens, permutations
         self.media_dir = media_dir
 
     def __call__(self, batch: dict) -> dict:
-        from mrrm.model.api import skip_reason
-
         samples = [json.loads(raw) for raw in batch["raw"]]
         scores = self.model.score(samples, mode=self.mode, max_batch_tokens=self.max_batch_tokens,
                                   permutations=self.permutations, errors="skip", media_dir=self.media_dir)
@@ -89,10 +89,7 @@ class RayScorer:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         actors = args.actors or (gpus if gpus else max(1, cpus - 1))
-        from mrrm._args import text_budget_overrides
-        from mrrm.data.budgets import current_media_budgets
-
-        budgets = current_media_budgets()  # the driver's, set from the flags
+        media_budgets = media_budgets_from_args(args)  # the driver's flags, checked there already
         ds = ray.data.read_json(self._tmp.name, lines=True)
         ds = ds.map_batches(ScoreActor, batch_size=args.batch_size, concurrency=actors, batch_format="numpy",
                             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
@@ -100,7 +97,8 @@ class RayScorer:
                                                        dtype=args.dtype, mode=args.mode,
                                                        max_batch_tokens=args.max_batch_tokens,
                                                        permutations=args.permutations, media_dir=media_dir,
-                                                       budgets=budgets, text_budgets=text_budget_overrides(args),
+                                                       media_budgets=media_budgets,
+                                                       text_budgets=text_budget_overrides(args),
                                                        verify=args.verify))
         self._results = iter(ds.iter_rows())
 

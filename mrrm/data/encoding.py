@@ -313,6 +313,12 @@ def _frame_interval(sample: dict, index: int, sid) -> float:
     return media.DEFAULT_FRAME_INTERVAL
 
 
+def _check_media_budgets(budgets) -> media.MediaBudgets:
+    if not isinstance(budgets, media.MediaBudgets):
+        raise TypeError(f"media_budgets must be an mrrm.data.media.MediaBudgets, got {type(budgets).__name__}")
+    return budgets
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -329,17 +335,20 @@ class Encoder:
     rope_index_fn: (input_ids [1,P], mm_token_type_ids [1,P], media dict) -> position ids [K, 1, P]
       (the backbone's get_rope_index), or None for 1-D positions.
     one_media_kind: the backbone takes images or a video per sample, not both (Molmo2).
+    media_budgets: the mrrm.data.media.MediaBudgets every sample's media are loaded under (default
+      DEFAULT_MEDIA_BUDGETS; `set_media_budgets`); like `text_budgets`, they travel with the encoder.
     """
 
     def __init__(self, tokenizer, processor=None, *, rope_index_fn=None, chat_template=None, max_length=8192,
                  media_base_dir=None, video_fps=2.0, video_max_frames=64, one_media_kind=False,
-                 video_sampling="qwen"):
+                 video_sampling="qwen", media_budgets: media.MediaBudgets = media.DEFAULT_MEDIA_BUDGETS):
         self.tokenizer = tokenizer
         self.processor = processor
         self.rope_index_fn = rope_index_fn
         self.max_length = max_length
         self.max_text_chars = text_char_limit(tokenizer, max_length)
         self.text_budgets = TextBudgets.for_tokenizer(tokenizer, max_length)
+        self.media_budgets = _check_media_budgets(media_budgets)
         self.media_base_dir = media_base_dir
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
         self.video_sampling = video_sampling
@@ -529,13 +538,22 @@ class Encoder:
         self.text_budgets = getattr(self, "text_budgets", TextBudgets()).replace(**budgets)
         return self.text_budgets
 
+    def set_media_budgets(self, budgets: media.MediaBudgets | None = None, **overrides) -> media.MediaBudgets:
+        """Replace the media budgets: `budgets` (a MediaBudgets; None keeps the current ones) with any
+        MediaBudgets fields in `overrides` replaced (None values keep); returns the budgets now in force. They
+        travel with the encoder (pickled into encoding worker processes)."""
+        base = self.media_budgets if budgets is None else _check_media_budgets(budgets)
+        self.media_budgets = base.replace(**overrides)
+        return self.media_budgets
+
     def _encode(self, sample, index, sid, media_dir):
         if not isinstance(sample, dict):
             raise SampleError(index, f"a sample must be a dict, got {type(sample).__name__}")
         prompt, responses = self._check_text(sample, index, sid)
         images = _as_list(sample.get("images", sample.get("image")))
         videos = _as_list(sample.get("videos", sample.get("video")), frames_ok=True)
-        too_many = media.check_media_counts(len(images), len(videos))
+        budgets = self.media_budgets
+        too_many = media.check_media_counts(len(images), len(videos), budgets=budgets)
         if too_many is not None:
             raise SampleError(index, too_many, sid)
         if (images or videos) and self.processor is None:
@@ -544,14 +562,14 @@ class Encoder:
             raise SampleError(index, "this backbone (Molmo2) takes images or a video in one sample, not both", sid)
         interval = _frame_interval(sample, index, sid) if videos else media.DEFAULT_FRAME_INTERVAL
         # every image and sampled frame of the sample together, from headers before decoding
-        budget = media.PixelBudget.nested(media.MAX_SAMPLE_DECODED_PIXELS,
-                                          "the sample's media (mrrm.data.media.MAX_SAMPLE_DECODED_PIXELS)")
+        budget = media.PixelBudget.nested(budgets.sample_pixels,
+                                          f"the sample's media ({budgets.name('sample_pixels')})")
         try:
             with budget:
-                pil_images = [media.load_image(im, base_dir=media_dir) for im in images]
+                pil_images = [media.load_image(im, base_dir=media_dir, budgets=budgets) for im in images]
                 clips = [media.load_video(v, base_dir=media_dir, fps=self.video_fps,
                                           max_frames=self.video_max_frames, frame_interval=interval,
-                                          sampling=self.video_sampling) for v in videos]
+                                          sampling=self.video_sampling, budgets=budgets) for v in videos]
             return self._encode_loaded(index, sid, prompt, responses, pil_images, clips)
         finally:
             budget.release()  # the decoded media are dropped with this call

@@ -58,6 +58,14 @@ Fingerprints
     so one file gives one fingerprint whichever way it arrives; decoded sources (PIL images, arrays)
     hash their pixels. A file and the PIL image decoded from it therefore differ.
 
+Budgets
+    What one sample may decode is one `MediaBudgets` value (pixels per image, per video frame, per video,
+    per sample; images and videos per sample), checked from headers BEFORE decoding. It is passed
+    explicitly (``load_image(src, budgets=...)``, ``load_video(src, budgets=...)``; default
+    DEFAULT_MEDIA_BUDGETS): there is no module-level budget state. The model's encoder carries one
+    (``encoder.media_budgets``) and commands set it from their flags (mrrm.data.budgets). `PixelBudget`
+    charges decoded pixels across calls (a sample inside a request inside a server).
+
 Every failure to read media raises `MediaError` (a ``ValueError``) naming what failed and why.
 Wrong arguments (a bad ``fps``, an unknown backend) raise ``ValueError``; a forced backend that is
 not installed raises ``ImportError``.
@@ -68,6 +76,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import io
@@ -85,15 +94,6 @@ from PIL import Image, UnidentifiedImageError
 
 from mrrm.errors import MediaError, MrrmError, OverBudget
 
-# The most pixels one image may have, checked from its header BEFORE decoding: a few hundred bytes of
-# PNG can declare 81 megapixels (243 MB of RGB, more in the processor). 50 MP (150 MB RGB) passes any
-# camera photo; Qwen-VL processors resize to <= 12.8 MP anyway. Raise it for larger scans.
-MAX_IMAGE_PIXELS = 50_000_000
-# Videos, checked from the container's header and the frames sampled, BEFORE decoding: a 31 KB mp4
-# can declare 64 frames of 3072x3072 (1.8 GB of RGB; decord aborts the process when that allocation
-# fails). Per frame: 4K UHD. Per video: the sampled frames' pixels, 2**29 (~1.6 GB RGB, 64 4K frames).
-MAX_VIDEO_FRAME_PIXELS = 3840 * 2160
-MAX_VIDEO_DECODED_PIXELS = 2**29
 # A video given as a FOLDER of frame images (MM-RLHF-RewardBench, MR2Bench-Video): its frames are the
 # folder's regular files with these suffixes (any case), in file-name order. The suffixes are the
 # authors' (github yinuoyang01/multi-response-rm, mr2rm/data/dataset.py::_resolve_videos globs *.jpeg,
@@ -114,12 +114,6 @@ VIDEO_SAMPLING = ("qwen", "reference")
 REFERENCE_MAX_FPS = 2.0
 REFERENCE_MAX_FRAMES = 384
 REFERENCE_FOLDER_MAX_FRAMES = 16
-# Media per sample (every prompt of the reward benchmarks has at most a few): refused before decoding.
-MAX_IMAGES_PER_SAMPLE = 32
-MAX_VIDEOS_PER_SAMPLE = 8
-# All the images and video frames one sample decodes together (mrrm.data.encoding holds them at once and
-# the processor makes a copy): 2**29 pixels (~1.6 GB RGB, ~4-5 GB peak with the copies).
-MAX_SAMPLE_DECODED_PIXELS = 2**29
 # The image formats decoded (PIL format ids): those whose header gives the size that is decoded. Others are
 # refused by name before anything is decoded: an ICO's directory can say 256x256 for a 13000x13000 PNG that
 # PIL decodes inside Image.open (+648 MB); JPEG 2000, ICNS, DDS, PSD, EPS, ... are rare in VLM data and
@@ -131,15 +125,71 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM")  # J
 PYAV_CONTAINERS = ("AVI", "MPEG-TS", "MPEG-PS")
 
 
-def check_media_counts(images: int, videos: int) -> str | None:
-    """Why a sample with this many images / videos is refused (MAX_*_PER_SAMPLE), or None."""
-    if images > MAX_IMAGES_PER_SAMPLE:
-        return f"{images} images, over the limit of {MAX_IMAGES_PER_SAMPLE} per sample (mrrm.data.media.MAX_IMAGES_PER_SAMPLE)"
-    if videos > MAX_VIDEOS_PER_SAMPLE:
-        return f"{videos} videos, over the limit of {MAX_VIDEOS_PER_SAMPLE} per sample (mrrm.data.media.MAX_VIDEOS_PER_SAMPLE)"
+@dataclass(frozen=True)
+class MediaBudgets:
+    """The media one sample may decode, checked from headers BEFORE anything is decoded: one value, passed
+    explicitly to `load_image` / `load_video` / `check_media_counts` (``budgets=``), carried by the model's
+    encoder (``model.encoder.media_budgets``, pickled with it into encoding workers) and set from the same
+    flags in every command that reads media (mrrm.data.budgets). The defaults are DEFAULT_MEDIA_BUDGETS.
+
+    image_pixels: one image's pixels. A few hundred bytes of PNG can declare 81 megapixels (243 MB of RGB,
+      more in the processor); 50 MP (150 MB RGB) passes any camera photo, and Qwen-VL processors resize to
+      <= 12.8 MP anyway. Raise it for larger scans.
+    video_frame_pixels / video_pixels: one video frame (4K UHD), and one video's sampled frames together
+      (2**29, ~1.6 GB RGB, 64 4K frames), from the container's header and the frames sampled: a 31 KB mp4
+      can declare 64 frames of 3072x3072 (1.8 GB of RGB; decord aborts the process when that allocation fails).
+    images_per_sample / videos_per_sample: media per sample (every prompt of the reward benchmarks has at
+      most a few).
+    sample_pixels: all the images and video frames one sample decodes together (mrrm.data.encoding holds
+      them at once and the processor makes a copy): 2**29 pixels (~1.6 GB RGB, ~4-5 GB peak with the copies).
+    """
+
+    image_pixels: int = 50_000_000
+    video_frame_pixels: int = 3840 * 2160
+    video_pixels: int = 2**29
+    images_per_sample: int = 32
+    videos_per_sample: int = 8
+    sample_pixels: int = 2**29
+
+    # the command-line flag of each budget (mrrm.data.budgets; pixels are given in megapixels there)
+    FLAGS = {"image_pixels": "--max-image-megapixels", "video_frame_pixels": "--max-video-frame-megapixels",
+             "video_pixels": "--max-video-megapixels", "images_per_sample": "--max-images-per-sample",
+             "videos_per_sample": "--max-videos-per-sample", "sample_pixels": "--max-sample-megapixels"}
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"media budget {f.name} ({self.FLAGS[f.name]}) must be a positive int, got {v!r}")
+
+    def name(self, field: str) -> str:
+        """How messages name a budget: its flag and its field."""
+        return f"{self.FLAGS[field]}; MediaBudgets.{field}"
+
+    def replace(self, **overrides) -> "MediaBudgets":
+        """These budgets with some replaced (None values keep the current one)."""
+        changed = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **changed) if changed else self
+
+
+DEFAULT_MEDIA_BUDGETS = MediaBudgets()
+
+
+def check_media_counts(images: int, videos: int, *, budgets: MediaBudgets = DEFAULT_MEDIA_BUDGETS) -> str | None:
+    """Why a sample with this many images / videos is refused (budgets.images_per_sample /
+    videos_per_sample), or None."""
+    if images > budgets.images_per_sample:
+        return (f"{images} images, over the limit of {budgets.images_per_sample} per sample "
+                f"({budgets.name('images_per_sample')})")
+    if videos > budgets.videos_per_sample:
+        return (f"{videos} videos, over the limit of {budgets.videos_per_sample} per sample "
+                f"({budgets.name('videos_per_sample')})")
     return None
 
+
 __all__ = [
+    "DEFAULT_MEDIA_BUDGETS",
+    "MediaBudgets",
     "MediaError",
     "OverBudget",
     "PixelBudget",
@@ -411,13 +461,14 @@ def _size_text(image: Image.Image, pixels: int) -> str:
     return f"{image.width}x{image.height} = {pixels / 1e6:.1f} megapixels"
 
 
-def _decode_image(fp: Path | io.BytesIO, label: str, *, charge: bool = True) -> Image.Image:
-    """Decode an image file or buffer; charged to the active PixelBudget from its header unless the
-    caller has charged it already (a frame folder charges all its frames at once)."""
+def _decode_image(fp: Path | io.BytesIO, label: str, *, budgets: MediaBudgets = DEFAULT_MEDIA_BUDGETS,
+                  charge: bool = True) -> Image.Image:
+    """Decode an image file or buffer under budgets.image_pixels; charged to the active PixelBudget from
+    its header unless the caller has charged it already (a frame folder charges all its frames at once)."""
     with _open_image(fp, label) as (image, pixels):
-        if pixels > MAX_IMAGE_PIXELS:  # from the header: nothing decoded yet
-            raise MediaError(f"{label}: {_size_text(image, pixels)}, over the limit of {MAX_IMAGE_PIXELS / 1e6:g} "
-                             "megapixels (mrrm.data.media.MAX_IMAGE_PIXELS)")
+        if pixels > budgets.image_pixels:  # from the header: nothing decoded yet
+            raise MediaError(f"{label}: {_size_text(image, pixels)}, over the limit of "
+                             f"{budgets.image_pixels / 1e6:g} megapixels ({budgets.name('image_pixels')})")
         if charge:
             _charge(pixels, label)
         image.load()  # decode everything now: truncated files fail here, not later
@@ -446,7 +497,7 @@ def _image_from_array(array: np.ndarray, label: str) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
-def _load_image(src: Any, base_dir, label: str | None) -> Image.Image:
+def _load_image(src: Any, base_dir, label: str | None, budgets: MediaBudgets) -> Image.Image:
     """load_image with an optional label naming the source in messages (e.g. a frame of a list)."""
     if isinstance(src, Image.Image):
         name = label or "PIL image"
@@ -461,12 +512,12 @@ def _load_image(src: Any, base_dir, label: str | None) -> Image.Image:
         data = bytes(src)
         if not data:
             raise MediaError(f"{label or 'image bytes'}: empty")
-        return _decode_image(io.BytesIO(data), label or "image bytes")
+        return _decode_image(io.BytesIO(data), label or "image bytes", budgets=budgets)
     if isinstance(src, dict):
         inner, path = _hf_dict_source(src)
         if label is None and isinstance(inner, (bytes, bytearray, memoryview)):
             label = "image bytes" + (f" (from {path!r})" if path else "")
-        return _load_image(inner, base_dir, label)
+        return _load_image(inner, base_dir, label, budgets)
     if isinstance(src, str):
         try:
             kind, value, default_label = _classify_string(src, base_dir)
@@ -475,20 +526,22 @@ def _load_image(src: Any, base_dir, label: str | None) -> Image.Image:
         name = f"{label} ({default_label})" if label else default_label
         if kind == "path":
             _check_file(value, name)
-            return _decode_image(value, name)
-        return _decode_image(io.BytesIO(value), name)
+            return _decode_image(value, name, budgets=budgets)
+        return _decode_image(io.BytesIO(value), name, budgets=budgets)
     if isinstance(src, os.PathLike):
         path = _resolve_path(src, base_dir)
         name = f"image file {str(path)!r}"
         name = f"{label} ({name})" if label else name
         _check_file(path, name)
-        return _decode_image(path, name)
+        return _decode_image(path, name, budgets=budgets)
     raise MediaError(f"{label or 'image source'}: unsupported type {type(src).__name__}")
 
 
-def load_image(src: Any, *, base_dir: str | os.PathLike | None = None) -> Image.Image:
-    """Decode an image source (see the module doc) into a new, fully loaded RGB PIL image."""
-    return _load_image(src, base_dir, None)
+def load_image(src: Any, *, base_dir: str | os.PathLike | None = None,
+               budgets: MediaBudgets = DEFAULT_MEDIA_BUDGETS) -> Image.Image:
+    """Decode an image source (see the module doc) into a new, fully loaded RGB PIL image; an image over
+    budgets.image_pixels is refused from its header."""
+    return _load_image(src, base_dir, None, budgets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,25 +756,26 @@ class _FramePlan:
     the first frame that differs, before that frame is converted or kept."""
 
     def __init__(self, plan: Callable[[int, float, Callable[[], "_Timeline"]], list[int]],
-                 size: tuple[int, int] | None, label: str):
-        self.plan, self.size, self.label = plan, size, label
+                 size: tuple[int, int] | None, label: str, budgets: MediaBudgets):
+        self.plan, self.size, self.label, self.budgets = plan, size, label, budgets
         self.count: int | None = None
         self.charged = False  # a second reader (after the first failed) re-plans the same frames: charge once
         if size is not None:
             self._check_frame(*size)
 
     def _check_frame(self, w: int, h: int) -> None:
-        if w * h > MAX_VIDEO_FRAME_PIXELS:
-            raise MediaError(f"{self.label}: frames of {w}x{h} are over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
-                             "(mrrm.data.media.MAX_VIDEO_FRAME_PIXELS)")
+        limit = self.budgets.video_frame_pixels
+        if w * h > limit:
+            raise MediaError(f"{self.label}: frames of {w}x{h} are over the limit of {limit} pixels "
+                             f"({self.budgets.name('video_frame_pixels')})")
 
     def _charge(self) -> None:
         w, h = self.size
         pixels = self.count * w * h
-        if pixels > MAX_VIDEO_DECODED_PIXELS:
+        limit = self.budgets.video_pixels
+        if pixels > limit:
             raise MediaError(f"{self.label}: {self.count} frames of {w}x{h} would decode to {pixels / 1e6:.0f} "
-                             f"megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
-                             "(mrrm.data.media.MAX_VIDEO_DECODED_PIXELS)")
+                             f"megapixels, over the limit of {limit / 1e6:.0f} ({self.budgets.name('video_pixels')})")
         if not self.charged:
             _charge(pixels, self.label)
             self.charged = True
@@ -787,18 +841,18 @@ def _pyav_fps(stream) -> float | None:
     return None
 
 
-def _decoder_options() -> dict:
+def _decoder_options(budgets: MediaBudgets) -> dict:
     """FFmpeg codec options for every PyAV decode: `max_pixels` makes the decoder itself refuse a frame
-    over the per-frame budget before allocating it (10% over MAX_VIDEO_FRAME_PIXELS: FFmpeg checks the
+    over the per-frame budget before allocating it (10% over budgets.video_frame_pixels: FFmpeg checks the
     width rounded up to its row alignment; the exact check is _FramePlan.frame on each decoded frame)."""
-    return {"max_pixels": str(int(MAX_VIDEO_FRAME_PIXELS * 1.1))}
+    return {"max_pixels": str(int(budgets.video_frame_pixels * 1.1))}
 
 
-def _pyav_open(path: str):
+def _pyav_open(path: str, budgets: MediaBudgets):
     import av
 
     # the same cap while the container is probed (avformat_find_stream_info decodes a few frames)
-    return av.open(path, stream_options=[_decoder_options()] * 16)
+    return av.open(path, stream_options=[_decoder_options(budgets)] * 16)
 
 
 def _pyav_decode(path: str, wanted: set[int], choose: _FramePlan) -> tuple[dict[int, np.ndarray], int]:
@@ -806,9 +860,9 @@ def _pyav_decode(path: str, wanted: set[int], choose: _FramePlan) -> tuple[dict[
     ones are converted to RGB arrays and kept."""
     kept: dict[int, np.ndarray] = {}
     count = 0
-    with _pyav_open(path) as container:
+    with _pyav_open(path, choose.budgets) as container:
         stream = container.streams.video[0]
-        stream.codec_context.options = _decoder_options()
+        stream.codec_context.options = _decoder_options(choose.budgets)
         stream.thread_type = "AUTO"
         for count, frame in enumerate(container.decode(stream), start=1):
             choose.frame(frame.width, frame.height, count - 1)
@@ -821,7 +875,7 @@ def _read_pyav(path: str, choose: _FramePlan) -> tuple[np.ndarray, int, float]:
     import av
 
     try:
-        container = _pyav_open(path)
+        container = _pyav_open(path, choose.budgets)
     except av.error.FFmpegError as e:
         raise _ReadFailure(f"not a video, or corrupt ({e})") from e
     with container:
@@ -841,7 +895,7 @@ def _read_pyav(path: str, choose: _FramePlan) -> tuple[np.ndarray, int, float]:
         raise _ReadFailure("zero frames")
 
     def timeline():
-        return _pyav_timeline(path)
+        return _pyav_timeline(path, choose.budgets)
 
     try:
         indices = choose(total, source_fps, timeline)
@@ -858,18 +912,19 @@ def _read_pyav(path: str, choose: _FramePlan) -> tuple[np.ndarray, int, float]:
             indices = choose(total, source_fps, timeline)
             kept, decoded = _pyav_decode(path, set(indices), choose)
     except av.error.FFmpegError as e:
-        raise _ReadFailure(f"corrupt or truncated video, or a frame over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
-                           f"(mrrm.data.media.MAX_VIDEO_FRAME_PIXELS), which the decoder refuses ({e})") from e
+        limit = choose.budgets.video_frame_pixels
+        raise _ReadFailure(f"corrupt or truncated video, or a frame over the limit of {limit} pixels "
+                           f"({choose.budgets.name('video_frame_pixels')}), which the decoder refuses ({e})") from e
     return np.stack([kept[i] for i in indices]), total, source_fps
 
 
-def _pyav_timeline(path: str) -> _Timeline:
+def _pyav_timeline(path: str, budgets: MediaBudgets) -> _Timeline:
     """Frame end times, duration and start of the first video stream, as molmo_utils' PyAV reader
     (load_video_pyav_noseek) computes them from the decoded frames' pts; its comparison of the stream's
     duration in seconds with the last frame's raw pts is kept as it is."""
-    with _pyav_open(path) as container:
+    with _pyav_open(path, budgets) as container:
         stream = container.streams.video[0]
-        stream.codec_context.options = _decoder_options()
+        stream.codec_context.options = _decoder_options(budgets)
         fps = stream.average_rate or stream.guessed_rate
         pts = [frame.pts for frame in container.decode(stream)]
         base = stream.time_base
@@ -928,7 +983,7 @@ def _require_av() -> None:
         raise ImportError("reading video files needs PyAV or decord: pip install av (or decord)") from e
 
 
-def _probe_frame_size(path: Path) -> tuple[int, int] | None:
+def _probe_frame_size(path: Path, budgets: MediaBudgets) -> tuple[int, int] | None:
     """(width, height) of the first video stream from the container's header (PyAV, nothing decoded
     beyond what probing the stream decodes, under the decoder's max_pixels); None when PyAV is missing
     or cannot tell (then the first decoded frame sets it, before any frame is kept)."""
@@ -937,7 +992,7 @@ def _probe_frame_size(path: Path) -> tuple[int, int] | None:
     except ImportError:
         return None
     try:
-        with _pyav_open(str(path)) as container:
+        with _pyav_open(str(path), budgets) as container:
             if not container.streams.video:
                 return None
             ctx = container.streams.video[0].codec_context
@@ -946,12 +1001,13 @@ def _probe_frame_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[np.ndarray, int, float, str]:
+def _load_video_file(path: Path, plan: _Chooser, backend: str | None,
+                     budgets: MediaBudgets) -> tuple[np.ndarray, int, float, str]:
     label = f"video file {str(path)!r}"
     _check_file(path, label)
     if path.stat().st_size == 0:
         raise MediaError(f"{label}: empty file")
-    budgeted = _FramePlan(plan, _probe_frame_size(path), label)
+    budgeted = _FramePlan(plan, _probe_frame_size(path, budgets), label, budgets)
     failures = []
     for name in _backends_to_try(backend, path):
         try:
@@ -970,7 +1026,7 @@ def _load_video_file(path: Path, plan: _Chooser, backend: str | None) -> tuple[n
     raise MediaError(f"{label}: cannot read as a video ({'; '.join(failures)})")
 
 
-def _frames_from_list(frames: Sequence[Any], base_dir) -> np.ndarray:
+def _frames_from_list(frames: Sequence[Any], base_dir, budgets: MediaBudgets) -> np.ndarray:
     if len(frames) == 0:
         raise MediaError("frame list: zero frames")
     arrays = []
@@ -979,7 +1035,7 @@ def _frames_from_list(frames: Sequence[Any], base_dir) -> np.ndarray:
         if isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8:
             array = frame  # the common case: no round trip through PIL
         else:
-            array = np.asarray(_load_image(frame, base_dir, label))
+            array = np.asarray(_load_image(frame, base_dir, label, budgets))
         if arrays and array.shape != arrays[0].shape:
             raise MediaError(f"{label}: size {array.shape[1]}x{array.shape[0]} differs from frame 0's "
                              f"{arrays[0].shape[1]}x{arrays[0].shape[0]}")
@@ -1029,9 +1085,9 @@ def _is_frame_folder(src: Any, base_dir) -> bool:
 
 
 def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: int,
-                         interval: float, sampling: str = "qwen") -> "_SampledFrames":
+                         interval: float, sampling: str, budgets: MediaBudgets) -> "_SampledFrames":
     """A frame folder thinned like a frame list (thin_frame_list) and checked against the video budgets
-    (MAX_VIDEO_FRAME_PIXELS, MAX_VIDEO_DECODED_PIXELS, the active PixelBudget) from the kept frames'
+    (budgets.video_frame_pixels and video_pixels, the active PixelBudget) from the kept frames'
     headers BEFORE any frame is decoded. Its frame rate is 1 / interval, so frame k is at k * interval
     seconds: the authors' timestamps (mr2rm/data/dataset.py::_generate_timestamps_from_frames gives the
     frames, in order, idx * sampling_interval).
@@ -1059,24 +1115,25 @@ def _sample_frame_folder(src: str | os.PathLike, base_dir, max_frames: int, f: i
         for i in chosen:
             frame_label = f"{label}: frame {names[i]!r}"
             sources[i] = opener(names[i]) if opener is not None else path / names[i]
-            w, h = _image_size(Path(os.fspath(sources[i])), frame_label, MAX_VIDEO_FRAME_PIXELS,
-                               "mrrm.data.media.MAX_VIDEO_FRAME_PIXELS")
-            if w * h > MAX_VIDEO_FRAME_PIXELS:
-                raise MediaError(f"{frame_label}: {w}x{h} is over the limit of {MAX_VIDEO_FRAME_PIXELS} pixels "
-                                 "per frame (mrrm.data.media.MAX_VIDEO_FRAME_PIXELS)")
+            w, h = _image_size(Path(os.fspath(sources[i])), frame_label, budgets.video_frame_pixels,
+                               budgets.name("video_frame_pixels"))
+            if w * h > budgets.video_frame_pixels:
+                raise MediaError(f"{frame_label}: {w}x{h} is over the limit of {budgets.video_frame_pixels} pixels "
+                                 f"per frame ({budgets.name('video_frame_pixels')})")
             if size is not None and (w, h) != size:
                 raise MediaError(f"{frame_label}: size {w}x{h} differs from frame {names[chosen[0]]!r}'s "
                                  f"{size[0]}x{size[1]}")
             size = (w, h)
         pixels = len(indices) * size[0] * size[1]
-        if pixels > MAX_VIDEO_DECODED_PIXELS:
+        if pixels > budgets.video_pixels:
             raise MediaError(f"{label}: {len(indices)} frames of {size[0]}x{size[1]} would decode to "
-                             f"{pixels / 1e6:.0f} megapixels, over the limit of {MAX_VIDEO_DECODED_PIXELS / 1e6:.0f} "
-                             "(mrrm.data.media.MAX_VIDEO_DECODED_PIXELS)")
+                             f"{pixels / 1e6:.0f} megapixels, over the limit of {budgets.video_pixels / 1e6:.0f} "
+                             f"({budgets.name('video_pixels')})")
         _charge(pixels, label)
         decoded = {}
         for i in chosen:
-            image = _decode_image(Path(os.fspath(sources[i])), f"{label}: frame {names[i]!r}", charge=False)
+            image = _decode_image(Path(os.fspath(sources[i])), f"{label}: frame {names[i]!r}", budgets=budgets,
+                                  charge=False)
             decoded[i] = np.asarray(image)
             if decoded[i].shape[:2] != (size[1], size[0]):  # the file changed since its header was read
                 raise MediaError(f"{label}: frame {names[i]!r} changed while it was read")
@@ -1108,7 +1165,7 @@ class _SampledFrames(NamedTuple):
 
 
 def _sample_frame_list(src: Sequence[Any] | np.ndarray, base_dir, max_frames: int, f: int,
-                       frames_fps: float) -> _SampledFrames:
+                       frames_fps: float, budgets: MediaBudgets) -> _SampledFrames:
     """A frame list or [F, H, W, 3] array at frames_fps, thinned evenly to floor_f(max_frames) frames."""
     if not (frames_fps > 0 and math.isfinite(frames_fps)):
         raise ValueError(f"frames_fps must be a positive number, got {frames_fps!r}")
@@ -1122,13 +1179,13 @@ def _sample_frame_list(src: Sequence[Any] | np.ndarray, base_dir, max_frames: in
         frames = src[indices]
     else:
         chosen = sorted(set(indices))  # decode only the frames kept
-        decoded = dict(zip(chosen, _frames_from_list([src[i] for i in chosen], base_dir)))
+        decoded = dict(zip(chosen, _frames_from_list([src[i] for i in chosen], base_dir, budgets)))
         frames = np.stack([decoded[i] for i in indices])
     return _SampledFrames(frames, indices, sampled, total, float(frames_fps), None, "frames")
 
 
 def _sample_video_file(src: str | os.PathLike, base_dir, fps: float, min_frames: int, max_frames: int, f: int,
-                       backend: str | None, sampling: str = "qwen") -> _SampledFrames:
+                       backend: str | None, sampling: str, budgets: MediaBudgets) -> _SampledFrames:
     """A video file decoded by a backend, sampled with _plan_indices (as sample_frame_indices), or as
     the authors' code samples it (_plan_reference)."""
     if isinstance(src, str) and (src[:5].lower() == "data:" or _URL_SCHEME.match(src)):
@@ -1147,7 +1204,7 @@ def _sample_video_file(src: str | os.PathLike, base_dir, fps: float, min_frames:
     # a caller's own name for an opened file (e.g. the reward server's /proc/self/fd path): `media_label`
     display = getattr(src, "media_label", None) or str(resolved)
     try:
-        frames, total_frames, source_fps, name = _load_video_file(resolved, plan, backend)
+        frames, total_frames, source_fps, name = _load_video_file(resolved, plan, backend, budgets)
     except MediaError as e:
         if display == str(resolved):
             raise
@@ -1188,6 +1245,7 @@ def load_video(
     frames_fps: float = 2.0,
     frame_interval: float = DEFAULT_FRAME_INTERVAL,
     sampling: str = "qwen",
+    budgets: MediaBudgets = DEFAULT_MEDIA_BUDGETS,
 ) -> VideoClip:
     """Decode and sample a video (see the module doc).
 
@@ -1200,6 +1258,8 @@ def load_video(
     like a frame list BEFORE decoding, its frames ``frame_interval`` seconds apart (the authors' 4.0).
     sampling="reference" samples files and folders as the authors' code does (VIDEO_SAMPLING; fps,
     min_frames and max_frames then do not apply to them, and nothing is padded).
+    budgets: the video limits (video_frame_pixels, video_pixels; image_pixels for each frame of a list
+    given as encoded images), checked from headers before any frame is decoded.
     """
     _check_sampling_args(fps, min_frames, max_frames, frame_factor)
     if sampling not in VIDEO_SAMPLING:
@@ -1207,11 +1267,12 @@ def load_video(
     if sampling == "reference":
         frame_factor = 1
     if isinstance(src, (list, tuple)) or (isinstance(src, np.ndarray) and src.ndim == 4):
-        sampled = _sample_frame_list(src, base_dir, max_frames, frame_factor, frames_fps)
+        sampled = _sample_frame_list(src, base_dir, max_frames, frame_factor, frames_fps, budgets)
     elif isinstance(src, (str, os.PathLike)) and _is_frame_folder(src, base_dir):
-        sampled = _sample_frame_folder(src, base_dir, max_frames, frame_factor, frame_interval, sampling)
+        sampled = _sample_frame_folder(src, base_dir, max_frames, frame_factor, frame_interval, sampling, budgets)
     elif isinstance(src, (str, os.PathLike)):
-        sampled = _sample_video_file(src, base_dir, fps, min_frames, max_frames, frame_factor, backend, sampling)
+        sampled = _sample_video_file(src, base_dir, fps, min_frames, max_frames, frame_factor, backend, sampling,
+                                     budgets)
     else:
         raise MediaError(f"video source: unsupported type {type(src).__name__}")
     return _clip(sampled)

@@ -30,19 +30,18 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from mrrm.common import check_int
 from mrrm.errors import WorkerDied
 
 _ENCODER = None  # the worker's encoder, set once by _init_worker
 
 
-def _init_worker(blob: bytes, budgets: dict) -> None:
+def _init_worker(blob: bytes) -> None:
+    """The worker's encoder, with its text and media budgets (they travel with it: no module state)."""
     global _ENCODER
     import torch
 
-    from mrrm.data.budgets import apply_media_budgets
-
     torch.set_num_threads(1)  # a worker is one core's worth of encoding
-    apply_media_budgets(budgets)  # mrrm.data.media's limits are module constants: the parent's, re-applied
     _ENCODER = pickle.loads(blob)
 
 
@@ -94,12 +93,9 @@ class EncodePool:
     sample (see the module doc)."""
 
     def __init__(self, encoder, workers: int):
-        from mrrm.common import check_int
-        from mrrm.data.budgets import current_media_budgets
-
         check_int("workers", workers)
         self.workers = workers
-        self._initargs = (pickle.dumps(encoder), current_media_budgets())
+        self._initargs = (pickle.dumps(encoder),)  # its budgets (text, media) as they are now
         self._pool = self._new_pool(workers)
         self._isolation: ProcessPoolExecutor | None = None
         self.deaths = 0  # samples that killed a worker

@@ -79,13 +79,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from mrrm._args import (
-    TEXT_BUDGET_FLAGS,
     add_model_args,
     add_text_budget_args,
     add_workers_arg,
     positive_int,
     text_budget_overrides,
-    text_budgets_applied,
 )
 from mrrm._io import (
     DEFAULT_MAX_LINE_BYTES,
@@ -99,13 +97,13 @@ from mrrm._io import (
     writing,
 )
 from mrrm.common import MODES, check_choice, check_int, is_correct, top_choice
-from mrrm.data.budgets import add_media_budget_args, apply_media_budgets
+from mrrm.data.budgets import add_media_budget_args, budgets_applied, media_budgets_from_args
+from mrrm.data.media import MediaBudgets
 from mrrm.data.records import check_rankings, iter_records
 from mrrm.errors import RowError
 from mrrm.model.api import load_model
 
 PROG = "mrrm.eval"
-TEXT_FLAG = {field: flag for flag, field in TEXT_BUDGET_FLAGS.items()}  # TextBudgets field -> flag (dest)
 PROTOCOLS = ("direct", "pairwise")
 CACHE_FILE, META_FILE = "cache.jsonl", "cache_meta.json"
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -635,7 +633,8 @@ def _pipelined_batch(chunk_scorer, pairs: list[tuple[int, dict]]) -> tuple[list,
 DEFAULT_OPTIONS = dict(model=None, mode=None, permutations=1, limit=None, out=None, order_sensitivity=False,
                        batch_size=32, media_dir=None, seed=0, progress=True, device=None, dtype=None,
                        max_batch_tokens=None, overwrite=False, pair_order=None, workers=0,
-                       max_line_bytes=DEFAULT_MAX_LINE_BYTES, text_budgets=None, verify=False)
+                       max_line_bytes=DEFAULT_MAX_LINE_BYTES, text_budgets=None, media_budgets=None,
+                       verify=False)
 
 
 def _data_files(data: str) -> list[str]:
@@ -736,6 +735,8 @@ def _check_options(benchmark, data, scorer, protocol, options) -> tuple[Benchmar
         if not isinstance(opts["text_budgets"], dict):
             raise ValueError(f"text_budgets must be a dict of {list(TextBudgets.FIELDS)}, got {opts['text_budgets']!r}")
         TextBudgets().replace(**opts["text_budgets"])  # validates the names and values
+    if opts["media_budgets"] is not None and not isinstance(opts["media_budgets"], MediaBudgets):
+        raise ValueError(f"media_budgets must be an mrrm.data.media.MediaBudgets, got {opts['media_budgets']!r}")
     if opts["workers"] and scorer is not None:
         raise ValueError("workers encode for mrrm's own model; a custom scorer encodes (or not) itself")
     bench = BENCHMARKS[benchmark]
@@ -765,7 +766,9 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
       progress (True), device, dtype, max_batch_tokens, overwrite (False: resume DIR's cache), workers (0: encode
       in this process; N: in N worker processes ahead of the model, mrrm.data.pipeline; the default scorer only),
       max_line_bytes (16 MiB: a longer JSONL line is a skipped row, never held whole), text_budgets (a dict of
-      mrrm.data.encoding.TextBudgets fields, e.g. {"sample_chars": 100000}, set on the default model's encoder).
+      mrrm.data.encoding.TextBudgets fields, e.g. {"sample_chars": 100000}, set on the default model's encoder),
+      media_budgets (an mrrm.data.media.MediaBudgets set on the default scorer's model's encoder for the run;
+      None: the encoder's own).
       verify (False: check a `model=` path's files against its checksums.sha256 before loading, mrrm.load's).
     """
     bench, opts = _check_options(benchmark, data, scorer, protocol, options)
@@ -893,8 +896,8 @@ def _score_items(items, variants, scorer, protocol, opts, cache_path, cache_fd=N
         from_cache = len(needed) - len(todo)
         if todo and scorer is None:
             scorer = _default_scorer(opts)
-        model = getattr(scorer, "model", None) if opts["text_budgets"] else None  # the default scorer's
-        with text_budgets_applied(model, {TEXT_FLAG[k]: v for k, v in (opts["text_budgets"] or {}).items()}):
+        model = getattr(scorer, "model", None)  # the default scorer's (encoding workers get its budgets with it)
+        with budgets_applied(model, text=opts["text_budgets"], media=opts["media_budgets"]):
             scored = _run_passes(scorer, todo, protocol, opts, cache, total=len(needed), initial=from_cache)
     finally:
         cache.close()
@@ -1130,7 +1133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: --limit must be >= 0", file=sys.stderr)
         return 2
     try:
-        apply_media_budgets(args)
+        media_budgets = media_budgets_from_args(args)
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -1141,7 +1144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      media_dir=args.media_dir, seed=args.seed, progress=not args.no_progress, device=args.device,
                      dtype=args.dtype, max_batch_tokens=args.max_batch_tokens, overwrite=args.overwrite,
                      pair_order=args.pair_order, workers=args.workers, max_line_bytes=args.max_line_bytes,
-                     text_budgets=text_budget_overrides(args) or None, verify=args.verify)
+                     text_budgets=text_budget_overrides(args) or None, media_budgets=media_budgets,
+                     verify=args.verify)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mrrm._args import add_model_args, add_text_budget_args, positive_int, text_budget_overrides
 from mrrm.common import MODES, check_choice, check_int, check_positive
 from mrrm.data import media
-from mrrm.data.budgets import add_media_budget_args, apply_media_budgets
+from mrrm.data.budgets import add_media_budget_args, media_budgets_from_args
 from mrrm.data.encoding import BatchError, SampleError
 from mrrm.errors import MediaRejected, QueueFull
 from mrrm.model.api import load_model, resolve_device
@@ -234,20 +234,22 @@ def safe_media_path(value: str, root: Path | None, where: str, *, folder_ok: boo
     return real
 
 
-def load_image_field(value: str, root: Path | None, where: str):
-    """A request's image string -> a decoded PIL image (data URL, base64, or a path under the root),
-    charged (from its header, before decoding) to the active mrrm.data.media.PixelBudget: over the
-    request's budget -> 413, over the server's in-flight pool -> 503 (retry later)."""
+def load_image_field(value: str, root: Path | None, where: str,
+                     budgets: media.MediaBudgets = media.DEFAULT_MEDIA_BUDGETS):
+    """A request's image string -> a decoded PIL image (data URL, base64, or a path under the root), under
+    `budgets` (the model encoder's MediaBudgets: an image over its image_pixels is refused), charged (from
+    its header, before decoding) to the active mrrm.data.media.PixelBudget: over the request's budget ->
+    413, over the server's in-flight pool -> 503 (retry later)."""
     try:
-        return _load_image_field(value, root, where)
+        return _load_image_field(value, root, where, budgets)
     except media.OverBudget as e:
         raise MediaRejected(f"{where}: {str(e).split(': ', 1)[-1]}", 503 if e.temporary else 413) from None
 
 
-def _load_image_field(value: str, root: Path | None, where: str):
+def _load_image_field(value: str, root: Path | None, where: str, budgets: media.MediaBudgets):
     if value[:5].lower() == "data:":
         try:
-            return media.load_image(value)  # a data URL is never read as a path
+            return media.load_image(value, budgets=budgets)  # a data URL is never read as a path
         except media.OverBudget:
             raise
         except media.MediaError as e:
@@ -256,7 +258,7 @@ def _load_image_field(value: str, root: Path | None, where: str):
     b64_error = None
     if len(compact) >= MIN_BASE64_CHARS and _BASE64.fullmatch(compact):
         try:  # through mrrm.data.media's data-URL decoder: strict base64, then PIL
-            return media.load_image("data:image;base64," + compact)
+            return media.load_image("data:image;base64," + compact, budgets=budgets)
         except media.OverBudget:
             raise
         except media.MediaError as e:
@@ -269,7 +271,7 @@ def _load_image_field(value: str, root: Path | None, where: str):
                                 400) from None
         raise
     try:
-        return media.load_image(path)  # a path: never reinterpreted as base64
+        return media.load_image(path, budgets=budgets)  # a path: never reinterpreted as base64
     except media.OverBudget:
         raise
     except media.MediaError as e:
@@ -278,18 +280,20 @@ def _load_image_field(value: str, root: Path | None, where: str):
         path.close()
 
 
-def load_video_field(value, root: Path | None, where: str, max_frames: int = 64):
+def load_video_field(value, root: Path | None, where: str, max_frames: int = 64,
+                     budgets: media.MediaBudgets = media.DEFAULT_MEDIA_BUDGETS):
     """A request's video: a file under the root (checked and opened: a ConfinedFile, decoded later on
     the model thread through its descriptor), a folder of frame images under the root (a
     ConfinedFolder: mrrm.data.media thins it before decoding and opens only the kept frames, each checked
     under the root), or a list of frame images, of which only the frames the model would keep
     (mrrm.data.media's evenly spaced thinning to `max_frames`) are decoded: a list of 2,000 large frames
-    costs 64 decodes, not 2,000."""
+    costs 64 decodes, not 2,000. `budgets`: the model encoder's MediaBudgets (each frame of a list is an
+    image under its image_pixels; files and folders are checked against them when the encoder decodes them)."""
     if isinstance(value, list):
         if not value:
             raise MediaRejected(f"{where}: an empty frame list")
         keep = sorted(set(media.thin_frame_list(len(value), max_frames)))
-        return [load_image_field(value[k], root, f"{where} frame {k}") for k in keep]
+        return [load_image_field(value[k], root, f"{where} frame {k}", budgets) for k in keep]
     if safe_media_path(value, root, where, folder_ok=True).is_dir():
         return open_confined_folder(value, root, where)
     return open_confined(value, root, where)
@@ -323,8 +327,10 @@ class RewardRequest(BaseModel):
     labels: Optional[list[Any]] = None
 
 
-def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64) -> dict:
-    """A validated request sample -> an mrrm sample whose media are decoded images / checked paths."""
+def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int = 64,
+                   budgets: media.MediaBudgets = media.DEFAULT_MEDIA_BUDGETS) -> dict:
+    """A validated request sample -> an mrrm sample whose media are decoded images / checked paths, within
+    `budgets` (the model encoder's MediaBudgets: the per-sample limits)."""
     if s.image is not None and s.images is not None:
         raise MediaRejected(f"sample {index}: give 'image' or 'images', not both")
     if s.video is not None and s.videos is not None:
@@ -334,13 +340,14 @@ def prepare_sample(s: SampleIn, index: int, root: Path | None, max_frames: int =
         out["id"] = s.id
     images = [s.image] if s.image is not None else (s.images or [])
     videos = [s.video] if s.video is not None else (s.videos or [])
-    too_many = media.check_media_counts(len(images), len(videos))
+    too_many = media.check_media_counts(len(images), len(videos), budgets=budgets)
     if too_many is not None:  # before anything is decoded
         raise MediaRejected(f"sample {index}: {too_many}", 422)
     if images:
-        out["images"] = [load_image_field(v, root, f"sample {index} image {k}") for k, v in enumerate(images)]
+        out["images"] = [load_image_field(v, root, f"sample {index} image {k}", budgets)
+                         for k, v in enumerate(images)]
     if videos:
-        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames)
+        out["videos"] = [load_video_field(v, root, f"sample {index} video {k}", max_frames, budgets)
                          for k, v in enumerate(videos)]
     return out
 
@@ -784,6 +791,12 @@ class _ServerState:
         self.group_wait = group_timeout
         self.counters = {"rejected": 0, "timeouts": 0}  # the front's own refusals (429 / 504), beside the batchers'
 
+    @property
+    def media_budgets(self) -> media.MediaBudgets:
+        """The per-sample media limits (--max-image-megapixels ...): the model encoder's MediaBudgets, inside
+        the request's budget inside the in-flight pool."""
+        return getattr(self.encoder, "media_budgets", media.DEFAULT_MEDIA_BUDGETS)
+
     def request_group_size(self, queries: int) -> int:
         """The size of a group a request's `queries` (of one prompt) belong to: --group-size, or without it
         (1) the request's own queries (OpenRLHF's batch mode: a request carries whole groups)."""
@@ -816,13 +829,13 @@ class _ServerState:
 
     def load_media(self, base: dict, budget: media.PixelBudget) -> dict:
         """A group's sample base with its label media decoded / checked under the media root (thread)."""
-        out = dict(base)
+        out, budgets = dict(base), self.media_budgets
         with budget:
             if base.get("images"):
-                out["images"] = [load_image_field(v, self.root, f"label image {k}")
+                out["images"] = [load_image_field(v, self.root, f"label image {k}", budgets)
                                  for k, v in enumerate(base["images"])]
             if base.get("videos"):
-                out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames)
+                out["videos"] = [load_video_field(v, self.root, f"label video {k}", self.max_frames, budgets)
                                  for k, v in enumerate(base["videos"])]
         return out
 
@@ -844,8 +857,9 @@ class _ServerState:
         """Request samples -> mrrm samples (media decoded, charged to `budget` / paths checked); a
         refused medium is an HTTP error (503 with Retry-After when the in-flight pool is full)."""
         def work():
+            budgets = self.media_budgets
             with budget:
-                return [prepare_sample(s, i, self.root, self.max_frames) for i, s in enumerate(samples)]
+                return [prepare_sample(s, i, self.root, self.max_frames, budgets) for i, s in enumerate(samples)]
         try:  # file reads and image decoding off the event loop
             return await asyncio.to_thread(work)
         except MediaRejected as e:
@@ -977,7 +991,8 @@ async def _read(request: Request, work, *args):
 # --------------------------------------------------------------------------------------------------
 
 
-def _label_fields(label, i: int) -> tuple[dict, int | None, str | None]:
+def _label_fields(label, i: int, budgets: media.MediaBudgets = media.DEFAULT_MEDIA_BUDGETS
+                  ) -> tuple[dict, int | None, str | None]:
     """(media references, group size, uid) a query's label carries: a dict (or its JSON text) with image /
     images / video / videos, an optional group_size (e.g. 1 for a validation set generated with n=1) and an
     optional uid (the dataset row's id: its rollouts are grouped by it rather than by the prompt's text),
@@ -999,7 +1014,7 @@ def _label_fields(label, i: int) -> tuple[dict, int | None, str | None]:
             raise HTTPException(422, f"labels[{i}]: '{many}' must be a list of paths / base64 strings")
         if refs:
             out[many] = refs
-    too_many = media.check_media_counts(len(out.get("images", [])), len(out.get("videos", [])))
+    too_many = media.check_media_counts(len(out.get("images", [])), len(out.get("videos", [])), budgets=budgets)
     if too_many is not None:
         raise HTTPException(422, f"labels[{i}]: {too_many}")
     size = label.get("group_size")
@@ -1050,7 +1065,7 @@ def _parse_query(state: "_ServerState", i: int, query: str, prompt: str, label) 
         raise HTTPException(422, f"prompts[{i}]: {e}") from None
     if not turn.text:
         raise HTTPException(422, f"prompts[{i}]: the user's message is empty")
-    media_refs, group_size, uid = _label_fields(label, i)
+    media_refs, group_size, uid = _label_fields(label, i, state.media_budgets)
     given = (len(media_refs.get("images", [])), len(media_refs.get("videos", [])))
     if (turn.images or turn.videos) and given != (turn.images, turn.videos):
         raise HTTPException(422, f"prompts[{i}] holds {turn.images} image and {turn.videos} video placeholder(s) "
@@ -1496,7 +1511,7 @@ def main(argv=None) -> None:
 
     args = build_parser().parse_args(argv)
     try:
-        apply_media_budgets(args)
+        media_budgets = media_budgets_from_args(args)
     except ValueError as e:
         raise SystemExit(f"python -m mrrm.serve: error: {e}") from None
     if not (1 <= args.port <= 65535):
@@ -1511,7 +1526,9 @@ def main(argv=None) -> None:
         devices = replica_devices(args.device, args.replicas)
         model = load_model(args.model, device=devices[0], dtype=args.dtype, mode=args.mode, verify=args.verify)
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
-        model.encoder.set_text_budgets(**text_budget_overrides(args))  # this process's own model: set for good
+        # this process's own model: its budgets set for good (per-sample media limits included)
+        model.encoder.set_text_budgets(**text_budget_overrides(args))
+        model.encoder.set_media_budgets(media_budgets)
         app = create_app(model, mode=args.mode, media_root=args.media_root, token=args.token,
                          max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue, timeout=args.timeout,
                          max_body_bytes=args.max_body_bytes, group_size=args.group_size,

@@ -28,6 +28,7 @@ import torch
 
 from mrrm._io import WriteError, writing
 from mrrm.common import TRAIN_MODES, is_correct
+from mrrm.data.budgets import media_budgets_from_args
 from mrrm.errors import ConfigError, DataError, MrrmError
 from mrrm.integrity import (
     MANIFEST,
@@ -125,7 +126,7 @@ class TrainConfig:
                                          # without it), unchecked
     fsdp: bool = False                   # shard the model with FSDP2 over the launch's processes (mrrm.train.sharding)
     deepspeed: str | None = None         # a DeepSpeed JSON config: ZeRO-2/3 over the launch's processes (mrrm.train.sharding)
-    # media budgets (mrrm.data.media, checked before decoding); None keeps mrrm.data.media's defaults
+    # media budgets (the encoder's mrrm.data.media.MediaBudgets, checked before decoding); None: the defaults
     max_image_megapixels: float | None = None
     max_video_frame_megapixels: float | None = None
     max_video_megapixels: float | None = None
@@ -214,7 +215,7 @@ def build_model(cfg: TrainConfig):
         # sample, which a from-scratch model gains nothing from)
         proc.chat_template = tok.chat_template = tiny.QWEN3_VL_CHAT_TEMPLATE
         rm_cfg.description = "tiny Qwen2-VL-style model trained from scratch with python -m mrrm.train"
-        return RewardModel(backbone, tok, proc, rm_cfg)
+        return _with_media_budgets(RewardModel(backbone, tok, proc, rm_cfg), cfg)
     from mrrm.model.checkpoints import load_backbone
     from mrrm.model.parts import load_processor
 
@@ -233,7 +234,13 @@ def build_model(cfg: TrainConfig):
                                                        lora_dropout=cfg.lora_dropout, target_modules=target))
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
-    return RewardModel(backbone, tok, proc, rm_cfg)
+    return _with_media_budgets(RewardModel(backbone, tok, proc, rm_cfg), cfg)
+
+
+def _with_media_budgets(model, cfg: TrainConfig):
+    """The model with the config's media budgets (max_image_megapixels, ...) on its encoder."""
+    model.encoder.set_media_budgets(media_budgets_from_args(dataclasses.asdict(cfg)))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,10 +578,8 @@ class TrainState:
 
 
 def train(cfg: TrainConfig) -> dict:
-    from mrrm.data.budgets import apply_media_budgets
-
     try:
-        apply_media_budgets(dataclasses.asdict(cfg))
+        media_budgets_from_args(dataclasses.asdict(cfg))  # checked first; build_model sets them on the encoder
     except ValueError as e:
         raise ConfigError(f"mrrm.train: {e}") from None
     accel = _setup_accelerator(cfg)

@@ -99,9 +99,10 @@ def test_one_set_of_model_flags_and_one_device_default():
         api.load_model("/no/such/checkpoint")
 
 
-def test_media_budget_flags_in_every_command_that_reads_media(monkeypatch, tmp_path, capsys):
+def test_media_budget_flags_in_every_command_that_reads_media(tmp_path, capsys):
     """--max-image-megapixels ... --max-videos-per-sample: the same flags in score, eval, serve and
-    train; they set mrrm.data.media's budgets (checked before decoding) for the run."""
+    train; they give one MediaBudgets value, set on the loaded model's encoder for the run (encoding
+    worker processes get it with the encoder: tests/test_pipeline.py), never module state."""
     import json
 
     from PIL import Image
@@ -112,23 +113,37 @@ def test_media_budget_flags_in_every_command_that_reads_media(monkeypatch, tmp_p
     from mrrm.rl import serve
     from mrrm.train import recipe as train
 
-    for const, _ in budgets.MEDIA_BUDGETS.values():  # restored after the test
-        monkeypatch.setattr(media, const, getattr(media, const))
-    flags = {"--" + f.replace("_", "-") for f in budgets.MEDIA_BUDGETS}
+    flags = {"--" + f.replace("_", "-") for f in budgets.MEDIA_BUDGET_FLAGS}
+    assert flags == set(media.MediaBudgets.FLAGS.values())
     for parser in (score_cli.build_parser(), mev.build_parser(), serve.build_parser()):
         assert flags <= {s for a in parser._actions for s in a.option_strings}
-    assert set(budgets.MEDIA_BUDGETS) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(budgets.MEDIA_BUDGET_FLAGS) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert not [name for name in vars(media) if name.startswith("MAX_")]  # no module-level budgets
+
+    # flags -> one value (megapixels -> pixels); None keeps the default; errors name the flag
+    assert budgets.media_budgets_from_args({}) == media.DEFAULT_MEDIA_BUDGETS
+    got = budgets.media_budgets_from_args(score_cli.build_parser().parse_args(
+        ["--data", "d", "--out", "o", "--max-image-megapixels", "0.5", "--max-images-per-sample", "2"]))
+    assert got == media.MediaBudgets(image_pixels=500_000, images_per_sample=2)
+    with pytest.raises(ValueError, match="--max-images-per-sample must be a whole number"):
+        budgets.media_budgets_from_args({"max_images_per_sample": 1.5})
+    with pytest.raises(ValueError, match="--max-sample-megapixels must be at least one pixel"):
+        budgets.media_budgets_from_args({"max_sample_megapixels": 1e-9})
+    assert train.build_model(train.TrainConfig(max_videos_per_sample=2.0)).encoder.media_budgets == \
+        media.MediaBudgets(videos_per_sample=2)
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [{"prompt": "p", "responses": ["a", "b"], "images": ["a.png"]},
             {"prompt": "p", "responses": ["a", "b"], "images": ["a.png", "a.png"]}]
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    default_encoder = api.load_model(device="cpu").encoder  # the cached default model, which the run uses
     out = tmp_path / "out.jsonl"
     assert score_cli.main(["--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress",
                            "--max-images-per-sample", "1"]) == 0
-    assert media.MAX_IMAGES_PER_SAMPLE == 1
     errors = [json.loads(x) for x in open(str(out) + ".errors.jsonl")]
     assert [e["line"] for e in errors] == [2] and "2 images, over the limit of 1 per sample" in errors[0]["error"]
+    assert "(--max-images-per-sample" in errors[0]["error"]
+    assert default_encoder.media_budgets == media.DEFAULT_MEDIA_BUDGETS  # for the run only: given back
     assert score_cli.main(["--data", str(data), "--out", str(tmp_path / "o2.jsonl"), "--max-image-megapixels", "-1"]) == 2
     assert "--max-image-megapixels must be a positive number" in capsys.readouterr().err

@@ -442,6 +442,29 @@ def test_encoding_workers_write_what_in_process_encoding_writes(model, media, tm
     assert b"over the limit of 1 per sample" in (tmp_path / "d.jsonl.errors.jsonl").read_bytes()
 
 
+def test_ray_actor_scores_under_the_media_budgets_it_is_given(monkeypatch, tmp_path):
+    """score_ray.ScoreActor (a Ray Data actor: its own process under Ray) receives the driver's MediaBudgets
+    as a constructor argument and sets them on the encoder of the model it loads: a non-default budget
+    refuses what the defaults pass. Ray itself is not needed to build one."""
+    from mrrm.cli import score_ray
+    from mrrm.data.media import DEFAULT_MEDIA_BUDGETS, MediaBudgets
+    from mrrm.model.api import build_default_model
+
+    monkeypatch.setattr(score_ray, "load_model", lambda *a, **kw: build_default_model())  # an unshared copy
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    raw = json.dumps({"prompt": "p", "responses": ["a", "b"], "images": ["a.png", "a.png"]})
+    batch = {"line": np.array([1]), "raw": np.array([raw])}
+
+    def reasons(budgets):
+        actor = score_ray.ScoreActor(None, "cpu", None, None, None, 1, str(tmp_path), budgets)
+        assert actor.model.encoder.media_budgets == (budgets or DEFAULT_MEDIA_BUDGETS)
+        return [json.loads(r)["reason"] for r in actor(batch)["result"]]
+
+    assert reasons(None) == [None]
+    (reason,) = reasons(MediaBudgets(images_per_sample=1))
+    assert "2 images, over the limit of 1 per sample (--max-images-per-sample" in reason
+
+
 @pytest.mark.slow
 def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(model, media, tmp_path):
     """--engine ray (Ray Data, a local Ray with model actors): the local engine's records in its order

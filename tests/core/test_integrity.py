@@ -334,7 +334,7 @@ def test_verify_flag_reaches_the_model_load_of_every_command(monkeypatch, capsys
     def fake_load(model=None, **kw):
         raise ValueError(f"load_model called with verify={kw.get('verify')}")
 
-    for module in (api, score_cli, serve, mev):
+    for module in (api, score_cli, score_ray, serve, mev):
         monkeypatch.setattr(module, "load_model", fake_load, raising=False)
     for parser in (score_cli.build_parser(), mev.build_parser(), serve.build_parser()):
         assert "--verify" in {s for a in parser._actions for s in a.option_strings}
@@ -342,7 +342,7 @@ def test_verify_flag_reaches_the_model_load_of_every_command(monkeypatch, capsys
     with pytest.raises(score_cli.CLIError, match="verify=True"):
         score_cli._load_model(args)
     with pytest.raises(ValueError, match="verify=True"):
-        score_ray.ScoreActor(None, "cpu", None, None, None, 1, None, {}, verify=True)
+        score_ray.ScoreActor(None, "cpu", None, None, None, 1, None, None, verify=True)
     with pytest.raises(ValueError, match="verify=True"):
         mev._default_scorer({**mev.DEFAULT_OPTIONS, "verify": True})
     with pytest.raises(SystemExit, match="verify=True"):

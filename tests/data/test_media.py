@@ -514,7 +514,7 @@ def test_fingerprint_of_pixels_and_lists(png, pixels):
 
 def test_image_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
     """A tiny PNG declaring 81 megapixels is refused from its header (nothing decoded); the limit is
-    mrrm.data.media.MAX_IMAGE_PIXELS."""
+    MediaBudgets.image_pixels (default 50 MP), passed as `budgets=`."""
     from PIL import Image as PILImage
     from PIL import ImageFile
 
@@ -525,33 +525,32 @@ def test_image_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
     decoded = []
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
-    with pytest.raises(m.MediaError, match=r"9000x9000 = 81.0 megapixels, over the limit of 50"):
+    with pytest.raises(m.MediaError, match=r"9000x9000 = 81.0 megapixels, over the limit of 50 megapixels "
+                                           r"\(--max-image-megapixels; MediaBudgets.image_pixels\)"):
         m.load_image(path)
     assert decoded == []  # refused from the header: the pixels were never decoded
-    monkeypatch.setattr(m, "MAX_IMAGE_PIXELS", 100_000_000)
-    assert m.load_image(path).size == (9000, 9000) and decoded  # the spy sees a real decode
+    assert m.load_image(path, budgets=m.MediaBudgets(image_pixels=100_000_000)).size == (9000, 9000) and decoded
 
 
 @pytest.mark.parametrize("backend", [None, "pyav"])
 def test_video_budgets_are_checked_before_decoding(tmp_path, monkeypatch, backend):
     """Frame size from the container's header, and the sampled frames' pixels, against
-    MAX_VIDEO_FRAME_PIXELS / MAX_VIDEO_DECODED_PIXELS before any reader decodes a frame."""
+    MediaBudgets.video_frame_pixels / video_pixels before any reader decodes a frame."""
     from mrrm.data import media as m
 
     path = write_video(tmp_path / "v.mp4", num_frames=24, size=32)
     calls = []
     for name, reader in list(m._READERS.items()):
         monkeypatch.setitem(m._READERS, name, lambda p, choose, _r=reader, _n=name: calls.append(_n) or _r(p, choose))
-    monkeypatch.setattr(m, "MAX_VIDEO_FRAME_PIXELS", 32 * 32 - 1)
-    with pytest.raises(m.MediaError, match=r"frames of 32x32 are over the limit of 1023 pixels"):
-        m.load_video(path, backend=backend)
+    small_frames = m.MediaBudgets(video_frame_pixels=32 * 32 - 1)
+    with pytest.raises(m.MediaError, match=r"frames of 32x32 are over the limit of 1023 pixels "
+                                           r"\(--max-video-frame-megapixels; MediaBudgets.video_frame_pixels\)"):
+        m.load_video(path, backend=backend, budgets=small_frames)
     assert calls == []  # refused from the header: no reader ran
-    monkeypatch.setattr(m, "MAX_VIDEO_FRAME_PIXELS", 3840 * 2160)
-    monkeypatch.setattr(m, "MAX_VIDEO_DECODED_PIXELS", 4 * 32 * 32 - 1)  # 2 s at 2 fps: 4 frames sampled
-    with pytest.raises(m.MediaError, match=r"frames of 32x32 would decode to .* over the limit"):
-        m.load_video(path, backend=backend, fps=2.0, max_frames=8)
+    small_video = m.MediaBudgets(video_pixels=4 * 32 * 32 - 1)  # 2 s at 2 fps: 4 frames sampled
+    with pytest.raises(m.MediaError, match=r"frames of 32x32 would decode to .* over the limit .*--max-video-megapixels"):
+        m.load_video(path, backend=backend, fps=2.0, max_frames=8, budgets=small_video)
     assert len(calls) == 1  # the first reader stopped at its frame choice; no fallback to another
-    monkeypatch.setattr(m, "MAX_VIDEO_DECODED_PIXELS", 2**29)
     assert m.load_video(path, backend=backend, fps=2.0, max_frames=8).frames.shape[-2:] == (32, 32)
 
 
@@ -602,22 +601,67 @@ def test_media_are_charged_from_headers_before_decoding(tmp_path, png, pixels, m
     assert budget.used == clip.frames.shape[0] * 32 * 32  # once, though two readers planned the frames
 
 
-def test_a_sample_s_media_together_are_budgeted(tmp_path, pixels, monkeypatch):
-    """mrrm.data.media.MAX_SAMPLE_DECODED_PIXELS: all of one sample's images and frames together, refused
-    per sample before the one that would cross it is decoded; the next sample starts afresh."""
+def test_a_sample_s_media_together_are_budgeted(tmp_path, pixels):
+    """MediaBudgets.sample_pixels (the encoder's media_budgets): all of one sample's images and frames
+    together, refused per sample before the one that would cross it is decoded; the next sample starts afresh."""
     from mrrm.data.encoding import SampleError
     from mrrm.model.api import build_default_model
 
     model = build_default_model()
     b64 = base64.b64encode(_encode(pixels)).decode()
     h, w = pixels.shape[:2]
-    monkeypatch.setattr(media, "MAX_SAMPLE_DECODED_PIXELS", 2 * h * w)
+    assert model.encoder.set_media_budgets(sample_pixels=2 * h * w) == media.MediaBudgets(sample_pixels=2 * h * w)
     two = {"prompt": "p", "responses": ["a", "b"], "images": [b64] * 2}
     model.encoder.encode(two, 0)
     model.encoder.encode(two, 1)  # the budget is per sample
     with pytest.raises(SampleError, match=r"sample 2: base64 image string: decoding .* take the sample's media "
-                                          r"\(mrrm.data.media.MAX_SAMPLE_DECODED_PIXELS\) over its limit"):
+                                          r"\(--max-sample-megapixels; MediaBudgets.sample_pixels\) over its limit"):
         model.encoder.encode({**two, "images": [b64] * 3}, 2)
+
+
+def test_media_budgets_are_a_value_not_module_state(tmp_path, pixels):
+    """MediaBudgets is one frozen, validated value passed explicitly: two encoders with different budgets in
+    one process (and threads) treat the same image differently, whichever ran last; the defaults are untouched."""
+    import copy
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mrrm.data.encoding import SampleError
+    from mrrm.model.api import build_default_model
+
+    assert not [name for name in vars(media) if name.startswith("MAX_")]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        media.DEFAULT_MEDIA_BUDGETS.image_pixels = 1
+    for bad in (0, -1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="media budget image_pixels .*--max-image-megapixels.* positive int"):
+            media.MediaBudgets(image_pixels=bad)
+    h, w = pixels.shape[:2]
+    path = tmp_path / "a.png"
+    path.write_bytes(_encode(pixels))
+    small = media.MediaBudgets(image_pixels=h * w - 1)
+    assert load_image(path).size == (w, h)
+    with pytest.raises(MediaError, match=r"over the limit of .* \(--max-image-megapixels; MediaBudgets.image_pixels\)"):
+        load_image(path, budgets=small)
+    assert load_image(path).size == (w, h)  # nothing left behind
+
+    strict = build_default_model().encoder
+    lenient = copy.copy(strict)  # the same tokenizer and processor, its own budgets
+    strict.set_media_budgets(small)
+    assert lenient.media_budgets == media.DEFAULT_MEDIA_BUDGETS
+    sample = {"prompt": "p", "responses": ["a", "b"], "images": ["a.png"]}
+
+    def outcome(encoder):
+        try:
+            encoder.encode(sample, 0, media_dir=str(tmp_path))
+            return "ok"
+        except SampleError as e:
+            return "refused" if "--max-image-megapixels" in e.reason else e.reason
+
+    assert [outcome(e) for e in (strict, lenient, strict, lenient)] == ["refused", "ok", "refused", "ok"]
+    with ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(outcome, [strict, lenient] * 4)) == ["refused", "ok"] * 4
+    with pytest.raises(TypeError, match="MediaBudgets"):
+        strict.set_media_budgets({"image_pixels": 1})
 
 
 @pytest.mark.slow
@@ -712,14 +756,10 @@ def test_frame_folder_is_thinned_and_budgeted_before_decoding(tmp_path, monkeypa
     assert decoded == [f"frame_{i + 1:04d}.png" for i in media.thin_frame_list(50, 8)]
     decoded.clear()
     # the video limits, from the kept frames' headers, before any frame is decoded
-    monkeypatch.setattr(media, "MAX_VIDEO_FRAME_PIXELS", 32 * 32 - 1)
     with pytest.raises(MediaError, match=r"frame folder .*long.*frame 'frame_0001.png': 32x32 is over the limit"):
-        load_video(folder, max_frames=8)
-    monkeypatch.setattr(media, "MAX_VIDEO_FRAME_PIXELS", 3840 * 2160)
-    monkeypatch.setattr(media, "MAX_VIDEO_DECODED_PIXELS", 8 * 32 * 32 - 1)
+        load_video(folder, max_frames=8, budgets=media.MediaBudgets(video_frame_pixels=32 * 32 - 1))
     with pytest.raises(MediaError, match=r"frame folder .*long.*8 frames of 32x32 would decode to"):
-        load_video(folder, max_frames=8)
-    monkeypatch.setattr(media, "MAX_VIDEO_DECODED_PIXELS", 2**29)
+        load_video(folder, max_frames=8, budgets=media.MediaBudgets(video_pixels=8 * 32 * 32 - 1))
     budget = media.PixelBudget(8 * 32 * 32 - 1, "the test budget")
     with budget, pytest.raises(media.OverBudget, match="the test budget"):
         load_video(folder, max_frames=8)

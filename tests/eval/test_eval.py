@@ -552,6 +552,26 @@ def test_validation_errors(tmp_path):
         mev.run("mr2bench-image", str(path), short, progress=False)
     res = mev.run("mr2bench-image", str(path), KnownScorer(), limit=1, progress=False)
     assert res["rows"] == 1 and res["evaluated"] == 1
+    with pytest.raises(ValueError, match="media_budgets must be an mrrm.data.media.MediaBudgets"):
+        mev.run("mr2bench-image", str(path), KnownScorer(), media_budgets={"image_pixels": 10})
+
+
+def test_media_budgets_are_set_on_the_model_for_the_run(tmp_path):
+    """media_budgets= (python -m mrrm.eval's --max-image-megapixels ...): a MediaBudgets on the default
+    scorer's model's encoder for the run, given back afterwards (the cached model is shared)."""
+    import mrrm
+
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(tmp_path / "red.png")
+    rows = [{"id": f"e{i}", "prompt": "What colour is the square?", "image": "red.png",
+             "responses": ["red", "green"], "rankings": [1, 2]} for i in range(2)]
+    path = tmp_path / "mr2.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    res = mev.run("mr2bench-image", str(path), device="cpu", progress=False,
+                  media_budgets=media.MediaBudgets(image_pixels=32 * 32 - 1))
+    assert res["evaluated"] == 0 and len(res["skipped_rows"]) == 2
+    assert all("(--max-image-megapixels" in r["reason"] for r in res["skipped_rows"])
+    assert mrrm.load(device="cpu").encoder.media_budgets == media.DEFAULT_MEDIA_BUDGETS
+    assert mev.run("mr2bench-image", str(path), device="cpu", progress=False)["evaluated"] == 2
 
 
 # -- end to end with the built-in tiny model ----------------------------------------------------------

@@ -744,7 +744,8 @@ def test_too_many_images_per_sample_refused_before_decoding(model, monkeypatch):
     decoded = []
     real = media.load_image
     monkeypatch.setattr(media, "load_image", lambda src, **kw: decoded.append(1) or real(src, **kw))
-    too_many = {"prompt": "p", "responses": ["a"], "images": [b64] * (media.MAX_IMAGES_PER_SAMPLE + 1)}
+    too_many = {"prompt": "p", "responses": ["a"],
+                "images": [b64] * (media.DEFAULT_MEDIA_BUDGETS.images_per_sample + 1)}
     with pytest.raises(SampleError, match="33 images, over the limit of 32 per sample"):
         model.encoder.encode(too_many, 0)
     app = create_app(model)
@@ -752,6 +753,27 @@ def test_too_many_images_per_sample_refused_before_decoding(model, monkeypatch):
         r = httpx.post(f"{url}/score", json={"samples": [too_many]})
     assert r.status_code == 422 and "over the limit of 32 per sample" in r.text
     assert decoded == []
+
+
+def test_per_sample_media_limits_are_the_model_encoder_s(model, monkeypatch):
+    """The server's per-sample limits (--max-images-per-sample, --max-image-megapixels, ...) are the MediaBudgets
+    of the model's encoder, inside the request's budget inside the in-flight pool: a /score sample and a
+    /get_reward label are refused by them before anything is decoded."""
+    from mrrm.data import media
+
+    b64 = png_b64(rgb_image(1).resize((8, 8)))
+    two = {"prompt": "p", "responses": ["a"], "images": [b64] * 2}
+    app = create_app(model)
+    monkeypatch.setattr(model.encoder, "media_budgets", media.MediaBudgets(images_per_sample=1, image_pixels=63))
+    p = "<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n"
+    with running(app) as url:
+        many = httpx.post(f"{url}/score", json={"samples": [two]})
+        big = httpx.post(f"{url}/score", json={"samples": [{**two, "images": [b64]}]})
+        label = httpx.post(f"{url}/get_reward", json={"query": [p + "a cat"], "prompts": [p],
+                                                      "labels": [{"images": [b64] * 2}]})
+    assert many.status_code == 422 and "2 images, over the limit of 1 per sample (--max-images-per-sample" in many.text
+    assert big.status_code == 400 and "over the limit of 6.3e-05 megapixels (--max-image-megapixels" in big.text
+    assert label.status_code == 422 and "labels[0]: 2 images, over the limit of 1 per sample" in label.text
 
 
 def test_request_pixel_budget(model):
