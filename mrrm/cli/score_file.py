@@ -80,8 +80,11 @@ from mrrm._io import (
     write_atomic,
     writing,
 )
+from mrrm.cli.score_ray import RayScorer
 from mrrm.common import top_choice
 from mrrm.data.budgets import add_media_budget_args, budgets_applied, media_budgets_from_args
+from mrrm.data.encoding import TextBudgets
+from mrrm.data.pipeline import ChunkScorer
 from mrrm.errors import CLIError
 from mrrm.model.api import load_model, model_identity, skip_reason
 
@@ -589,7 +592,6 @@ def _run_locked(args, paths: _Paths, outputs: _Outputs) -> int:
     with budgets_applied(model, text=text_budget_overrides(args), media=media_budgets_from_args(args)) as applied:
         budgets = applied.text
         if model is None:  # --engine ray: the actors apply the model's budgets; the flags given are checked here too
-            from mrrm.data.encoding import TextBudgets
 
             budgets = TextBudgets(**text_budget_overrides(args))
         return _score_locked(args, paths, outputs, settings, resuming, model, budgets, load_s)
@@ -669,7 +671,6 @@ def _score_file(model, args, paths: _Paths, outputs: _Outputs, done_errors: set[
         if args.engine == "ray":
             scorer = _ray_scorer(args, paths, data_f, first_todo, done_errors, budgets)
         elif args.workers:
-            from mrrm.data.pipeline import ChunkScorer
 
             scorer = ChunkScorer(model, args.workers,
                                  _todo_samples(paths.data, data_f.tell(), first_todo, done_errors, max_line, budgets),
@@ -706,7 +707,6 @@ def _todo_samples(data_path: str, offset: int, first_todo, done_errors: set[int]
 def _ray_scorer(args, paths: _Paths, data_f, first_todo, done_errors: set[int], budgets):
     """The Ray engine's scorer over the samples _score_rest will pass on (read ahead here, then the
     file is put back where it was)."""
-    from mrrm.cli.score_ray import RayScorer
 
     pos = data_f.tell()
 

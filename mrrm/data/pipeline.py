@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from mrrm.common import check_int
+from mrrm.data.encoding import BatchError, SampleError
 from mrrm.errors import WorkerDied
 
 _ENCODER = None  # the worker's encoder, set once by _init_worker
@@ -51,7 +52,6 @@ def _alive() -> bool:
 
 def _encode_part(samples: list, start: int, media_dir) -> list:
     """(EncodedSample or None, reason or None) per sample; indices continue from `start`."""
-    from mrrm.data.encoding import SampleError
 
     out = []
     for i, sample in enumerate(samples):
@@ -205,7 +205,6 @@ class ChunkScorer:
 
     def __init__(self, model, workers, pairs: Iterable[tuple], chunk_size: int, media_dir=None, *, mode=None,
                  max_batch_tokens=None, permutations: int = 1):
-        from mrrm.common import check_int
 
         check_int("chunk_size", chunk_size)
         self.model = model
@@ -234,7 +233,6 @@ def score_with_workers(model, samples: list, workers, *, mode=None, max_batch_to
     samples are scored while the next ones encode (None in the bad samples' places); errors='raise':
     every sample is encoded first (in parallel) and one BatchError lists the bad ones before any
     compute, as in-process."""
-    from mrrm.data.encoding import BatchError, SampleError
 
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")

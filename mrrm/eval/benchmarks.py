@@ -98,10 +98,13 @@ from mrrm._io import (
 )
 from mrrm.common import MODES, check_choice, check_int, is_correct, top_choice
 from mrrm.data.budgets import add_media_budget_args, budgets_applied, media_budgets_from_args
+from mrrm.data.encoding import BatchError, TextBudgets
 from mrrm.data.media import MediaBudgets
+from mrrm.data.pipeline import ChunkScorer
 from mrrm.data.records import check_rankings, iter_records
 from mrrm.errors import RowError
 from mrrm.model.api import load_model
+from mrrm.model.reward_model import RewardModel
 
 PROG = "mrrm.eval"
 PROTOCOLS = ("direct", "pairwise")
@@ -580,7 +583,6 @@ class ScoreCache:
 def _score_batch(scorer, samples: list[dict]) -> tuple[list, dict[int, str]]:
     """Scores of a batch and the reasons of the samples the scorer rejected (a BatchError of
     SampleErrors, as mrrm.score raises): those are dropped and the rest scored again."""
-    from mrrm.data.encoding import BatchError
 
     bad: dict[int, str] = {}
     todo = list(range(len(samples)))
@@ -678,8 +680,6 @@ def _jsonable(x):
 def _default_scorer(opts: dict):
     """The loaded model's score method (batched; raises BatchError for bad samples)."""
 
-    from mrrm.model.reward_model import RewardModel
-
     model = opts["model"]
     if not isinstance(model, RewardModel):
         model = load_model(model, device=opts["device"], dtype=opts["dtype"], mode=opts["mode"], verify=opts["verify"])
@@ -730,7 +730,6 @@ def _check_options(benchmark, data, scorer, protocol, options) -> tuple[Benchmar
     check_int("workers", opts["workers"], minimum=0)
     check_int("max_line_bytes", opts["max_line_bytes"])
     if opts["text_budgets"] is not None:
-        from mrrm.data.encoding import TextBudgets
 
         if not isinstance(opts["text_budgets"], dict):
             raise ValueError(f"text_budgets must be a dict of {list(TextBudgets.FIELDS)}, got {opts['text_budgets']!r}")
@@ -949,7 +948,6 @@ def _run_passes(scorer, todo, protocol, opts, cache: ScoreCache, total: int, ini
                   "responses": [it.responses[i] for i in p], **it.media}) for k, (it, p) in enumerate(todo)]
     pipelined = None
     if opts["workers"] and pairs:  # the model's passes, encoded ahead by worker processes (mrrm.data.pipeline)
-        from mrrm.data.pipeline import ChunkScorer
 
         pipelined = ChunkScorer(scorer.model, opts["workers"], pairs, bs, mode=opts["mode"],
                                 max_batch_tokens=opts["max_batch_tokens"])

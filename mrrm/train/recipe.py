@@ -26,9 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mrrm import ops
 from mrrm._io import WriteError, writing
 from mrrm.common import TRAIN_MODES, is_correct
 from mrrm.data.budgets import media_budgets_from_args
+from mrrm.data.encoding import SampleError
+from mrrm.data.media import VIDEO_SAMPLING
+from mrrm.data.records import BadRecord, check_rankings, load_records
 from mrrm.errors import ConfigError, DataError, MrrmError
 from mrrm.integrity import (
     MANIFEST,
@@ -39,6 +43,12 @@ from mrrm.integrity import (
     verify_manifest,
     write_manifest,
 )
+from mrrm.model import tiny
+from mrrm.model.checkpoints import load_backbone
+from mrrm.model.parts import CONFIG_FILE, RewardModelConfig, ensure_separator_token, load_processor
+from mrrm.model.reward_model import RewardModel
+from mrrm.train import demo, sharding
+from mrrm.train.sharding import aligned_count, full_state, load_full_state, optimizer_state_by_name, zero3_full_state
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
@@ -168,7 +178,6 @@ def parse_args(argv=None) -> TrainConfig:
         ap.error(f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} data files")
     if cfg.fsdp and cfg.deepspeed:
         ap.error("--fsdp and --deepspeed are two ways to shard; pick one")
-    from mrrm.data.media import VIDEO_SAMPLING
 
     if cfg.video_sampling not in VIDEO_SAMPLING:
         ap.error(f"--video-sampling must be one of {VIDEO_SAMPLING}")
@@ -194,8 +203,6 @@ def _field_type(f):
 # model
 # ---------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig):
-    from mrrm.model.parts import RewardModelConfig, ensure_separator_token
-    from mrrm.model.reward_model import RewardModel
 
     rm_cfg = RewardModelConfig(value_head_type=cfg.head_type, value_head_hidden_dim=cfg.head_hidden,
                                value_head_activation=cfg.head_activation, resp_repr_mode=cfg.resp_repr_mode or "last",
@@ -205,7 +212,6 @@ def build_model(cfg: TrainConfig):
     if cfg.video_fps is not None:
         rm_cfg.video_fps = cfg.video_fps
     if cfg.base_model is None:  # the built-in tiny backbone, trained from scratch: no LoRA
-        from mrrm.model import tiny
 
         tok = tiny.build_tokenizer()
         bcfg = tiny.build_config("qwen2_vl", tokenizer=tok, initializer_range=cfg.init_std, **TINY_DEMO_BACKBONE)
@@ -216,8 +222,6 @@ def build_model(cfg: TrainConfig):
         proc.chat_template = tok.chat_template = tiny.QWEN3_VL_CHAT_TEMPLATE
         rm_cfg.description = "tiny Qwen2-VL-style model trained from scratch with python -m mrrm.train"
         return _with_media_budgets(RewardModel(backbone, tok, proc, rm_cfg), cfg)
-    from mrrm.model.checkpoints import load_backbone
-    from mrrm.model.parts import load_processor
 
     tok, proc = load_processor(cfg.base_model)
     backbone = load_backbone(cfg.base_model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
@@ -257,8 +261,6 @@ class TrainSample:
 def prepare(model, paths, media_dir, *, skip_bad, log=print, drop_media=False):
     """Load and validate every sample (fields, rankings vs responses, media, length) before training.
     Returns (samples per file, bad records). Fail-fast raises with the full list unless skip_bad."""
-    from mrrm.data.encoding import SampleError
-    from mrrm.data.records import BadRecord, check_rankings, load_records
 
     per_file, bad = [], []
     for path in paths:
@@ -319,7 +321,6 @@ def listwise_loss(scores, group_offsets, rankings, loss):
     """Per-group losses [B] for rankings (1 = best). best: CE against the rank-1 response (uniform
     over tied rank-1 responses); plackett_luce: full rankings, Breslow ties; bradley_terry: mean of
     -log sigmoid(s_i - s_j) over the pairs with rank_i < rank_j."""
-    from mrrm import ops
 
     flat = torch.tensor([r for rk in rankings for r in rk], device=scores.device)
     if loss == "plackett_luce":
@@ -667,7 +668,6 @@ def _data_paths(cfg, accel):
     """(training files, held-out file or None); the demo's are generated into output_dir/data."""
     if list(cfg.data) != ["demo"]:
         return list(cfg.data), cfg.eval_data
-    from mrrm.train import demo
 
     data_dir = os.path.join(cfg.output_dir, "data")
     if accel.is_main_process:
@@ -687,7 +687,6 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     model = build_model(cfg)
     per_file, eval_samples, total_steps = _setup_data(cfg, model, data_paths, eval_path, accel.print)
     if cfg.fsdp:  # sharded in place before the optimizer sees the parameters (they become DTensors)
-        from mrrm.train import sharding
 
         model.to(accel.device)
         units = sharding.shard(model, bf16=cfg.bf16 and accel.device.type == "cuda")
@@ -699,7 +698,6 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     if cfg.fsdp:
         ddp_model = model  # no DDP wrapper: FSDP's hooks do the communication
     elif cfg.deepspeed:
-        from mrrm.train import sharding
 
         model.to(accel.device)
         ds_cfg = sharding.deepspeed_config(cfg.deepspeed, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16)
@@ -791,7 +789,6 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
             changed["data"] = "the training files' contents changed"  # (their SHA-256s would tell a reader nothing)
         if changed:
             history.append({"step": int(state["step"]), "changed": changed})
-    from mrrm.train.sharding import load_full_state, optimizer_state_by_name
 
     kind = "deepspeed" if state["optimizer"].get("deepspeed") else "fsdp" if optimizer_state_by_name(state["optimizer"]) \
         else "plain"
@@ -868,7 +865,6 @@ def train_step(st: TrainState, batch_keys) -> dict:
     micro, ranks_of = _my_micro_batches(st, batch_keys)
     real = len(micro)
     if cfg.fsdp or cfg.deepspeed:  # every rank runs as many passes (the same collectives), extra ones with zero loss
-        from mrrm.train.sharding import aligned_count
 
         micro = micro + [micro[-1] if micro else _padding_batch(st)] * (aligned_count(real, accel.device) - real)
     elif not micro and world > 1:  # a rank that drew no sample still joins DDP's gradient all-reduce,
@@ -979,7 +975,6 @@ def _save(st: TrainState) -> None:
     cfg = st.cfg
     states = extra = None
     if cfg.fsdp:
-        from mrrm.train.sharding import full_state
 
         states = full_state(st.model, st.optimizer)
     elif cfg.deepspeed:  # every rank writes its optimizer partition (DeepSpeed's format); state.pt the rest
@@ -991,7 +986,6 @@ def _save(st: TrainState) -> None:
             st.ddp_model.save_checkpoint(extra, tag="zero", save_latest=False)
         st.accel.wait_for_everyone()
         if st.zero3:  # the full model, gathered layer by layer on rank 0
-            from mrrm.train.sharding import zero3_full_state
 
             states = (zero3_full_state(st.ddp_model), {"deepspeed": True})
         else:
@@ -1077,7 +1071,6 @@ def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None
 def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation: dict, history=None) -> None:
     """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved),
     and rehash that file in model/'s checksum manifest."""
-    from mrrm.model.parts import CONFIG_FILE
 
     path = os.path.join(model_dir, CONFIG_FILE)
     with open(path) as fh:
