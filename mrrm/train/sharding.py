@@ -16,6 +16,10 @@ What makes a sharded run correct, and how mrrm.train does each:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -133,13 +137,28 @@ def deepspeed_config(path: str, *, max_grad_norm: float, bf16: bool) -> dict:
     return cfg
 
 
-def deepspeed_engine(model, optimizer, config: dict):
-    """(engine, DeepSpeed's optimizer) for `model` under the running process group."""
+def import_deepspeed():
+    """The deepspeed module, with its log lines on stderr. DeepSpeed's logger writes to stdout, where its
+    "Setting accelerator to CPU" line (logged while it is imported) landed among a command's results: the
+    import runs with stdout pointed at stderr, which the handler it creates then keeps, and a handler made
+    before (deepspeed imported by other code first) is moved to stderr."""
     try:
-        import deepspeed
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # an optional dependency (mrrm[deepspeed]), imported by --deepspeed runs only
     except ImportError:
         raise ConfigError("mrrm.train: --deepspeed needs DeepSpeed: pip install 'mrrm[deepspeed]' "
-                         "(DS_BUILD_OPS=0 pip install deepspeed on machines without CUDA)") from None
+                          "(DS_BUILD_OPS=0 pip install deepspeed on machines without CUDA)") from None
+    for name in list(logging.root.manager.loggerDict):
+        if name.lower().startswith("deepspeed"):
+            for handler in logging.getLogger(name).handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+                    handler.setStream(sys.stderr)
+    return deepspeed
+
+
+def deepspeed_engine(model, optimizer, config: dict):
+    """(engine, DeepSpeed's optimizer) for `model` under the running process group."""
+    deepspeed = import_deepspeed()
     _require_distributed()
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ds_optimizer
@@ -163,8 +182,7 @@ def prepare_zero3(model) -> None:
         # one tower call per pass on every supported transformers: handed over as mm_encoder_outputs
         # where the forward takes them, else returned by the backbone's own get_*_features calls
         model.one_vision_call = True
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     for linear in head_linears(model.value_head):
         for p in linear.parameters():
             deepspeed.zero.register_external_parameter(model, p)

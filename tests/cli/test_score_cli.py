@@ -432,6 +432,29 @@ def test_subprocess_end_to_end(model, media, tmp_path):
     assert read_jsonl(str(out) + ".errors.jsonl")[0]["line"] == 2
 
 
+@pytest.mark.slow
+def test_a_video_run_is_quiet_stderr_mrrms_lines_stdout_results(model, media, tmp_path):
+    """`mrrm score` on a file with a video, in a fresh process: transformers warned about
+    cap_pixels_per_frame on every video command and drew its "Loading weights" bar. Now stderr holds only
+    mrrm's own progress lines and stdout only the summary of the results."""
+    root, video = media
+    if video is None:
+        pytest.skip("PyAV cannot write the test video here")
+    data = write_jsonl(root / "quiet.jsonl", [s for s in good_samples(video) if "video" in s or "image" in s][:3])
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "mrrm", "score", "--data", str(data), "--out",
+                           str(tmp_path / "out.jsonl"), "--device", "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 3
+    assert "cap_pixels_per_frame" not in done.stderr and "Loading weights" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if not line.startswith("mrrm.score: ")] == [], done.stderr
+    assert "warning" not in done.stderr.lower()
+    out = done.stdout.splitlines()
+    assert out[0].startswith("mrrm.score: done: 3 scored, 0 bad") and all(x.startswith("  ") for x in out[1:]), out
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_a_full_disk_is_reported_naming_the_file():
     """/dev/full fails every write with ENOSPC, as a full disk does: mrrm._io.writing names the file."""

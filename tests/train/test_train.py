@@ -628,3 +628,21 @@ def test_training_files_without_a_base_model_are_refused(tmp_path, monkeypatch, 
     (tmp_path / "tiny").mkdir()  # a directory of that name: which one is meant is asked
     with pytest.raises(ConfigError, match=r"pass --base-model \./tiny"):
         parse_args(["--data", "mine.jsonl", "--base-model", "tiny"])
+
+
+@pytest.mark.slow
+def test_deepspeed_logs_to_stderr_not_among_the_results():
+    """DeepSpeed's logger wrote to stdout: its "Setting accelerator to CPU" line (logged while it is imported)
+    landed among a command's results. mrrm imports it with its log lines on stderr."""
+    pytest.importorskip("deepspeed")
+    code = ("import logging\n"
+            "from mrrm.train.sharding import import_deepspeed\n"
+            "import_deepspeed()\n"
+            "logging.getLogger('DeepSpeed').warning('a later line')\n"
+            "print('the result')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "the result\n"
+    assert "a later line" in done.stderr
