@@ -1200,6 +1200,7 @@ def print_table(ev):
 
 
 def main(argv=None) -> int:
+    sharding.deepspeed_logs_to_stderr()  # stdout carries the results only (accelerate imports DeepSpeed on save)
     try:
         train(parse_args(argv))
     except WriteError as e:  # a full disk, a quota, a read-only file system: which file, and how to go on

@@ -632,12 +632,15 @@ def test_training_files_without_a_base_model_are_refused(tmp_path, monkeypatch, 
 
 @pytest.mark.slow
 def test_deepspeed_logs_to_stderr_not_among_the_results():
-    """DeepSpeed's logger wrote to stdout: its "Setting accelerator to CPU" line (logged while it is imported)
-    landed among a command's results. mrrm imports it with its log lines on stderr."""
+    """DeepSpeed's logger wrote to stdout: its "Setting accelerator to CPU" line (logged while it is imported,
+    which accelerate does when a model is saved, even without --deepspeed) landed among `mrrm train`'s results.
+    After sharding.deepspeed_logs_to_stderr() (the command's first step) its lines go to stderr, whoever
+    imports it."""
     pytest.importorskip("deepspeed")
     code = ("import logging\n"
-            "from mrrm.train.sharding import import_deepspeed\n"
-            "import_deepspeed()\n"
+            "from mrrm.train.sharding import deepspeed_logs_to_stderr\n"
+            "deepspeed_logs_to_stderr()\n"
+            "import deepspeed  # as accelerate's extract_model_from_parallel does\n"
             "logging.getLogger('DeepSpeed').warning('a later line')\n"
             "print('the result')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
