@@ -32,6 +32,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def doc_epilog(doc: str, start: str) -> str:
+    """A command's --help epilog: its module docstring from the first line that begins with `start` (a
+    heading or a sentence, so the epilog starts with a capital), to the end."""
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(start):
+            return "\n".join(lines[i:]).strip()
+    raise ValueError(f"doc_epilog: no line of the docstring begins with {start!r}")
+
+
 def add_workers_arg(ap: argparse.ArgumentParser) -> None:
     """--workers N (score, eval): encoding in worker processes ahead of the model (mrrm.data.pipeline)."""
     ap.add_argument("--workers", type=non_negative_int, default=0,

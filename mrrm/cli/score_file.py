@@ -6,14 +6,18 @@
         [--max-response-bytes N]
 
 Input: one sample per line in the published schema ({"prompt", "responses": [...], optional "image" /
-"images" / "video" / "videos", "id", any other fields}). Blank lines are ignored. Image and video
-paths resolve relative to --media-dir (default: the input file's directory).
+"images" / "video" / "videos", "id", any other fields}), or a pairwise record {"prompt", "chosen",
+"rejected", ...}: every record shape `mrrm train` takes (mrrm.data.records.normalize). Blank lines are
+ignored. Image and video paths resolve relative to --media-dir (default: the input file's directory).
 
 Progress: a tqdm bar on a terminal; otherwise (stderr redirected, or no tqdm) a plain line on
 stderr every 10 s. Both show samples/s; --no-progress turns them off.
 
 Output: each good sample is written back, all its fields kept, with "scores" (one float per
-response) and "best" (the index of the top score, the first one on ties) added, in input order.
+response) and "best" (the index of the top score, the first one on ties) added, in input order. A
+pairwise record gets "scores" [chosen's, rejected's], "best" and "preferred": "chosen" or "rejected"
+(the one the model scores higher; "chosen" on a tie). A sample with one response gets its score, and
+one warning at the end of the run counts such samples (nothing was compared).
 
 Streaming: the input is read line by line and scored in chunks of --batch-size samples; each chunk
 is appended to --out, flushed and fsynced before the next one is read, so a kill loses at most the
@@ -45,8 +49,9 @@ fingerprint), --mode and --permutations are recorded in <out>.meta.json; a resum
 is refused naming each (old -> new). An --out without that record (written by an older mrrm) is
 resumed only with --resume-unrecorded.
 
-Exit status: 0 when the whole input was processed (bad samples included), 2 on a usage error or an
-output that does not match the input, 130 when interrupted.
+Exit status: 0 when every line was scored; 1 when the whole input was processed but some lines could not
+be scored (they are in the errors file; --allow-errors makes this 0, the count still on stderr), or a
+write failed; 2 on a usage error or an output that does not match the input; 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ from mrrm._args import (
     add_model_args,
     add_text_budget_args,
     add_workers_arg,
+    doc_epilog,
     positive_int,
     text_budget_overrides,
 )
@@ -85,6 +91,7 @@ from mrrm.common import top_choice
 from mrrm.data.budgets import add_media_budget_args, budgets_applied, media_budgets_from_args
 from mrrm.data.encoding import TextBudgets
 from mrrm.data.pipeline import ChunkScorer
+from mrrm.data.records import normalize
 from mrrm.errors import CLIError
 from mrrm.model.api import load_model, model_identity, skip_reason
 
@@ -94,7 +101,7 @@ except ImportError:  # tqdm comes with mrrm[model]; without it a plain periodic 
     tqdm = None
 
 PROG = "mrrm.score"
-RESULT_FIELDS = ("scores", "best")
+RESULT_FIELDS = ("scores", "best", "preferred")
 SETTINGS_SUFFIX = ".meta.json"  # the settings record beside --out
 # what a resume must share with the run that wrote --out (the record also says which tool wrote it)
 RECORDED_SETTINGS = ("model", "model_fingerprint", "mode", "permutations")
@@ -103,11 +110,12 @@ PLAIN_PROGRESS_INTERVAL_S = 10.0
 
 # -- argument parsing -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Score every response of every sample in a JSONL file "
+    ap = argparse.ArgumentParser(prog="mrrm score", description="Score every response of every sample in a JSONL file "
                                  "(best-of-N selection, rejection sampling).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[4:]))
-    ap.add_argument("--data", required=True, help="input JSONL, one sample per line")
+                                 epilog=doc_epilog(__doc__, "Input:"))
+    ap.add_argument("--data", required=True,
+                    help="input JSONL, one sample per line: {prompt, responses, ...} or {prompt, chosen, rejected}")
     ap.add_argument("--out", required=True, help="output JSONL (appended to when resuming)")
     add_model_args(ap)
     add_media_budget_args(ap)
@@ -118,16 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--media-dir", default=None,
                     help="base directory of relative image/video paths (default: the input file's directory)")
     ap.add_argument("--errors", default=None, help="errors JSONL (default: <out>.errors.jsonl)")
-    ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing --out")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over instead of resuming an existing --out (off by default: a rerun resumes)")
     ap.add_argument("--resume-unrecorded", action="store_true",
                     help="resume an --out that has no settings record (<out>.meta.json; written by an mrrm before "
                          "it kept one), taking this run's model, --mode and --permutations as the ones it was "
                          "scored with")
     add_text_budget_args(ap)
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines (shown by default, on stderr)")
+    ap.add_argument("--allow-errors", action="store_true",
+                    help="exit 0 when some lines could not be scored (their count goes to stderr); off by default: "
+                         "the rest is scored and written, and the exit status is 1")
     add_workers_arg(ap)
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
-                    help="local: this process; ray: model actors on a Ray cluster via Ray Data (mrrm[ray])")
+                    help="local: this process; ray: model actors on a Ray cluster via Ray Data (mrrm[ray]) (default: local)")
     ap.add_argument("--ray-address", default=None,
                     help="the Ray cluster to join (default: start a local one; 'auto': the running one)")
     ap.add_argument("--actors", type=positive_int, default=None,
@@ -277,8 +289,15 @@ def parse_line(raw: bytes | OverlongLine, budgets=None) -> tuple[dict | None, st
         return None, error
     if not isinstance(sample, dict):
         return None, f"a line must be a JSON object (a sample), got {type(sample).__name__}"
-    over = budgets.check_sample(sample) if budgets is not None else None
+    over = budgets.check_sample(model_view(sample)) if budgets is not None else None
     return sample, over
+
+
+def model_view(sample: dict) -> dict:
+    """The sample as the model scores it: a pairwise record {prompt, chosen, rejected} (the shape
+    `mrrm train` also takes, mrrm.data.records.normalize) as responses [chosen, rejected]; any other
+    record as it is. The output line is always the record as it was read."""
+    return normalize(sample)
 
 
 def _sample_id(sample):
@@ -297,6 +316,7 @@ class _Run:
         self.data_path, self.out_path, self.errors_path = data_path, out_path, errors_path
         self.progress, self.out_f, self.err_f = progress, out_f, err_f
         self.scored = self.bad = 0
+        self.single = 0  # samples scored with one response: a score, no comparison
         self.lines_since_update = 0
         self.chunk_start: int | None = None  # the first line of the chunk being scored
         # the chunk being filled: valid samples, and the bad lines read meanwhile
@@ -320,7 +340,7 @@ class _Run:
         """(scores or None, why None) per sample: the --engine ray scorer, or the model here."""
         if self.scorer is not None:
             return self.scorer(samples)
-        scores = self.model.score([s for _, s in samples], mode=self.args.mode,
+        scores = self.model.score([model_view(s) for _, s in samples], mode=self.args.mode,
                                   max_batch_tokens=self.args.max_batch_tokens,
                                   permutations=self.args.permutations, errors="skip", media_dir=self.media_dir)
         if len(scores) != len(samples):
@@ -340,13 +360,16 @@ class _Run:
         for i, ((lineno, sample), (s, reason)) in enumerate(zip(samples, results)):
             sid = _sample_id(sample)
             if s is None:
-                errors.append((lineno, sid, reason or skip_reason(self.model, sample, i, self.media_dir)))
+                errors.append((lineno, sid, reason or skip_reason(self.model, model_view(sample), i, self.media_dir)))
             elif not all(math.isfinite(x) for x in s):
                 errors.append((lineno, sid, f"non-finite score(s) {s}"))
             else:
                 record = dict(sample)
                 record["scores"] = [float(x) for x in s]
                 record["best"] = top_choice(s, ties="first")
+                if model_view(sample) is not sample:  # a pairwise record: scores of [chosen, rejected]
+                    record["preferred"] = ("chosen", "rejected")[record["best"]]
+                self.single += len(s) == 1
                 out_lines.append(_dumps(record))
         errors.sort(key=lambda e: e[0])
         for lineno, sid, reason in errors:
@@ -632,7 +655,24 @@ def _score_locked(args, paths: _Paths, outputs: _Outputs, settings: dict, resumi
     if state.run.bad + state.resumed_bad == 0 and os.fstat(outputs.err_fd).st_size == 0:
         _unlink_if_same(paths.errors, outputs.err_fd)
     print(f"{PROG}: {_summary(state, paths, seconds, load_s)}", flush=True)
-    return 0
+    if state.run.single:
+        _log(f"warning: {state.run.single} sample(s) had a single response: each got its score, but nothing was "
+             "compared (scoring one response jointly is scoring it alone; its best is 0)")
+    return _exit_status(args, paths, state.run.bad + state.resumed_bad)
+
+
+def _exit_status(args, paths: _Paths, bad: int) -> int:
+    """0 when every line of the input was scored; else 1, or 0 with --allow-errors (the count on stderr
+    either way)."""
+    if not bad:
+        return 0
+    if args.allow_errors:
+        _log(f"{bad} line(s) could not be scored (listed in {paths.errors}); exit status 0 (--allow-errors)")
+        return 0
+    _log(f"{bad} line(s) could not be scored (listed in {paths.errors}); the others are scored in {paths.out}. "
+         "Exit status 1: fix those lines and rerun with --overwrite, or pass --allow-errors to accept a partial "
+         "output")
+    return 1
 
 
 def _prepare_outputs(args, paths: _Paths, outputs: _Outputs, resuming: bool, settings: dict) -> set[int]:
@@ -701,7 +741,7 @@ def _todo_samples(data_path: str, offset: int, first_todo, done_errors: set[int]
             if not _blank(raw) and lineno not in done_errors:
                 sample, error = parse_line(raw, budgets)
                 if error is None:
-                    yield lineno, sample
+                    yield lineno, model_view(sample)
 
 
 def _ray_scorer(args, paths: _Paths, data_f, first_todo, done_errors: set[int], budgets):

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 from mrrm._args import text_budget_overrides
 from mrrm.data.budgets import media_budgets_from_args
 from mrrm.data.media import DEFAULT_MEDIA_BUDGETS, MediaBudgets
+from mrrm.data.records import normalize
 from mrrm.errors import CLIError
 from mrrm.model.api import load_model, skip_reason
 
@@ -54,7 +55,7 @@ class ScoreActor:
         self.media_dir = media_dir
 
     def __call__(self, batch: dict) -> dict:
-        samples = [json.loads(raw) for raw in batch["raw"]]
+        samples = [normalize(json.loads(raw)) for raw in batch["raw"]]  # pairwise records as the local engine scores them
         scores = self.model.score(samples, mode=self.mode, max_batch_tokens=self.max_batch_tokens,
                                   permutations=self.permutations, errors="skip", media_dir=self.media_dir)
         results = []

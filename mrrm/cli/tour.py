@@ -14,6 +14,7 @@ import math
 import torch
 
 from mrrm import ops
+from mrrm._args import doc_epilog
 from mrrm.common import MODES
 from mrrm.data.packing import SampleLayout, pack, split_scores
 from mrrm.ops._dispatch import choose_backend
@@ -47,11 +48,17 @@ class ToyScorer(torch.nn.Module):
                                      scale=1.0 / math.sqrt(h.shape[1]))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mrrm tour", description="A 10-second tour of the ops and packing, no model.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=doc_epilog(__doc__, "Packs a few random"))
+    ap.add_argument("--samples", type=int, default=3, help="random multi-response samples packed (default 3)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the samples and the toy scorer (default 0)")
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="mrrm tour", description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
     rnd = lambda n: torch.randint(10, 64, (n,), generator=g).tolist()  # noqa: E731
     layouts = []

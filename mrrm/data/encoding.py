@@ -595,7 +595,8 @@ class Encoder:
                 kwargs = {}
                 if clips:
                     kwargs["videos_kwargs"] = {"do_sample_frames": False,
-                                               "video_metadata": [c.video_metadata() for c in clips]}
+                                               "video_metadata": [c.video_metadata() for c in clips],
+                                               **self._video_pixel_cap()}
                 try:
                     out, prefix_ids = self._process_media(prefix_text, pil_images, [c.frames for c in clips],
                                                           kwargs)
@@ -622,6 +623,15 @@ class Encoder:
             pos = self.rope_index_fn(ids, types, enc.media)
             layout.prefix_positions = pos[:, 0, :].to(torch.int64)
         return enc
+
+    def _video_pixel_cap(self) -> dict:
+        """{"cap_pixels_per_frame": ...} (media.VIDEO_PIXEL_CAP of this encoder's sampling) for a video processor
+        that takes the option and was not given it by its checkpoint's config; else nothing (older
+        transformers, other backbones)."""
+        vp = getattr(self.processor, "video_processor", None)
+        if vp is None or not hasattr(vp, "cap_pixels_per_frame") or vp.cap_pixels_per_frame is not None:
+            return {}
+        return {"cap_pixels_per_frame": media.VIDEO_PIXEL_CAP[self.video_sampling]}
 
     def _process_media(self, prefix_text: str, images, videos, kwargs) -> tuple[dict, list[int]]:
         """(the processor's output, the prefix's token ids) for rendered prefix text with media.

@@ -111,6 +111,12 @@ DEFAULT_FRAME_INTERVAL = 4.0
 # REFERENCE_MAX_FRAMES frames), a frame folder thinned to REFERENCE_FOLDER_MAX_FRAMES frames (their
 # collate's max_video_frames), never padded (the processor gets the frames and metadata as theirs does).
 VIDEO_SAMPLING = ("qwen", "reference")
+# The per-frame pixel cap of the Qwen-VL video processors (transformers' `cap_pixels_per_frame`, which warns on
+# every video until it is given): each frame held to an even share of a whole-video pixel budget, as
+# qwen-vl-utils' reader resizes its frames (True), or only the per-frame size limit (False). It follows the
+# sampling: "qwen" is qwen-vl-utils' reader, and capped as it is; the authors' code ("reference") ran a
+# transformers without the cap. The cap binds only on long videos (over ~300 sampled frames at Qwen-VL's sizes).
+VIDEO_PIXEL_CAP = {"qwen": True, "reference": False}
 REFERENCE_MAX_FPS = 2.0
 REFERENCE_MAX_FRAMES = 384
 REFERENCE_FOLDER_MAX_FRAMES = 16

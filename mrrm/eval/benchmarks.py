@@ -64,6 +64,11 @@ predictions.jsonl (per sample), cache.jsonl: the per-pass score cache (append-on
 batch), keyed by row (id + file location), protocol and response order. Rerunning the same command
 resumes: cached passes are not scored again. cache_meta.json records the benchmark, data, model and
 mode; a different one in the same DIR is refused (use another DIR or --overwrite).
+
+Exit status of `mrrm eval`: 0 when metrics were computed (rows skipped as malformed are counted in the
+report); 1 when every row was skipped (nothing evaluated) or a write failed; 2 on a usage error, or a
+data file none of whose rows is in the benchmark's layout (the message names the fields expected, shows
+the first record and names the benchmark whose layout it has); 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -82,6 +87,7 @@ from mrrm._args import (
     add_model_args,
     add_text_budget_args,
     add_workers_arg,
+    doc_epilog,
     positive_int,
     text_budget_overrides,
 )
@@ -102,7 +108,7 @@ from mrrm.data.encoding import BatchError, TextBudgets
 from mrrm.data.media import MediaBudgets
 from mrrm.data.pipeline import ChunkScorer
 from mrrm.data.records import check_rankings, iter_records
-from mrrm.errors import RowError
+from mrrm.errors import DataError, RowError
 from mrrm.model.api import load_model
 from mrrm.model.reward_model import RewardModel
 
@@ -161,6 +167,7 @@ class Benchmark:
     official: tuple = ()     # headline metrics the benchmark's official script computes (the rest are mrrm's)
     source: str = ""         # where the rules come from (shown in the report)
     pair_order: str = "published"  # default presentation of a pair: "published" or "shuffled" (seeded per row)
+    fields: str = ""         # the fields of its layout, for the message about a file of another layout
 
     @property
     def primary(self) -> str:
@@ -352,25 +359,31 @@ BENCHMARKS = {
     "vl-rewardbench": Benchmark(
         "vl-rewardbench", "pair", adapt_vlrb, macro=True, official=("accuracy", "macro_accuracy"),
         source="vl-rewardbench/VL_RewardBench cal.py (categories from the id prefix; 'Overall Accuracy' and "
-               "'Macro Average Acc' over general/hallucination/reasoning), inference_hf.py (per-item order)"),
+               "'Macro Average Acc' over general/hallucination/reasoning), inference_hf.py (per-item order)",
+        fields="id, query, image, response (2 texts), human_ranking"),
     "multimodal-rewardbench": Benchmark(
         "multimodal-rewardbench", "pair", adapt_mmrb, official=("accuracy",),
         source="facebookresearch/multimodal_rewardbench scripts/2_get_accuracy.py (accuracy overall and per "
                "Category, safety and reasoning split by ID prefix); evaluate the all_data.json written by "
-               "scripts/0_download_data.py"),
+               "scripts/0_download_data.py",
+        fields="ID, Text, Image, Output1, Output2, Better, Category"),
     "mm-rlhf-rewardbench": Benchmark(
         "mm-rlhf-rewardbench", "pair", adapt_mmrlhf, acc_plus=True, official=("accuracy", "acc_plus"),
         pair_order="shuffled",
         source="yfzhang114/MM-RLHF llava/eval/cal_performance_mmreweard_bench.py (category = first keyword of "
-               "mcq/long/short/safety/video in the media path; accuracy and Acc+ overall and per category)"),
+               "mcq/long/short/safety/video in the media path; accuracy and Acc+ overall and per category)",
+        fields="id, prompt, image or video, chosen, rejected"),
     "videorewardbench": Benchmark(
         "videorewardbench", "pair", adapt_videorb, macro=True, official=("accuracy",), pair_order="shuffled",
         source="no public evaluation code found; the paper (arXiv 2509.00484) reports overall accuracy; the "
-               "field names are assumed"),
+               "field names are assumed",
+        fields="video, prompt, chosen, rejected, dimension"),
     "mr2bench-image": Benchmark("mr2bench-image", "ranking", lambda r, w, o: adapt_mr2(r, w, o, "image"),
-                                source="no official evaluation code; all metrics are mrrm's definitions"),
+                                source="no official evaluation code; all metrics are mrrm's definitions",
+                                fields="prompt (or question), responses, rankings, image"),
     "mr2bench-video": Benchmark("mr2bench-video", "ranking", lambda r, w, o: adapt_mr2(r, w, o, "video"),
-                                source="no official evaluation code; all metrics are mrrm's definitions"),
+                                source="no official evaluation code; all metrics are mrrm's definitions",
+                                fields="prompt (or question), responses, rankings, video"),
 }
 
 
@@ -673,6 +686,35 @@ def load_items(bench: Benchmark, data: str, opts: dict) -> tuple[list[Item], lis
     return items, skipped, rows
 
 
+def _check_layout(bench: Benchmark, data: str, skipped: list[dict], opts: dict) -> None:
+    """When no row could be read because every one lacks a field of the benchmark's layout: a DataError
+    naming the layout expected, what the first record looks like, and the benchmark whose layout it has
+    (when one has). "0 evaluated" with exit 0 gave no hint (issue 31)."""
+    if not skipped or not all(r["reason"].startswith("missing field") for r in skipped):
+        return
+    where, first = next(((w, rec) for path in _data_files(data) for w, rec, err in iter_records(path, opts["max_line_bytes"])
+                         if err is None), (None, None))
+    if first is None:
+        return
+    fits = []
+    for name, other in BENCHMARKS.items():
+        try:
+            other.adapt(first, where, {**opts, "media_dir": None, "pair_order": other.pair_order})
+        except (RowError, ValueError, TypeError, KeyError):
+            continue
+        if other is not bench:
+            fits.append(name)
+    shown = ", ".join(f"{k!r}: {_short(v)}" for k, v in first.items())
+    hint = f"; it reads as {' or '.join(fits)}: pass --benchmark {fits[0]}" if fits else ""
+    raise DataError(f"none of the {len(skipped)} rows of {data} is in the {bench.name} layout (fields: {bench.fields}; "
+                    f"{skipped[0]['where']}: {skipped[0]['reason']}). The first record is {{{shown[:300]}}}{hint}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _jsonable(x):
     return x if x is None or isinstance(x, (str, int, float, bool)) else str(x)
 
@@ -776,6 +818,8 @@ def run(benchmark: str, data, scorer: Callable | None = None, *, protocol: str =
     out_dir = opts["out"]
     name = _scorer_name(scorer, opts)
     items, skipped, rows = load_items(bench, data, opts)  # bad data fails here, before DIR is touched
+    if rows and not items:
+        _check_layout(bench, data, skipped, opts)
     cache_path, cache_fd = _open_out_dir(out_dir, bench, data, name, opts)
     try:
         return _run_locked(bench, data, scorer, protocol, opts, t0, name, items, skipped, rows, cache_path, cache_fd)
@@ -1098,29 +1142,37 @@ def _write_outputs(out_dir, result, bench, items, per_sample) -> None:
 
 # -- command line -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Evaluate a reward model on a multimodal "
+    ap = argparse.ArgumentParser(prog="mrrm eval", description="Evaluate a reward model on a multimodal "
                                  "reward benchmark.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+                                 epilog=doc_epilog(__doc__, "Benchmarks (local files"))
+    ap.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS),
+                    help="the benchmark, which fixes the layout --data must have (the table below)")
     ap.add_argument("--data", required=True,
                     help="benchmark file or folder (parquet/JSON/JSONL) or hub id org/name:split")
     add_model_args(ap)
     add_media_budget_args(ap)
     add_text_budget_args(ap)
-    ap.add_argument("--protocol", choices=PROTOCOLS, default="direct")
-    ap.add_argument("--permutations", type=positive_int, default=1)
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first n rows only")
-    ap.add_argument("--order-sensitivity", action="store_true", help="also rerun with reversed and cyclic orders")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="direct",
+                    help="direct: all N responses in one pass; pairwise: every pair as its own pass, ranked by wins "
+                         "(default: direct)")
+    ap.add_argument("--permutations", type=positive_int, default=1,
+                    help="direct: average every score over k cyclic orders; pairwise: k >= 2 also scores each pair "
+                         "reversed (default 1)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first n rows only (default: all rows)")
+    ap.add_argument("--order-sensitivity", action="store_true",
+                    help="also rerun with the responses reversed and cyclically shifted (off by default)")
     ap.add_argument("--out", required=True, help="output directory (metrics.json, report.md, report.png, cache)")
     ap.add_argument("--batch-size", type=positive_int, default=32, help="passes per scorer call (default 32)")
     ap.add_argument("--media-dir", default=None, help="base folder of relative media paths (default: the data's)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the chosen/rejected presentation order")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the chosen/rejected presentation order of --pair-order shuffled (default 0)")
     ap.add_argument("--pair-order", choices=PAIR_ORDERS, default=None,
                     help="pair benchmarks: show each pair in its published order, or swapped for a seeded half "
                          "of the rows (VL-RewardBench's official per-item randomisation); default: published "
                          "for vl-rewardbench and multimodal-rewardbench, shuffled for the chosen/rejected layouts")
-    ap.add_argument("--overwrite", action="store_true", help="drop DIR's cache and start over")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="drop DIR's cache and start over (off by default: a rerun resumes from the cache)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (shown by default, on stderr)")
     add_workers_arg(ap)
     return ap
 
@@ -1162,6 +1214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in result["skipped_rows"][:20]:
         print(f"  skipped {r['where']} (id={r['id']!r}): {r['reason']}", file=sys.stderr)
     print(f"  report: {os.path.join(args.out, 'report.md')}")
+    if result["rows"] and not result["evaluated"]:  # no metric: the run did not give what was asked
+        print(f"{PROG}: error: nothing was evaluated: all {result['rows']} rows were skipped (the reasons are in "
+              f"{os.path.join(args.out, 'report.md')})", file=sys.stderr)
+        return 1
     return 0
 
 

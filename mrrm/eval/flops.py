@@ -66,6 +66,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 
+from mrrm._args import doc_epilog
 from mrrm.common import MODES, check_choice, check_int
 
 CONVENTIONS = ("dense", "useful")
@@ -935,7 +936,7 @@ def _fmt(x: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = _parser()
+    p = build_parser()
     a = p.parse_args(argv)
     config = _cli_config(p, a.config)
     try:
@@ -951,23 +952,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mrrm.flops", description=(
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mrrm flops", description=(
         "FLOPs of one scoring pass (single / joint / independent) from mrrm's analytic model; "
-        "--count also counts them with torch's FlopCounterMode on the meta device."))
+        "--count also counts them with torch's FlopCounterMode on the meta device."),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc_epilog(__doc__, "What one scoring pass"))
     p.add_argument("--config", default="qwen3_vl_4b",
-                   help=f"one of {sorted(ARCHITECTURES)} or a path to a transformers config.json")
-    p.add_argument("--n", type=int, default=4, help="responses per prompt")
+                   help=f"one of {sorted(ARCHITECTURES)} or a path to a transformers config.json (default qwen3_vl_4b)")
+    p.add_argument("--n", type=int, default=4, help="responses per prompt (default 4)")
     media = p.add_mutually_exclusive_group()
-    media.add_argument("--image", action="store_true", help="an image prompt of --vision-tokens tokens")
-    media.add_argument("--video", action="store_true", help="a video prompt of --frames x --tokens-per-frame")
-    p.add_argument("--vision-tokens", type=int, default=1200)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--tokens-per-frame", type=int, default=90)
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prefix tokens besides vision tokens")
-    p.add_argument("--response-tokens", type=int, default=256)
-    p.add_argument("--separator-tokens", type=int, default=SEPARATOR_TOKENS)
-    p.add_argument("--head-hidden", type=int, default=VALUE_HEAD_HIDDEN)
+    media.add_argument("--image", action="store_true", help="an image prompt of --vision-tokens tokens (default: text)")
+    media.add_argument("--video", action="store_true",
+                       help="a video prompt of --frames x --tokens-per-frame (default: text)")
+    p.add_argument("--vision-tokens", type=int, default=1200,
+                   help="--image: vision tokens of the image, after the spatial merge (default 1200)")
+    p.add_argument("--frames", type=int, default=16, help="--video: frames (default 16)")
+    p.add_argument("--tokens-per-frame", type=int, default=90,
+                   help="--video: vision tokens per frame, after the spatial merge (default 90)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prefix tokens besides vision tokens (default 64)")
+    p.add_argument("--response-tokens", type=int, default=256, help="tokens of each response (default 256)")
+    p.add_argument("--separator-tokens", type=int, default=SEPARATOR_TOKENS,
+                   help=f"tokens of the separator between responses (default {SEPARATOR_TOKENS})")
+    p.add_argument("--head-hidden", type=int, default=VALUE_HEAD_HIDDEN,
+                   help=f"hidden width of the value head (default {VALUE_HEAD_HIDDEN})")
     p.add_argument("--count", action="store_true", help="also count with FlopCounterMode (meta device)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     return p

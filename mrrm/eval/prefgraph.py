@@ -53,6 +53,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from mrrm._args import doc_epilog
 from mrrm._io import DEFAULT_MAX_LINE_BYTES, WriteError, write_atomic
 from mrrm.data.records import iter_jsonl, load_records
 
@@ -155,6 +156,29 @@ def node_index(g: PreferenceGraph, x, where: str = "") -> int:
     if x in g.nodes:
         return g.nodes.index(x)
     raise ValueError(f"{at}response {str(x)[:60]!r} is not in the graph of prompt {g.prompt_id!r}")
+
+
+def split_unfit(judgments: Iterable[Judgment], responses: dict | None) -> tuple[list[Judgment], list[str]]:
+    """(the judgments that fit the responses file, the problems of the others, by line): a prompt_id the
+    file does not have, an index out of range, a text that is not one of the prompt's responses, a and b
+    naming one response. Without a responses file every judgment fits. `build_graphs` refuses what this
+    reports; `--skip-bad` drops it like an unreadable line."""
+    if responses is None:
+        return list(judgments), []
+    good, bad = [], []
+    for j in judgments:
+        rec = responses.get(_key(j.prompt_id))
+        try:
+            if rec is None:
+                raise ValueError(f"{j.where}: prompt_id {j.prompt_id!r} is not in the responses file")
+            g = PreferenceGraph(j.prompt_id, list(range(len(rec["responses"]))), None, texts=list(rec["responses"]))
+            if node_index(g, j.a, j.where) == node_index(g, j.b, j.where):
+                raise ValueError(f"{j.where}: a and b name the same response")
+        except ValueError as e:
+            bad.append(str(e))
+        else:
+            good.append(j)
+    return good, bad
 
 
 def build_graphs(judgments: Iterable[Judgment], judge_weights: dict | None = None,
@@ -495,34 +519,50 @@ def _write_jsonl(path: str, records: Iterable[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Pairwise judgments -> rankings "
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mrrm prefgraph", description="Pairwise judgments -> rankings "
                                  "(minimum-weight feedback arc set per prompt).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+                                 epilog=doc_epilog(__doc__, "Input (JSONL"))
     ap.add_argument("--judgments", required=True, help="JSONL: prompt_id, a, b, winner|tie, judge")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--responses", default=None, help="published-schema file with each prompt's responses")
+    ap.add_argument("--responses", default=None,
+                    help="published-schema file with each prompt's responses (default: none; a and b are then "
+                         "response ids used as they are)")
     ap.add_argument("--k", type=int, default=4, help="responses per sampled variant (default 4)")
     ap.add_argument("--variants", type=int, default=1, help="k-response variants per prompt (default 1)")
-    ap.add_argument("--holdout", type=float, default=0.2, help="share of judgments held out for agreement (0: off)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--judge-weights", default=None, help="JSON file {judge: weight}")
-    ap.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="largest prompt solved exactly (default 20)")
-    ap.add_argument("--skip-bad", action="store_true", help="skip invalid judgment lines instead of stopping")
+    ap.add_argument("--holdout", type=float, default=0.2,
+                    help="share of judgments held out for agreement; 0: off (default 0.2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the variants (default 0)")
+    ap.add_argument("--judge-weights", default=None,
+                    help="JSON file {judge: weight} (default: none, every judge weighs 1)")
+    ap.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
+                    help=f"largest prompt solved exactly (default {EXACT_LIMIT})")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip invalid judgments (unreadable lines, and responses or prompts the --responses file "
+                         "does not have) instead of stopping; each is reported on stderr and counted")
     ap.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
                     help="longest JSONL line read into memory; a longer one is an invalid line, passed over without "
                          f"being held (default {DEFAULT_MAX_LINE_BYTES}: 16 MiB)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         if args.max_line_bytes < 1:
             raise ValueError(f"--max-line-bytes must be a positive integer, got {args.max_line_bytes}")
         judgments, bad = read_judgments(args.judgments, args.max_line_bytes)
+        responses = read_responses(args.responses, args.max_line_bytes) if args.responses else None
+        judgments, unfit = split_unfit(judgments, responses)
+        bad += unfit
         for line in bad:
             print(f"{PROG}: {line}", file=sys.stderr)
         if bad and not args.skip_bad:
             raise ValueError(f"{len(bad)} invalid judgment line(s) (listed above); fix them or pass --skip-bad")
-        responses = read_responses(args.responses, args.max_line_bytes) if args.responses else None
+        if bad:
+            print(f"{PROG}: skipped {len(bad)} invalid judgment line(s) (--skip-bad)", file=sys.stderr)
         weights = None
         if args.judge_weights:
             with open(args.judge_weights, encoding="utf-8") as f:

@@ -275,11 +275,13 @@ def load_backbone(path, **kwargs):
     from transformers import AutoModel
 
     M.check_backbone_support(path)
-    model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    with M.quiet_loading():
+        model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
     if not info.get("missing_keys"):
         return model
     del model
-    full, info = _full_model_class(path).from_pretrained(path, output_loading_info=True, **kwargs)
+    with M.quiet_loading():
+        full, info = _full_model_class(path).from_pretrained(path, output_loading_info=True, **kwargs)
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("lm_head."))
     if missing:
         import transformers

@@ -4,6 +4,7 @@ loading and saving share (the separator token and its embedding row, the process
 the checkpoint's file verification)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, fields
@@ -171,6 +172,23 @@ def check_backbone_support(path) -> None:
     if need and not hasattr(transformers, need[0]):
         raise ImportError(f"{path}: a {model_type} backbone needs transformers >= {need[1]} (native {model_type}); "
                           f"installed {transformers.__version__}: pip install 'transformers>={need[1]}'")
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' progress bars ("Loading weights") off while mrrm loads a checkpoint, so that a command's
+    stderr carries mrrm's own lines; back on afterwards. Kept when transformers is set to INFO or more
+    verbose (TRANSFORMERS_VERBOSITY=info), or when they are off already."""
+    from transformers.utils import logging as hf_logging  # loaded with the checkpoint's classes anyway
+
+    if hf_logging.get_verbosity() <= hf_logging.INFO or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_processor(path):

@@ -49,6 +49,7 @@ from mrrm.model.parts import (
     head_input_dim,
     head_linears,
     load_processor,
+    quiet_loading,
     text_hidden_size,
     unwrap,
     verify_checkpoint,
@@ -571,10 +572,12 @@ class RewardModel(nn.Module):
             if final_norm is not None:
                 raise ValueError(f"{path}: final_norm= applies to checkpoints in the authors' layout; an mrrm "
                                  "checkpoint records its own (mrrm_config.json)")
-            model = _load_mrrm(cls, path, base_model, media_base_dir)
+            with quiet_loading():
+                model = _load_mrrm(cls, path, base_model, media_base_dir)
         elif os.path.exists(os.path.join(path, PUBLISHED_CONFIG_FILE)):
-            model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir,
-                                   final_norm=final_norm)
+            with quiet_loading():
+                model = load_reference(cls, path, base_model=base_model, media_base_dir=media_base_dir,
+                                       final_norm=final_norm)
         else:
             raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} (mrrm) nor {PUBLISHED_CONFIG_FILE} "
                                     "(the authors' layout) found")

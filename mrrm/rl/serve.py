@@ -1451,18 +1451,21 @@ def _is_loopback(host: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mrrm.serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mrrm serve", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     add_media_budget_args(p)
     add_text_budget_args(p, line_reader=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--media-root", default=None, help="directory media paths must lie under (default: paths refused)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"bearer token required on /score and /get_reward (default: ${TOKEN_ENV})")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting before 429")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request before 504")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests waiting before 429 (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds per request before 504 (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"request body size over which 413 is answered before parsing (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--group-size", type=positive_int, default=1,
                    help="samples per prompt of the trainer: /get_reward holds a prompt's responses across requests "
                         "until this many arrived, then scores them in one pass (default 1: per request)")
@@ -1481,20 +1484,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model copies behind this one server (default 1): replica i on cuda:i with --device cuda, "
                         "all on the CPU with --device cpu; groups are assembled once, here, for all of them")
     p.add_argument("--max-request-megapixels", type=float, default=DEFAULT_MAX_REQUEST_PIXELS / 1e6,
-                   help="decoded image / frame pixels one request may hold, in megapixels (413 after)")
+                   help="decoded image / frame pixels one request may hold, in megapixels (413 after; default "
+                        f"{DEFAULT_MAX_REQUEST_PIXELS / 1e6:g})")
     p.add_argument("--max-inflight-megapixels", type=float, default=DEFAULT_MAX_INFLIGHT_PIXELS / 1e6,
                    help="decoded image / frame pixels all requests together may hold until scored, in "
-                        "megapixels (503 + Retry-After after)")
+                        f"megapixels (503 + Retry-After after; default {DEFAULT_MAX_INFLIGHT_PIXELS / 1e6:g})")
     p.add_argument("--max-samples-per-request", type=positive_int, default=DEFAULT_MAX_SAMPLES,
-                   help="samples of a /score request (queries of a /get_reward one) at most (413 after)")
+                   help=f"samples of a /score request (queries of a /get_reward one) at most (413 after; default "
+                        f"{DEFAULT_MAX_SAMPLES})")
     p.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a connection may take to send a request's headers before it is closed")
+                   help="seconds a connection may take to send a request's headers before it is closed (default 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a request body may take to arrive before 408 (slow or lying clients)")
+                   help="seconds a request body may take to arrive before 408 (slow or lying clients; default 30)")
     p.add_argument("--policy-tokenizer", default=None,
                    help="the policy's tokenizer (path): its chat template and stop tokens are stripped from "
-                        "OpenRLHF's prompts and queries (the formats of mrrm.rl.queries.TEMPLATES are known without it; "
-                        "a templated prompt in another format is refused with 422)")
+                        "OpenRLHF's prompts and queries (default: none; the formats of mrrm.rl.queries.TEMPLATES are "
+                        "known without it, and a templated prompt in another format is refused with 422)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                    help="'auto' (default): prompts are chat-templated (known formats or --policy-tokenizer's) or "
                         "plain text without template markup; 'plain': every prompt is the user's message as it is")

@@ -497,8 +497,8 @@ def summarize(path: str | os.PathLike) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mrrm.demo",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrrm demo",
                                      description="Write a split of the synthetic multimodal preference task.")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
@@ -508,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-responses", type=int, default=4, help="candidates per prompt (default 4)")
     parser.add_argument("--image-size", type=int, default=64, help="image and video side in pixels (default 64)")
     parser.add_argument("--video-frames", type=int, default=8, help=f"frames per video at {VIDEO_FPS} fps (default 8)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     start = time.perf_counter()

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import torch
 
 from mrrm import ops
+from mrrm._args import doc_epilog
 from mrrm._io import WriteError, writing
 from mrrm.common import TRAIN_MODES, is_correct
-from mrrm.data.budgets import media_budgets_from_args
+from mrrm.data.budgets import MEDIA_BUDGET_FLAGS, media_budgets_from_args
 from mrrm.data.encoding import SampleError
-from mrrm.data.media import VIDEO_SAMPLING
+from mrrm.data.media import DEFAULT_MEDIA_BUDGETS, VIDEO_SAMPLING
 from mrrm.data.records import BadRecord, check_rankings, load_records
 from mrrm.errors import ConfigError, DataError, MrrmError
 from mrrm.integrity import (
@@ -145,23 +146,113 @@ class TrainConfig:
     max_sample_megapixels: float | None = None
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """Flags override the YAML config, which overrides the defaults."""
-    ap = argparse.ArgumentParser(prog="python -m mrrm.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="YAML file with TrainConfig fields")
+# --base-model TINY: the built-in tiny backbone, trained from scratch, on data of the user's (TrainConfig.base_model None)
+TINY = "tiny"
+# The help line of every TrainConfig field's flag (`mrrm train --help`); each says its default, or what the
+# default None means. A field without a line gets its bare default (tests/cli/test_help.py asks for a line).
+HELP = {
+    "base_model": "path or Hugging Face Hub id of the backbone to fine-tune; 'tiny': the built-in tiny backbone, "
+                  "trained from scratch (default: none, which only the built-in demo data may use: with --data "
+                  "files, pass one)",
+    "data": "training files (JSONL, JSON, parquet, or Hub dataset ids); 'demo': the built-in synthetic task "
+            "(default: demo)",
+    "data_weights": "mixing weights of the --data files, one each: samples drawn per epoch in proportion "
+                    "(default: none, every file once per epoch)",
+    "eval_data": "held-out file evaluated every --eval-every steps and at the end; 'demo': a fresh synthetic split "
+                 "(default: none; with --data demo, the demo's own held-out split)",
+    "media_dir": "base directory of relative image/video paths (default: each data file's directory)",
+    "demo_train_size": "samples of the generated demo training split",
+    "demo_eval_size": "samples of the generated demo held-out split",
+    "lora_r": "LoRA rank on a base model (the paper's); 0 trains the whole backbone",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "lora_target": "regular expression of the modules LoRA adapts (default: the language model's attention "
+                   "projections q/k/v/o_proj; on Qwen3.5 also its Gated DeltaNet layers)",
+    "video_fps": "frames sampled per second of video (default: Qwen-VL's 2.0; the from-scratch demo: "
+                 f"{DEMO_VIDEO_FPS:g}, every frame of its clips)",
+    "video_sampling": f"how videos are sampled, one of {', '.join(VIDEO_SAMPLING)}: qwen-vl-utils' reader at "
+                      "--video-fps, or the authors' molmo_utils sampling; recorded in the checkpoint",
+    "head_type": "value head: mlp (the paper) or linear (the authors' code's default)",
+    "head_hidden": "hidden width of the mlp value head",
+    "head_activation": "activation of the mlp value head",
+    "resp_repr_mode": "response representation, one of mrrm.model.RESP_REPR_MODES (default: last, the paper; "
+                      f"{DEMO_RESP_REPR} on the demo data)",
+    "init_std": "initializer std of a from-scratch backbone (0.02 stalls at ln N)",
+    "loss": f"listwise loss, one of {', '.join(LOSSES)} (default: best, the paper; {DEMO_LOSS} on the demo data)",
+    "mode": "joint (the paper: the N responses in one sequence) or independent",
+    "shuffle_responses": "put each sample's responses in a new random order every epoch",
+    "max_length": "longest sample in tokens; a longer one is a bad sample",
+    "max_batch_tokens": "tokens of one packed micro-batch (no padding)",
+    "batch_size": "samples per optimisation step, over all processes",
+    "epochs": "passes over the data (a fraction allowed)",
+    "max_steps": f"optimisation steps (default: as many as --epochs gives; {DEMO_STEPS} on the demo data)",
+    "lr": f"peak learning rate (default: {LORA_LR:.0e} with LoRA on a base model, {SCRATCH_LR:.0e} from "
+          "scratch)".replace("e-0", "e-"),
+    "schedule": "learning-rate schedule after the warmup: cosine, linear or constant",
+    "warmup_steps": "linear learning-rate warmup, in steps",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm; 0: no clipping",
+    "bf16": "bfloat16 weights and autocast",
+    "gradient_checkpointing": "recompute activations in the backward pass, to save memory",
+    "eval_every": "evaluate the held-out data every N steps; 0: only at the end",
+    "save_every": "save a checkpoint every N steps; 0: only at the end",
+    "keep_last": "checkpoints kept in --output-dir, older ones deleted; 0: keep all",
+    "seed": "seed of the data order, the response shuffling, the initialization and the demo data",
+    "output_dir": "where the checkpoints, log.jsonl and the final model/ go (a rerun resumes there)",
+    "skip_bad": "train on the valid samples when some are bad (listed either way) instead of stopping",
+    "drop_media": "control runs: train and evaluate with the images and videos removed",
+    "log_every": "write the metrics every N steps",
+    "force_resume": "resume even when data or step settings changed (refused otherwise, naming each)",
+    "resume_unverified": "resume a checkpoint without a checksum manifest (an older mrrm's, or copied without it), "
+                         "unchecked",
+    "fsdp": "shard the model with FSDP2 over the launch's processes (mrrm.train.sharding)",
+    "deepspeed": "a DeepSpeed JSON config: ZeRO-2/3 over the launch's processes (default: none, no DeepSpeed)",
+    **{dest: f"media budget, checked before decoding (default {getattr(DEFAULT_MEDIA_BUDGETS, budget) / unit:g})"
+       for dest, (budget, unit) in MEDIA_BUDGET_FLAGS.items()},
+}
+
+
+def _help(f) -> str:
+    """A field's help line, with its default unless the line says it."""
+    text = HELP.get(f.name, "")
+    if "(default" not in text:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        elif isinstance(default, list):
+            default = " ".join(map(str, default))
+        text = f"{text} (default: {default})" if text else f"default: {default}"
+    return text.replace("%", "%%")  # argparse formats help strings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`mrrm train`'s flags: --config and one flag per TrainConfig field (None: not given)."""
+    ap = argparse.ArgumentParser(prog="mrrm train", description="Train a multi-response reward model on preference "
+                                 "data (no arguments: the built-in demo).",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Flags override the --config file, which overrides the defaults.\n\n" + doc_epilog(
+                                     __doc__, "Reads top to bottom"))
+    ap.add_argument("--config", help="YAML file with TrainConfig fields; the flags given override it (default: none)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
         elif f.name in ("data", "data_weights"):
             ap.add_argument(flag, dest=f.name, nargs="+", default=None,
-                            type=float if f.name == "data_weights" else str)
+                            type=float if f.name == "data_weights" else str, help=_help(f))
         else:
-            ap.add_argument(flag, dest=f.name, default=None, type=_field_type(f))
+            ap.add_argument(flag, dest=f.name, default=None, type=_field_type(f), help=_help(f))
+    return ap
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags override the YAML config, which overrides the defaults. Training files without a base model
+    (which would train the built-in tiny backbone on them) are a ConfigError unless --base-model tiny."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     values = {}
     if args.config:
-        import yaml
+        import yaml  # an optional dependency (mrrm[train]), read only with --config
 
         with open(args.config) as fh:
             values.update(yaml.safe_load(fh) or {})
@@ -169,6 +260,7 @@ def parse_args(argv=None) -> TrainConfig:
         if unknown:
             ap.error(f"{args.config}: unknown keys {sorted(unknown)}")
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    values["base_model"] = _base_model(values.get("base_model"), values.get("data", TrainConfig().data))
     cfg = TrainConfig(**values)
     if cfg.loss is not None and cfg.loss not in LOSSES:
         ap.error(f"--loss must be one of {LOSSES}")
@@ -182,6 +274,22 @@ def parse_args(argv=None) -> TrainConfig:
     if cfg.video_sampling not in VIDEO_SAMPLING:
         ap.error(f"--video-sampling must be one of {VIDEO_SAMPLING}")
     return cfg
+
+
+def _base_model(base_model, data) -> str | None:
+    """TrainConfig.base_model from --base-model: TINY -> None (the built-in tiny backbone, from scratch). None
+    with training files of the user's is refused: it trained the tiny demo backbone on them, silently (issue 31)."""
+    if base_model == TINY:
+        if os.path.exists(TINY):
+            raise ConfigError(f"mrrm.train: --base-model {TINY} names the built-in tiny backbone, but ./{TINY} exists "
+                              f"here: pass --base-model ./{TINY} for that one")
+        return None
+    if base_model is None and list(data) != ["demo"]:
+        raise ConfigError("mrrm.train: --data without --base-model would train the built-in tiny demo backbone (2 "
+                          "layers, from scratch) on your data: a toy that learns little. Pass --base-model PATH or a "
+                          "Hugging Face Hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) to fine-tune a real backbone, or "
+                          f"--base-model {TINY} to train the tiny one from scratch on purpose")
+    return base_model
 
 
 def _field_type(f):
@@ -1058,6 +1166,8 @@ def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None
             args += [flag, *map(str, value)]
         else:
             args += [flag, str(value)]
+    if cfg.base_model is None and list(cfg.data) != ["demo"]:  # the tiny backbone on the user's data: asked for
+        args = ["--base-model", TINY, *args]
     record = {"command": shlex.join(["python", "-m", "mrrm.train", *args]), "data": list(cfg.data), "steps": steps}
     if cfg.eval_data:
         record["eval_data"] = cfg.eval_data
@@ -1090,9 +1200,9 @@ def print_table(ev):
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    sharding.deepspeed_logs_to_stderr()  # stdout carries the results only (accelerate imports DeepSpeed on save)
     try:
-        train(cfg)
+        train(parse_args(argv))
     except WriteError as e:  # a full disk, a quota, a read-only file system: which file, and how to go on
         print(f"mrrm.train: {e}; the checkpoints written before are intact: make room and rerun the same command "
               "to resume", file=sys.stderr)

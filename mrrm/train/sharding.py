@@ -16,6 +16,9 @@ What makes a sharded run correct, and how mrrm.train does each:
 """
 from __future__ import annotations
 
+import logging
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -103,6 +106,9 @@ def optimizer_state_by_name(optim_state: dict) -> bool:
 # model gathered layer by layer on rank 0 (DeepSpeed's consolidated state dict) next to DeepSpeed's
 # own partition files, from which a resume restores every rank's partitions.
 # --------------------------------------------------------------------------------------------------
+DEEPSPEED_LOGGER = "DeepSpeed"  # deepspeed.utils.logging's logger (every DeepSpeed module logs through it)
+
+
 def deepspeed_config(path: str, *, max_grad_norm: float, bf16: bool) -> dict:
     """The user's DeepSpeed JSON with what mrrm.train's loop needs: one sample per "micro batch" and
     no DeepSpeed accumulation count (mrrm packs its own micro-batches per step, as many as the token
@@ -133,13 +139,46 @@ def deepspeed_config(path: str, *, max_grad_norm: float, bf16: bool) -> dict:
     return cfg
 
 
-def deepspeed_engine(model, optimizer, config: dict):
-    """(engine, DeepSpeed's optimizer) for `model` under the running process group."""
+class _HandlersOffStdout(logging.Filter):
+    """A filter on a library's logger whose handler the library makes on stdout, later (DeepSpeed makes its
+    handler when it is imported, which accelerate and transformers do lazily, e.g. when a model is saved):
+    before each record is handled, the logger's stdout handlers are moved to stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _move_to_stderr(logging.getLogger(record.name))
+        return True
+
+
+def _move_to_stderr(logger: logging.Logger) -> None:
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's log lines on stderr from now on, whoever imports it: its logger writes to stdout, where its
+    "Setting accelerator to CPU" line (logged when it is imported: by accelerate when a model is saved, even
+    without --deepspeed) landed among a command's results. `mrrm train` calls this first."""
+    logger = logging.getLogger(DEEPSPEED_LOGGER)
+    if not any(isinstance(f, _HandlersOffStdout) for f in logger.filters):
+        logger.addFilter(_HandlersOffStdout())
+    _move_to_stderr(logger)
+
+
+def import_deepspeed():
+    """The deepspeed module, its log lines on stderr (`deepspeed_logs_to_stderr`)."""
+    deepspeed_logs_to_stderr()
     try:
-        import deepspeed
+        import deepspeed  # an optional dependency (mrrm[deepspeed]), imported by --deepspeed runs only
     except ImportError:
         raise ConfigError("mrrm.train: --deepspeed needs DeepSpeed: pip install 'mrrm[deepspeed]' "
-                         "(DS_BUILD_OPS=0 pip install deepspeed on machines without CUDA)") from None
+                          "(DS_BUILD_OPS=0 pip install deepspeed on machines without CUDA)") from None
+    return deepspeed
+
+
+def deepspeed_engine(model, optimizer, config: dict):
+    """(engine, DeepSpeed's optimizer) for `model` under the running process group."""
+    deepspeed = import_deepspeed()
     _require_distributed()
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ds_optimizer
@@ -163,8 +202,7 @@ def prepare_zero3(model) -> None:
         # one tower call per pass on every supported transformers: handed over as mm_encoder_outputs
         # where the forward takes them, else returned by the backbone's own get_*_features calls
         model.one_vision_call = True
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     for linear in head_linears(model.value_head):
         for p in linear.parameters():
             deepspeed.zero.register_external_parameter(model, p)

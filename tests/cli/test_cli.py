@@ -140,7 +140,7 @@ def test_media_budget_flags_in_every_command_that_reads_media(tmp_path, capsys):
     default_encoder = api.load_model(device="cpu").encoder  # the cached default model, which the run uses
     out = tmp_path / "out.jsonl"
     assert score_cli.main(["--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress",
-                           "--max-images-per-sample", "1"]) == 0
+                           "--max-images-per-sample", "1"]) == 1  # a line not scored: exit 1
     errors = [json.loads(x) for x in open(str(out) + ".errors.jsonl")]
     assert [e["line"] for e in errors] == [2] and "2 images, over the limit of 1 per sample" in errors[0]["error"]
     assert "(--max-images-per-sample" in errors[0]["error"]

@@ -181,7 +181,7 @@ def test_bad_lines_reported_by_line_number_rest_scored(model, media, tmp_path, c
     lines = mixed_lines(video)
     data = write_jsonl(root / "mixed.jsonl", [content for content, _ in lines])
     out = tmp_path / "scored.jsonl"
-    assert run(data, out) == 0  # finished: exit 0 even with bad samples
+    assert run(data, out) == 1  # finished, but not every line scored: exit 1 (the rest is written)
     captured = capsys.readouterr()
 
     expected_bad = {n: reason for n, (_, reason) in enumerate(lines, 1) if reason is not None}
@@ -200,6 +200,16 @@ def test_bad_lines_reported_by_line_number_rest_scored(model, media, tmp_path, c
     for record, scores in zip(got, want):
         assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
     assert f"{len(good)} scored, {len(expected_bad)} bad" in captured.out
+    assert f"{len(expected_bad)} line(s) could not be scored" in captured.err and "--allow-errors" in captured.err
+
+    # --allow-errors: the same output and errors file, exit 0, the count still on stderr
+    allowed = tmp_path / "allowed.jsonl"
+    assert run(data, allowed, "--allow-errors") == 0
+    assert f"{len(expected_bad)} line(s) could not be scored" in capsys.readouterr().err
+    assert_same_output(read_jsonl(allowed), got)
+    assert read_jsonl(str(allowed) + ".errors.jsonl") == records
+    # a resume with nothing left: the earlier bad lines still make the exit status 1
+    assert run(data, out) == 1 and run(data, out, "--allow-errors") == 0
 
 
 def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch, capsys):
@@ -207,7 +217,7 @@ def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch, capsy
     lines = mixed_lines(video)
     data = write_jsonl(root / "crash.jsonl", [content for content, _ in lines])
     reference = tmp_path / "reference.jsonl"
-    assert run(data, reference) == 0
+    assert run(data, reference) == 1  # mixed_lines has bad lines
 
     real_score = model.score
     calls = []
@@ -237,7 +247,7 @@ def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch, capsy
 
     calls.clear()
     monkeypatch.setattr(model, "score", counting)
-    assert run(data, out) == 0
+    assert run(data, out) == 1
     assert_same_output(read_jsonl(out), read_jsonl(reference))
     assert read_jsonl(str(out) + ".errors.jsonl") == read_jsonl(str(reference) + ".errors.jsonl")
     # only the samples after the saved chunk were read and scored again (3 = the first chunk's samples)
@@ -245,7 +255,7 @@ def test_resume_after_a_crash_mid_run(model, media, tmp_path, monkeypatch, capsy
     assert sum(calls) == n_samples - 3
 
     calls.clear()
-    assert run(data, out) == 0  # a finished run: nothing left, nothing duplicated
+    assert run(data, out) == 1  # a finished run: nothing left, nothing duplicated (the bad lines still count)
     assert calls == []
     assert_same_output(read_jsonl(out), read_jsonl(reference))
 
@@ -265,7 +275,7 @@ def test_resume_from_a_killed_write(model, media, tmp_path, monkeypatch, state):
     lines = mixed_lines(video)
     data = write_jsonl(root / "killed.jsonl", [content for content, _ in lines])
     reference = tmp_path / "reference.jsonl"
-    assert run(data, reference) == 0
+    assert run(data, reference) == 1  # mixed_lines has bad lines
     ref_errors = Path(str(reference) + ".errors.jsonl")
 
     out = tmp_path / "scored.jsonl"
@@ -294,7 +304,7 @@ def test_resume_from_a_killed_write(model, media, tmp_path, monkeypatch, state):
     real_score = model.score
     scored = []
     monkeypatch.setattr(model, "score", lambda batch, **kw: scored.extend(batch) or real_score(batch, **kw))
-    assert run(data, out) == 0
+    assert run(data, out) == 1
     assert_same_output(read_jsonl(out), read_jsonl(reference))
     assert errors.read_bytes() == ref_errors.read_bytes()  # every bad line once, in order
     # the samples scored again are exactly those without an output line (no duplicates, none lost)
@@ -303,6 +313,50 @@ def test_resume_from_a_killed_write(model, media, tmp_path, monkeypatch, state):
     assert [s.get("id") for s in scored if s.get("id") not in {"np", "mi", "er", "es", "long"}] == \
         [r["id"] for r in remaining]
     assert not recorded_ids & {s.get("id") for s in scored}  # bad lines already recorded are not redone
+
+
+def test_pairwise_records_are_scored_as_train_reads_them(model, media, tmp_path, capsys):
+    """{prompt, chosen, rejected} (a record shape `mrrm train` takes) was refused ("responses" missing): now
+    it is scored as responses [chosen, rejected], written back as it was read with "scores" [chosen's,
+    rejected's], "best" and "preferred"; a resume checks it against its input like any other line."""
+    root, _ = media
+    pairs = [{"id": "p0", "prompt": "What colour is the square?", "image": "media/red.png", "chosen": "red",
+              "rejected": "green", "source": "x"},
+             {"id": "p1", "prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    ranked = good_samples(None)[0]
+    data = write_jsonl(root / "pairs.jsonl", pairs + [ranked])
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out) == 0
+    got = read_jsonl(out)
+    assert [without_results(r) for r in got] == [dict(p, preferred=r["preferred"]) for p, r in zip(pairs, got)] + \
+        [ranked]
+    want = model.score([absolute_media({"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]],
+                                        **({"image": p["image"]} if "image" in p else {})}, root) for p in pairs])
+    for record, scores in zip(got, want):
+        assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
+        assert record["preferred"] == ("chosen" if scores[0] >= scores[1] else "rejected")
+        assert record["best"] == ("chosen", "rejected").index(record["preferred"])
+        assert "responses" not in record
+    assert "preferred" not in got[2]  # a ranking record gets scores and best only
+    capsys.readouterr()
+    assert run(data, out) == 0 and read_jsonl(out) == got  # resumed: nothing left
+    assert "nothing left to do" in capsys.readouterr().err
+
+
+def test_a_single_response_sample_is_scored_with_one_warning(model, tmp_path, capsys):
+    """A one-response sample is scored (its score alone: nothing to compare) and counted in one warning at
+    the end of the run, not one per sample; a run without such samples has no warning."""
+    lone = [{"id": f"one{i}", "prompt": "Name a colour.", "responses": ["red"]} for i in range(2)]
+    two = {"id": "two", "prompt": "Name a colour.", "responses": ["red", "blue"]}
+    data = write_jsonl(tmp_path / "in.jsonl", lone + [two])
+    out = tmp_path / "scored.jsonl"
+    assert run(data, out, batch_size=1) == 0
+    got = read_jsonl(out)
+    assert [len(r["scores"]) for r in got] == [1, 1, 2] and got[0]["best"] == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "2 sample(s) had a single response" in err
+    assert run(write_jsonl(tmp_path / "two.jsonl", [two]), tmp_path / "two_out.jsonl") == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_resume_refuses_an_output_of_another_input(media, tmp_path, capsys):
@@ -367,8 +421,8 @@ def test_subprocess_end_to_end(model, media, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out),
                            "--device", "cpu", "--batch-size", "2"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "e2e.jsonl:2: invalid JSON" in proc.stderr
+    assert proc.returncode == 1, proc.stderr  # one line not scored
+    assert "e2e.jsonl:2: invalid JSON" in proc.stderr and "1 line(s) could not be scored" in proc.stderr
     assert "3 scored, 1 bad" in proc.stdout
     got = read_jsonl(out)
     assert [without_results(r) for r in got] == samples
@@ -376,6 +430,29 @@ def test_subprocess_end_to_end(model, media, tmp_path):
     for record, scores in zip(got, want):
         assert record["scores"] == pytest.approx(scores, **SCORE_TOL)
     assert read_jsonl(str(out) + ".errors.jsonl")[0]["line"] == 2
+
+
+@pytest.mark.slow
+def test_a_video_run_is_quiet_stderr_mrrms_lines_stdout_results(model, media, tmp_path):
+    """`mrrm score` on a file with a video, in a fresh process: transformers warned about
+    cap_pixels_per_frame on every video command and drew its "Loading weights" bar. Now stderr holds only
+    mrrm's own progress lines and stdout only the summary of the results."""
+    root, video = media
+    if video is None:
+        pytest.skip("PyAV cannot write the test video here")
+    data = write_jsonl(root / "quiet.jsonl", [s for s in good_samples(video) if "video" in s or "image" in s][:3])
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "mrrm", "score", "--data", str(data), "--out",
+                           str(tmp_path / "out.jsonl"), "--device", "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 3
+    assert "cap_pixels_per_frame" not in done.stderr and "Loading weights" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if not line.startswith("mrrm.score: ")] == [], done.stderr
+    assert "warning" not in done.stderr.lower()
+    out = done.stdout.splitlines()
+    assert out[0].startswith("mrrm.score: done: 3 scored, 0 bad") and all(x.startswith("  ") for x in out[1:]), out
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
@@ -431,8 +508,8 @@ def test_encoding_workers_write_what_in_process_encoding_writes(model, media, tm
 
     def cli(out, *extra):
         done = subprocess.run([sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out), "--device",
-                               "cpu", "--batch-size", "2", "--no-progress", *extra], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+                               "cpu", "--batch-size", "2", "--no-progress", "--allow-errors", *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return out.read_bytes(), Path(str(out) + ".errors.jsonl").read_bytes()
 
@@ -480,8 +557,8 @@ def test_ray_engine_writes_what_the_local_engine_writes_and_resumes(model, media
 
     def cli(out, *extra):
         return subprocess.run([sys.executable, "-m", "mrrm.score", "--data", str(data), "--out", str(out), "--device",
-                               "cpu", "--batch-size", "2", "--no-progress", *extra], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+                               "cpu", "--batch-size", "2", "--no-progress", "--allow-errors", *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
 
     assert cli(local).returncode == 0
     done = cli(ray_out, "--engine", "ray")
@@ -519,13 +596,13 @@ def test_a_second_writer_of_the_same_out_is_refused(model, tmp_path, capsys):
 
 def test_lone_surrogate_is_a_per_sample_error(model, tmp_path):
     """A lone surrogate ("\\ud800", valid JSON) in a prompt or response: that line is a bad sample, the
-    rest of the file is scored (exit 0); mrrm.score(errors="skip") gives None in its place."""
+    rest of the file is scored (exit 1: not every line was); mrrm.score(errors="skip") gives None in its place."""
     good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps(good) + "\n" + '{"prompt": "Hi \\ud800", "responses": ["a"]}\n'
                     + '{"prompt": "Hi", "responses": ["a \\udfff b"]}\n' + json.dumps(good) + "\n")
     out = tmp_path / "scored.jsonl"
-    assert run(path, out) == 0
+    assert run(path, out) == 1
     assert len(read_jsonl(out)) == 2
     errors = read_jsonl(str(out) + ".errors.jsonl")
     assert [e["line"] for e in errors] == [2, 3] and all("not valid Unicode" in e["error"] for e in errors)
@@ -549,7 +626,7 @@ def test_resume_without_its_errors_file_says_so(model, tmp_path, capsys):
     good = {"prompt": "Name a colour.", "responses": ["red", "blue"]}
     data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "", "responses": ["x"]}, good, good])
     out = tmp_path / "scored.jsonl"
-    assert run(data, out) == 0
+    assert run(data, out) == 1
     os.remove(str(out) + ".errors.jsonl")  # the record of line 1's error is gone
     capsys.readouterr()
     assert run(data, out) == 2
@@ -561,7 +638,8 @@ def test_resume_without_its_errors_file_says_so(model, tmp_path, capsys):
 def test_long_and_deeply_nested_lines_are_errors_of_their_line(model, tmp_path, capsys):
     """A line nested 200000 arrays deep (100 KB) made json raise RecursionError: exit 1 on every rerun,
     nothing written. A line over --max-line-bytes (default 16 MiB) is passed over in blocks, never held.
-    Both are now errors of their line; the rest is scored (exit 0), and a rerun resumes past them."""
+    Both are now errors of their line; the rest is scored (exit 1: two lines were not), and a rerun resumes past
+    them."""
     max_line = 16 * 2**20  # mrrm._io.DEFAULT_MAX_LINE_BYTES
     good = {"id": "g", "prompt": "Name a colour.", "responses": ["red", "blue"]}
     data = tmp_path / "in.jsonl"
@@ -571,14 +649,14 @@ def test_long_and_deeply_nested_lines_are_errors_of_their_line(model, tmp_path, 
         f.write(b'{"id": "huge", "prompt": "p", "responses": ["' + b"x" * (max_line + 10) + b'"]}\n')
         f.write(json.dumps(dict(good, id="g2")).encode() + b"\n")
     out = tmp_path / "scored.jsonl"
-    assert run(data, out) == 0
+    assert run(data, out) == 1
     assert [r["id"] for r in read_jsonl(out)] == ["g", "g2"]
     errors = read_jsonl(str(out) + ".errors.jsonl")
     assert [e["line"] for e in errors] == [2, 3]
     assert "nested too deeply" in errors[0]["error"]
     assert f"over the limit of {max_line} bytes per line (--max-line-bytes)" in errors[1]["error"]
     before = out.read_bytes()
-    assert run(data, out) == 0 and out.read_bytes() == before  # resumed: nothing left, nothing redone
+    assert run(data, out) == 1 and out.read_bytes() == before  # resumed: nothing left, nothing redone
 
 
 @pytest.mark.slow
@@ -600,7 +678,8 @@ def test_a_line_longer_than_memory_is_never_held(model, tmp_path):
             "m.score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
             "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
             "resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20),) * 2)\n"
-            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress']))\n")
+            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress',\n"
+            "               '--allow-errors']))\n")
     env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -623,7 +702,7 @@ def test_text_budgets_refuse_before_tokenizing(model, tmp_path, monkeypatch):
     real_ids = model.encoder._ids
     monkeypatch.setattr(model.encoder, "_ids", lambda text: seen.append(len(text)) or real_ids(text))
     out = tmp_path / "scored.jsonl"
-    assert run(data, out, "--max-response-chars", 60, "--max-text-bytes", 200, "--max-line-bytes", 1000) == 0
+    assert run(data, out, "--max-response-chars", 60, "--max-text-bytes", 200, "--max-line-bytes", 1000) == 1
     assert [r["id"] for r in read_jsonl(out)] == ["g", "g2"]
     errors = {e["id"]: e["error"] for e in read_jsonl(str(out) + ".errors.jsonl")}
     assert "response 0 is 61 characters, over the text budget of 60 characters per response " \
@@ -636,7 +715,7 @@ def test_text_budgets_refuse_before_tokenizing(model, tmp_path, monkeypatch):
     data2 = write_jsonl(tmp_path / "in2.jsonl", [{"id": "big", "prompt": "p", "responses": ["x " * limit, "y"]}])
     seen.clear()
     out2 = tmp_path / "scored2.jsonl"
-    assert run(data2, out2) == 0
+    assert run(data2, out2) == 1
     (err,) = read_jsonl(str(out2) + ".errors.jsonl")
     assert f"over the text budget of {limit} characters per response" in err["error"]
     assert f"more characters never fit max_length={model.config.max_length}" in err["error"] and not seen
@@ -661,7 +740,7 @@ def test_workers_survive_a_tokenizer_abort_under_a_memory_limit(model, tmp_path)
             "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
             "resource.setrlimit(resource.RLIMIT_AS, (vm + (800 << 20),) * 2)\n"
             f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress',\n"
-            f"               '--workers', '2', '--batch-size', '2', '--max-text-chars', {big!r},\n"
+            f"               '--allow-errors', '--workers', '2', '--batch-size', '2', '--max-text-chars', {big!r},\n"
             f"               '--max-response-chars', {big!r}, '--max-text-bytes', {big!r}, '--max-response-bytes', {big!r}]))\n")
     env = dict(os.environ, MALLOC_ARENA_MAX="2",
                PYTHONPATH=str(REPO) + os.pathsep + str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -807,7 +886,8 @@ def test_media_that_misstate_their_size_cost_their_samples_under_a_memory_limit(
             "mrrm.load(device='cpu').score([{'prompt': 'warm up', 'responses': ['a', 'b']}])\n"
             "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
             "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20),) * 2)\n"
-            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress']))\n")
+            f"sys.exit(main(['--data', {str(data)!r}, '--out', {str(out)!r}, '--device', 'cpu', '--no-progress',\n"
+            "               '--allow-errors']))\n")
     env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -236,8 +236,9 @@ def test_row7_resume_with_changed_settings_is_refused_naming_each(tmp_path, colo
     from mrrm.train.recipe import parse_args, train
 
     out = str(tmp_path / "run")
-    common = ["--data", colour_data, "--eval-data", colour_data, "--head-hidden", "16", "--batch-size", "8", "--lr",
-              "2e-3", "--warmup-steps", "0", "--save-every", "1", "--keep-last", "5", "--output-dir", out]
+    common = ["--data", colour_data, "--base-model", "tiny", "--eval-data", colour_data, "--head-hidden", "16",
+              "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "0", "--save-every", "1", "--keep-last", "5",
+              "--output-dir", out]
     train(parse_args(common + ["--max-steps", "1"]))
     for flags, said in ((["--resp-repr-mode", "first"], "resp_repr_mode 'last' -> 'first'"),
                         (["--head-activation", "gelu"], "head_activation 'silu' -> 'gelu'"),

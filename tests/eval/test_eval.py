@@ -18,6 +18,7 @@ from PIL import Image
 
 from mrrm.data import media
 from mrrm.data.encoding import BatchError, SampleError
+from mrrm.errors import DataError
 from mrrm.eval import benchmarks as mev
 
 SCORE = re.compile(r"\[s=(-?[0-9.]+)\]")
@@ -526,7 +527,9 @@ def test_interrupted_run_resumes_without_rescoring(tmp_path):
     again = FailingScorer(fail_after=0)   # would raise if called at all
     run("mr2bench-image", path, tmp_path, scorer=again)
     assert again.calls == []
-    # another benchmark, or another scorer, in the same directory is refused
+    # another benchmark, or another scorer, in the same directory is refused (the rows given a video too: a
+    # file in no layout of the benchmark is refused before the directory is looked at)
+    path.write_text(json.dumps({"ranking_data": [dict(row, video="clip.mp4") for row in rows]}))
     with pytest.raises(ValueError, match=r"cache of another run \(differs in \['benchmark'\]"):
         run("mr2bench-video", path, tmp_path, scorer=FailingScorer(fail_after=0))
     with pytest.raises(ValueError, match=r"differs in \['scorer'\]"):
@@ -554,6 +557,35 @@ def test_validation_errors(tmp_path):
     assert res["rows"] == 1 and res["evaluated"] == 1
     with pytest.raises(ValueError, match="media_budgets must be an mrrm.data.media.MediaBudgets"):
         mev.run("mr2bench-image", str(path), KnownScorer(), media_budgets={"image_pixels": 10})
+
+
+def test_a_file_of_another_benchmarks_layout_is_an_error_naming_both(tmp_path, capsys):
+    """A Multimodal RewardBench file evaluated as mr2bench-image reported "0 evaluated" and exited 0: now a
+    DataError (exit 2) naming the fields expected, showing the first record and naming the benchmark whose
+    layout it has; a run whose every row is skipped for other reasons exits 1 with its report written."""
+    rows = [{"ID": f"nocaps_{i}", "Text": "Caption it.", "Image": "1.jpg", "Output1": r("a", 0.8),
+             "Output2": r("b", 0.2), "Better": "Output1", "Category": "vqa"} for i in range(3)]
+    path = tmp_path / "all_data.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match="none of the 3 rows .* mr2bench-image layout") as e:
+        mev.run("mr2bench-image", str(path), KnownScorer(), progress=False)
+    assert "prompt (or question), responses, rankings, image" in str(e.value)
+    assert "'ID': 'nocaps_0'" in str(e.value) and "pass --benchmark multimodal-rewardbench" in str(e.value)
+    assert mev.main(["--benchmark", "mr2bench-image", "--data", str(path), "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "mrrm.eval: error: none of the 3 rows" in err and "multimodal-rewardbench" in err
+    assert not (tmp_path / "o").exists()  # refused before the out directory is touched
+
+    # every row skipped, but not for its layout (here: a missing image): metrics of nothing, exit 1
+    mr2 = [{"id": f"m{i}", "prompt": "Which?", "image": "missing.png", "responses": ["a", "b"], "rankings": [1, 2]}
+           for i in range(2)]
+    data = tmp_path / "mr2.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in mr2))
+    assert mev.main(["--benchmark", "mr2bench-image", "--data", str(data), "--out", str(tmp_path / "o2"),
+                     "--device", "cpu", "--no-progress"]) == 1
+    assert "nothing was evaluated: all 2 rows were skipped" in capsys.readouterr().err
+    assert (tmp_path / "o2" / "report.md").exists()
 
 
 def test_media_budgets_are_set_on_the_model_for_the_run(tmp_path):
@@ -658,7 +690,7 @@ def test_python_m_entry_point_and_empty_run(tmp_path):
 def test_unwritable_out_dir_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2]}) + "\n")
+    data.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2], "image": "a.png"}) + "\n")
     assert mev.main(["--benchmark", "mr2bench-image", "--data", str(data), "--out", str(tmp_path / "afile" / "o"),
                      "--device", "cpu", "--no-progress"]) == 2
     assert "cannot write there" in capsys.readouterr().err

@@ -222,6 +222,31 @@ def test_responses_file_variants_and_cli_errors(tmp_path):
     assert json.loads((out / "report.json").read_text())["invalid_lines"] == 1
 
 
+def test_skip_bad_skips_judgments_the_responses_file_does_not_have(tmp_path, capsys):
+    """--skip-bad stopped anyway on an out-of-range index (build_graphs raised): now such a judgment (an index
+    out of range, a text not among the prompt's responses, a prompt_id the file lacks) is skipped and reported
+    like an unreadable line, counted in report.json's invalid_lines; without --skip-bad every one is listed
+    before the run stops (exit 2)."""
+    (tmp_path / "resp.jsonl").write_text(json.dumps({"prompt_id": "q1", "responses": ["r0", "r1", "r2"]}) + "\n")
+    rows = [{"prompt_id": "q1", "a": 0, "b": 1, "winner": "b"}, {"prompt_id": "q1", "a": 0, "b": 9, "winner": "a"},
+            {"prompt_id": "q1", "a": 1, "b": 2, "winner": "b"}, {"prompt_id": "q1", "a": "r0", "b": "zz", "winner": "a"},
+            {"prompt_id": "q7", "a": 0, "b": 1, "winner": "a"}]
+    judgments = tmp_path / "j.jsonl"
+    judgments.write_text("{not json\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--judgments", str(judgments), "--responses", str(tmp_path / "resp.jsonl"), "--out", str(tmp_path / "o"),
+            "--holdout", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "4 invalid judgment line(s)" in err and "j.jsonl:3: response index 9 out of range" in err
+    assert "j.jsonl:5: response 'zz' is not one of prompt 'q1'" in err and "j.jsonl:6: prompt_id 'q7'" in err
+    assert main(args + ["--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "j.jsonl:3: response index 9 out of range" in err and "skipped 4 invalid judgment line(s)" in err
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["invalid_lines"] == 4
+    rec = json.loads((tmp_path / "o" / "rankings.jsonl").read_text())
+    assert rec["rankings"] == [3, 2, 1]  # from the two good judgments: r2 > r1 > r0
+
+
 def test_sample_variants_edges():
     rec = {"id": "p", "prompt_id": "p", "prompt": "x", "responses": ["a", "b", "c"], "rankings": [2, 1, 3]}
     assert sample_variants(rec, k=4) == []

@@ -32,7 +32,8 @@ from mrrm.train.recipe import (
 )
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (230, 230, 30)}
-SMALL = ["--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "0"]
+# the built-in tiny backbone from scratch on test data: asked for by name (--data alone is refused)
+SMALL = ["--base-model", "tiny", "--head-hidden", "64", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "0"]
 
 
 def _write_colour_task(d, n=32, seed=0):
@@ -220,7 +221,8 @@ def test_demo_task_needs_the_pixels(tmp_path):
     train_path = str(demo.generate(800, 11, str(tmp_path / "train"), families=["colour"]))
     eval_path = str(demo.generate(200, 12, str(tmp_path / "eval"), families=["colour"]))
     common = ["--data", train_path, "--eval-data", eval_path, "--max-steps", "300", "--lr", "5e-4", "--warmup-steps", "0",
-              "--head-hidden", "64", "--loss", DEMO_LOSS, "--resp-repr-mode", DEMO_RESP_REPR]  # the demo's recipe
+              "--head-hidden", "64", "--loss", DEMO_LOSS, "--resp-repr-mode", DEMO_RESP_REPR,  # the demo's recipe
+              "--base-model", "tiny"]
     with_media = train(parse_args(common + ["--output-dir", str(tmp_path / "media")]))["eval"]
     control = train(parse_args(common + ["--drop-media", "--output-dir", str(tmp_path / "control")]))["eval"]
     assert with_media["per_family"]["colour"] >= 0.8, with_media
@@ -597,3 +599,53 @@ def test_deepspeed_config_files(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     with pytest.raises(MrrmError, match="stage must be 0-3, got 4"):
         deepspeed_config(str(bad), max_grad_norm=1.0, bf16=False)
+
+
+def test_training_files_without_a_base_model_are_refused(tmp_path, monkeypatch, capsys):
+    """--data without --base-model trained the built-in tiny demo backbone on the user's data and exited 0
+    (loss flat): now a ConfigError (exit 2) naming --base-model, and `--base-model tiny` the opt-in, which
+    the training record's command keeps so that it reruns; the no-argument demo needs neither."""
+    import shlex
+
+    from mrrm.errors import ConfigError
+    from mrrm.train.recipe import main, training_record
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--data without --base-model would train the built-in tiny demo backbone"):
+        parse_args(["--data", "mine.jsonl"])
+    assert main(["--data", "mine.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "Pass --base-model PATH or a Hugging Face Hub id" in err and "--base-model tiny" in err
+    (tmp_path / "run.yaml").write_text("data: [mine.jsonl]\n")  # a config file is held to the same rule
+    with pytest.raises(ConfigError, match="without --base-model"):
+        parse_args(["--config", str(tmp_path / "run.yaml")])
+    assert parse_args([]).base_model is None  # the built-in demo
+    assert parse_args(["--base-model", "org/model", "--data", "mine.jsonl"]).base_model == "org/model"
+    cfg = parse_args(["--data", "mine.jsonl", "--base-model", "tiny", "--max-steps", "3"])
+    assert cfg.base_model is None and cfg.data == ["mine.jsonl"]
+    command = training_record(cfg, 3)["command"]
+    assert "--base-model tiny" in command and parse_args(shlex.split(command)[3:]) == cfg
+    (tmp_path / "tiny").mkdir()  # a directory of that name: which one is meant is asked
+    with pytest.raises(ConfigError, match=r"pass --base-model \./tiny"):
+        parse_args(["--data", "mine.jsonl", "--base-model", "tiny"])
+
+
+@pytest.mark.slow
+def test_deepspeed_logs_to_stderr_not_among_the_results():
+    """DeepSpeed's logger wrote to stdout: its "Setting accelerator to CPU" line (logged while it is imported,
+    which accelerate does when a model is saved, even without --deepspeed) landed among `mrrm train`'s results.
+    After sharding.deepspeed_logs_to_stderr() (the command's first step) its lines go to stderr, whoever
+    imports it."""
+    pytest.importorskip("deepspeed")
+    code = ("import logging\n"
+            "from mrrm.train.sharding import deepspeed_logs_to_stderr\n"
+            "deepspeed_logs_to_stderr()\n"
+            "import deepspeed  # as accelerate's extract_model_from_parallel does\n"
+            "logging.getLogger('DeepSpeed').warning('a later line')\n"
+            "print('the result')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "the result\n"
+    assert "a later line" in done.stderr
