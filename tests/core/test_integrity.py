@@ -222,7 +222,7 @@ def test_manifest_format_is_sha256sum_and_refuses_paths_outside(tmp_path):
 # -- row 7: a resume with settings that change the model or the data -----------------------------------------
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory):
-    from test_train import _write_colour_task
+    from colour_task import _write_colour_task
 
     return _write_colour_task(str(tmp_path_factory.mktemp("colour")), n=16)
 

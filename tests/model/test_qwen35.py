@@ -396,7 +396,7 @@ def test_training_independent_with_lora_lowers_the_loss(tmp_path, tokenizer):
 def test_flops_analytic_equals_counter_on_the_tiny_model(fam, kind, monkeypatch):
     """mrrm.flops on the real tiny Qwen3.5 (every layer, a real image or video, mrrm's packing and
     forward, the CPU linear-attention path) and on its meta-device reduced copy: exact integers."""
-    from test_flops import SAMPLES, _count_real, _separated, _shape_of
+    from flops_counting import SAMPLES, _count_real, _separated, _shape_of
 
     from mrrm.eval.flops import count_flops, scoring_flops
 
