@@ -33,6 +33,21 @@ def _mount_kernels() -> None:
 
 _mount_kernels()
 
+
+class _TorchBeforeExtension:
+    """mrrm._C links against torch's shared libraries (libc10, libtorch): torch must be loaded before it. The
+    package no longer imports torch itself, so this finder imports it when mrrm._C is first asked for, then
+    leaves finding the extension to the usual finders."""
+
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        if fullname == "mrrm._C":
+            import torch  # noqa: F401  (heavy: only when the extension is imported)
+        return None
+
+
+sys.meta_path.insert(0, _TorchBeforeExtension)
+
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
     "load": "mrrm.model.api",

@@ -53,3 +53,10 @@ def test_public_names_and_errors():
         assert issubclass(cls, MrrmError), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mrrm.nope  # noqa: B018
+
+
+def test_the_extension_imports_on_its_own():
+    """`import mrrm` loads no torch, yet mrrm._C (linked against torch's libraries) imports first thing."""
+    done = subprocess.run([sys.executable, "-c", "import mrrm._C as C; print(callable(C.has_cuda))"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
