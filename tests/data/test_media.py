@@ -687,7 +687,7 @@ def test_a_small_file_of_huge_frames_is_refused_not_a_crash(tmp_path):
     assert path.stat().st_size < 100_000
     code = ("import resource, sys\n"
             "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
-            "from mrrm import media\n"
+            "from mrrm.data import media\n"
             "try:\n"
             f"    media.load_video({str(path)!r})\n"
             "except media.MediaError as e:\n"
