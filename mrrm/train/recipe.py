@@ -38,6 +38,7 @@ from mrrm.integrity import (
     verify_manifest,
     write_manifest,
 )
+from mrrm.train import threads
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
@@ -59,9 +60,9 @@ SCRATCH_LR, LORA_LR = 7e-4, 1e-4
 # or what a step computes (data, data_weights, batch_size, seed, loss, mode, max_length, max_batch_tokens,
 # video_fps, video_sampling, media budgets, schedule, warmup_steps, max_grad_norm, ...): a change is refused,
 # naming each (old -> new), unless --force-resume, which continues with the new values and records them.
-# (1) When to log, evaluate and save, and where: free to change, not recorded.
+# (1) When to log, evaluate and save, and where, and the CPU threads: free to change, not recorded.
 RESUME_BOOKKEEPING = ("output_dir", "force_resume", "resume_unverified", "log_every", "eval_every", "save_every",
-                      "keep_last")
+                      "keep_last", "threads")
 # (2) Free to change and recorded in model/'s training record (`resumed`): how long the run goes (the schedule
 # is stretched over the new total from the resumed step on), what is evaluated, and memory-only settings.
 RESUME_RECORDED = ("max_steps", "epochs", "eval_data", "demo_eval_size", "gradient_checkpointing")
@@ -120,6 +121,7 @@ class TrainConfig:
     skip_bad: bool = False
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
+    threads: int = 0                     # CPU threads of torch; 0 = auto (mrrm.train.threads)
     force_resume: bool = False           # resume even when data or step settings changed (RESUME_* above)
     resume_unverified: bool = False      # resume a checkpoint without a checksum manifest (an older mrrm's, or copied
                                          # without it), unchecked
@@ -159,6 +161,8 @@ def parse_args(argv=None) -> TrainConfig:
             ap.error(f"{args.config}: unknown keys {sorted(unknown)}")
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     cfg = TrainConfig(**values)
+    if cfg.threads < 0:
+        ap.error("--threads must be >= 0 (0: chosen from the free CPUs, mrrm.train.threads)")
     if cfg.loss is not None and cfg.loss not in LOSSES:
         ap.error(f"--loss must be one of {LOSSES}")
     if cfg.mode not in TRAIN_MODES:
@@ -554,7 +558,8 @@ class TrainState:
     order: list = field(default_factory=list)   # the current epoch's (file, index) order (epoch_order)
     tb: object = None                # TensorBoard writer: main process, when installed
     bar: object = None               # tqdm progress bar
-    t0: float = 0.0
+    t0: float = 0.0                  # the loop's start: wall clock (time.time) ...
+    cpu0: float = 0.0                # ... and this process's CPU time, all its threads (time.process_time)
     tokens_seen: int = 0             # this rank's tokens since t0
     signature: dict | None = None    # run_signature, saved with every checkpoint
     zero3: bool = False              # DeepSpeed ZeRO-3: parameters partitioned, as under --fsdp
@@ -579,6 +584,9 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"mrrm.train: {e}") from None
     accel = _setup_accelerator(cfg)
     cfg = _resolve_config(cfg)
+    n_threads, line = threads.apply(cfg.threads)
+    cfg = dataclasses.replace(cfg, threads=n_threads)
+    accel.print(line)
     data_paths, eval_path = _data_paths(cfg, accel)
     st = _setup(cfg, accel, data_paths, eval_path)
     while st.step < st.total_steps:
@@ -726,7 +734,7 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
     from tqdm.auto import tqdm
 
     st.bar = tqdm(total=total_steps, initial=step, disable=not accel.is_main_process, desc="train")
-    st.t0, st.tokens_seen = time.time(), 0
+    st.t0, st.cpu0, st.tokens_seen = time.time(), time.process_time(), 0
     st.order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
     return st
 
@@ -908,7 +916,8 @@ def train_step(st: TrainState, batch_keys) -> dict:
     st.step += 1
     totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
     metrics = {"step": st.step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
-               "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0)}
+               "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0),
+               "elapsed_s": round(time.time() - st.t0, 3), "cpu_s": round(time.process_time() - st.cpu0, 3)}
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm  # before clipping
     return metrics
@@ -1050,7 +1059,7 @@ def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if value == default or f.name in ("output_dir", "force_resume", "resume_unverified"):
+        if value == default or f.name in ("output_dir", "force_resume", "resume_unverified", "threads"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
