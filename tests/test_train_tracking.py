@@ -1,5 +1,5 @@
 """What a training run writes besides its model (issue 31): --report-to trackers (TensorBoard, W&B offline),
-config.yaml and a rerun from it that reproduces the run, and curves.png."""
+config.yaml and a rerun from it that reproduces the run, curves.png, and the final joint-vs-single line."""
 import contextlib
 import dataclasses
 import io
@@ -23,6 +23,7 @@ from mrrm.train.recipe import (
     main,
     parse_args,
     report_targets,
+    scoring_line,
     train,
     write_curves,
 )
@@ -86,6 +87,12 @@ def test_curves_png_from_a_log_and_one_line_without_matplotlib(tmp_path, monkeyp
     assert len(lines) == 1 and "matplotlib is not installed" in lines[0] and not os.path.exists(path)
 
 
+def test_scoring_line():
+    c = {"samples": 400, "joint_s": 1.9, "single_s": 6.08, "speedup": 3.2, "joint_flops": 10, "single_flops": 34,
+         "flops_ratio": 3.4}
+    assert scoring_line(c) == "held-out (400 samples): joint 1.90 s vs single 6.08 s (3.2x faster), FLOPs 3.4x fewer"
+
+
 # ---------------------------------------------------------------------------------------------
 # a short demo run with both trackers, and its rerun from config.yaml
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def tracked_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_run_writes_its_trackers_config_and_curves(tracked_run):
+def test_a_run_writes_its_trackers_config_curves_and_the_joint_vs_single_line(tracked_run):
     args, out, summary, printed = tracked_run
     tb = os.path.join(out, "tensorboard")
     assert any(f.startswith("events.out.tfevents.") and os.path.getsize(os.path.join(tb, f)) > 0 for f in os.listdir(tb))
@@ -124,8 +131,16 @@ def test_a_run_writes_its_trackers_config_and_curves(tracked_run):
         assert fh.read(8) == PNG_MAGIC
     assert Image.open(os.path.join(out, CURVES_FILE)).size[0] > 500
 
+    # the final record and the last line: the held-out set scored jointly and singly, both ratios > 1
     final = _records(out)[-1]
-    assert final["final"] and final["eval"] == summary["eval"]
+    assert final["final"] and final["eval"] == summary["eval"] and final["scoring"] == summary["scoring"]
+    c = final["scoring"]
+    assert c["samples"] == 40 and c["speedup"] > 1 and c["flops_ratio"] > 1 and c["single_flops"] > c["joint_flops"]
+    last = printed.strip().splitlines()[-1]
+    assert last == scoring_line(c), last
+    m = re.fullmatch(r"held-out \(40 samples\): joint [\d.]+ s vs single [\d.]+ s \(([\d.]+)x faster\), FLOPs ([\d.]+)x fewer",
+                     last)
+    assert m and float(m.group(1)) > 1 and float(m.group(2)) > 1, last
     assert printed.splitlines()[0].startswith("threads: ")
 
 

@@ -13,7 +13,7 @@ checkpoints with exact resume -> final model that `mrrm.load(output_dir + "/mode
 
 What a run writes to output_dir: config.yaml (every setting, resolved, at the start: `--config` takes it
 back), log.jsonl (the metrics every log_every steps, held-out evaluations, and a final record with the
-held-out evaluation), curves.png (loss, accuracy and held-out
+held-out evaluation and the joint-vs-single scoring comparison), curves.png (loss, accuracy and held-out
 accuracy over the steps; needs matplotlib), summary.json, checkpoints/, model/, and with --report-to the
 same scalars to TensorBoard (tensorboard/) and / or Weights & Biases (wandb/; WANDB_MODE=offline works).
 """
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from mrrm._io import WriteError, writing
 from mrrm.common import TRAIN_MODES, is_correct
@@ -393,6 +394,38 @@ def evaluate(model, samples, mode, max_batch_tokens):
         model.train(was)
     return {"best_of_n": sum(hits) / max(len(hits), 1), "n": len(hits),
             "per_family": {k: sum(v) / len(v) for k, v in sorted(per_family.items())}}
+
+
+@torch.no_grad()
+def compare_scoring(model, samples, max_batch_tokens) -> dict:
+    """The paper's claim on `samples`: scored jointly (the N responses in one sequence, the media encoded
+    once) and singly (one sequence per response, the media encoded N times), each mode in one timed
+    scoring pass over all the samples (RewardModel.score_encoded) and its FLOPs counted by
+    torch.utils.flop_counter.FlopCounterMode in a pass of its own before it (which also warms the mode up;
+    mrrm's ops count every packed sequence's full square of attention, the "dense" convention of
+    mrrm.eval.flops). Returns {samples, joint_s, single_s, speedup, joint_flops, single_flops, flops_ratio}."""
+    encoded = [s.encoded for s in samples]
+    out = {"samples": len(encoded)}
+    for mode in ("joint", "single"):
+        with FlopCounterMode(display=False) as counter:
+            model.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens)
+        t0 = time.perf_counter()
+        model.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens)  # scores come back on the CPU:
+        out[f"{mode}_s"] = round(time.perf_counter() - t0, 4)                      # a GPU's work is finished
+        out[f"{mode}_flops"] = int(counter.get_total_flops())
+    out["speedup"] = round(out["single_s"] / max(out["joint_s"], 1e-9), 3)
+    out["flops_ratio"] = round(out["single_flops"] / max(out["joint_flops"], 1), 3)
+    return {k: out[k] for k in ("samples", "joint_s", "single_s", "speedup", "joint_flops", "single_flops", "flops_ratio")}
+
+
+def scoring_line(c: dict) -> str:
+    """compare_scoring's result in one line."""
+    def secs(x):
+        return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+    speed = f"{c['speedup']:.1f}x faster" if c["speedup"] >= 1 else f"{1 / c['speedup']:.1f}x slower"
+    flops = f"{c['flops_ratio']:.1f}x fewer" if c["flops_ratio"] >= 1 else f"{1 / c['flops_ratio']:.1f}x more"
+    return (f"held-out ({c['samples']} samples): joint {secs(c['joint_s'])} vs single {secs(c['single_s'])} ({speed}), "
+            f"FLOPs {flops}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1171,8 +1204,8 @@ def _save(st: TrainState) -> None:
 
 
 def _finish(st: TrainState) -> dict:
-    """The final checkpoint, model/, the final evaluation (log.jsonl's final record), summary.json and
-    curves.png; returns the summary."""
+    """The final checkpoint, model/, the final evaluation and the joint-vs-single scoring comparison on the
+    held-out set (log.jsonl's final record), summary.json and curves.png; returns the summary."""
     cfg, accel = st.cfg, st.accel
     st.bar.close()
     summary = {"steps": st.step, "seconds": round(time.time() - st.t0, 1)}
@@ -1186,7 +1219,11 @@ def _finish(st: TrainState) -> dict:
                 summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
             _record_evaluation(os.path.join(cfg.output_dir, "model"), cfg, st.step, summary["eval"], st.history)
+            if not st.sharded_params:  # the paper's claim, measured on this run's held-out set
+                summary["scoring"] = compare_scoring(st.model, st.eval_samples, cfg.max_batch_tokens)
             final = {"step": st.step, "final": True, "eval": summary["eval"]}
+            if "scoring" in summary:
+                final["scoring"] = summary["scoring"]
             _append_jsonl(st.log_path, final)
             st.trackers.log(final)
         st.trackers.close()
@@ -1195,6 +1232,10 @@ def _finish(st: TrainState) -> dict:
             json.dump(summary, fh, indent=2)
         write_curves(cfg.output_dir, log=accel.print)
         accel.print(f"done: {st.step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
+        if "scoring" in summary:
+            accel.print(scoring_line(summary["scoring"]))
+        elif st.eval_samples:
+            accel.print("joint vs single scoring: not measured (the model is sharded over the processes)")
     accel.wait_for_everyone()
     # tear the process group down before exit: gloo's threads otherwise abort the interpreter at exit
     # ("terminate called without an active exception") and torchrun reports a failed rank
