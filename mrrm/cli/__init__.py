@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from mrrm import __version__
+from mrrm.train.threads import prefer_passive_waiting
 
 # command -> module whose main(argv) runs it
 COMMANDS = {
@@ -48,5 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mrrm: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command == "train":
+        prefer_passive_waiting()  # before torch loads: GNU OpenMP reads OMP_WAIT_POLICY once (mrrm.train.threads)
     code = importlib.import_module(COMMANDS[command]).main(rest)
     return code if isinstance(code, int) else 0

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from mrrm.common import ACTIVATIONS, check_choice
 from mrrm.ops import oracle
@@ -122,6 +123,25 @@ def _backward(ctx, grad_out, _gz, _grepeats):
 
 
 gather_value_head_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOPs of the custom ops for torch.utils.flop_counter.FlopCounterMode, which cannot see inside them: the
+# two matmuls on the M gathered rows, 2 * M * (H * D + D) (what the counter reports for the pure-torch
+# reference); the backward g_w1 and g_hidden (2 * M * H * D each; g_hidden when asked for), g_w2 and g_a.
+def _head_flops(positions, w1) -> int:
+    return 2 * positions.shape[0] * (w1.shape[1] * w1.shape[0] + w1.shape[0])
+
+
+@register_flop_formula(torch.ops.mrrm.gather_value_head_fwd, get_raw=True)
+def _fwd_flops(hidden, positions, w1, *args, out_val=None, **kwargs) -> int:
+    return _head_flops(positions, w1)
+
+
+@register_flop_formula(torch.ops.mrrm.gather_value_head_bwd, get_raw=True)
+def _bwd_flops(grad_out, hidden, positions, w1, b1, w2, b2, z, repeats, activation, scale, need_hidden, *args,
+               out_val=None, **kwargs) -> int:
+    M, (D, H) = positions.shape[0], w1.shape
+    return 2 * M * (H * D * (2 if need_hidden else 1) + 2 * D)
 
 
 def gather_value_head(hidden, positions, w1, b1, w2, b2, *, activation="silu", scale=1.0, backend=None,

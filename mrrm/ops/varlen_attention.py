@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from mrrm.ops import oracle
 from mrrm.ops._dispatch import choose_backend
@@ -255,6 +256,26 @@ def _backward(ctx, dout, _dlse):
 
 
 varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOPs of the custom ops for torch.utils.flop_counter.FlopCounterMode, which cannot see inside them: every
+# packed sequence's full L x L square (the "dense" convention of mrrm.eval.flops, what the counter reports
+# for the pure-torch reference and for SDPA), QK^T and PV (2 * 2 * Hq * D per pair); the backward as
+# torch counts SDPA's (scores recomputed, then dV, dP, dQ, dK: 5 such products).
+def _dense_pairs(cu_seqlens, max_seqlen) -> int:
+    if cu_seqlens.device.type == "meta":  # lengths unknown: every sequence at the longest, as torch does
+        return (cu_seqlens.shape[0] - 1) * max_seqlen ** 2
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).long().pow(2).sum())
+
+
+@register_flop_formula(torch.ops.mrrm.varlen_attention_fwd, get_raw=True)
+def _fwd_flops(q, k, v, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs) -> int:
+    return 4 * q.shape[1] * q.shape[2] * _dense_pairs(cu_seqlens, max_seqlen)
+
+
+@register_flop_formula(torch.ops.mrrm.varlen_attention_bwd, get_raw=True)
+def _bwd_flops(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, *args, out_val=None, **kwargs) -> int:
+    return 10 * q.shape[1] * q.shape[2] * _dense_pairs(cu_seqlens, max_seqlen)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, *, mask="causal", segment_ids=None, block_ids=None,

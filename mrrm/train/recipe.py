@@ -3,12 +3,19 @@
     python -m mrrm.train                                   # the built-in demo (synthetic task, tiny model)
     python -m mrrm.train --base-model PATH --data a.jsonl b.jsonl --data-weights 3 1 --output-dir out
     python -m mrrm.train --config train.yaml --lr 5e-5     # YAML config; flags override it
+    python -m mrrm.train --config mrrm_out/config.yaml --output-dir again  # the same run again (its resolved config)
     accelerate launch -m mrrm.train ...                    # data-parallel on several GPUs / nodes
     torchrun --nproc_per_node 2 -m mrrm.train ...          # the same on CPU processes (gloo)
 
 Reads top to bottom: config -> model -> data (every sample validated before the first step) ->
 loop (packed micro-batches under a token budget, gradient accumulation, listwise loss) -> atomic
 checkpoints with exact resume -> final model that `mrrm.load(output_dir + "/model")` serves.
+
+What a run writes to output_dir: config.yaml (every setting, resolved, at the start: `--config` takes it
+back), log.jsonl (the metrics every log_every steps, held-out evaluations, and a final record with the
+held-out evaluation and the joint-vs-single scoring comparison), curves.png (loss, accuracy and held-out
+accuracy over the steps; needs matplotlib), summary.json, checkpoints/, model/, and with --report-to the
+same scalars to TensorBoard (tensorboard/) and / or Weights & Biases (wandb/; WANDB_MODE=offline works).
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from mrrm import ops
 from mrrm._args import doc_epilog
@@ -50,6 +59,7 @@ from mrrm.model.parts import CONFIG_FILE, RewardModelConfig, ensure_separator_to
 from mrrm.model.reward_model import RewardModel
 from mrrm.train import demo, sharding
 from mrrm.train.sharding import aligned_count, full_state, load_full_state, optimizer_state_by_name, zero3_full_state
+from mrrm.train import threads
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
@@ -66,14 +76,20 @@ DEMO_LOSS = "plackett_luce"
 DEMO_RESP_REPR = "response_mean"
 DEMO_VIDEO_FPS = 4.0         # all 8 frames of the demo's 4 fps clips: motion 41% -> 76% (docs/results.md)
 SCRATCH_LR, LORA_LR = 7e-4, 1e-4
+# --report-to: the experiment trackers, each with the pip extra that installs it. The default is none (as
+# transformers' TrainingArguments.report_to since v5): log.jsonl and curves.png are always written.
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb"}
+WANDB_PROJECT = "mrrm"       # the W&B project unless WANDB_PROJECT names one
+CONFIG_FILE = "config.yaml"  # the run's resolved TrainConfig, in output_dir
+CURVES_FILE = "curves.png"
 # What a resume compares with the run that wrote its checkpoint (run_signature: every TrainConfig field, the
 # training files by content), in four kinds. The lists name the exceptions; every other field changes the data
 # or what a step computes (data, data_weights, batch_size, seed, loss, mode, max_length, max_batch_tokens,
 # video_fps, video_sampling, media budgets, schedule, warmup_steps, max_grad_norm, ...): a change is refused,
 # naming each (old -> new), unless --force-resume, which continues with the new values and records them.
-# (1) When to log, evaluate and save, and where: free to change, not recorded.
+# (1) When to log, evaluate and save, where and to which trackers, and the CPU threads: free to change, not recorded.
 RESUME_BOOKKEEPING = ("output_dir", "force_resume", "resume_unverified", "log_every", "eval_every", "save_every",
-                      "keep_last")
+                      "keep_last", "report_to", "threads")
 # (2) Free to change and recorded in model/'s training record (`resumed`): how long the run goes (the schedule
 # is stretched over the new total from the resumed step on), what is evaluated, and memory-only settings.
 RESUME_RECORDED = ("max_steps", "epochs", "eval_data", "demo_eval_size", "gradient_checkpointing")
@@ -132,6 +148,10 @@ class TrainConfig:
     skip_bad: bool = False
     drop_media: bool = False             # control runs: train and evaluate with images/videos removed
     log_every: int = 10
+    report_to: list = field(default_factory=list)  # experiment trackers: tensorboard, wandb (--report-to tensorboard
+                                         # wandb, or a comma list); [] / none (the default): log.jsonl only
+    threads: int = 0                     # CPU threads of torch; 0 = auto (mrrm.train.threads): the count chosen is
+                                         # what config.yaml records
     force_resume: bool = False           # resume even when data or step settings changed (RESUME_* above)
     resume_unverified: bool = False      # resume a checkpoint without a checksum manifest (an older mrrm's, or copied
                                          # without it), unchecked
@@ -237,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
-        elif f.name in ("data", "data_weights"):
+        elif f.name in ("data", "data_weights", "report_to"):
             ap.add_argument(flag, dest=f.name, nargs="+", default=None,
                             type=float if f.name == "data_weights" else str, help=_help(f))
         else:
@@ -252,8 +272,6 @@ def parse_args(argv=None) -> TrainConfig:
     args = ap.parse_args(argv)
     values = {}
     if args.config:
-        import yaml  # an optional dependency (mrrm[train]), read only with --config
-
         with open(args.config) as fh:
             values.update(yaml.safe_load(fh) or {})
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -262,6 +280,12 @@ def parse_args(argv=None) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     values["base_model"] = _base_model(values.get("base_model"), values.get("data", TrainConfig().data))
     cfg = TrainConfig(**values)
+    try:
+        cfg.report_to = report_targets(cfg.report_to)
+    except ConfigError as e:
+        ap.error(str(e))
+    if cfg.threads < 0:
+        ap.error("--threads must be >= 0 (0: chosen from the free CPUs, mrrm.train.threads)")
     if cfg.loss is not None and cfg.loss not in LOSSES:
         ap.error(f"--loss must be one of {LOSSES}")
     if cfg.mode not in TRAIN_MODES:
@@ -290,6 +314,20 @@ def _base_model(base_model, data) -> str | None:
                           "Hugging Face Hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) to fine-tune a real backbone, or "
                           f"--base-model {TINY} to train the tiny one from scratch on purpose")
     return base_model
+
+
+def report_targets(value) -> list:
+    """--report-to as a list of tracker names: names or comma-separated names (a YAML string too);
+    "none", None or nothing -> []."""
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TO and n != "none"]
+    if unknown:
+        raise ConfigError(f"mrrm.train: --report-to {', '.join(unknown)}: unknown; choose from "
+                          f"{', '.join(REPORT_TO)} or none")
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"mrrm.train: --report-to none with {', '.join(sorted(set(names) - {'none'}))}: pick one")
+    return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 def _field_type(f):
@@ -472,6 +510,171 @@ def evaluate(model, samples, mode, max_batch_tokens):
         model.train(was)
     return {"best_of_n": sum(hits) / max(len(hits), 1), "n": len(hits),
             "per_family": {k: sum(v) / len(v) for k, v in sorted(per_family.items())}}
+
+
+@torch.no_grad()
+def compare_scoring(model, samples, max_batch_tokens) -> dict:
+    """The paper's claim on `samples`: scored jointly (the N responses in one sequence, the media encoded
+    once) and singly (one sequence per response, the media encoded N times), each mode in one timed
+    scoring pass over all the samples (RewardModel.score_encoded) and its FLOPs counted by
+    torch.utils.flop_counter.FlopCounterMode in a pass of its own before it (which also warms the mode up;
+    mrrm's ops count every packed sequence's full square of attention, the "dense" convention of
+    mrrm.eval.flops). Returns {samples, joint_s, single_s, speedup, joint_flops, single_flops, flops_ratio}."""
+    encoded = [s.encoded for s in samples]
+    out = {"samples": len(encoded)}
+    for mode in ("joint", "single"):
+        with FlopCounterMode(display=False) as counter:
+            model.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens)
+        t0 = time.perf_counter()
+        model.score_encoded(encoded, mode=mode, max_batch_tokens=max_batch_tokens)  # scores come back on the CPU:
+        out[f"{mode}_s"] = round(time.perf_counter() - t0, 4)                      # a GPU's work is finished
+        out[f"{mode}_flops"] = int(counter.get_total_flops())
+    out["speedup"] = round(out["single_s"] / max(out["joint_s"], 1e-9), 3)
+    out["flops_ratio"] = round(out["single_flops"] / max(out["joint_flops"], 1), 3)
+    return {k: out[k] for k in ("samples", "joint_s", "single_s", "speedup", "joint_flops", "single_flops", "flops_ratio")}
+
+
+def scoring_line(c: dict) -> str:
+    """compare_scoring's result in one line."""
+    def secs(x):
+        return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+    speed = f"{c['speedup']:.1f}x faster" if c["speedup"] >= 1 else f"{1 / c['speedup']:.1f}x slower"
+    flops = f"{c['flops_ratio']:.1f}x fewer" if c["flops_ratio"] >= 1 else f"{1 / c['flops_ratio']:.1f}x more"
+    return (f"held-out ({c['samples']} samples): joint {secs(c['joint_s'])} vs single {secs(c['single_s'])} ({speed}), "
+            f"FLOPs {flops}")
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run writes besides checkpoints: config.yaml, the trackers, curves.png
+# ---------------------------------------------------------------------------------------------
+def write_config(cfg: TrainConfig, path: str) -> None:
+    """Every TrainConfig field of the (resolved) run to `path`, as YAML that `--config` takes back."""
+    with writing(path), open(path, "w") as fh:
+        fh.write("# mrrm.train's resolved configuration; `python -m mrrm.train --config config.yaml --output-dir NEW` "
+                 "reruns it\n")
+        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False, default_flow_style=False)
+
+
+def check_trackers(report_to) -> None:
+    """ConfigError naming the pip extra for a --report-to tracker that is not installed."""
+    for name in report_to:
+        try:
+            if name == "tensorboard":
+                # optional (the tensorboard extra), imported only to check it is there
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            elif name == "wandb":
+                import wandb  # noqa: F401  (optional: the wandb extra)
+        except ImportError as e:
+            raise ConfigError(f"mrrm.train: --report-to {name} needs the {name} package: pip install "
+                              f"'mrrm[{REPORT_TO[name]}]' ({e})") from None
+
+
+def _scalars(record: dict, prefix: str = "") -> dict:
+    """The numbers of a log.jsonl record, nested keys joined by "/" ({"eval": {"best_of_n"}} -> eval/best_of_n)."""
+    out = {}
+    for key, value in record.items():
+        if key in ("step", "final"):
+            continue
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
+
+
+class Trackers:
+    """The --report-to experiment trackers (main process): each gets the numbers of every log.jsonl record
+    at its step. TensorBoard writes output_dir/tensorboard/; W&B runs wandb.init(project=WANDB_PROJECT or
+    "mrrm", dir=output_dir, config=the resolved TrainConfig), in the mode WANDB_MODE says (offline: no
+    network, the run in output_dir/wandb/)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.tb = self.wandb = None
+        if "tensorboard" in cfg.report_to:
+            # optional (the tensorboard extra; check_trackers named it if missing)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        if "wandb" in cfg.report_to:
+            import wandb  # optional (the wandb extra; check_trackers named it if missing)
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, dir=cfg.output_dir,
+                                    config=dataclasses.asdict(cfg))
+
+    def log(self, record: dict, prefix: str = "") -> None:
+        scalars = _scalars(record, prefix)
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _moving_average(values, window):
+    if window <= 1 or len(values) < window:
+        return list(values)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def write_curves(output_dir: str, log=print) -> str | None:
+    """output_dir/curves.png from log.jsonl: the training loss, the training batches' accuracy (best-of-N)
+    and the held-out best-of-N over the steps (thin: as logged; thick: a moving average over ~1/25 of
+    the run). Needs matplotlib (the eval extra): without it, one line says so. Returns the path or None."""
+    try:
+        # optional (the eval extra), and only needed here: the object API, no pyplot, no global backend
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log(f"{CURVES_FILE} not written: matplotlib is not installed (pip install 'mrrm[eval]')")
+        return None
+    train_steps, loss, acc, eval_steps, held_out = [], [], [], [], []
+    with open(os.path.join(output_dir, "log.jsonl")) as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in r:
+                train_steps.append(r["step"])
+                loss.append(r["loss"])
+                acc.append(r.get("acc"))
+            if isinstance(r.get("eval"), dict) and "best_of_n" in r["eval"]:
+                eval_steps.append(r["step"])
+                held_out.append(r["eval"]["best_of_n"])
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    window = max(1, len(train_steps) // 25)
+    ax_loss.plot(train_steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8)
+    ax_loss.plot(train_steps, _moving_average(loss, window), color="tab:blue", label="training loss")
+    ax_loss.set(xlabel="step", ylabel="listwise loss", title="training loss")
+    if acc and all(a is not None for a in acc):
+        ax_acc.plot(train_steps, acc, color="tab:orange", alpha=0.3, linewidth=0.8)
+        ax_acc.plot(train_steps, _moving_average(acc, window), color="tab:orange", label="training batches")
+    if eval_steps:
+        ax_acc.plot(eval_steps, held_out, "o-", color="tab:green", label="held-out")
+    ax_acc.set(xlabel="step", ylabel="best-of-N accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
+    path = os.path.join(output_dir, CURVES_FILE)
+    with writing(path):
+        fig.savefig(path, dpi=100)
+    log(f"curves: {path}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,9 +871,10 @@ class TrainState:
     step: int = 0
     position: dict = field(default_factory=lambda: {"epoch": 0, "offset": 0})  # next sample in the epoch order
     order: list = field(default_factory=list)   # the current epoch's (file, index) order (epoch_order)
-    tb: object = None                # TensorBoard writer: main process, when installed
+    trackers: object = None          # Trackers (--report-to): main process
     bar: object = None               # tqdm progress bar
-    t0: float = 0.0
+    t0: float = 0.0                  # the loop's start: wall clock (time.time) ...
+    cpu0: float = 0.0                # ... and this process's CPU time, all its threads (time.process_time)
     tokens_seen: int = 0             # this rank's tokens since t0
     signature: dict | None = None    # run_signature, saved with every checkpoint
     zero3: bool = False              # DeepSpeed ZeRO-3: parameters partitioned, as under --fsdp
@@ -691,8 +895,15 @@ def train(cfg: TrainConfig) -> dict:
         media_budgets_from_args(dataclasses.asdict(cfg))  # checked first; build_model sets them on the encoder
     except ValueError as e:
         raise ConfigError(f"mrrm.train: {e}") from None
+    cfg = dataclasses.replace(cfg, report_to=report_targets(cfg.report_to))
+    check_trackers(cfg.report_to)  # before anything loads: a tracker asked for and not installed is named now
     accel = _setup_accelerator(cfg)
     cfg = _resolve_config(cfg)
+    n_threads, line = threads.apply(cfg.threads)
+    cfg = dataclasses.replace(cfg, threads=n_threads)
+    accel.print(line)
+    if accel.is_main_process:
+        write_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
     data_paths, eval_path = _data_paths(cfg, accel)
     st = _setup(cfg, accel, data_paths, eval_path)
     while st.step < st.total_steps:
@@ -828,16 +1039,11 @@ def _setup(cfg, accel, data_paths, eval_path) -> TrainState:
                     step=step, position=position, signature=signature, zero3=zero3, history=history)
     if accel.is_main_process:
         _drop_log_after(st.log_path, step)
-    if accel.is_main_process:
-        try:  # TensorBoard when it is installed; the JSONL log always
-            from torch.utils.tensorboard import SummaryWriter
-            st.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-        except ImportError:
-            st.tb = None
+    st.trackers = Trackers(cfg if accel.is_main_process else dataclasses.replace(cfg, report_to=[]))
     from tqdm.auto import tqdm
 
     st.bar = tqdm(total=total_steps, initial=step, disable=not accel.is_main_process, desc="train")
-    st.t0, st.tokens_seen = time.time(), 0
+    st.t0, st.cpu0, st.tokens_seen = time.time(), time.process_time(), 0
     st.order = epoch_order(per_file, cfg.data_weights, position["epoch"], cfg.seed)
     return st
 
@@ -921,7 +1127,8 @@ def _maybe_resume(cfg, model, optimizer, scheduler, log, signature=None):
 
 def _drop_log_after(log_path, step):
     """On a resume at `step`: log.jsonl's records of later steps (written before the interruption, and
-    about to be written again) are dropped, atomically, so no step is logged twice."""
+    about to be written again) and a finished run's final record are dropped, atomically, so no step is
+    logged twice."""
     if not os.path.exists(log_path):
         return
     with open(log_path) as fh:
@@ -929,7 +1136,8 @@ def _drop_log_after(log_path, step):
     keep = []
     for line in lines:
         try:
-            if json.loads(line).get("step", 0) > step:
+            record = json.loads(line)
+            if record.get("step", 0) > step or record.get("final"):  # this run writes its own final record
                 continue
         except ValueError:
             continue  # a line torn by the interruption
@@ -1017,7 +1225,8 @@ def train_step(st: TrainState, batch_keys) -> dict:
     st.step += 1
     totals = accel.reduce(torch.stack([loss_sum, hits]), reduction="sum")
     metrics = {"step": st.step, "loss": float(totals[0]) / len(batch_keys), "acc": float(totals[1]) / len(batch_keys),
-               "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0)}
+               "lr": st.scheduler.get_last_lr()[0], "tokens_per_s": st.tokens_seen * world / (time.time() - st.t0),
+               "elapsed_s": round(time.time() - st.t0, 3), "cpu_s": round(time.process_time() - st.cpu0, 3)}
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm  # before clipping
     return metrics
@@ -1046,27 +1255,25 @@ def _append_jsonl(path, record):
 
 
 def _log_metrics(st: TrainState, metrics):
-    """The progress bar every step; log.jsonl and TensorBoard every log_every steps and at the last."""
+    """The progress bar every step; log.jsonl and the trackers every log_every steps and at the last."""
     st.bar.update(1)
     st.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     if st.accel.is_main_process and (st.step % st.cfg.log_every == 0 or st.step == st.total_steps):
         _append_jsonl(st.log_path, metrics)
-        if st.tb is not None:
-            for k in ("loss", "acc", "lr", "tokens_per_s"):
-                st.tb.add_scalar(f"train/{k}", metrics[k], st.step)
+        st.trackers.log(metrics, prefix="train/")
 
 
 def _maybe_evaluate(st: TrainState):
-    """Held-out best-of-N every eval_every steps (main process)."""
+    """Held-out best-of-N every eval_every steps (main process) but the last (_finish evaluates there)."""
     cfg = st.cfg
-    if not (cfg.eval_every and st.step % cfg.eval_every == 0 and st.eval_samples):
+    if not (cfg.eval_every and st.step % cfg.eval_every == 0 and st.eval_samples) or st.step == st.total_steps:
         return
     if st.accel.is_main_process or st.sharded_params:  # a sharded model evaluates on every rank (the same passes)
         ev = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
     if st.accel.is_main_process:
-        _append_jsonl(st.log_path, {"step": st.step, "eval": ev})
-        if st.tb is not None:
-            st.tb.add_scalar("eval/best_of_n", ev["best_of_n"], st.step)
+        record = {"step": st.step, "eval": ev}
+        _append_jsonl(st.log_path, record)
+        st.trackers.log(record)
 
 
 def _maybe_save(st: TrainState):
@@ -1104,11 +1311,10 @@ def _save(st: TrainState) -> None:
 
 
 def _finish(st: TrainState) -> dict:
-    """The final checkpoint, model/, the final evaluation and summary.json; returns the summary."""
+    """The final checkpoint, model/, the final evaluation and the joint-vs-single scoring comparison on the
+    held-out set (log.jsonl's final record), summary.json and curves.png; returns the summary."""
     cfg, accel = st.cfg, st.accel
     st.bar.close()
-    if st.tb is not None:
-        st.tb.close()
     summary = {"steps": st.step, "seconds": round(time.time() - st.t0, 1)}
     _save(st)
     if st.sharded_params and st.eval_samples:  # every rank runs the sharded model's evaluation passes
@@ -1120,10 +1326,23 @@ def _finish(st: TrainState) -> dict:
                 summary["eval"] = evaluate(st.model, st.eval_samples, cfg.mode, cfg.max_batch_tokens)
             print_table(summary["eval"])
             _record_evaluation(os.path.join(cfg.output_dir, "model"), cfg, st.step, summary["eval"], st.history)
+            if not st.sharded_params:  # the paper's claim, measured on this run's held-out set
+                summary["scoring"] = compare_scoring(st.model, st.eval_samples, cfg.max_batch_tokens)
+            final = {"step": st.step, "final": True, "eval": summary["eval"]}
+            if "scoring" in summary:
+                final["scoring"] = summary["scoring"]
+            _append_jsonl(st.log_path, final)
+            st.trackers.log(final)
+        st.trackers.close()
         with writing(os.path.join(cfg.output_dir, "summary.json")), \
                 open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
+        write_curves(cfg.output_dir, log=accel.print)
         accel.print(f"done: {st.step} steps in {summary['seconds']} s; model saved to {os.path.join(cfg.output_dir, 'model')}")
+        if "scoring" in summary:
+            accel.print(scoring_line(summary["scoring"]))
+        elif st.eval_samples:
+            accel.print("joint vs single scoring: not measured (the model is sharded over the processes)")
     accel.wait_for_everyone()
     # tear the process group down before exit: gloo's threads otherwise abort the interpreter at exit
     # ("terminate called without an active exception") and torchrun reports a failed rank
@@ -1157,7 +1376,7 @@ def training_record(cfg: TrainConfig, steps: int, evaluation: dict | None = None
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if value == default or f.name in ("output_dir", "force_resume", "resume_unverified"):
+        if value == default or f.name in ("output_dir", "force_resume", "resume_unverified", "threads"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):

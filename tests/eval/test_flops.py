@@ -256,3 +256,38 @@ def test_cli_bad_config_file_is_a_usage_error(tmp_path, capsys, content):
         flops.main(["--config", str(path)])
     assert e.value.code == 2
     assert "not a usable transformers config.json" in capsys.readouterr().err
+
+
+def _counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_compiled_ops_are_counted_as_their_reference():
+    """FlopCounterMode cannot see inside mrrm's custom ops (the CPU and Triton backends); their registered
+    formulas count what the pure-torch reference's matmuls count, so a count over the path a run takes
+    (the CPU default here) is whole: attention as every sequence's full square (the dense convention),
+    the value head's two matmuls on the M rows. Backwards: attention 2.5x its forward (torch's count for
+    SDPA: the scores recomputed), the head 2 * M * (2HD + 2D) with the hidden gradient."""
+    from mrrm import ops
+
+    torch.manual_seed(0)
+    T, Hq, Hkv, D, cu = 40, 4, 2, 8, torch.tensor([0, 7, 25, 40], dtype=torch.int32)
+    q, k, v = (torch.randn(T, h, D) for h in (Hq, Hkv, Hkv))
+    square = 4 * Hq * D * (7 ** 2 + 18 ** 2 + 15 ** 2)
+    for mask in ("causal", "bidirectional"):
+        counts = {b: _counted(lambda: ops.varlen_attention(q, k, v, cu, mask=mask, backend=b)) for b in ("torch", "cpu")}
+        assert counts == {"torch": square, "cpu": square}, (mask, counts)
+    qg = q.clone().requires_grad_()
+    assert _counted(lambda: ops.varlen_attention(qg, k, v, cu, backend="cpu").sum().backward()) == square * 7 // 2
+
+    M, H, Dh = 5, 16, 12
+    hidden, positions = torch.randn(T, H), torch.tensor([3, 9, 9, 20, 39])
+    w1, b1, w2, b2 = torch.randn(Dh, H), torch.randn(Dh), torch.randn(1, Dh), torch.randn(1)
+    head = 2 * M * (H * Dh + Dh)
+    for b in ("torch", "cpu"):
+        assert _counted(lambda: ops.gather_value_head(hidden, positions, w1, b1, w2, b2, backend=b)) == head, b
+    hg = hidden.clone().requires_grad_()
+    fwd_bwd = _counted(lambda: ops.gather_value_head(hg, positions, w1, b1, w2, b2, backend="cpu").sum().backward())
+    assert fwd_bwd == head + 2 * M * (2 * H * Dh + 2 * Dh)
