@@ -55,11 +55,11 @@ from mrrm.integrity import (
 )
 from mrrm.model import tiny
 from mrrm.model.checkpoints import load_backbone
-from mrrm.model.parts import CONFIG_FILE, RewardModelConfig, ensure_separator_token, load_processor
+from mrrm.model.parts import CONFIG_FILE as MODEL_CONFIG_FILE
+from mrrm.model.parts import RewardModelConfig, ensure_separator_token, load_processor
 from mrrm.model.reward_model import RewardModel
-from mrrm.train import demo, sharding
+from mrrm.train import demo, sharding, threads
 from mrrm.train.sharding import aligned_count, full_state, load_full_state, optimizer_state_by_name, zero3_full_state
-from mrrm.train import threads
 
 LOSSES = ("best", "plackett_luce", "bradley_terry")
 # The from-scratch demo backbone: 64x64 images with patch 8 give 16 vision tokens. In the authors'
@@ -80,7 +80,7 @@ SCRATCH_LR, LORA_LR = 7e-4, 1e-4
 # transformers' TrainingArguments.report_to since v5): log.jsonl and curves.png are always written.
 REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb"}
 WANDB_PROJECT = "mrrm"       # the W&B project unless WANDB_PROJECT names one
-CONFIG_FILE = "config.yaml"  # the run's resolved TrainConfig, in output_dir
+RUN_CONFIG_FILE = "config.yaml"  # the run's resolved TrainConfig, in output_dir
 CURVES_FILE = "curves.png"
 # What a resume compares with the run that wrote its checkpoint (run_signature: every TrainConfig field, the
 # training files by content), in four kinds. The lists name the exceptions; every other field changes the data
@@ -217,6 +217,11 @@ HELP = {
     "eval_every": "evaluate the held-out data every N steps; 0: only at the end",
     "save_every": "save a checkpoint every N steps; 0: only at the end",
     "keep_last": "checkpoints kept in --output-dir, older ones deleted; 0: keep all",
+    "report_to": "experiment trackers the run logs to, besides log.jsonl and curves.png (always written): "
+                 "tensorboard, wandb (both: pip install 'mrrm[tensorboard]' / 'mrrm[wandb]'), or none (default: none, "
+                 "as transformers' TrainingArguments since v5)",
+    "threads": "CPU threads of torch; 0: chosen from the CPUs other processes leave free at the start "
+               "(mrrm.train.threads), said in one line (default: 0)",
     "seed": "seed of the data order, the response shuffling, the initialization and the demo data",
     "output_dir": "where the checkpoints, log.jsonl and the final model/ go (a rerun resumes there)",
     "skip_bad": "train on the valid samples when some are bad (listed either way) instead of stopping",
@@ -903,7 +908,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, threads=n_threads)
     accel.print(line)
     if accel.is_main_process:
-        write_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
+        write_config(cfg, os.path.join(cfg.output_dir, RUN_CONFIG_FILE))
     data_paths, eval_path = _data_paths(cfg, accel)
     st = _setup(cfg, accel, data_paths, eval_path)
     while st.step < st.total_steps:
@@ -1401,14 +1406,14 @@ def _record_evaluation(model_dir: str, cfg: TrainConfig, steps: int, evaluation:
     """Add the final held-out evaluation to model/'s training record (evaluated after model/ is saved),
     and rehash that file in model/'s checksum manifest."""
 
-    path = os.path.join(model_dir, CONFIG_FILE)
+    path = os.path.join(model_dir, MODEL_CONFIG_FILE)
     with open(path) as fh:
         saved = json.load(fh)
     saved["training"] = training_record(cfg, steps, evaluation, history)
     with writing(path), open(path, "w") as fh:
         json.dump(saved, fh, indent=2)
     with writing(os.path.join(model_dir, MANIFEST)):
-        update_manifest(model_dir, [CONFIG_FILE])
+        update_manifest(model_dir, [MODEL_CONFIG_FILE])
 
 
 def print_table(ev):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flops_counting import SAMPLES, _count_real, _separated, _shape_of
+from torch.utils.flop_counter import FlopCounterMode
 
 from mrrm.eval import flops
 from mrrm.eval.flops import backbone_spec, count_flops, image_grid, ratio, scoring_flops, video_grid

@@ -15,7 +15,6 @@ from PIL import Image
 
 from mrrm.errors import ConfigError
 from mrrm.train.recipe import (
-    CONFIG_FILE,
     CURVES_FILE,
     TrainConfig,
     _resolve_config,
@@ -26,6 +25,9 @@ from mrrm.train.recipe import (
     scoring_line,
     train,
     write_curves,
+)
+from mrrm.train.recipe import (
+    RUN_CONFIG_FILE as CONFIG_FILE,
 )
 
 # a short demo run: tiny splits, a few steps, every step logged
