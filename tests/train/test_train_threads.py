@@ -20,8 +20,7 @@ def test_threads_flag_and_choice(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert threads.choose(0) == (5, "OMP_NUM_THREADS")
     monkeypatch.delenv("OMP_NUM_THREADS")
-    n, why = threads.choose(0)
-    assert 1 <= n <= threads.cpus_available() and "CPUs available" in why
+    assert threads.choose(0) == (threads.cpus_available(), "the CPUs this process may use")  # never the load
     before = torch.get_num_threads()
     try:
         n, line = threads.apply(1)
