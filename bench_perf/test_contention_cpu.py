@@ -66,7 +66,7 @@ def _step_seconds(way: str, data: str, neighbours: int) -> dict:
     try:
         time.sleep(0.5 if neighbours else 0)
         with tempfile.TemporaryDirectory() as out:
-            args = ["--data", data, "--max-steps", str(STEPS), "--log-every", "1", "--warmup-steps", "0",
+            args = ["--data", data, "--base-model", "tiny", "--max-steps", str(STEPS), "--log-every", "1", "--warmup-steps", "0",
                     "--output-dir", out, *DEMO_RECIPE]
             cmd = [sys.executable, "-m", "mrrm.train", *args] if way == "policy" else \
                 [sys.executable, "-c", TORCH_DEFAULT, *args]
